@@ -1,0 +1,1 @@
+"""Protocol-buffer bindings for Caffe's schema (generated from protos/caffe.proto)."""
