@@ -1,0 +1,17 @@
+// ReLU with Caffe's negative_slope: y = max(x, 0) + negative_slope * min(x, 0) (no -0 for slope 0).
+#include "shim.h"
+
+KERNEL void relu_forward(const int count, const real* x, real* y, const real negative_slope) {
+  PLANE_LOOP(p, 1) {
+    INNER_LOOP(i, count) { y[i] = fmax(x[i], real(0)) + negative_slope * fmin(x[i], real(0)); }
+  }
+}
+
+// Uses the bottom x (not y) to pick the branch: for negative_slope >= 0 the sign of y equals the
+// sign of x, so this is also correct in place, where x has been overwritten by y.
+KERNEL void relu_backward(const int count, const real* x, const real* dy, real* dx,
+                          const real negative_slope) {
+  PLANE_LOOP(p, 1) {
+    INNER_LOOP(i, count) { dx[i] = x[i] > 0 ? dy[i] : negative_slope * dy[i]; }
+  }
+}

@@ -1,0 +1,21 @@
+"""minicaffe: a Caffe-compatible layer framework whose layers run hand-written CUDA kernels on the GPU
+and the same kernel sources compiled for the CPU.
+
+pycaffe habits work: ``import minicaffe as caffe; net = caffe.Net(model, weights, caffe.TEST)``.
+"""
+
+from __future__ import annotations
+
+from . import layers as _layers  # noqa: F401  (registers every layer type)
+from .backend import set_device, set_mode_cpu, set_mode_gpu
+from .blob import Blob
+from .layer import LAYERS, TEST, TRAIN, Layer, LayerError, register
+from .net import Net, NetError
+from .rng import set_random_seed
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Blob", "LAYERS", "Layer", "LayerError", "Net", "NetError", "TEST", "TRAIN", "register",
+    "set_device", "set_mode_cpu", "set_mode_gpu", "set_random_seed",
+]

@@ -1,0 +1,1 @@
+"""Embedded default data and nets (the quickstart)."""

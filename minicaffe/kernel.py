@@ -1,0 +1,245 @@
+"""One kernel source, two builds.
+
+Each ``kernels/NAME.cu`` file is compiled
+  * on the GPU by CuPy/NVRTC into a RawModule, launched as RawKernels, and
+  * on the CPU by the host C++ compiler into a shared library (cached by source hash + flags),
+    called through ctypes.
+``kernels/shim.h`` maps the CUDA loop idioms to plain loops for the CPU build.
+
+Kernel signatures are read from the source, so the ctypes argument types are never written twice:
+
+    RELU = KernelFile("relu.cu")
+    RELU.relu_forward(count, x, y, slope, grid=count)
+
+Whether the CPU or the GPU build runs is decided by the arrays passed (numpy or cupy), and the
+float/double build by their dtype.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REAL_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+CPU_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-march=native", "-std=c++14"]
+GPU_BLOCK = 256
+GPU_MAX_GRID_X = 4096
+GPU_MAX_GRID_Y = 65535
+
+
+class KernelError(RuntimeError):
+    """A kernel could not be built or was called with the wrong arguments."""
+
+
+def kernel_dir() -> Path:
+    """Where the .cu sources are: ``kernels/`` in a source tree, ``minicaffe/kernels`` when installed."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "kernels", here.parent / "kernels"):
+        if (candidate / "shim.h").is_file():
+            return candidate
+    raise KernelError(f"kernel sources not found beside {here} (looked for kernels/shim.h)")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("MINICAFFE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "minicaffe"
+    )
+    path = Path(base) / "kernels"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def host_compiler() -> str:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    raise KernelError(
+        "minicaffe builds its CPU kernels with a C++ compiler and found none "
+        "(tried $CXX, c++, g++, clang++). Install one, e.g. `apt-get install g++`, or set CXX."
+    )
+
+
+def _cpu_signature() -> str:
+    """Compiler identity and CPU model go into the cache key: -march=native code is per machine."""
+    compiler = host_compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu += "".join(line for line in f if line.startswith(("model name", "flags")))[:4096]
+    except OSError:
+        pass
+    return compiler + version + cpu
+
+
+# ---------------------------------------------------------------------------------------------
+# Signatures: parsed from `KERNEL void name(type arg, ...)` declarations.
+
+_DECL = re.compile(r"KERNEL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
+_SCALARS = {"int": "int", "unsigned": "uint", "unsigned int": "uint", "real": "real"}
+
+
+def parse_signatures(source: str) -> dict[str, list[str]]:
+    """Map kernel name -> list of argument kinds: 'int', 'uint', 'real', 'real*', 'int*'."""
+    signatures = {}
+    for name, params in _DECL.findall(source):
+        kinds = []
+        for param in params.split(","):
+            words = param.replace("*", " * ").split()
+            words = [w for w in words if w not in ("const", "__restrict__")]
+            pointer = "*" in words
+            base = " ".join(w for w in words[:-1] if w != "*")
+            if base not in _SCALARS:
+                raise KernelError(f"kernel {name}: unsupported parameter type in '{param.strip()}'")
+            kind = _SCALARS[base]
+            kinds.append(kind + "*" if pointer else kind)
+        signatures[name] = kinds
+    return signatures
+
+
+class KernelFile:
+    """The kernels of one ``kernels/*.cu`` file; attribute access gives a launcher per kernel."""
+
+    def __init__(self, filename: str):
+        self.filename = filename
+        self._cpu_libs: dict[str, ctypes.CDLL] = {}
+        self._gpu_modules: dict[tuple[str, int], Any] = {}
+
+    @cached_property
+    def path(self) -> Path:
+        return kernel_dir() / self.filename
+
+    @cached_property
+    def source(self) -> str:
+        return self.path.read_text()
+
+    @cached_property
+    def signatures(self) -> dict[str, list[str]]:
+        return parse_signatures(self.source)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name not in self.signatures:
+            raise AttributeError(f"{self.filename} has no kernel named {name!r}")
+        return lambda *args, grid: self.launch(name, grid, *args)
+
+    # -- launching ---------------------------------------------------------------------------
+    def launch(self, name: str, grid: int | tuple[int, int], *args) -> None:
+        """Run kernel `name`. grid is (planes, inner) or just inner: the loop extents of the kernel."""
+        kinds = self.signatures[name]
+        if len(args) != len(kinds):
+            raise KernelError(f"{self.filename}:{name} takes {len(kinds)} arguments, got {len(args)}")
+        real = self._real_dtype(name, kinds, args)
+        on_gpu = any(type(a).__module__.startswith("cupy") for a in args)
+        if on_gpu:
+            self._launch_gpu(name, grid, kinds, args, real)
+        else:
+            self._launch_cpu(name, kinds, args, real)
+
+    def _real_dtype(self, name: str, kinds: list[str], args) -> np.dtype:
+        dtypes = {np.dtype(a.dtype) for k, a in zip(kinds, args) if k == "real*"}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in REAL_TYPES:
+            raise KernelError(
+                f"{self.filename}:{name} needs its real arrays all float32 or all float64, got {dtypes}"
+            )
+        return dtypes.pop()
+
+    def _check_array(self, name: str, index: int, kind: str, arg, real: np.dtype) -> None:
+        want = real if kind == "real*" else np.dtype(np.int32)
+        if getattr(arg, "dtype", None) != want or not arg.flags.c_contiguous:
+            raise KernelError(
+                f"{self.filename}:{name} argument {index} must be a C-contiguous {want} array, "
+                f"got {type(arg).__name__} {getattr(arg, 'dtype', '')}"
+            )
+
+    def _launch_cpu(self, name, kinds, args, real) -> None:
+        function = getattr(self._cpu_library(real), name)
+        c_args = []
+        for i, (kind, arg) in enumerate(zip(kinds, args)):
+            if kind.endswith("*"):
+                self._check_array(name, i, kind, arg, real)
+                c_args.append(ctypes.c_void_p(arg.ctypes.data))
+            elif kind == "int":
+                c_args.append(ctypes.c_int(int(arg)))
+            elif kind == "uint":
+                c_args.append(ctypes.c_uint(int(arg)))
+            else:
+                c_args.append(ctypes.c_float(arg) if real == np.float32 else ctypes.c_double(arg))
+        function(*c_args)
+
+    def _launch_gpu(self, name, grid, kinds, args, real) -> None:
+        import cupy
+
+        planes, inner = grid if isinstance(grid, tuple) else (1, grid)
+        if planes <= 0 or inner <= 0:
+            return
+        blocks = (min((inner + GPU_BLOCK - 1) // GPU_BLOCK, GPU_MAX_GRID_X), min(planes, GPU_MAX_GRID_Y))
+        gpu_args = []
+        for i, (kind, arg) in enumerate(zip(kinds, args)):
+            if kind.endswith("*"):
+                self._check_array(name, i, kind, arg, real)
+                gpu_args.append(arg)
+            elif kind == "int":
+                gpu_args.append(np.int32(arg))
+            elif kind == "uint":
+                gpu_args.append(np.uint32(arg))
+            else:
+                gpu_args.append(real.type(arg))
+        module = self._gpu_module(real, cupy.cuda.Device().id)
+        module.get_function(name)(blocks, (GPU_BLOCK,), tuple(gpu_args))
+
+    # -- building ----------------------------------------------------------------------------
+    def _cpu_library(self, real: np.dtype) -> ctypes.CDLL:
+        ctype = REAL_TYPES[real]
+        if ctype not in self._cpu_libs:
+            self._cpu_libs[ctype] = ctypes.CDLL(str(self.build_cpu(ctype)))
+        return self._cpu_libs[ctype]
+
+    def build_cpu(self, ctype: str) -> Path:
+        """Compile for the host (cached); returns the shared library's path."""
+        shim = (kernel_dir() / "shim.h").read_text()
+        flags = CPU_FLAGS + [f"-DMC_REAL={ctype}"]
+        key = hashlib.sha256(
+            "\0".join([self.source, shim, " ".join(flags), _cpu_signature()]).encode()
+        ).hexdigest()[:24]
+        target = cache_dir() / f"{self.path.stem}-{ctype}-{key}.so"
+        if target.exists():
+            return target
+        compiler = host_compiler()
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            tmp_lib = Path(tmp) / target.name
+            command = [compiler, *flags, "-I", str(kernel_dir()), "-x", "c++", str(self.path),
+                       "-o", str(tmp_lib)]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise KernelError(f"building {self.path} for the CPU failed:\n{' '.join(command)}\n"
+                                  f"{result.stderr}")
+            os.replace(tmp_lib, target)  # atomic: parallel test workers may race here
+        return target
+
+    def _gpu_module(self, real: np.dtype, device: int):
+        key = (REAL_TYPES[real], device)
+        if key not in self._gpu_modules:
+            import cupy
+
+            options = ("-I" + str(kernel_dir()), f"-DMC_REAL={REAL_TYPES[real]}", "--std=c++14")
+            module = cupy.RawModule(code=self.source, options=options)
+            self._gpu_modules[key] = module
+        return self._gpu_modules[key]
+
+
+def main() -> None:  # pragma: no cover - developer convenience: prebuild every kernel
+    for path in sorted(kernel_dir().glob("*.cu")):
+        for ctype in REAL_TYPES.values():
+            print(KernelFile(path.name).build_cpu(ctype), file=sys.stderr)

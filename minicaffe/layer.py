@@ -1,0 +1,140 @@
+"""Layer base class and registry, after Caffe's Layer: setup -> reshape -> forward / backward.
+
+Conventions every layer follows (Caffe's):
+  * ``forward`` writes the tops; ``backward`` *writes* bottom diffs for bottoms with propagate_down
+    set and *adds* parameter gradients into ``self.blobs[i].diff`` (so iter_size and shared weights
+    accumulate; the solver clears parameter diffs each step).
+  * in place (top is bottom) is allowed where the layer says so; it must then keep what backward needs.
+  * parameters that are not learned (``param_propagate_down[i]`` False, e.g. lr_mult 0) get no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .blob import Blob
+from .proto import caffe_pb2
+
+TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
+
+LAYERS: dict[str, type[Layer]] = {}
+
+
+class LayerError(ValueError):
+    """Bad layer definition or bad input shapes; the message names the layer."""
+
+
+def register(type_name: str):
+    """Class decorator: make the layer available to prototxt ``type: "<type_name>"``."""
+
+    def wrap(cls):
+        cls.type = type_name
+        LAYERS[type_name] = cls
+        return cls
+
+    return wrap
+
+
+def create_layer(param, phase: int = TEST, dtype=np.float32) -> Layer:
+    try:
+        cls = LAYERS[param.type]
+    except KeyError:
+        known = ", ".join(sorted(LAYERS))
+        raise LayerError(f"layer '{param.name}': unknown type '{param.type}' (known: {known})") from None
+    return cls(param, phase, dtype)
+
+
+class Layer:
+    type = ""
+    # Blob-count rules, checked in setup; None means "any".
+    exact_num_bottom: int | None = None
+    min_num_bottom: int | None = None
+    max_num_bottom: int | None = None
+    exact_num_top: int | None = None
+    min_num_top: int | None = None
+    max_num_top: int | None = None
+    equal_num_bottom_top = False
+    # Layers whose tops are losses by default (loss_weight 1 on top 0), as Caffe's *Loss layers.
+    default_loss_weight = 0.0
+
+    def __init__(self, param, phase: int = TEST, dtype=np.float32):
+        self.param = param
+        self.name = param.name
+        self.phase = phase
+        self.dtype = np.dtype(dtype)
+        self.blobs: list[Blob] = []
+        self.param_propagate_down: list[bool] = []
+        self.loss_weights: list[float] = []
+        for i, blob_proto in enumerate(param.blobs):
+            blob = Blob((), self.dtype)
+            blob.from_proto(blob_proto, where=f"layer '{self.name}' blob {i}")
+            self.blobs.append(blob)
+
+    # -- to override -------------------------------------------------------------------------
+    def layer_setup(self, bottom: list[Blob], top: list[Blob]) -> None:
+        """One-time setup: read the layer's *_param, create and fill self.blobs."""
+
+    def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
+        raise NotImplementedError
+
+    def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
+        raise NotImplementedError
+
+    def backward(self, top: list[Blob], propagate_down: Sequence[bool], bottom: list[Blob]) -> None:
+        """Default: a layer with nothing to differentiate (data, accuracy...)."""
+
+    def allow_force_backward(self, bottom_index: int) -> bool:
+        return True
+
+    # -- machinery ---------------------------------------------------------------------------
+    def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
+        self.check_blob_counts(bottom, top)
+        self.layer_setup(bottom, top)
+        if not self.param_propagate_down or len(self.param_propagate_down) != len(self.blobs):
+            self.param_propagate_down = [True] * len(self.blobs)
+        self.reshape(bottom, top)
+        self.set_loss_weights(top)
+
+    def check_blob_counts(self, bottom: list[Blob], top: list[Blob]) -> None:
+        def check(what, n, exact, low, high):
+            if exact is not None and n != exact:
+                self.fail(f"takes {exact} {what} blob(s), got {n}")
+            if low is not None and n < low:
+                self.fail(f"takes at least {low} {what} blob(s), got {n}")
+            if high is not None and n > high:
+                self.fail(f"takes at most {high} {what} blob(s), got {n}")
+
+        check("bottom", len(bottom), self.exact_num_bottom, self.min_num_bottom, self.max_num_bottom)
+        check("top", len(top), self.exact_num_top, self.min_num_top, self.max_num_top)
+        if self.equal_num_bottom_top and len(bottom) != len(top):
+            self.fail(f"needs as many tops as bottoms, got {len(bottom)} bottoms and {len(top)} tops")
+
+    def set_loss_weights(self, top: list[Blob]) -> None:
+        weights = list(self.param.loss_weight)
+        if not weights and self.default_loss_weight:
+            weights = [self.default_loss_weight] + [0.0] * (len(top) - 1)
+        if weights and len(weights) != len(top):
+            self.fail(f"has {len(weights)} loss_weight values for {len(top)} tops")
+        self.loss_weights = weights or [0.0] * len(top)
+
+    def fail(self, message: str):
+        raise LayerError(f"layer '{self.name}' ({self.type}): {message}")
+
+    def add_param_blob(self, shape: Sequence[int]) -> Blob:
+        blob = Blob(shape, self.dtype)
+        self.blobs.append(blob)
+        return blob
+
+    def check_param_blob(self, index: int, shape: Sequence[int]) -> bool:
+        """True when blob `index` already exists (e.g. loaded); its shape must then be `shape`."""
+        if index >= len(self.blobs):
+            return False
+        if self.blobs[index].shape != tuple(shape):
+            self.fail(f"parameter blob {index} has shape {list(self.blobs[index].shape)}, "
+                      f"expected {list(shape)}")
+        return True
+
+    def __repr__(self) -> str:
+        return f"<{self.type} layer '{self.name}'>"

@@ -1,0 +1,37 @@
+"""ReLU: y = max(0, x) + negative_slope * min(0, x)."""
+
+from __future__ import annotations
+
+from ..kernel import KernelFile
+from ..layer import Layer, register
+
+KERNELS = KernelFile("relu.cu")
+
+
+@register("ReLU")
+class ReLULayer(Layer):
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def layer_setup(self, bottom, top):
+        self.negative_slope = self.param.relu_param.negative_slope
+        self.saved_input = None
+
+    def reshape(self, bottom, top):
+        if top[0] is not bottom[0]:
+            top[0].reshape_like(bottom[0])
+
+    def forward(self, bottom, top):
+        x = bottom[0].get_data()
+        # In place, backward sees y instead of x; sign(y) == sign(x) unless the slope is negative,
+        # so only then keep a copy of x.
+        in_place = top[0] is bottom[0]
+        self.saved_input = x.copy() if in_place and self.negative_slope < 0 else None
+        KERNELS.relu_forward(x.size, x, top[0].mutable_data(), self.negative_slope, grid=x.size)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        x = self.saved_input if self.saved_input is not None else bottom[0].get_data()
+        dy = top[0].get_diff()
+        KERNELS.relu_backward(x.size, x, dy, bottom[0].mutable_diff(), self.negative_slope, grid=x.size)

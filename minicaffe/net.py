@@ -1,0 +1,432 @@
+"""Net: a directed acyclic graph of layers built from a caffe.NetParameter, as Caffe's Net.
+
+Building follows Caffe's Net::Init: upgrade legacy fields, keep the layers whose include/exclude rules
+match the net state, insert Split layers where one top feeds several bottoms (so gradients are summed),
+set up each layer in order, connect shared parameters, and work out which layers need backward.
+The Python surface is pycaffe's: ``net.blobs``, ``net.params``, ``net.forward(**inputs)``, ...
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from . import backend, io
+from .blob import Blob
+from .layer import TEST, TRAIN, Layer, LayerError, create_layer
+from .proto import caffe_pb2
+
+
+class NetError(ValueError):
+    """A net that cannot be built or run; the message names the net, layer and blob."""
+
+
+class LearnableParam:
+    """A parameter blob that the solver updates, with its ParamSpec multipliers."""
+
+    __slots__ = ("blob", "lr_mult", "decay_mult", "layer_name", "index")
+
+    def __init__(self, blob: Blob, lr_mult: float, decay_mult: float, layer_name: str, index: int):
+        self.blob, self.lr_mult, self.decay_mult = blob, lr_mult, decay_mult
+        self.layer_name, self.index = layer_name, index
+
+
+# -- net state filtering (Caffe's FilterNet / StateMeetsRule) -------------------------------------
+
+def state_meets_rule(state: caffe_pb2.NetState, rule: caffe_pb2.NetStateRule) -> bool:
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    stages = set(state.stage)
+    if any(s not in stages for s in rule.stage):
+        return False
+    return not any(s in stages for s in rule.not_stage)
+
+
+def filter_net(net: caffe_pb2.NetParameter, state: caffe_pb2.NetState) -> caffe_pb2.NetParameter:
+    filtered = caffe_pb2.NetParameter()
+    filtered.CopyFrom(net)
+    del filtered.layer[:]
+    for layer in net.layer:
+        if layer.include and layer.exclude:
+            raise NetError(f"layer '{layer.name}': specify include or exclude rules, not both")
+        included = not layer.include
+        if any(state_meets_rule(state, rule) for rule in layer.exclude):
+            included = False
+        if any(state_meets_rule(state, rule) for rule in layer.include):
+            included = True
+        if included:
+            filtered.layer.add().CopyFrom(layer)
+    return filtered
+
+
+# -- automatic splits (Caffe's InsertSplits) -------------------------------------------------------
+
+def split_layer_name(blob: str, layer: str, index: int) -> str:
+    return f"{blob}_{layer}_{index}_split"
+
+
+def insert_splits(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
+    """Where one top feeds several bottoms (or feeds one and is also a loss), route it through a Split."""
+    producer: dict[str, tuple[int, int]] = {}  # blob name -> (layer index, top index) of latest writer
+    consumers: dict[tuple[int, int], int] = {}
+    bottom_source: dict[tuple[int, int], tuple[int, int]] = {}
+    for i, layer in enumerate(net.layer):
+        for j, name in enumerate(layer.bottom):
+            if name not in producer:
+                raise NetError(f"layer '{layer.name}' ({layer.type}): unknown bottom blob '{name}'")
+            source = producer[name]
+            bottom_source[(i, j)] = source
+            consumers[source] = consumers.get(source, 0) + 1
+        for j, name in enumerate(layer.top):
+            producer[name] = (i, j)
+    loss_weight = {}
+    for i, layer in enumerate(net.layer):
+        for j in range(len(layer.top)):
+            if j < len(layer.loss_weight) and layer.loss_weight[j] != 0:
+                loss_weight[(i, j)] = layer.loss_weight[j]
+
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    del out.layer[:]
+    next_split_top: dict[tuple[int, int], int] = {}
+    for i, layer in enumerate(net.layer):
+        new = out.layer.add()
+        new.CopyFrom(layer)
+        for j in range(len(layer.bottom)):
+            source = bottom_source[(i, j)]
+            if source in next_split_top:
+                k = next_split_top[source]
+                next_split_top[source] = k + 1
+                src_layer = net.layer[source[0]]
+                new.bottom[j] = split_layer_name(layer.bottom[j], src_layer.name, source[1]) + f"_{k}"
+        for j, top in enumerate(layer.top):
+            uses = consumers.get((i, j), 0)
+            weight = loss_weight.get((i, j), 0.0)
+            if uses > 1 or (uses >= 1 and weight):
+                split = out.layer.add(name=split_layer_name(top, layer.name, j), type="Split")
+                split.bottom.append(top)
+                split.top.extend(split_layer_name(top, layer.name, j) + f"_{k}" for k in range(uses))
+                if weight:
+                    # The loss moves to an extra split top so that the producer still gets its gradient.
+                    new.loss_weight[j] = 0
+                    split.top.append(split_layer_name(top, layer.name, j) + f"_{uses}")
+                    split.loss_weight.extend([0.0] * uses + [weight])
+                next_split_top[(i, j)] = 0
+    return out
+
+
+# -- the net ---------------------------------------------------------------------------------------
+
+class Net:
+    """A Caffe net. ``Net(model, phase)``, ``Net(model, weights, phase)`` or ``Net(model, phase,
+    weights=...)`` as in pycaffe; `model` is a prototxt path or a caffe.NetParameter."""
+
+    def __init__(self, model, *args, weights: str | None = None, phase: int | None = None,
+                 level: int = 0, stages: Iterable[str] = (), dtype=np.float32):
+        rest = list(args)
+        if rest and isinstance(rest[0], (str, Path)):
+            weights = rest.pop(0)
+        if rest:
+            phase = rest.pop(0)
+        if rest:
+            raise TypeError("Net(model, [weights,] phase): too many positional arguments")
+        if phase is None:
+            raise TypeError("Net needs a phase: minicaffe.TRAIN or minicaffe.TEST")
+        if isinstance(model, (str, Path)):
+            self.source = str(model)
+            param = io.read_net_param(model)
+        else:
+            self.source = "<NetParameter>"
+            param = caffe_pb2.NetParameter()
+            param.CopyFrom(model)
+            param = io.upgrade_net(param, self.source)
+        self.dtype = np.dtype(dtype)
+        self.phase = phase
+        state = caffe_pb2.NetState()
+        state.CopyFrom(param.state)
+        state.phase = phase
+        state.level = level or state.level
+        state.stage.extend(s for s in stages if s not in state.stage)
+        self.param = param
+        self.name = param.name
+        self._init(insert_splits(filter_net(param, state)))
+        if weights is not None:
+            self.copy_from(weights)
+
+    # -- building ------------------------------------------------------------------------------
+    def _init(self, param: caffe_pb2.NetParameter) -> None:
+        self.layers: list[Layer] = []
+        self._layer_names: list[str] = []
+        self.blobs: OrderedDict[str, Blob] = OrderedDict()
+        self.bottom_vecs: list[list[Blob]] = []
+        self.top_vecs: list[list[Blob]] = []
+        self.bottom_names: list[list[str]] = []
+        self.top_names: list[list[str]] = []
+        self.inputs: list[str] = []
+        self.learnable_params: list[LearnableParam] = []
+        self._param_owner: dict[str, tuple[Blob, caffe_pb2.ParamSpec]] = {}
+        self._auto_split = []
+        blob_need_backward: dict[str, bool] = {}
+        consumed: set[str] = set()
+        self.layer_need_backward: list[bool] = []
+        self.bottom_need_backward: list[list[bool]] = []
+
+        for layer_param in param.layer:
+            layer_param.phase = self.phase
+            where = f"{self.source}: layer '{layer_param.name}' ({layer_param.type})"
+            if layer_param.name in self._layer_names:
+                raise NetError(f"{where}: duplicate layer name")
+            if layer_param.propagate_down and len(layer_param.propagate_down) != len(layer_param.bottom):
+                raise NetError(f"{where}: propagate_down has {len(layer_param.propagate_down)} values for "
+                               f"{len(layer_param.bottom)} bottoms")
+            try:
+                layer = create_layer(layer_param, self.phase, self.dtype)
+            except LayerError as error:
+                raise NetError(f"{self.source}: {error}") from None
+            bottoms, tops = [], []
+            for name in layer_param.bottom:
+                if name not in self.blobs:
+                    raise NetError(f"{where}: unknown bottom blob '{name}'")
+                bottoms.append(self.blobs[name])
+                consumed.add(name)
+            for j, name in enumerate(layer_param.top):
+                bottom_j = layer_param.bottom[j] if j < len(layer_param.bottom) else None
+                if bottom_j == name:
+                    tops.append(self.blobs[name])  # in place
+                    continue
+                # An in-place layer whose bottom was routed through an automatic Split writes a new
+                # blob under the old name (Caffe refuses such nets; later layers expect this blob).
+                rebinding = bottom_j is not None and bottom_j.startswith(name + "_") and "_split_" in bottom_j
+                if name in self.blobs and not rebinding:
+                    raise NetError(f"{where}: top blob '{name}' is produced by two layers")
+                blob = Blob((), self.dtype)
+                self.blobs[name] = blob
+                tops.append(blob)
+                if layer_param.type == "Input":
+                    self.inputs.append(name)
+            try:
+                layer.setup(bottoms, tops)
+            except LayerError as error:
+                raise NetError(f"{self.source}: {error}") from None
+            except (ValueError, IndexError) as error:
+                raise NetError(f"{where}: {error}; bottom shapes "
+                               f"{[list(b.shape) for b in bottoms]}") from None
+            self.layers.append(layer)
+            self._layer_names.append(layer_param.name)
+            self.bottom_vecs.append(bottoms)
+            self.top_vecs.append(tops)
+            self.bottom_names.append(list(layer_param.bottom))
+            self.top_names.append(list(layer_param.top))
+
+            # Parameters: multipliers, sharing by name, and whether each gets a gradient.
+            param_need_backward = False
+            for index in range(len(layer.blobs)):
+                spec = layer_param.param[index] if index < len(layer_param.param) else caffe_pb2.ParamSpec()
+                learns = spec.lr_mult != 0
+                param_need_backward |= learns
+                layer.param_propagate_down[index] = learns
+                self._append_param(layer, index, spec, where)
+
+            # Backward needs (the first half of Caffe's logic: forward propagation of need).
+            need = param_need_backward
+            bottom_need = []
+            for j, name in enumerate(layer_param.bottom):
+                wanted = blob_need_backward.get(name, False)
+                if layer_param.propagate_down:
+                    wanted = wanted and layer_param.propagate_down[j]
+                bottom_need.append(wanted)
+                need |= wanted
+            for name in layer_param.top:
+                blob_need_backward[name] = need
+            self.layer_need_backward.append(need)
+            self.bottom_need_backward.append(bottom_need)
+
+        self.outputs = [name for name in self.blobs if name not in consumed]
+        self._prune_backward(param.force_backward)
+        self.params: OrderedDict[str, list[Blob]] = OrderedDict(
+            (name, layer.blobs) for name, layer in zip(self._layer_names, self.layers) if layer.blobs
+        )
+
+    def _append_param(self, layer: Layer, index: int, spec, where: str) -> None:
+        if not spec.name:
+            self.learnable_params.append(
+                LearnableParam(layer.blobs[index], spec.lr_mult, spec.decay_mult, layer.name, index))
+            return
+        if spec.name not in self._param_owner:
+            self._param_owner[spec.name] = (layer.blobs[index], spec)
+            self.learnable_params.append(
+                LearnableParam(layer.blobs[index], spec.lr_mult, spec.decay_mult, layer.name, index))
+            return
+        owner, owner_spec = self._param_owner[spec.name]
+        mine = layer.blobs[index]
+        if spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE:
+            if mine.count != owner.count:
+                raise NetError(f"{where}: shared parameter '{spec.name}' has {mine.count} values, "
+                               f"its owner {owner.count}")
+            mine.share_data(owner)
+            mine.share_diff(owner)
+        else:
+            if mine.shape != owner.shape:
+                raise NetError(f"{where}: shared parameter '{spec.name}' has shape {list(mine.shape)}, "
+                               f"its owner {list(owner.shape)} (use share_mode: PERMISSIVE to match by count)")
+            layer.blobs[index] = owner
+        if spec.HasField("lr_mult") and spec.lr_mult != owner_spec.lr_mult:
+            raise NetError(f"{where}: shared parameter '{spec.name}' has lr_mult {spec.lr_mult}, "
+                           f"its owner {owner_spec.lr_mult}")
+
+    def _prune_backward(self, force_backward: bool) -> None:
+        """Skip backward for layers that do not lead to a loss (Caffe's second pass), or force it."""
+        under_loss: set[str] = set()
+        for i in reversed(range(len(self.layers))):
+            layer = self.layers[i]
+            contributes = any(w != 0 for w in layer.loss_weights) or any(
+                name in under_loss for name in self.top_names[i])
+            if not contributes and not force_backward:
+                self.layer_need_backward[i] = False
+                self.bottom_need_backward[i] = [False] * len(self.bottom_names[i])
+            if contributes:
+                under_loss.update(self.bottom_names[i])
+        if force_backward:
+            for i, layer in enumerate(self.layers):
+                self.layer_need_backward[i] = True
+                self.bottom_need_backward[i] = [
+                    layer.allow_force_backward(j) and (not layer.param.propagate_down
+                                                       or layer.param.propagate_down[j])
+                    for j in range(len(self.bottom_names[i]))]
+                layer.param_propagate_down = [True] * len(layer.blobs)
+
+    # -- running -------------------------------------------------------------------------------
+    def _layer_index(self, name: str | None, default: int) -> int:
+        if name is None:
+            return default
+        try:
+            return self._layer_names.index(name)
+        except ValueError:
+            raise NetError(f"net '{self.name}' has no layer '{name}'") from None
+
+    def reshape(self) -> None:
+        for layer, bottoms, tops in zip(self.layers, self.bottom_vecs, self.top_vecs):
+            layer.reshape(bottoms, tops)
+
+    def forward_range(self, start: int, end: int) -> float:
+        loss = 0.0
+        for i in range(start, end + 1):
+            layer, bottoms, tops = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
+            try:
+                layer.reshape(bottoms, tops)
+            except (ValueError, IndexError) as error:
+                if isinstance(error, LayerError):
+                    raise NetError(str(error)) from None
+                raise NetError(f"layer '{layer.name}' ({layer.type}): {error}; bottom shapes "
+                               f"{[list(b.shape) for b in bottoms]}") from None
+            layer.forward(bottoms, tops)
+            for weight, top in zip(layer.loss_weights, tops):
+                if weight:
+                    loss += weight * float(top.get_data().sum())
+        return loss
+
+    def backward_range(self, start: int, end: int) -> None:
+        for i in range(start, end - 1, -1):
+            layer = self.layers[i]
+            if not self.layer_need_backward[i]:
+                continue
+            for weight, top in zip(layer.loss_weights, self.top_vecs[i]):
+                if weight:
+                    top.mutable_diff()[...] = weight
+            layer.backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
+
+    def forward(self, blobs: Iterable[str] | None = None, start: str | None = None,
+                end: str | None = None, **inputs) -> dict[str, np.ndarray]:
+        """pycaffe's forward: set inputs by name, run, return {output name: data}."""
+        for name, value in inputs.items():
+            if name not in self.blobs:
+                raise NetError(f"net '{self.name}': forward got unknown blob '{name}'")
+            value = np.asarray(value)
+            if value.shape != self.blobs[name].shape:
+                self.blobs[name].reshape(value.shape)
+            self.blobs[name].data[...] = value
+        self.forward_range(self._layer_index(start, 0), self._layer_index(end, len(self.layers) - 1))
+        names = list(self.outputs if end is None else self.top_names[self._layer_index(end, 0)])
+        names += [b for b in (blobs or []) if b not in names]
+        return {name: self.blobs[name].data for name in names}
+
+    def backward(self, diffs: Iterable[str] | None = None, start: str | None = None,
+                 end: str | None = None, **top_diffs) -> dict[str, np.ndarray]:
+        """pycaffe's backward: optionally set output diffs by name, run, return {input name: diff}."""
+        for name, value in top_diffs.items():
+            if name not in self.blobs:
+                raise NetError(f"net '{self.name}': backward got unknown blob '{name}'")
+            self.blobs[name].diff[...] = value
+        self.backward_range(self._layer_index(start, len(self.layers) - 1), self._layer_index(end, 0))
+        names = list(self.inputs if end is None else self.bottom_names[self._layer_index(end, 0)])
+        names += [b for b in (diffs or []) if b not in names]
+        return {name: self.blobs[name].diff for name in names}
+
+    def forward_backward(self) -> float:
+        loss = self.forward_range(0, len(self.layers) - 1)
+        self.backward_range(len(self.layers) - 1, 0)
+        return loss
+
+    def clear_param_diffs(self) -> None:
+        for p in self.learnable_params:
+            p.blob.mutable_diff()[...] = 0
+
+    # -- weights -------------------------------------------------------------------------------
+    def copy_from(self, weights) -> None:
+        """Load parameters from a .caffemodel (binary NetParameter, V2 or V1): layers are matched by
+        name, layers the net does not have are skipped, as in Caffe."""
+        path = Path(weights)
+        trained = io.read_binary(path, caffe_pb2.NetParameter())
+        self.copy_from_proto(trained, str(path))
+
+    def copy_from_proto(self, trained: caffe_pb2.NetParameter, source: str = "<NetParameter>") -> None:
+        by_name = {layer.name: layer for layer in self.layers}
+        for layer_param in list(trained.layer) + list(trained.layers):
+            layer = by_name.get(layer_param.name)
+            if layer is None or not layer_param.blobs:
+                continue
+            if len(layer_param.blobs) != len(layer.blobs):
+                raise NetError(f"{source}: layer '{layer.name}' has {len(layer_param.blobs)} blobs in the "
+                               f"file, the net's {layer.type} layer has {len(layer.blobs)}")
+            for i, (blob, proto) in enumerate(zip(layer.blobs, layer_param.blobs)):
+                try:
+                    blob.from_proto(proto, reshape=False, where=f"{source}: layer '{layer.name}' blob {i}")
+                except ValueError as error:
+                    raise NetError(str(error)) from None
+
+    def to_proto(self, write_diff: bool = False) -> caffe_pb2.NetParameter:
+        """The net's definition with its parameters (auto-inserted Split layers left out)."""
+        out = caffe_pb2.NetParameter()
+        out.CopyFrom(self.param)
+        del out.layer[:]
+        for layer in self.layers:
+            if layer.param.type == "Split" and layer.name not in {p.name for p in self.param.layer}:
+                continue
+            layer_param = out.layer.add()
+            layer_param.CopyFrom(layer.param)
+            del layer_param.blobs[:]
+            for blob in layer.blobs:
+                blob.to_proto(layer_param.blobs.add(), write_diff)
+        return out
+
+    def save(self, path) -> None:
+        """Write a binary .caffemodel that Caffe can load."""
+        io.write_binary(path, self.to_proto())
+
+    # -- pycaffe conveniences -----------------------------------------------------------------
+    @property
+    def layer_dict(self) -> OrderedDict[str, Layer]:
+        return OrderedDict(zip(self._layer_names, self.layers))
+
+    def __repr__(self) -> str:
+        return f"<Net '{self.name}' {len(self.layers)} layers, {backend.mode()}>"
+
+
+__all__ = ["Net", "NetError", "TRAIN", "TEST", "LearnableParam"]
