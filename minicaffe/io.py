@@ -149,7 +149,7 @@ def _upgrade_v1_layers(net: caffe_pb2.NetParameter, source: str) -> None:
         new = net.layer.add()
         for field in shared - {"type", "blobs_lr", "weight_decay", "param"}:
             descriptor = old.DESCRIPTOR.fields_by_name[field]
-            if descriptor.label == descriptor.LABEL_REPEATED:
+            if descriptor.is_repeated:
                 getattr(new, field).extend(getattr(old, field))
             elif old.HasField(field):
                 value = getattr(old, field)

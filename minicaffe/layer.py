@@ -67,6 +67,9 @@ class Layer:
         self.blobs: list[Blob] = []
         self.param_propagate_down: list[bool] = []
         self.loss_weights: list[float] = []
+        # Which forward pass this is (set by the Net before each forward; the solver sets it from the
+        # iteration). Stochastic layers key their random numbers by it, so a resumed run replays them.
+        self.forward_index = 0
         for i, blob_proto in enumerate(param.blobs):
             blob = Blob((), self.dtype)
             blob.from_proto(blob_proto, where=f"layer '{self.name}' blob {i}")

@@ -172,7 +172,9 @@ class Net:
         self.inputs: list[str] = []
         self.learnable_params: list[LearnableParam] = []
         self._param_owner: dict[str, tuple[Blob, caffe_pb2.ParamSpec]] = {}
-        self._auto_split = []
+        # Counts full forward passes; stochastic layers (Dropout, shuffled data) key their random
+        # numbers by it. The solver sets it from the iteration so that a resumed run replays them.
+        self.forward_count = 0
         blob_need_backward: dict[str, bool] = {}
         consumed: set[str] = set()
         self.layer_need_backward: list[bool] = []
@@ -274,8 +276,8 @@ class Net:
             mine.share_diff(owner)
         else:
             if mine.shape != owner.shape:
-                raise NetError(f"{where}: shared parameter '{spec.name}' has shape {list(mine.shape)}, "
-                               f"its owner {list(owner.shape)} (use share_mode: PERMISSIVE to match by count)")
+                raise NetError(f"{where}: shared parameter '{spec.name}' has shape {list(mine.shape)}, its "
+                               f"owner {list(owner.shape)} (share_mode: PERMISSIVE matches by count)")
             layer.blobs[index] = owner
         if spec.HasField("lr_mult") and spec.lr_mult != owner_spec.lr_mult:
             raise NetError(f"{where}: shared parameter '{spec.name}' has lr_mult {spec.lr_mult}, "
@@ -319,6 +321,7 @@ class Net:
         loss = 0.0
         for i in range(start, end + 1):
             layer, bottoms, tops = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
+            layer.forward_index = self.forward_count
             try:
                 layer.reshape(bottoms, tops)
             except (ValueError, IndexError) as error:
@@ -330,6 +333,8 @@ class Net:
             for weight, top in zip(layer.loss_weights, tops):
                 if weight:
                     loss += weight * float(top.get_data().sum())
+        if end == len(self.layers) - 1:
+            self.forward_count += 1
         return loss
 
     def backward_range(self, start: int, end: int) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,9 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 from minicaffe.proto import caffe_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = ROOT / ".." / "shared"
 MTCNN = SHARED / "models" / "mtcnn"

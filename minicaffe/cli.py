@@ -1,0 +1,66 @@
+"""The `minicaffe` command: Caffe's tool verbs (train, test, time, device_query) and more.
+
+Each subcommand lives in its own module under minicaffe/commands/ with two functions:
+``add_arguments(parser)`` and ``run(args) -> int``. Flags follow Caffe's tool: `--solver X`,
+`--solver=X` and Caffe's single-dash `-solver X` are all accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module under minicaffe.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+}
+
+
+def _caffe_style(argv: list[str]) -> list[str]:
+    """Accept Caffe/gflags' single-dash long flags: -solver X -> --solver X."""
+    out = []
+    for arg in argv:
+        if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2 and not arg[1].isdigit():
+            out.append("-" + arg)
+        else:
+            out.append(arg)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minicaffe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(f"minicaffe.commands.{module_name}")
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+        if "_" in name:  # Caffe spells device_query with an underscore; accept device-query too
+            alias = sub.add_parser(name.replace("_", "-"), help=argparse.SUPPRESS)
+            module.add_arguments(alias)
+            alias.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .io import FormatError
+    from .layer import LayerError
+    from .net import NetError
+
+    parser = build_parser()
+    args = parser.parse_args(_caffe_style(list(sys.argv[1:] if argv is None else argv)))
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (FormatError, NetError, LayerError, FileNotFoundError, ValueError) as error:
+        print(f"minicaffe {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"minicaffe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the `minicaffe` command, one module each (see minicaffe/cli.py)."""
