@@ -11,6 +11,7 @@ from .backend import set_device, set_mode_cpu, set_mode_gpu
 from .blob import Blob
 from .layer import LAYERS, TEST, TRAIN, Layer, LayerError, register
 from .net import Net, NetError
+from .pycaffe import NetSpec, params, to_proto
 from .rng import set_random_seed
 
 __version__ = "0.1.0"
@@ -18,4 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Blob", "LAYERS", "Layer", "LayerError", "Net", "NetError", "TEST", "TRAIN", "register",
     "set_device", "set_mode_cpu", "set_mode_gpu", "set_random_seed",
+    "NetSpec", "params", "to_proto",  # caffe.layers.<Type>: see minicaffe/layers/__init__.py
 ]

@@ -34,6 +34,39 @@ class LearnableParam:
         self.layer_name, self.index = layer_name, index
 
 
+class ByLayer(list):
+    """A per-layer list (``net.top_names[i]``) that pycaffe code can also read as its dict by layer name:
+    ``net.top_names['conv1']``, ``'conv1' in net.top_names``, ``.keys()``, ``.values()``, ``.items()``.
+    (Iterating gives the values, as a list does; pycaffe's OrderedDict would give the names.)"""
+
+    def __init__(self, layer_names: list[str]):
+        super().__init__()
+        self._names = layer_names
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            try:
+                key = self._names.index(key)
+            except ValueError:
+                raise KeyError(key) from None
+        return super().__getitem__(key)
+
+    def __contains__(self, key) -> bool:
+        return key in self._names if isinstance(key, str) else super().__contains__(key)
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self._names else default
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def values(self) -> list:
+        return list(self)
+
+    def items(self) -> list:
+        return list(zip(self._names, self))
+
+
 # -- net state filtering (Caffe's FilterNet / StateMeetsRule) -------------------------------------
 
 def state_meets_rule(state: caffe_pb2.NetState, rule: caffe_pb2.NetStateRule) -> bool:
@@ -167,8 +200,8 @@ class Net:
         self.blobs: OrderedDict[str, Blob] = OrderedDict()
         self.bottom_vecs: list[list[Blob]] = []
         self.top_vecs: list[list[Blob]] = []
-        self.bottom_names: list[list[str]] = []
-        self.top_names: list[list[str]] = []
+        self.bottom_names: ByLayer = ByLayer(self._layer_names)
+        self.top_names: ByLayer = ByLayer(self._layer_names)
         self.inputs: list[str] = []
         self.learnable_params: list[LearnableParam] = []
         self._param_owner: dict[str, tuple[Blob, caffe_pb2.ParamSpec]] = {}
@@ -429,6 +462,73 @@ class Net:
     @property
     def layer_dict(self) -> OrderedDict[str, Layer]:
         return OrderedDict(zip(self._layer_names, self.layers))
+
+    @property
+    def _blob_names(self) -> list[str]:
+        return list(self.blobs)
+
+    @property
+    def blob_loss_weights(self) -> OrderedDict[str, float]:
+        """pycaffe's blob_loss_weights: each blob's loss weight (0 for blobs that are not losses)."""
+        weights = OrderedDict((name, 0.0) for name in self.blobs)
+        for layer, names in zip(self.layers, self.top_names):
+            for name, weight in zip(names, layer.loss_weights):
+                weights[name] = float(weight)
+        return weights
+
+    def _batches(self, arrays: dict[str, np.ndarray]):
+        """pycaffe's _batch: slices of the inputs by the net's batch size, the last one zero-padded."""
+        if not arrays:
+            yield {}
+            return
+        lengths = {len(a) for a in arrays.values()}
+        if len(lengths) != 1:
+            raise NetError(f"net '{self.name}': inputs of different lengths {sorted(lengths)}")
+        total = lengths.pop()
+        batch = self.blobs[next(iter(arrays))].shape[0] if self.blobs[next(iter(arrays))].shape else 1
+        for start in range(0, total, batch):
+            chunk = {}
+            for name, array in arrays.items():
+                part = np.asarray(array[start:start + batch])
+                if len(part) < batch:
+                    pad = np.zeros((batch - len(part),) + part.shape[1:], part.dtype)
+                    part = np.concatenate([part, pad])
+                chunk[name] = part
+            yield chunk
+
+    def forward_all(self, blobs: Iterable[str] | None = None, **inputs) -> dict[str, np.ndarray]:
+        """pycaffe's forward_all: run the inputs through in batches of the net's batch size and
+        return the outputs (and `blobs`) concatenated, padding dropped."""
+        wanted = list(self.outputs) + [b for b in (blobs or []) if b not in self.outputs]
+        results: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
+        for chunk in self._batches({k: np.asarray(v) for k, v in inputs.items()}):
+            outs = self.forward(blobs=wanted, **chunk)
+            for name in wanted:
+                results[name].append(np.array(outs[name]))
+        total = len(next(iter(inputs.values()))) if inputs else None
+        return {name: (np.concatenate(parts)[:total] if parts and parts[0].ndim else np.asarray(parts))
+                for name, parts in results.items()}
+
+    def forward_backward_all(self, blobs: Iterable[str] | None = None, diffs: Iterable[str] | None = None,
+                             **kwargs) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """pycaffe's forward_backward_all: inputs and output diffs by name, in batches; returns
+        (outputs, input diffs), each concatenated with the padding dropped."""
+        forward_in = {k: np.asarray(v) for k, v in kwargs.items() if k in self.inputs}
+        backward_in = {k: np.asarray(v) for k, v in kwargs.items() if k not in self.inputs}
+        out_names = list(self.outputs) + [b for b in (blobs or []) if b not in self.outputs]
+        diff_names = list(self.inputs) + [d for d in (diffs or []) if d not in self.inputs]
+        outs: dict[str, list] = {name: [] for name in out_names}
+        grads: dict[str, list] = {name: [] for name in diff_names}
+        for f_chunk, b_chunk in zip(self._batches(forward_in), self._batches(backward_in)):
+            batch_out = self.forward(blobs=out_names, **f_chunk)
+            batch_diff = self.backward(diffs=diff_names, **b_chunk)
+            for name in out_names:
+                outs[name].append(np.array(batch_out[name]))
+            for name in diff_names:
+                grads[name].append(np.array(batch_diff[name]))
+        total = len(next(iter(forward_in.values()))) if forward_in else None
+        cut = lambda parts: np.concatenate(parts)[:total] if parts[0].ndim else np.asarray(parts)  # noqa: E731
+        return ({n: cut(p) for n, p in outs.items()}, {n: cut(p) for n, p in grads.items()})
 
     def __repr__(self) -> str:
         return f"<Net '{self.name}' {len(self.layers)} layers, {backend.mode()}>"
