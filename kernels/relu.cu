@@ -3,7 +3,7 @@
 
 KERNEL void relu_forward(const int count, const real* x, real* y, const real negative_slope) {
   PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { y[i] = fmax(x[i], real(0)) + negative_slope * fmin(x[i], real(0)); }
+    INNER_LOOP(i, count) { y[i] = rmax(x[i], real(0)) + negative_slope * rmin(x[i], real(0)); }
   }
 }
 

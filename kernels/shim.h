@@ -4,6 +4,7 @@
 // inner index (e.g. h*w). On the GPU the planes map to grid.y and the inner index to grid.x *
 // threads, each with a grid-stride loop. On the CPU the same macros become two plain for-loops whose
 // inner loop is marked `omp simd`, so the compiler vectorizes it without per-element integer division.
+// (Built with -fno-trapping-math so that branches become vector selects; results are unchanged.)
 //
 // The element type is `real`: the loader compiles each source twice, with MC_REAL=float and =double.
 #pragma once
@@ -11,6 +12,7 @@
 #ifndef MC_REAL
 #define MC_REAL float
 #endif
+
 typedef MC_REAL real;
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -37,3 +39,7 @@ using std::tanh;
 #define INNER_LOOP(j, n) _Pragma("omp simd") for (int j = 0; j < (n); ++j)
 #define ATOMIC_ADD(address, value) (*(address) += (value))
 #endif
+
+// max/min as plain selects: std::fmax/fmin block GCC's vectorizer (they handle NaN specially).
+DEVICE real rmax(real a, real b) { return a > b ? a : b; }
+DEVICE real rmin(real a, real b) { return a < b ? a : b; }

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 REAL_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-CPU_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-march=native", "-std=c++14"]
+CPU_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
+             "-march=native", "-std=c++14"]
 GPU_BLOCK = 256
 GPU_MAX_GRID_X = 4096
 GPU_MAX_GRID_Y = 65535

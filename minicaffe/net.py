@@ -209,7 +209,8 @@ class Net:
         # numbers by it. The solver sets it from the iteration so that a resumed run replays them.
         self.forward_count = 0
         blob_need_backward: dict[str, bool] = {}
-        consumed: set[str] = set()
+        available: dict[str, None] = {}  # produced and not yet consumed: the net's outputs at the end
+        self._input_blobs: dict[str, Blob] = {}
         self.layer_need_backward: list[bool] = []
         self.bottom_need_backward: list[list[bool]] = []
 
@@ -230,7 +231,9 @@ class Net:
                 if name not in self.blobs:
                     raise NetError(f"{where}: unknown bottom blob '{name}'")
                 bottoms.append(self.blobs[name])
-                consumed.add(name)
+                available.pop(name, None)
+            for name in layer_param.top:
+                available[name] = None
             for j, name in enumerate(layer_param.top):
                 bottom_j = layer_param.bottom[j] if j < len(layer_param.bottom) else None
                 if bottom_j == name:
@@ -246,6 +249,7 @@ class Net:
                 tops.append(blob)
                 if layer_param.type == "Input":
                     self.inputs.append(name)
+                    self._input_blobs[name] = blob
             try:
                 layer.setup(bottoms, tops)
             except LayerError as error:
@@ -283,7 +287,7 @@ class Net:
             self.layer_need_backward.append(need)
             self.bottom_need_backward.append(bottom_need)
 
-        self.outputs = [name for name in self.blobs if name not in consumed]
+        self.outputs = list(available)
         self._prune_backward(param.force_backward)
         self.params: OrderedDict[str, list[Blob]] = OrderedDict(
             (name, layer.blobs) for name, layer in zip(self._layer_names, self.layers) if layer.blobs
@@ -384,12 +388,13 @@ class Net:
                 end: str | None = None, **inputs) -> dict[str, np.ndarray]:
         """pycaffe's forward: set inputs by name, run, return {output name: data}."""
         for name, value in inputs.items():
-            if name not in self.blobs:
+            blob = self._input_blobs.get(name) or self.blobs.get(name)
+            if blob is None:
                 raise NetError(f"net '{self.name}': forward got unknown blob '{name}'")
             value = np.asarray(value)
-            if value.shape != self.blobs[name].shape:
-                self.blobs[name].reshape(value.shape)
-            self.blobs[name].data[...] = value
+            if value.shape != blob.shape:
+                blob.reshape(value.shape)
+            blob.data[...] = value
         self.forward_range(self._layer_index(start, 0), self._layer_index(end, len(self.layers) - 1))
         names = list(self.outputs if end is None else self.top_names[self._layer_index(end, 0)])
         names += [b for b in (blobs or []) if b not in names]
