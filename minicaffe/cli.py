@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .backend import BackendError
     from .io import FormatError
+    from .kernel import KernelError
     from .layer import LayerError
     from .net import NetError
 
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (FormatError, NetError, LayerError, FileNotFoundError, ValueError) as error:
+    except (FormatError, NetError, LayerError, KernelError, BackendError, OSError, ValueError) as error:
         print(f"minicaffe {args.command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
