@@ -13,6 +13,7 @@ import sys
 
 # subcommand -> (module under minicaffe.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "convert-mnist": ("convert_mnist", "IDX images + labels -> LMDB of Datum (as Caffe's convert_mnist_data)"),  # noqa: E501
 }
 
 

@@ -468,6 +468,14 @@ class Net:
     def layer_dict(self) -> OrderedDict[str, Layer]:
         return OrderedDict(zip(self._layer_names, self.layers))
 
+    def set_input_arrays(self, data, labels) -> None:
+        """pycaffe's set_input_arrays: (n, C, H, W) data and (n,) labels for the first MemoryData layer."""
+        for layer in self.layers:
+            if layer.type == "MemoryData":
+                layer.set_input_arrays(data, labels)
+                return
+        raise NetError(f"net '{self.name}': set_input_arrays needs a MemoryData layer, the net has none")
+
     @property
     def _blob_names(self) -> list[str]:
         return list(self.blobs)
