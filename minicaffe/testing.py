@@ -98,11 +98,13 @@ class GradientChecker:
         checked += [(f"bottom {i}", b) for i, b in enumerate(bottom) if propagate[i]]
 
         # Analytic gradient.
-        self._objective(layer, bottom, top, top_id, top_index)
+        # Clear the diffs before the objective sets the top diffs: a top may share its diff with a
+        # bottom (Flatten, Reshape, in place), and clearing after would wipe the top gradient.
         for blob in layer.blobs:
             blob.diff[...] = 0
         for blob in bottom:
             blob.diff[...] = 0
+        self._objective(layer, bottom, top, top_id, top_index)
         layer.backward(top, propagate, bottom)
         computed = [np.array(blob.diff) for _, blob in checked]
 
