@@ -13,6 +13,8 @@ import sys
 
 # subcommand -> (module under minicaffe.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "params": ("params", "statistics (and values) of parameter blobs, e.g. PReLU slopes"),
+    "plot-params": ("plot_params", "per-layer parameter distributions (PReLU slopes) to a PNG"),
     "convert-mnist": ("convert_mnist", "IDX images + labels -> LMDB of Datum (as Caffe's convert_mnist_data)"),  # noqa: E501
 }
 

@@ -1,0 +1,67 @@
+"""`minicaffe plot-params`: one panel per layer showing the distribution of its parameter values
+(by default the slopes of every PReLU layer), written to a PNG."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+
+from .. import inspect
+from .params import selected_params
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="net prototxt (optional with --weights)")
+    parser.add_argument("--weights", help=".caffemodel or snapshot")
+    parser.add_argument("--layer", metavar="GLOB", help="only layers whose name matches (any case)")
+    parser.add_argument("--type", dest="layer_type", metavar="TYPE", default="PReLU",
+                        help="layer type to draw (default PReLU; 'all' for every layer with parameters)")
+    parser.add_argument("--index", type=int, default=0, help="which parameter blob of each layer (default 0)")
+    parser.add_argument("-o", "--output", default="params.png", help="PNG to write (default params.png)")
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend; a clear error when it is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("plotting needs matplotlib: pip install 'minicaffe[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.layer_type and args.layer_type.lower() == "all":
+        args.layer_type = None
+    chosen = [entry for entry in selected_params(args) if len(entry[2]) > args.index]
+    if not chosen:
+        raise ValueError(f"no selected layer has a parameter blob {args.index}")
+    plt = pyplot()
+    columns = min(3, len(chosen))
+    rows = math.ceil(len(chosen) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for axis in axes.flat[len(chosen):]:
+        axis.set_visible(False)
+    for axis, (name, kind, arrays) in zip(axes.flat, chosen):
+        values = np.asarray(arrays[args.index], dtype=np.float64).ravel()
+        stats = inspect.blob_stats(values)
+        axis.hist(values, bins=max(5, min(40, values.size // 2 or 1)), color="tab:blue", alpha=0.75)
+        # The individual values as a rug: PReLU layers often have only a handful of slopes.
+        axis.plot(values, np.zeros_like(values), "|", color="black", markersize=10)
+        axis.axvline(stats["mean"], color="tab:red", linestyle="--", label=f"mean {stats['mean']:.3g}")
+        if kind == "PReLU":
+            axis.axvline(0.25, color="gray", linestyle=":", label="init 0.25")
+        what = "slopes" if kind == "PReLU" else f"blob {args.index} values"
+        axis.set_title(f"{name} ({kind}): {values.size} {what}", fontsize=9)
+        axis.set_xlabel(f"min {stats['min']:.3g}  max {stats['max']:.3g}  std {stats['std']:.3g}", fontsize=8)
+        axis.legend(fontsize=7)
+    figure.suptitle(args.weights or args.model, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(args.output, dpi=100)
+    plt.close(figure)
+    print(f"wrote {args.output} ({len(chosen)} layers)")
+    return 0
