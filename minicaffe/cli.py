@@ -15,6 +15,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("params", "statistics (and values) of parameter blobs, e.g. PReLU slopes"),
     "plot-params": ("plot_params", "per-layer parameter distributions (PReLU slopes) to a PNG"),
+    "time": ("time", "per-layer forward/backward timings and element-wise bandwidth (as caffe time)"),
+    "summary": ("summary", "every layer with type, top shapes, parameter count and memory"),
     "convert-mnist": ("convert_mnist", "IDX images + labels -> LMDB of Datum (as Caffe's convert_mnist_data)"),  # noqa: E501
 }
 

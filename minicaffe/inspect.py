@@ -286,12 +286,13 @@ def prepare_net_param(model, phase: int, dummy_data: bool = False,
 
 
 def build_net(model, phase: int, weights: str | None = None, dummy_data: bool = False,
-              dummy_shape: tuple[int, ...] | None = None, force_backward: bool = False):
+              dummy_shape: tuple[int, ...] | None = None, force_backward: bool = False,
+              dtype=np.float32):
     """A Net for the inspection commands (see prepare_net_param), with weights loaded."""
     from .net import Net
 
     param = prepare_net_param(model, phase, dummy_data, dummy_shape, force_backward)
-    net = Net(param, phase)
+    net = Net(param, phase, dtype=dtype)
     net.source = str(model)
     if weights:
         net.copy_from(weights)

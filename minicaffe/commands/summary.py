@@ -1,0 +1,112 @@
+"""`minicaffe summary`: every layer with its type, top shapes, parameter count and memory (as Keras'
+``model.summary()``).
+
+Activation memory is the data of the blobs a layer creates (its tops; an in-place top reuses its bottom
+and adds nothing); training needs as much again for the diffs. Parameter memory is the data of the
+parameter blobs, shared parameters counted once in the totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from .. import inspect
+from ..layer import TEST, TRAIN
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="net prototxt")
+    parser.add_argument("--weights", help="optional .caffemodel (parameter shapes come from the net)")
+    parser.add_argument("--phase", choices=("TRAIN", "TEST"), default="TEST", help="net phase (default TEST)")
+    parser.add_argument("--dummy-data", nargs="?", const="", default=None, metavar="SHAPE",
+                        help="replace data layers by DummyData of the same shape (no database needed); "
+                             "SHAPE (one sample, e.g. 1,28,28) when the source cannot be read")
+    parser.add_argument("--double", action="store_true", help="float64 blobs (default float32)")
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def summarize(net) -> dict:
+    """Per-layer rows and totals of a built Net."""
+    rows = []
+    seen_blobs: set[int] = set()
+    seen_params: set[int] = set()
+    totals = {"params": 0, "trainable": 0, "activation_bytes": 0, "param_bytes": 0}
+    learnable = {id(p.blob): p.lr_mult != 0 for p in net.learnable_params}
+    user_layers = {layer.name for layer in net.param.layer}
+    for i, layer in enumerate(net.layers):
+        bottoms = net.bottom_vecs[i]
+        tops = []
+        activation = 0
+        for name, blob in zip(net.top_names[i], net.top_vecs[i]):
+            in_place = any(blob is b for b in bottoms)
+            tops.append((name, blob.shape, in_place))
+            # Split tops (and in-place tops) share memory that is already counted.
+            memory = id(blob._data)
+            if memory not in seen_blobs:
+                activation += blob.count * blob.dtype.itemsize
+            seen_blobs.add(memory)
+        count = sum(blob.count for blob in layer.blobs)
+        param_bytes = sum(blob.count * blob.dtype.itemsize for blob in layer.blobs)
+        for blob in layer.blobs:
+            if id(blob) in seen_params:
+                continue
+            seen_params.add(id(blob))
+            totals["params"] += blob.count
+            totals["param_bytes"] += blob.count * blob.dtype.itemsize
+            if learnable.get(id(blob), False):
+                totals["trainable"] += blob.count
+        totals["activation_bytes"] += activation
+        if layer.type == "Split" and layer.name not in user_layers:
+            continue  # inserted by the net where a blob feeds several layers; not part of the model
+        rows.append({"name": net._layer_names[i], "type": layer.type, "tops": tops, "params": count,
+                     "activation_bytes": activation, "param_bytes": param_bytes})
+    return {"rows": rows, **totals}
+
+
+def format_summary(net, info: dict) -> str:
+    def shape_text(shape) -> str:
+        return "x".join(str(d) for d in shape) or "scalar"
+
+    table = [["Layer (type)", "Top shapes", "Params", "Activation memory", "Param memory"]]
+    for row in info["rows"]:
+        tops = [f"{name} {shape_text(shape)}" + (" (in place)" if in_place else "")
+                for name, shape, in_place in row["tops"]] or ["-"]
+        first = [f"{row['name']} ({row['type']})", tops[0], f"{row['params']:,}",
+                 human_bytes(row["activation_bytes"]), human_bytes(row["param_bytes"])]
+        table.append(first)
+        table.extend(["", top, "", "", ""] for top in tops[1:])
+    widths = [max(len(r[c]) for r in table) for c in range(5)]
+    rule = "=" * (sum(widths) + 2 * 4)
+    lines = [f"Net: {net.name or '(unnamed)'}  ({len(net.layers)} layers, {np.dtype(net.dtype).name})", rule]
+    for k, r in enumerate(table):
+        lines.append("  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1])] +
+                               [cell.rjust(w) for cell, w in zip(r[2:], widths[2:])]).rstrip())
+        if k == 0:
+            lines.append(rule)
+    lines.append(rule)
+    lines.append(f"Total params: {info['params']:,}")
+    lines.append(f"Trainable params: {info['trainable']:,}")
+    lines.append(f"Non-trainable params: {info['params'] - info['trainable']:,}")
+    lines.append(f"Activation memory (data): {human_bytes(info['activation_bytes'])}"
+                 f" (x2 with diffs when training)")
+    lines.append(f"Parameter memory: {human_bytes(info['param_bytes'])}")
+    lines.append(f"Total: {human_bytes(info['activation_bytes'] + info['param_bytes'])}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    shape = inspect.parse_shape(args.dummy_data) if args.dummy_data else None
+    net = inspect.build_net(args.model, TRAIN if args.phase == "TRAIN" else TEST, args.weights,
+                            dummy_data=args.dummy_data is not None, dummy_shape=shape,
+                            dtype=np.float64 if args.double else np.float32)
+    print(format_summary(net, summarize(net)))
+    return 0
