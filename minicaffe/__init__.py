@@ -13,6 +13,16 @@ from .layer import LAYERS, TEST, TRAIN, Layer, LayerError, register
 from .net import Net, NetError
 from .pycaffe import NetSpec, params, to_proto
 from .rng import set_random_seed
+from .solver import (
+    AdaDeltaSolver,
+    AdaGradSolver,
+    AdamSolver,
+    NesterovSolver,
+    RMSPropSolver,
+    SGDSolver,
+    Solver,
+    get_solver,
+)
 
 __version__ = "0.1.0"
 
@@ -20,4 +30,6 @@ __all__ = [
     "Blob", "LAYERS", "Layer", "LayerError", "Net", "NetError", "TEST", "TRAIN", "register",
     "set_device", "set_mode_cpu", "set_mode_gpu", "set_random_seed",
     "NetSpec", "params", "to_proto",  # caffe.layers.<Type>: see minicaffe/layers/__init__.py
+    "Solver", "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver", "AdaDeltaSolver", "AdamSolver",
+    "get_solver",
 ]

@@ -1,0 +1,697 @@
+"""Solvers with Caffe's update rules, schedules, testing, snapshots and logs.
+
+    solver = minicaffe.get_solver("models/lenet/lenet_solver.prototxt")   # type from the file
+    solver = minicaffe.SGDSolver("solver.prototxt")                       # or a given rule
+    solver.step(100); solver.solve(); solver.snapshot(); solver.restore("x_iter_100.solverstate")
+
+What follows Caffe (solver.cpp, sgd_solver.cpp and the other *_solver.cpp), step by step:
+  * an iteration clears the parameter diffs, tests when ``iter % test_interval == 0``, runs iter_size
+    forward/backward passes, then ApplyUpdate: learning rate (GetLearningRate), ClipGradients, and per
+    parameter Normalize (1 / iter_size), Regularize (L2 or L1, weight_decay * decay_mult),
+    ComputeUpdateValue (the rule, at rate * lr_mult), and data -= diff;
+  * history blobs and .solverstate files have Caffe's layout: one history blob per learnable parameter,
+    AdaDelta and Adam append a second set (squared updates / second moments) after the first;
+  * log lines are Caffe's (see minicaffe.log), so its log parsers work.
+
+Paths in a solver file (net, train_net, test_net) are relative to the current folder, as in Caffe; when
+such a path does not exist there, it is also looked up relative to the solver file's own folder, so a
+solver and its net can travel together. snapshot_prefix stays relative to the current folder (as Caffe),
+and defaults to the solver file's path without its extension.
+
+Before each forward pass the solver sets ``net.forward_count = iter * iter_size + k``: stochastic layers
+(Dropout, data order) key their random numbers by it, so a run resumed from a snapshot replays exactly
+what an uninterrupted run would have drawn.
+
+Update math uses the array module of the current mode (numpy, or cupy on the GPU), as Caffe's solvers
+call BLAS. The solver does not change the CPU/GPU mode; ``minicaffe train`` does (solver_mode, --gpu).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from . import backend, io, log, rng
+from .blob import Blob
+from .net import Net, NetError
+from .proto import caffe_pb2
+
+SolverParameter = caffe_pb2.SolverParameter
+
+LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
+LEGACY_TYPES = {caffe_pb2.SolverParameter.SGD: "SGD", caffe_pb2.SolverParameter.NESTEROV: "Nesterov",
+                caffe_pb2.SolverParameter.ADAGRAD: "AdaGrad", caffe_pb2.SolverParameter.RMSPROP: "RMSProp",
+                caffe_pb2.SolverParameter.ADADELTA: "AdaDelta", caffe_pb2.SolverParameter.ADAM: "Adam"}
+# Rules that keep a second history set after the first (Caffe's AdaDelta and Adam PreSolve).
+TWO_HISTORIES = ("AdaDelta", "Adam")
+
+# What the action function (Ctrl-C, SIGHUP in `minicaffe train`) may ask for, as Caffe's SolverAction.
+NONE, STOP, SNAPSHOT = "none", "stop", "snapshot"
+
+
+class SolverError(ValueError):
+    """A solver definition or a solver state that cannot be used; the message says which field."""
+
+
+# -- reading solver files ----------------------------------------------------------------------------
+
+def upgrade_solver(param: SolverParameter, source: str = "<solver>") -> SolverParameter:
+    """Caffe's UpgradeSolverAsNeeded: the legacy solver_type enum becomes the type string."""
+    if param.HasField("solver_type"):
+        if param.HasField("type"):
+            raise SolverError(f"{source}: give the solver 'type' (string) or the old 'solver_type' enum, "
+                              "not both")
+        param.type = LEGACY_TYPES[param.solver_type]
+        param.ClearField("solver_type")
+    return param
+
+
+def read_solver(path) -> SolverParameter:
+    """Read a solver prototxt as Caffe's ReadSolverParamsFromTextFileOrDie does: upgrade the legacy
+    type, and default snapshot_prefix to the file's path without extension (or, when snapshot_prefix
+    is a folder, to that folder / the file's stem)."""
+    path = Path(path)
+    param = upgrade_solver(io.read_solver_param(path), str(path))
+    if not param.HasField("snapshot_prefix"):
+        param.snapshot_prefix = str(path.with_suffix(""))
+    elif Path(param.snapshot_prefix).is_dir():
+        param.snapshot_prefix = str(Path(param.snapshot_prefix) / path.stem)
+    return param
+
+
+def learning_rate(param: SolverParameter, iteration: int, current_step: int = 0) -> tuple[float, int]:
+    """Caffe's GetLearningRate at `iteration`; returns (rate, current_step) (step/multistep move it)."""
+    policy, base_lr, gamma = param.lr_policy, param.base_lr, param.gamma
+    if policy == "fixed":
+        rate = base_lr
+    elif policy == "step":
+        current_step = iteration // param.stepsize
+        rate = base_lr * gamma ** current_step
+    elif policy == "exp":
+        rate = base_lr * gamma ** iteration
+    elif policy == "inv":
+        rate = base_lr * (1.0 + gamma * iteration) ** (-param.power)
+    elif policy == "multistep":
+        # One step per iteration at most, as Caffe's `if` (not `while`).
+        if current_step < len(param.stepvalue) and iteration >= param.stepvalue[current_step]:
+            current_step += 1
+            log.info(f"MultiStep Status: Iteration {iteration}, step = {current_step}", "sgd_solver.cpp:60")
+        rate = base_lr * gamma ** current_step
+    elif policy == "poly":
+        rate = base_lr * (1.0 - iteration / param.max_iter) ** param.power
+    elif policy == "sigmoid":
+        rate = base_lr * (1.0 / (1.0 + math.exp(-gamma * (iteration - param.stepsize))))
+    else:
+        raise SolverError(f"unknown lr_policy '{policy}' (known: {', '.join(LR_POLICIES)})")
+    return rate, current_step
+
+
+# -- the solver ---------------------------------------------------------------------------------------
+
+class Solver:
+    """A Caffe solver for a SolverParameter or a solver prototxt path.
+
+    ``Solver(...)`` and ``get_solver(...)`` use the rule named by the file's ``type`` (or legacy
+    ``solver_type``); SGDSolver, NesterovSolver, AdaGradSolver, RMSPropSolver, AdaDeltaSolver and
+    AdamSolver use their own rule whatever the file says, as pycaffe's classes do.
+    ``dtype=np.float64`` builds double nets (Caffe's Solver<double>).
+
+    Attributes: ``net`` (train net), ``test_nets``, ``iter``, ``param``, ``history`` (list of Blob),
+    ``smoothed_loss``, ``test_scores`` (per test net, the last test's {output: mean}).
+    """
+
+    rule: str | None = None  # set by the rule-specific subclasses
+
+    def __init__(self, param_or_path, dtype=np.float32):
+        if isinstance(param_or_path, (str, Path)):
+            self.source = str(param_or_path)
+            self.base_dir: Path | None = Path(param_or_path).parent
+            param = read_solver(param_or_path)
+        elif isinstance(param_or_path, SolverParameter):
+            self.source, self.base_dir = "<SolverParameter>", None
+            param = SolverParameter()
+            param.CopyFrom(param_or_path)
+            upgrade_solver(param)
+        else:
+            raise TypeError(f"Solver takes a solver prototxt path or a SolverParameter, "
+                            f"got {type(param_or_path).__name__}")
+        self.param = param
+        self.dtype = np.dtype(dtype)
+        self.type = self.rule or param.type
+        self._check_param()
+        if param.random_seed >= 0:
+            rng.set_random_seed(param.random_seed)
+        self.net = self._init_train_net()
+        self.test_nets = self._init_test_nets()
+        self.iter = 0
+        self.current_step = 0
+        self.smoothed_loss = 0.0
+        self.losses: list[float] = []
+        self.test_scores: list[OrderedDict[str, float]] = [OrderedDict() for _ in self.test_nets]
+        self.requested_early_exit = False
+        self._action: Callable[[], str] | None = None
+        self._iterations_last = 0
+        self._timer = time.monotonic()
+        self.progress: log.Progress | None = None
+        params = self.net.learnable_params
+        count = len(params) * (2 if self.type in TWO_HISTORIES else 1)
+        self.history = [Blob(params[i % len(params)].blob.shape, self.dtype) for i in range(count)]
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _where(self) -> str:
+        return self.source
+
+    def _check_param(self) -> None:
+        p, where = self.param, self._where()
+        if self.type not in RULES:
+            raise SolverError(f"{where}: unknown solver type '{self.type}' (known: {', '.join(RULES)})")
+        if p.lr_policy not in LR_POLICIES:
+            raise SolverError(f"{where}: lr_policy {p.lr_policy!r} is not one of {', '.join(LR_POLICIES)}")
+        if p.lr_policy in ("step", "sigmoid") and p.stepsize <= 0:
+            raise SolverError(f"{where}: lr_policy '{p.lr_policy}' needs stepsize > 0")
+        if p.lr_policy == "poly" and p.max_iter <= 0:
+            raise SolverError(f"{where}: lr_policy 'poly' needs max_iter > 0")
+        if p.lr_policy in ("step", "exp", "multistep") and p.gamma < 0:
+            raise SolverError(f"{where}: gamma must be >= 0, got {p.gamma}")
+        if p.average_loss < 1:
+            raise SolverError(f"{where}: average_loss must be >= 1, got {p.average_loss}")
+        if p.iter_size < 1:
+            raise SolverError(f"{where}: iter_size must be >= 1, got {p.iter_size}")
+        if p.regularization_type not in ("L1", "L2"):
+            raise SolverError(f"{where}: unknown regularization_type '{p.regularization_type}' (L1 or L2)")
+        if self.type in ("AdaGrad", "RMSProp") and p.momentum != 0:
+            raise SolverError(f"{where}: momentum cannot be used with {self.type} (got {p.momentum})")
+        if self.type == "RMSProp" and not 0 <= p.rms_decay < 1:
+            raise SolverError(f"{where}: rms_decay must be in [0, 1), got {p.rms_decay}")
+        if p.snapshot_format == SolverParameter.HDF5:
+            raise SolverError(f"{where}: snapshot_format HDF5 is not supported; use BINARYPROTO "
+                              "(the default, Caffe's .caffemodel / .solverstate)")
+        if p.snapshot < 0 or p.display < 0 or p.test_interval < 0:
+            raise SolverError(f"{where}: snapshot, display and test_interval must be >= 0")
+
+    def _path(self, name: str) -> Path:
+        """A path from the solver file: relative to the CWD (Caffe), else to the solver's folder."""
+        path = Path(name)
+        if path.exists() or path.is_absolute() or self.base_dir is None:
+            return path
+        beside = self.base_dir / path
+        return beside if beside.exists() else path
+
+    def _read_net(self, name: str) -> caffe_pb2.NetParameter:
+        path = self._path(name)
+        if not path.exists():
+            raise SolverError(f"{self._where()}: net file '{name}' not found (looked in the current "
+                              f"folder{' and beside the solver' if self.base_dir is not None else ''})")
+        return io.read_net_param(path)
+
+    def _build_net(self, net_param: caffe_pb2.NetParameter, state: caffe_pb2.NetState,
+                   extra_state: caffe_pb2.NetState | None) -> Net:
+        # Caffe: NetState(phase) <- net_param.state <- solver's train_state / test_state.
+        merged = caffe_pb2.NetState()
+        merged.CopyFrom(state)
+        merged.MergeFrom(net_param.state)
+        if extra_state is not None:
+            merged.MergeFrom(extra_state)
+        net_param.state.CopyFrom(merged)
+        return Net(net_param, phase=merged.phase, dtype=self.dtype)
+
+    def _load_weights(self, net: Net) -> None:
+        for entry in self.param.weights:
+            for name in entry.split(","):
+                if name:
+                    net.copy_from(self._path(name))
+
+    def _init_train_net(self) -> Net:
+        p = self.param
+        fields = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
+        if not fields:
+            raise SolverError(f"{self._where()}: no train net: give one of net, net_param, train_net, "
+                              "train_net_param")
+        if len(fields) > 1:
+            raise SolverError(f"{self._where()}: give only one train net, got {', '.join(fields)}")
+        if p.HasField("train_net_param"):
+            net_param = _copy(p.train_net_param)
+        elif p.HasField("train_net"):
+            net_param = self._read_net(p.train_net)
+        elif p.HasField("net_param"):
+            net_param = _copy(p.net_param)
+        else:
+            net_param = self._read_net(p.net)
+        log.info(f"Creating training net from {fields[0]}"
+                 + (f" {getattr(p, fields[0])}" if not fields[0].endswith("param") else "."), "solver.cpp:87")
+        state = caffe_pb2.NetState(phase=caffe_pb2.TRAIN)
+        net = self._build_net(net_param, state, p.train_state if p.HasField("train_state") else None)
+        self._load_weights(net)
+        return net
+
+    def _init_test_nets(self) -> list[Net]:
+        p, where = self.param, self._where()
+        generic = [f for f in ("net", "net_param") if p.HasField(f)]
+        if len(generic) > 1:
+            raise SolverError(f"{where}: both net_param and net given")
+        num_specific = len(p.test_net_param) + len(p.test_net)
+        if generic:
+            if len(p.test_iter) < num_specific:
+                raise SolverError(f"{where}: test_iter must be given for each test net "
+                                  f"({num_specific} test nets, {len(p.test_iter)} test_iter)")
+        elif len(p.test_iter) != num_specific:
+            raise SolverError(f"{where}: test_iter must be given once per test net "
+                              f"({num_specific} test nets, {len(p.test_iter)} test_iter)")
+        num_generic = len(p.test_iter) - num_specific
+        total = num_specific + num_generic
+        if p.test_state and len(p.test_state) != total:
+            raise SolverError(f"{where}: test_state must be unspecified or given once per test net "
+                              f"({total} test nets, {len(p.test_state)} test_state)")
+        if total and p.test_interval <= 0:
+            raise SolverError(f"{where}: test nets given (test_iter) but test_interval is {p.test_interval}; "
+                              "set test_interval > 0")
+        sources: list[tuple[str, caffe_pb2.NetParameter]] = []
+        for net_param in p.test_net_param:
+            sources.append(("test_net_param", _copy(net_param)))
+        for name in p.test_net:
+            sources.append((f"test_net file {name}", self._read_net(name)))
+        for _ in range(num_generic):
+            if p.HasField("net_param"):
+                sources.append(("net_param", _copy(p.net_param)))
+            else:
+                sources.append((f"net file {p.net}", self._read_net(p.net)))
+        nets = []
+        for i, (what, net_param) in enumerate(sources):
+            log.info(f"Creating test net (#{i}) specified by {what}", "solver.cpp:172")
+            state = caffe_pb2.NetState(phase=caffe_pb2.TEST)
+            net = self._build_net(net_param, state, p.test_state[i] if p.test_state else None)
+            self._load_weights(net)
+            nets.append(net)
+        return nets
+
+    # -- running --------------------------------------------------------------------------------
+    def set_action_function(self, action: Callable[[], str] | None) -> None:
+        """`action()` is asked after each iteration (and test batch): NONE, STOP or SNAPSHOT."""
+        self._action = action
+
+    def _requested_action(self) -> str:
+        return self._action() if self._action is not None else NONE
+
+    def step(self, iters: int) -> None:
+        """Run `iters` training iterations (Caffe's Solver::Step)."""
+        p = self.param
+        start_iter, stop_iter = self.iter, self.iter + int(iters)
+        self.losses = []
+        self.smoothed_loss = 0.0
+        self._timer = time.monotonic()
+        self._iterations_last = self.iter
+        own_progress = self.progress is None
+        if own_progress:
+            self.progress = log.Progress(start_iter, stop_iter)
+        try:
+            while self.iter < stop_iter:
+                self.net.clear_param_diffs()
+                if (p.test_interval and self.iter % p.test_interval == 0
+                        and (self.iter > 0 or p.test_initialization)):
+                    self.test_all()
+                    if self.requested_early_exit:
+                        break
+                display = bool(p.display) and self.iter % p.display == 0
+                loss = 0.0
+                for k in range(p.iter_size):
+                    self.net.forward_count = self.iter * p.iter_size + k
+                    loss += self.net.forward_backward()
+                loss /= p.iter_size
+                self._update_smoothed_loss(loss, start_iter)
+                if display:
+                    self._display()
+                self.apply_update()
+                self.iter += 1
+                self.progress.update(self.iter, self.smoothed_loss)
+                request = self._requested_action()
+                if (p.snapshot and self.iter % p.snapshot == 0) or request == SNAPSHOT:
+                    self.snapshot()
+                if request == STOP:
+                    self.requested_early_exit = True
+                    break
+        finally:
+            if own_progress:
+                self.progress.close()
+                self.progress = None
+
+    def solve(self, resume_file: str | None = None) -> None:
+        """Train to max_iter (Caffe's Solver::Solve), optionally resuming from a .solverstate."""
+        p = self.param
+        log.info(f"Solving {self.net.name}", "solver.cpp:289")
+        log.info(f"Learning Rate Policy: {p.lr_policy}", "solver.cpp:290")
+        self.requested_early_exit = False
+        if resume_file:
+            log.info(f"Restoring previous solver status from {resume_file}", "solver.cpp:297")
+            self.restore(resume_file)
+        start_iter = self.iter
+        self.step(p.max_iter - self.iter)
+        if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
+            self.snapshot()
+        if self.requested_early_exit:
+            log.info("Optimization stopped early.", "solver.cpp:315")
+            return
+        if p.display and self.iter % p.display == 0:
+            # One more forward pass to show the final loss, as Caffe does.
+            self.net.forward_count = self.iter * p.iter_size
+            loss = self.net.forward_range(0, len(self.net.layers) - 1)
+            self._update_smoothed_loss(loss, start_iter)
+            log.info(f"Iteration {self.iter}, loss = {log.fmt(self.smoothed_loss)}", "solver.cpp:330")
+        if p.test_interval and self.iter % p.test_interval == 0:
+            self.test_all()
+        log.info("Optimization Done.", "solver.cpp:335")
+
+    def _update_smoothed_loss(self, loss: float, start_iter: int) -> None:
+        average = self.param.average_loss
+        if len(self.losses) < average:
+            self.losses.append(loss)
+            size = len(self.losses)
+            self.smoothed_loss = (self.smoothed_loss * (size - 1) + loss) / size
+        else:
+            index = (self.iter - start_iter) % average
+            self.smoothed_loss += (loss - self.losses[index]) / average
+            self.losses[index] = loss
+
+    def _display(self) -> None:
+        now = time.monotonic()
+        lapse = now - self._timer
+        per_s = (self.iter - self._iterations_last) / (lapse or 1.0)
+        log.info(f"Iteration {self.iter} ({log.fmt(per_s)} iter/s, {lapse:.3g}s/{self.param.display} iters), "
+                 f"loss = {log.fmt(self.smoothed_loss)}", "solver.cpp:243")
+        self._timer = now
+        self._iterations_last = self.iter
+        weights = _loss_weights(self.net)
+        index = 0
+        for name in self.net.outputs:
+            weight = weights.get(name, 0.0)
+            for value in np.asarray(self.net.blobs[name].data).ravel():
+                tail = f" (* {log.fmt(weight)} = {log.fmt(weight * value)} loss)" if weight else ""
+                log.info(f"    Train net output #{index}: {name} = {log.fmt(value)}{tail}", "solver.cpp:259")
+                index += 1
+
+    # -- testing --------------------------------------------------------------------------------
+    def test_all(self) -> list[OrderedDict[str, float]]:
+        """Test every test net (Caffe's TestAll); returns the scores, also kept in test_scores."""
+        for i in range(len(self.test_nets)):
+            if self.requested_early_exit:
+                break
+            self.test(i)
+        return self.test_scores
+
+    def _test_pass(self) -> int:
+        """Which test pass this is in a run (0, 1, ...): the test net's data position follows from it, so
+        a resumed run tests on the batches an uninterrupted run would."""
+        p = self.param
+        if not p.test_interval:
+            return 0
+        return max(self.iter // p.test_interval - (0 if p.test_initialization else 1), 0)
+
+    def share_weights(self, test_net: Net) -> None:
+        """Let `test_net` use the train net's parameters (Caffe's ShareTrainedLayersWith)."""
+        train_layers = self.net.layer_dict
+        for name, layer in test_net.layer_dict.items():
+            source = train_layers.get(name)
+            if source is None or not layer.blobs:
+                continue
+            if len(source.blobs) != len(layer.blobs):
+                raise NetError(f"layer '{name}': {len(source.blobs)} parameter blobs in the train net, "
+                               f"{len(layer.blobs)} in the test net")
+            for j, (mine, theirs) in enumerate(zip(layer.blobs, source.blobs)):
+                if mine.shape != theirs.shape:
+                    raise NetError(f"layer '{name}' parameter {j}: shape {list(theirs.shape)} in the train "
+                                   f"net, {list(mine.shape)} in the test net")
+                if mine._data is not theirs._data:
+                    mine.share_data(theirs)
+
+    def test(self, test_net_id: int = 0) -> OrderedDict[str, float]:
+        """One test pass of test_iter batches (Caffe's Solver::Test); returns {output: mean}."""
+        p = self.param
+        log.info(f"Iteration {self.iter}, Testing net (#{test_net_id})", "solver.cpp:347")
+        net = self.test_nets[test_net_id]
+        self.share_weights(net)
+        iters = p.test_iter[test_net_id]
+        first = self._test_pass() * iters
+        sums: list[np.ndarray] = []
+        loss = 0.0
+        for i in range(iters):
+            request = self._requested_action()
+            if request == SNAPSHOT:
+                self.snapshot()
+            elif request == STOP:
+                self.requested_early_exit = True
+            if self.requested_early_exit:
+                log.info("Test interrupted.", "solver.cpp:391")
+                return self.test_scores[test_net_id]
+            net.forward_count = first + i
+            iter_loss = net.forward_range(0, len(net.layers) - 1)
+            if p.test_compute_loss:
+                loss += iter_loss
+            values = [np.array(net.blobs[name].data, dtype=np.float64).ravel() for name in net.outputs]
+            sums = values if i == 0 else [s + v for s, v in zip(sums, values)]
+        if p.test_compute_loss:
+            log.info(f"Test loss: {log.fmt(loss / iters)}", "solver.cpp:398")
+        weights = _loss_weights(net)
+        scores: OrderedDict[str, float] = OrderedDict()
+        index = 0
+        for name, total in zip(net.outputs, sums):
+            weight = weights.get(name, 0.0)
+            for k, value in enumerate(total):
+                mean = float(value) / iters
+                tail = f" (* {log.fmt(weight)} = {log.fmt(weight * mean)} loss)" if weight else ""
+                log.info(f"    Test net output #{index}: {name} = {log.fmt(mean)}{tail}", "solver.cpp:414")
+                scores[name if len(total) == 1 else f"{name}[{k}]"] = mean
+                index += 1
+        self.test_scores[test_net_id] = scores
+        return scores
+
+    # -- the update -----------------------------------------------------------------------------
+    def learning_rate(self) -> float:
+        """The rate for the current iteration (advances current_step for step / multistep)."""
+        rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
+        return rate
+
+    def apply_update(self) -> None:
+        """Caffe's SGDSolver::ApplyUpdate: rate, clipping, then per parameter normalize, regularize,
+        compute the update value, and data -= diff."""
+        rate = self.learning_rate()
+        if self.param.display and self.iter % self.param.display == 0:
+            log.info(f"Iteration {self.iter}, lr = {log.fmt(rate)}", "sgd_solver.cpp:107")
+        self.clip_gradients()
+        compute = RULES[self.type]
+        for index in range(len(self.net.learnable_params)):
+            self.normalize(index)
+            self.regularize(index)
+            compute(self, index, rate)
+        for learnable in self.net.learnable_params:
+            blob = learnable.blob
+            data = blob.mutable_data()
+            data -= blob.get_diff()
+
+    def clip_gradients(self) -> None:
+        clip = self.param.clip_gradients
+        if clip < 0:
+            return
+        xp = backend.xp()
+        params = self.net.learnable_params
+        sumsq = sum(float(xp.vdot(d, d)) for d in (p.blob.get_diff().ravel() for p in params))
+        norm = math.sqrt(sumsq)
+        if norm > clip:
+            factor = clip / norm
+            log.info(f"Gradient clipping: scaling down gradients (L2 norm {log.fmt(norm)} > {log.fmt(clip)}) "
+                     f"by scale factor {log.fmt(factor)}", "sgd_solver.cpp:133")
+            for p in params:
+                diff = p.blob.mutable_diff()
+                diff *= factor
+
+    def normalize(self, index: int) -> None:
+        if self.param.iter_size == 1:
+            return
+        diff = self.net.learnable_params[index].blob.mutable_diff()
+        diff *= 1.0 / self.param.iter_size
+
+    def regularize(self, index: int) -> None:
+        learnable = self.net.learnable_params[index]
+        decay = self.param.weight_decay * learnable.decay_mult
+        if not decay:
+            return
+        data = learnable.blob.get_data()
+        diff = learnable.blob.mutable_diff()
+        if self.param.regularization_type == "L2":
+            diff += decay * data
+        else:
+            diff += decay * backend.xp().sign(data)
+
+    def _sgd(self, index: int, rate: float) -> None:
+        learnable = self.net.learnable_params[index]
+        diff, history = learnable.blob.mutable_diff(), self.history[index].mutable_data()
+        history *= self.param.momentum  # history = local_rate * diff + momentum * history
+        history += rate * learnable.lr_mult * diff
+        diff[...] = history
+
+    def _nesterov(self, index: int, rate: float) -> None:
+        learnable = self.net.learnable_params[index]
+        momentum = self.param.momentum
+        diff, history = learnable.blob.mutable_diff(), self.history[index].mutable_data()
+        previous = history.copy()
+        history *= momentum
+        history += rate * learnable.lr_mult * diff
+        # step back by the old momentum, then over-step along the new one
+        diff[...] = (1 + momentum) * history - momentum * previous
+
+    def _adagrad(self, index: int, rate: float) -> None:
+        learnable = self.net.learnable_params[index]
+        diff, history = learnable.blob.mutable_diff(), self.history[index].mutable_data()
+        xp = backend.xp()
+        history += diff * diff
+        update = xp.sqrt(history)
+        update += self.param.delta
+        diff[...] = rate * learnable.lr_mult * (diff / update)
+
+    def _rmsprop(self, index: int, rate: float) -> None:
+        learnable = self.net.learnable_params[index]
+        decay = self.param.rms_decay
+        diff, history = learnable.blob.mutable_diff(), self.history[index].mutable_data()
+        xp = backend.xp()
+        history *= decay
+        history += (1 - decay) * (diff * diff)
+        update = xp.sqrt(history)
+        update += self.param.delta
+        diff[...] = rate * learnable.lr_mult * (diff / update)
+
+    def _adadelta(self, index: int, rate: float) -> None:
+        params = self.net.learnable_params
+        learnable = params[index]
+        momentum, delta = self.param.momentum, self.param.delta
+        diff = learnable.blob.mutable_diff()
+        grad_history = self.history[index].mutable_data()
+        update_history = self.history[len(params) + index].mutable_data()
+        xp = backend.xp()
+        grad_history *= momentum
+        grad_history += (1 - momentum) * (diff * diff)
+        update = xp.sqrt((update_history + delta) / (grad_history + delta))
+        diff *= update
+        update_history *= momentum
+        update_history += (1 - momentum) * (diff * diff)
+        diff *= rate * learnable.lr_mult
+
+    def _adam(self, index: int, rate: float) -> None:
+        params = self.net.learnable_params
+        learnable = params[index]
+        beta1, beta2 = self.param.momentum, self.param.momentum2
+        diff = learnable.blob.mutable_diff()
+        m = self.history[index].mutable_data()
+        v = self.history[len(params) + index].mutable_data()
+        xp = backend.xp()
+        t = self.iter + 1
+        correction = math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+        m *= beta1
+        m += (1 - beta1) * diff
+        v *= beta2
+        v += (1 - beta2) * (diff * diff)
+        update = xp.sqrt(v)
+        update += self.param.delta
+        diff[...] = rate * learnable.lr_mult * correction * (m / update)
+
+    # -- snapshots ------------------------------------------------------------------------------
+    def snapshot_filename(self, extension: str) -> str:
+        return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
+
+    def snapshot(self) -> tuple[str, str]:
+        """Write <prefix>_iter_N.caffemodel and <prefix>_iter_N.solverstate; returns both paths.
+        Each file is written to a temporary name and renamed, so a crash leaves no half-written file."""
+        model = self.snapshot_filename(".caffemodel")
+        log.info(f"Snapshotting to binary proto file {model}", "solver.cpp:464")
+        io.write_binary(model, self.net.to_proto(write_diff=self.param.snapshot_diff))
+        state = caffe_pb2.SolverState(iter=self.iter, learned_net=model, current_step=self.current_step)
+        for blob in self.history:
+            blob.to_proto(state.history.add())
+        state_file = self.snapshot_filename(".solverstate")
+        log.info(f"Snapshotting solver state to binary proto file {state_file}", "sgd_solver.cpp:273")
+        io.write_binary(state_file, state)
+        return model, state_file
+
+    def restore(self, state_file) -> None:
+        """Continue from a .solverstate: iteration, schedule position, history and the weights of its
+        learned_net (looked up as written, else beside the .solverstate)."""
+        state_file = Path(state_file)
+        if state_file.suffix == ".h5":
+            raise SolverError(f"{state_file}: HDF5 solver states are not supported (use .solverstate)")
+        state = io.read_binary(state_file, caffe_pb2.SolverState())
+        if len(state.history) != len(self.history):
+            raise SolverError(
+                f"{state_file}: has {len(state.history)} history blobs, the {self.type} solver of this net "
+                f"needs {len(self.history)} (a state of another net or solver type?)")
+        if state.HasField("learned_net"):
+            learned = Path(state.learned_net)
+            if not learned.exists() and (state_file.parent / learned.name).exists():
+                learned = state_file.parent / learned.name
+            self.net.copy_from(learned)
+        for i, (blob, proto) in enumerate(zip(self.history, state.history)):
+            try:
+                blob.from_proto(proto, reshape=False, where=f"{state_file}: history blob {i}")
+            except ValueError as error:
+                raise SolverError(str(error)) from None
+        self.iter = state.iter
+        self.current_step = state.current_step
+        log.info("SGDSolver: restoring history", "sgd_solver.cpp:335")
+
+
+RULES: dict[str, Callable[[Solver, int, float], None]] = {
+    "SGD": Solver._sgd, "Nesterov": Solver._nesterov, "AdaGrad": Solver._adagrad,
+    "RMSProp": Solver._rmsprop, "AdaDelta": Solver._adadelta, "Adam": Solver._adam,
+}
+
+
+class SGDSolver(Solver):
+    rule = "SGD"
+
+
+class NesterovSolver(Solver):
+    rule = "Nesterov"
+
+
+class AdaGradSolver(Solver):
+    rule = "AdaGrad"
+
+
+class RMSPropSolver(Solver):
+    rule = "RMSProp"
+
+
+class AdaDeltaSolver(Solver):
+    rule = "AdaDelta"
+
+
+class AdamSolver(Solver):
+    rule = "Adam"
+
+
+def get_solver(param_or_path, dtype=np.float32) -> Solver:
+    """pycaffe's caffe.get_solver: the solver named by the file's `type`."""
+    return Solver(param_or_path, dtype=dtype)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def _copy(net_param: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net_param)
+    return out
+
+
+def _loss_weights(net: Net) -> dict[str, float]:
+    """Each top blob's loss weight (Caffe's blob_loss_weights)."""
+    weights: dict[str, float] = {}
+    for layer, names in zip(net.layers, net.top_names):
+        for name, weight in zip(names, layer.loss_weights):
+            if weight:
+                weights[name] = float(weight)
+    return weights
+
+
+__all__ = ["AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "NesterovSolver", "RMSPropSolver", "SGDSolver",
+           "Solver", "SolverError", "get_solver", "learning_rate", "read_solver"]
