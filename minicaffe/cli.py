@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot-params": ("plot_params", "per-layer parameter distributions (PReLU slopes) to a PNG"),
     "time": ("time", "per-layer forward/backward timings and element-wise bandwidth (as caffe time)"),
     "summary": ("summary", "every layer with type, top shapes, parameter count and memory"),
+    "plot": ("plot", "learning curves (losses, accuracy, learning rate) from a training log to a PNG"),
+    "parse-log": ("parse_log", "training log -> LOG.train and LOG.test CSV files (as Caffe's parse_log)"),
+    "device_query": ("device_query", "CPU (cores, BLAS, kernel compiler) or GPU (--gpu N) properties"),
+    "draw": ("draw", "the net graph as .svg/.png/.pdf (Graphviz) or .dot text"),
     "convert-mnist": ("convert_mnist", "IDX images + labels -> LMDB of Datum (as Caffe's convert_mnist_data)"),  # noqa: E501
 }
 
