@@ -155,6 +155,7 @@ class Solver:
         self.test_scores: list[OrderedDict[str, float]] = [OrderedDict() for _ in self.test_nets]
         self.requested_early_exit = False
         self._action: Callable[[], str] | None = None
+        self._callbacks: list[tuple[Callable[[], None] | None, Callable[[], None] | None]] = []
         self._iterations_last = 0
         self._timer = time.monotonic()
         self.progress: log.Progress | None = None
@@ -294,6 +295,12 @@ class Solver:
         """`action()` is asked after each iteration (and test batch): NONE, STOP or SNAPSHOT."""
         self._action = action
 
+    def add_callback(self, on_start: Callable[[], None] | None = None,
+                     on_gradients: Callable[[], None] | None = None) -> None:
+        """pycaffe's add_callback: on_start() runs at the start of each iteration (after any testing),
+        on_gradients() once the gradients are computed and the iteration displayed, before the update."""
+        self._callbacks.append((on_start, on_gradients))
+
     def _requested_action(self) -> str:
         return self._action() if self._action is not None else NONE
 
@@ -317,6 +324,9 @@ class Solver:
                     if self.requested_early_exit:
                         break
                 display = bool(p.display) and self.iter % p.display == 0
+                for on_start, _ in self._callbacks:
+                    if on_start is not None:
+                        on_start()
                 loss = 0.0
                 for k in range(p.iter_size):
                     self.net.forward_count = self.iter * p.iter_size + k
@@ -325,6 +335,9 @@ class Solver:
                 self._update_smoothed_loss(loss, start_iter)
                 if display:
                     self._display()
+                for _, on_gradients in self._callbacks:
+                    if on_gradients is not None:
+                        on_gradients()
                 self.apply_update()
                 self.iter += 1
                 self.progress.update(self.iter, self.smoothed_loss)
