@@ -199,7 +199,10 @@ def proto_shape(proto) -> tuple[int, ...]:
         return tuple(int(d) for d in proto.shape.dim)
     if any(proto.HasField(f) for f in ("num", "channels", "height", "width")):
         return (proto.num, proto.channels, proto.height, proto.width)
-    return (len(proto.double_data) or len(proto.data),) if (proto.data or proto.double_data) else ()
+    count = len(proto.double_data) or len(proto.data)
+    # Caffe's ToProto writes no shape field for a blob with zero axes (e.g. a channel-shared PReLU
+    # slope), and its FromProto reads that back as shape (); a single value is read so here too.
+    return (count,) if count > 1 else ()
 
 
 def _legacy_match(file_shape: Sequence[int], shape: Sequence[int]) -> bool:
