@@ -202,10 +202,6 @@ def read_watch_csv(path: str | Path) -> list[dict]:
                 for r in csv.DictReader(f)]
 
 
-__all__ = ["ParamWatcher", "blob_stats", "caffemodel_params", "format_csv", "format_json", "format_table",
-           "matches", "net_params", "param_stats", "read_watch_csv", "select"]
-
-
 # -- building nets for the inspection commands ------------------------------------------------------
 
 # Layer types that read a data source, and the field holding it (and their batch_size).
@@ -317,3 +313,28 @@ def load_params(model: str | None, weights: str | None, phase: int | None = None
     if weights:
         return caffemodel_params(weights)
     raise ValueError("give --model (and usually --weights), or --weights alone to read a .caffemodel")
+
+
+def watch_solver(solver, pattern: str, csv_path: str | Path | None = None) -> ParamWatcher:
+    """Trace the parameters of `solver`'s train net matching `pattern` at every display step (and at
+    every iteration when display is 0): a log line, and a CSV row per blob in `csv_path`, by default
+    ``<snapshot_prefix>_watch.csv`` beside the snapshots. Uses the solver's pycaffe-style callback,
+    after the gradients (and the display lines) and before the update of that iteration."""
+    from . import log
+
+    if csv_path is None:
+        csv_path = f"{solver.param.snapshot_prefix or 'minicaffe'}_watch.csv"
+    watcher = ParamWatcher(solver.net, pattern, csv_path)
+
+    def on_gradients() -> None:
+        display = solver.param.display
+        if not display or solver.iter % display == 0:
+            log.info(watcher.record(solver.iter), "inspect.py:watch")
+
+    solver.add_callback(on_gradients=on_gradients)
+    return watcher
+
+
+__all__ = ["ParamWatcher", "blob_stats", "build_net", "caffemodel_params", "format_csv", "format_json",
+           "format_table", "load_params", "matches", "net_params", "param_stats", "prepare_net_param",
+           "read_watch_csv", "select", "watch_solver"]
