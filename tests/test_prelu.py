@@ -345,3 +345,23 @@ def test_zero_slope_gives_positive_zero():
     layer.forward(bottom, top)
     np.testing.assert_array_equal(top[0].data, [[0.0, 2.0]])
     assert not np.signbit(top[0].data[0, 0])
+
+
+def test_in_place_in_a_net_matches_not_in_place():
+    """top: 'x' (in place) in a prototxt gives the same output and gradients as a new top."""
+    rng = np.random.default_rng(21)
+    x = away_from_zero(rng, (2, 3, 2))
+    dy = rng.normal(size=x.shape)
+    results = []
+    for top_name in ("y", "x"):
+        text = (NET % "").replace("top: 'y'", f"top: '{top_name}'")
+        net = net_from_text("force_backward: true " + text)
+        net.params["act"][0].data[...] = [-0.5, 0.2, 1.3]
+        out = np.array(net.forward(x=x)[top_name])
+        net.blobs[top_name].diff[...] = dy
+        net.backward()
+        dx = np.array(net.blobs["x"].diff)
+        results.append((out, dx, np.array(net.params["act"][0].diff)))
+    for got, want in zip(results[1], results[0]):  # output, input gradient, slope gradient
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(results[0][1], reference_backward(x, [-0.5, 0.2, 1.3], dy)[0], rtol=1e-14)
