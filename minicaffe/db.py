@@ -14,6 +14,8 @@ import io as _io
 import os
 import shutil
 import tempfile
+import threading
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -96,12 +98,43 @@ def looks_like_leveldb(path) -> bool:
     return path.is_dir() and (path / "CURRENT").is_file() and not is_lmdb(path)
 
 
+class _Env:
+    """An open read-only LMDB environment and its keys in order, shared by every reader of it."""
+
+    def __init__(self, env, keys: list[bytes]):
+        self.env, self.keys = env, keys
+
+
+# LMDB allows one open environment per file in a process (a TRAIN and a TEST net, or two nets, may
+# read the same database), so readers share them; an environment closes when its last reader goes.
+_OPEN: weakref.WeakValueDictionary[tuple[int, int], _Env] = weakref.WeakValueDictionary()
+_OPEN_LOCK = threading.Lock()
+
+
+def _open_env(path: Path) -> _Env:
+    import lmdb
+
+    data_file = path / "data.mdb" if path.is_dir() else path
+    stat = data_file.stat()
+    identity = (stat.st_dev, stat.st_ino)
+    with _OPEN_LOCK:
+        shared = _OPEN.get(identity)
+        if shared is None:
+            try:
+                env = lmdb.open(str(path), readonly=True, lock=False, readahead=False,
+                                subdir=path.is_dir(), max_readers=126)
+            except lmdb.Error as error:
+                raise DBError(f"{path}: cannot open the LMDB ({error})") from None
+            with env.begin() as txn:
+                keys = list(txn.cursor().iternext(keys=True, values=False))
+            shared = _OPEN[identity] = _Env(env, keys)
+        return shared
+
+
 class LMDBReader:
     """Read-only access to an LMDB by record position in key order."""
 
     def __init__(self, path):
-        import lmdb
-
         self.path = Path(path)
         if not self.path.exists():
             raise DBError(f"{self.path}: no such database")
@@ -109,13 +142,8 @@ class LMDBReader:
             raise DBError(f"{self.path}: looks like a LevelDB; LEVELDB not supported, convert to LMDB")
         if not is_lmdb(self.path):
             raise DBError(f"{self.path}: not an LMDB (no data.mdb inside)")
-        try:
-            self.env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False,
-                                 subdir=self.path.is_dir(), max_readers=64)
-        except lmdb.Error as error:
-            raise DBError(f"{self.path}: cannot open the LMDB ({error})") from None
-        with self.env.begin() as txn:
-            self.keys: list[bytes] = list(txn.cursor().iternext(keys=True, values=False))
+        self._shared = _open_env(self.path)
+        self.env, self.keys = self._shared.env, self._shared.keys
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -138,7 +166,8 @@ class LMDBReader:
         return out
 
     def close(self) -> None:
-        self.env.close()
+        """Let go of the environment (closed once no reader uses it)."""
+        self.env = self._shared = None
 
 
 def read_datums(path) -> list[tuple[bytes, caffe_pb2.Datum]]:
