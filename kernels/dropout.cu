@@ -1,0 +1,48 @@
+// Dropout at train time: y = x * mask * scale, mask ~ Bernoulli(1 - ratio), scale = 1 / (1 - ratio).
+//
+// The mask is drawn inside the kernel by a counter-based hash, so the CPU and GPU builds (and the
+// float and double builds) draw the same mask, and a given (key, counter) always replays it:
+//   fmix(h)  = murmur3's 32-bit finalizer (h ^= h >> 16; h *= 0x85ebca6b; h ^= h >> 13;
+//              h *= 0xc2b2ae35; h ^= h >> 16), a bijection with full avalanche;
+//   s        = fmix(key ^ fmix(counter + 0x9e3779b9))       (once per call: the stream);
+//   hash(i)  = fmix(fmix(s ^ (i * 0x9e3779b9)) + s)          (per element i, all mod 2^32);
+//   u        = (hash(i) >> 8) * 2^-24, uniform in [0, 1) and exact in float and double;
+//   keep i   iff u >= ratio, so P(keep) = 1 - ratio.
+// The key is minicaffe.rng.key32("dropout", layer name), the counter the layer's forward_index.
+#include "shim.h"
+
+#define MC_GOLDEN 0x9e3779b9u
+
+DEVICE unsigned int dropout_fmix32(unsigned int h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// mask[i] gets 1 (kept) or 0 (dropped); x and y may be the same array (in place).
+KERNEL void dropout_forward(const int count, const real* x, real* y, real* mask,
+                            const unsigned key, const unsigned counter, const real ratio,
+                            const real scale) {
+  PLANE_LOOP(p, 1) {
+    const unsigned int stream = dropout_fmix32(key ^ dropout_fmix32(counter + MC_GOLDEN));
+    INNER_LOOP(i, count) {
+      const unsigned int h =
+          dropout_fmix32(dropout_fmix32(stream ^ ((unsigned int)i * MC_GOLDEN)) + stream);
+      const real u = real(h >> 8) * real(5.9604644775390625e-08);  // 2^-24
+      const real m = u >= ratio ? real(1) : real(0);
+      mask[i] = m;
+      y[i] = x[i] * m * scale;
+    }
+  }
+}
+
+// dx = dy * mask * scale; dy and dx may be the same array (in place).
+KERNEL void dropout_backward(const int count, const real* dy, const real* mask, real* dx,
+                             const real scale) {
+  PLANE_LOOP(p, 1) {
+    INNER_LOOP(i, count) { dx[i] = dy[i] * mask[i] * scale; }
+  }
+}

@@ -1,0 +1,59 @@
+"""Dropout, as Caffe's DropoutLayer: identity at test time; at train time y = x * mask / (1 - ratio)
+with mask ~ Bernoulli(1 - ratio) (Caffe's "inverted" dropout, scaled while training).
+
+The mask comes from a counter-based hash in the kernel (see kernels/dropout.cu), keyed by
+rng.key32("dropout", layer name) and the layer's forward_index, so it is the same on CPU and GPU and
+a resumed run replays it. The mask is kept for backward, which makes in-place use correct.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend, rng
+from ..kernel import KernelFile
+from ..layer import TRAIN, Layer, register
+
+KERNELS = KernelFile("dropout.cu")
+
+
+@register("Dropout")
+class DropoutLayer(Layer):
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def layer_setup(self, bottom, top):
+        self.ratio = float(self.param.dropout_param.dropout_ratio)
+        if not 0.0 <= self.ratio < 1.0:
+            self.fail(f"dropout_ratio must be in [0, 1), got {self.ratio}")
+        # Caffe keeps scale_ as a float, also in double nets.
+        self.scale = float(np.float32(1.0 / (1.0 - self.ratio)))
+        self.mask = None
+
+    def reshape(self, bottom, top):
+        if top[0] is not bottom[0]:
+            top[0].reshape_like(bottom[0])
+
+    def forward(self, bottom, top):
+        x = bottom[0].get_data()
+        if self.phase != TRAIN:
+            if top[0] is not bottom[0]:
+                top[0].mutable_data()[...] = x
+            return
+        if self.mask is None or self.mask.shape != x.shape or not isinstance(self.mask, type(x)):
+            self.mask = backend.xp().empty(x.shape, dtype=x.dtype)
+        key = rng.key32("dropout", self.name)
+        counter = int(self.forward_index) & 0xFFFFFFFF
+        KERNELS.dropout_forward(x.size, x, top[0].mutable_data(), self.mask, key, counter,
+                                self.ratio, self.scale, grid=x.size)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        dy = top[0].get_diff()
+        if self.phase != TRAIN:
+            if top[0] is not bottom[0]:
+                bottom[0].mutable_diff()[...] = dy
+            return
+        KERNELS.dropout_backward(dy.size, dy, self.mask, bottom[0].mutable_diff(), self.scale,
+                                 grid=dy.size)
