@@ -65,3 +65,15 @@ def xp() -> ModuleType:
 
 def to_host(array) -> np.ndarray:
     return array.get() if hasattr(array, "get") and not isinstance(array, np.ndarray) else np.asarray(array)
+
+
+def reuse(buffer, shape, dtype):
+    """`buffer` if it is an array of the current mode with this shape and dtype, else a new empty one.
+
+    For scratch and saved arrays that layers keep between calls: fresh large arrays cost more in page
+    faults than the kernels that fill them."""
+    module = xp()
+    if buffer is None or not isinstance(buffer, module.ndarray) or buffer.shape != tuple(shape) \
+            or buffer.dtype != np.dtype(dtype):
+        return module.empty(shape, dtype)
+    return buffer

@@ -1,0 +1,69 @@
+// Batch normalisation (Caffe's BatchNormLayer): y = (x - mean[c]) / sqrt(var[c] + eps).
+// Blobs are viewed as (num, channels, spatial); planes are (n, c) pairs, the inner loop runs over the
+// contiguous spatial positions. Sums over n and spatial (the channel statistics) are done by the
+// array module, as Caffe does them with BLAS.
+#include "shim.h"
+
+// sq = (x - mean[c])^2: the batch variance is the mean of sq over n and spatial.
+KERNEL void bn_squared_deviation(const int planes, const int spatial, const int channels, const real* x,
+                                 const real* mean, real* sq) {
+  PLANE_LOOP(p, planes) {
+    const real m = mean[p % channels];
+    const size_t offset = (size_t)p * spatial;
+    INNER_LOOP(j, spatial) {
+      const real v = x[offset + j] - m;
+      sq[offset + j] = v * v;
+    }
+  }
+}
+
+// y = (x - mean[c]) * inv_std[c]; with mean all zero this scales a gradient by inv_std. y may be x.
+KERNEL void bn_normalize(const int planes, const int spatial, const int channels, const real* x,
+                         const real* mean, const real* inv_std, real* y) {
+  PLANE_LOOP(p, planes) {
+    const real m = mean[p % channels];
+    const real s = inv_std[p % channels];
+    const size_t offset = (size_t)p * spatial;
+    INNER_LOOP(j, spatial) { y[offset + j] = (x[offset + j] - m) * s; }
+  }
+}
+
+// Per channel: mean = mean_sum * factor, inv_std = 1 / sqrt(var_sum * factor + eps). The batch path
+// passes the batch statistics with factor 1; the global path the stored sums with 1 / their weight.
+KERNEL void bn_channel_stats(const int channels, const real* mean_sum, const real* var_sum,
+                             const real factor, const real eps, real* mean, real* inv_std) {
+  PLANE_LOOP(p, 1) {
+    INNER_LOOP(c, channels) {
+      mean[c] = mean_sum[c] * factor;
+      inv_std[c] = real(1) / sqrt(var_sum[c] * factor + eps);
+    }
+  }
+}
+
+// Running sums: stat = stat * decay + weight * batch (Caffe's axpby on the stored blobs).
+KERNEL void bn_update_stat(const int count, const real* batch, real* stat, const real decay,
+                           const real weight) {
+  PLANE_LOOP(p, 1) {
+    INNER_LOOP(i, count) { stat[i] = stat[i] * decay + weight * batch[i]; }
+  }
+}
+
+// prod = a * b element-wise (dy * y, summed per channel by the caller).
+KERNEL void bn_product(const int count, const real* a, const real* b, real* prod) {
+  PLANE_LOOP(p, 1) {
+    INNER_LOOP(i, count) { prod[i] = a[i] * b[i]; }
+  }
+}
+
+// Batch-statistics backward: dx = (dy - mean(dy)[c] - mean(dy * y)[c] * y) * inv_std[c].
+// dx may be dy (in place).
+KERNEL void bn_backward(const int planes, const int spatial, const int channels, const real* dy,
+                        const real* y, const real* mean_dy, const real* mean_dy_y, const real* inv_std,
+                        real* dx) {
+  PLANE_LOOP(p, planes) {
+    const int c = p % channels;
+    const real a = mean_dy[c], b = mean_dy_y[c], s = inv_std[c];
+    const size_t offset = (size_t)p * spatial;
+    INNER_LOOP(j, spatial) { dx[offset + j] = (dy[offset + j] - a - b * y[offset + j]) * s; }
+  }
+}

@@ -1,0 +1,125 @@
+"""BatchNorm: y = (x - mean[c]) / sqrt(var[c] + eps) per channel (axis 1), as Caffe's BatchNormLayer.
+
+Three blobs, Caffe's layout: running mean sum (C,), running variance sum (C,) and their weight (1,).
+Training with batch statistics also updates them: weight = weight * f + 1, mean = mean * f + batch
+mean, var = var * f + m / (m - 1) * batch var (m values per channel, f = moving_average_fraction).
+With use_global_stats (default in TEST) the statistics are mean / weight and var / weight.
+The blobs are never learned: as Caffe, the layer gives them lr_mult 0 and computes no gradient.
+No scale or shift: Caffe nets follow BatchNorm with a Scale layer (bias_term: true).
+"""
+
+from __future__ import annotations
+
+from .. import backend
+from ..kernel import KernelFile
+from ..layer import TEST, Layer, register
+
+KERNELS = KernelFile("batch_norm.cu")
+
+
+
+@register("BatchNorm")
+class BatchNormLayer(Layer):
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.param.batch_norm_param
+        self.use_global_stats = p.use_global_stats if p.HasField("use_global_stats") else self.phase == TEST
+        self.moving_average_fraction = float(p.moving_average_fraction)
+        self.eps = float(p.eps)
+        if bottom[0].num_axes == 0:
+            self.fail("needs a bottom with at least one axis, got a scalar")
+        self.channels = bottom[0].shape[1] if bottom[0].num_axes > 1 else 1
+        for index, shape in enumerate([(self.channels,), (self.channels,), (1,)]):
+            if not self.check_param_blob(index, shape):
+                self.add_param_blob(shape)  # zeros
+        # Caffe masks the statistics from the solver with lr_mult 0 (the Net reads these specs).
+        for index in range(len(self.blobs)):
+            if index == len(self.param.param):
+                self.param.param.add(lr_mult=0.0)
+            elif self.param.param[index].lr_mult != 0:
+                self.fail("cannot configure batch normalization statistics as layer parameters "
+                          f"(param {index} has lr_mult {self.param.param[index].lr_mult}; use 0)")
+        self.param_propagate_down = [False] * len(self.blobs)
+        self.x_norm = self.inv_std = self.temp = None
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        channels = shape[1] if len(shape) > 1 else 1
+        if len(shape) == 0 or channels != self.channels:
+            self.fail(f"bottom shape {list(shape)} does not have the {self.channels} channels (axis 1) "
+                      "the layer was set up with")
+        if top[0] is not bottom[0]:
+            top[0].reshape_like(bottom[0])
+
+    def _dims(self, blob) -> tuple[int, int, int]:
+        num, channels = blob.shape[0], self.channels
+        return num, channels, blob.count // max(num * channels, 1)
+
+    def _channel_mean(self, values, m: int):
+        """Mean over num and spatial per channel (m values each): Caffe's gemv sums."""
+        num = values.shape[0]
+        return (values.reshape(num, self.channels, -1).sum(axis=(0, 2)) / m).astype(self.dtype, copy=False)
+
+    def forward(self, bottom, top):
+        xp = backend.xp()
+        x = bottom[0].get_data()
+        num, channels, spatial = self._dims(bottom[0])
+        planes = num * channels
+        mean = xp.empty(channels, self.dtype)
+        self.inv_std = xp.empty(channels, self.dtype)
+        if self.use_global_stats:
+            weight = float(backend.to_host(self.blobs[2].get_data()).reshape(-1)[0])
+            factor = 0.0 if weight == 0 else 1.0 / weight
+            KERNELS.bn_channel_stats(channels, self.blobs[0].get_data(), self.blobs[1].get_data(), factor,
+                                     self.eps, mean, self.inv_std, grid=channels)
+        else:
+            m = num * spatial
+            batch_mean = self._channel_mean(x, m)
+            sq = self.temp = backend.reuse(self.temp, x.shape, x.dtype)
+            KERNELS.bn_squared_deviation(planes, spatial, channels, x, batch_mean, sq,
+                                         grid=(planes, spatial))
+            batch_var = self._channel_mean(sq, m)
+            KERNELS.bn_channel_stats(channels, batch_mean, batch_var, 1.0, self.eps, mean, self.inv_std,
+                                     grid=channels)
+            self._update_running_stats(batch_mean, batch_var, m)
+        y = top[0].mutable_data()  # may be x (in place): bn_normalize is element-wise
+        KERNELS.bn_normalize(planes, spatial, channels, x, mean, self.inv_std, y, grid=(planes, spatial))
+        # The batch-statistics backward needs y; cache it, since a later in-place layer (typically
+        # Scale) may overwrite the top.
+        if not self.use_global_stats:
+            self.x_norm = backend.reuse(self.x_norm, y.shape, y.dtype)
+            self.x_norm[...] = y
+
+    def _update_running_stats(self, batch_mean, batch_var, m: int) -> None:
+        decay = self.moving_average_fraction
+        one = backend.xp().ones(1, self.dtype)
+        KERNELS.bn_update_stat(1, one, self.blobs[2].mutable_data(), decay, 1.0, grid=1)
+        KERNELS.bn_update_stat(self.channels, batch_mean, self.blobs[0].mutable_data(), decay, 1.0,
+                               grid=self.channels)
+        correction = m / (m - 1) if m > 1 else 1.0  # the stored variance is the unbiased estimate
+        KERNELS.bn_update_stat(self.channels, batch_var, self.blobs[1].mutable_data(), decay, correction,
+                               grid=self.channels)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        xp = backend.xp()
+        dy = top[0].get_diff()
+        dx = bottom[0].mutable_diff()  # may be dy (in place): both kernels are element-wise
+        num, channels, spatial = self._dims(bottom[0])
+        planes = num * channels
+        if self.use_global_stats:
+            # The statistics are constants here: dx = dy / sqrt(var + eps).
+            zero = xp.zeros(channels, self.dtype)
+            KERNELS.bn_normalize(planes, spatial, channels, dy, zero, self.inv_std, dx,
+                                 grid=(planes, spatial))
+            return
+        m = num * spatial
+        dy_y = self.temp = backend.reuse(self.temp, dy.shape, dy.dtype)
+        KERNELS.bn_product(dy.size, dy, self.x_norm, dy_y, grid=dy.size)
+        mean_dy, mean_dy_y = self._channel_mean(dy, m), self._channel_mean(dy_y, m)
+        KERNELS.bn_backward(planes, spatial, channels, dy, self.x_norm, mean_dy, mean_dy_y, self.inv_std,
+                            dx, grid=(planes, spatial))
+
