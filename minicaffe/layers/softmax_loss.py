@@ -1,0 +1,113 @@
+"""SoftmaxWithLoss: softmax over softmax_param.axis, then the multinomial logistic loss of the labels.
+
+As in Caffe the probabilities come from an internal Softmax layer; an optional second top shares them.
+loss = -sum log(max(p[label], FLT_MIN)) / normalizer, where loss_param.normalization picks the
+normalizer (VALID: counted targets, default; BATCH_SIZE: outer count; FULL: all targets; NONE: 1) and
+the legacy loss_param.normalize (true: VALID, false: BATCH_SIZE) applies when normalization is unset.
+"""
+
+from __future__ import annotations
+
+from .. import backend
+from ..blob import Blob
+from ..kernel import KernelFile
+from ..layer import Layer, create_layer, register
+from ..proto import caffe_pb2
+
+KERNELS = KernelFile("loss.cu")
+Mode = caffe_pb2.LossParameter
+
+
+def normalization_mode(loss_param) -> int:
+    """Caffe's rule: the legacy `normalize` bool counts only when `normalization` is unset."""
+    if not loss_param.HasField("normalization") and loss_param.HasField("normalize"):
+        return Mode.VALID if loss_param.normalize else Mode.BATCH_SIZE
+    return loss_param.normalization
+
+
+@register("SoftmaxWithLoss")
+class SoftmaxWithLossLayer(Layer):
+    exact_num_bottom = 2
+    min_num_top = 1
+    max_num_top = 2
+    default_loss_weight = 1.0
+
+    def layer_setup(self, bottom, top):
+        softmax_param = caffe_pb2.LayerParameter()
+        softmax_param.CopyFrom(self.param)
+        softmax_param.type = "Softmax"
+        softmax_param.name = self.name + "/softmax"
+        del softmax_param.loss_weight[:]
+        del softmax_param.bottom[:]
+        del softmax_param.top[:]
+        self.softmax = create_layer(softmax_param, self.phase, self.dtype)
+        self.prob = Blob((), self.dtype)
+        self.softmax.setup([bottom[0]], [self.prob])
+        loss_param = self.param.loss_param
+        self.has_ignore = loss_param.HasField("ignore_label")
+        self.ignore_label = loss_param.ignore_label
+        self.normalization = normalization_mode(loss_param)
+
+    def reshape(self, bottom, top):
+        if top[0] is bottom[0] or top[0] is bottom[1]:
+            self.fail("the loss top cannot be one of its bottoms (in place)")
+        self.softmax.reshape([bottom[0]], [self.prob])
+        axis, shape = self.softmax.axis, bottom[0].shape
+        self.outer, self.channels, self.inner = self.softmax.outer, self.softmax.channels, self.softmax.inner
+        if bottom[1].num_axes == 0 or bottom[0].shape[0] != bottom[1].shape[0]:
+            self.fail(f"scores {list(shape)} and labels {list(bottom[1].shape)} need the same first "
+                      "dimension")
+        if bottom[1].count != self.outer * self.inner:
+            self.fail(f"labels {list(bottom[1].shape)} have {bottom[1].count} values, but scores "
+                      f"{list(shape)} with softmax axis {axis} need {self.outer * self.inner} "
+                      f"(one label in 0..{self.channels - 1} per element outside axis {axis})")
+        top[0].reshape(())
+        if len(top) > 1:
+            top[1].reshape_like(bottom[0])
+            top[1].share_data(self.prob)
+
+    def forward(self, bottom, top):
+        xp = backend.xp()
+        self.softmax.forward([bottom[0]], [self.prob])
+        loss = xp.empty((self.outer, self.inner), self.dtype)
+        valid = xp.empty((self.outer, self.inner), self.dtype)
+        label = bottom[1].get_data()
+        KERNELS.softmax_loss_forward(self.outer, self.channels, self.inner, self.prob.get_data(), label,
+                                     loss, valid, int(self.has_ignore), self.ignore_label,
+                                     grid=(self.outer, self.inner))
+        bad = valid < 0
+        if bool(bad.any()):
+            value = float(label.reshape(valid.shape)[bad][0])
+            self.fail(f"label {value:g} is outside 0..{self.channels - 1} (scores {list(bottom[0].shape)}, "
+                      f"{self.channels} classes on axis {self.softmax.axis})")
+        self.normalizer = self._normalizer(valid)
+        top[0].mutable_data()[...] = loss.sum() / self.normalizer[0]
+
+    def _normalizer(self, valid):
+        """A one-element array (kept on the device: backward's kernel reads it there)."""
+        xp = backend.xp()
+        mode = self.normalization
+        if mode == Mode.VALID and self.has_ignore:
+            count = valid.sum()
+        elif mode in (Mode.VALID, Mode.FULL):
+            count = self.outer * self.inner
+        elif mode == Mode.BATCH_SIZE:
+            count = self.outer
+        elif mode == Mode.NONE:
+            count = 1
+        else:
+            self.fail(f"unknown loss_param.normalization {mode}")
+        return xp.maximum(xp.asarray(count, self.dtype), 1).reshape(1)
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[1]:
+            self.fail("cannot backpropagate to label inputs (bottom 1)")
+        if not propagate_down[0]:
+            return
+        KERNELS.softmax_loss_backward(self.outer, self.channels, self.inner, self.prob.get_data(),
+                                      bottom[1].get_data(), top[0].get_diff(), self.normalizer,
+                                      bottom[0].mutable_diff(), int(self.has_ignore), self.ignore_label,
+                                      grid=(self.outer, self.inner))
+
+    def allow_force_backward(self, bottom_index: int) -> bool:
+        return bottom_index != 1
