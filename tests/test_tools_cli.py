@@ -337,3 +337,25 @@ def test_draw_command(capsys, lenet_prelu, tmp_path):
         assert code == 0 and (tmp_path / "net.svg").read_text().lstrip().startswith("<?xml")
     else:
         assert one_line_error(code, err) and "Graphviz" in err
+
+
+# -- benchmarks/kernels.py ----------------------------------------------------------------------------
+
+def test_kernel_benchmark_quick_updates_its_section(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "benchmarks" / "kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    target = tmp_path / "BENCHMARKS.md"
+    target.write_text("# Benchmarks\n\nSomeone else's section.\n")
+    assert bench.main(["--device", "cpu", "--quick", "--output", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert "copy bandwidth" in out and "PReLU" in out
+    first = target.read_text()
+    assert "Someone else's section." in first and first.count(bench.BEGIN) == 1
+    rows = [line for line in first.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == [case[0] for case in bench.CASES]
+    assert "`python benchmarks/kernels.py --device cpu --quick`" in first
+    bench.main(["--device", "cpu", "--quick", "--output", str(target)])  # replaces, never appends
+    assert target.read_text().count(bench.BEGIN) == 1 and "Someone else's section." in target.read_text()
