@@ -1,0 +1,96 @@
+// im2col / col2im for 2-d convolution (Caffe's approach: convolution = im2col + one GEMM).
+//
+// The column buffer has one row per (c, ki, kj) -- Caffe's order, matching the weight layout
+// (num_output, channels, kernel_h, kernel_w) -- and one column per output position (n, oh, ow) of a
+// batch of images. Element (row, n, oh, ow) lives at
+//     col[row * row_stride + n * image_stride + oh * out_w + ow]
+// so the caller picks the layout: (rows, num, out_h*out_w) for one GEMM over the whole batch
+// (row_stride = num * out_h * out_w, image_stride = out_h * out_w), or (num, rows, out_h*out_w) for
+// one GEMM per image (row_stride = out_h * out_w, image_stride = rows * out_h * out_w).
+//
+// Both kernels loop over planes (n, c, [ki, kj,] oh) around a contiguous inner loop over ow. The
+// part of the ow range whose input column lies inside the image is worked out once per plane, so
+// the inner loops have neither branches nor integer division.
+#include "shim.h"
+
+// First ow in [0, out_w] whose input column w0 + ow * stride is >= lower.
+DEVICE int first_output_at_or_after(const int lower, const int w0, const int stride, const int out_w) {
+  const int distance = lower - w0;
+  const int ow = distance <= 0 ? 0 : (distance + stride - 1) / stride;
+  return ow < out_w ? ow : out_w;
+}
+
+// Planes: num * channels * kernel_h * kernel_w in (n, c, ki, kj) order, each looping over the output
+// rows oh; inner: out_w. (Planes of whole kernel offsets rather than single rows keep the per-plane
+// index arithmetic negligible for small images, e.g. LeNet's 8x8 outputs.)
+KERNEL void im2col(const int planes, const real* x, real* col, const int channels, const int height,
+                   const int width, const int kernel_h, const int kernel_w, const int pad_h,
+                   const int pad_w, const int stride_h, const int stride_w, const int dilation_h,
+                   const int dilation_w, const int out_h, const int out_w, const int row_stride,
+                   const int image_stride) {
+  PLANE_LOOP(p, planes) {
+    const int kj = p % kernel_w;
+    const int ki = (p / kernel_w) % kernel_h;
+    const int c = (p / (kernel_w * kernel_h)) % channels;
+    const int n = p / (kernel_w * kernel_h * channels);
+    const int row = (c * kernel_h + ki) * kernel_w + kj;
+    real* dst_plane = col + (size_t)row * row_stride + (size_t)n * image_stride;
+    const real* src_plane = x + ((size_t)n * channels + c) * height * width;
+    const int w0 = kj * dilation_w - pad_w;  // input column of ow = 0
+    const int lo = first_output_at_or_after(0, w0, stride_w, out_w);
+    int hi = first_output_at_or_after(width, w0, stride_w, out_w);
+    hi = hi > lo ? hi : lo;
+    for (int oh = 0; oh < out_h; ++oh) {
+      real* dst = dst_plane + (size_t)oh * out_w;
+      const int h = oh * stride_h - pad_h + ki * dilation_h;
+      if (h < 0 || h >= height) {  // the whole output row reads padding
+        INNER_LOOP(ow, out_w) { dst[ow] = real(0); }
+        continue;
+      }
+      const real* src = src_plane + (size_t)h * width;
+      // Three disjoint ranges: left padding, inside the image, right padding.
+      INNER_LOOP(ow, lo) { dst[ow] = real(0); }
+      INNER_LOOP(j, hi - lo) { dst[lo + j] = src[w0 + (lo + j) * stride_w]; }
+      INNER_LOOP(j, out_w - hi) { dst[hi + j] = real(0); }
+    }
+  }
+}
+
+// col2im for ONE kernel column offset kj: adds the column rows (c, ki, kj), for every ki, into x at
+// the pixels they were read from. The caller zeroes x and launches this once per kj.
+//
+// Why this is race-free on the GPU without atomics: a pixel of x receives contributions from up to
+// kernel_h * kernel_w positions (oh, ow), one per kernel offset. For a FIXED kj, the inner index ow
+// maps one-to-one to the input column w = kj * dilation_w - pad_w + ow * stride_w, so iteration
+// (p = (n, c), ow) is the only one that writes column w of image plane (n, c); it adds the kernel
+// rows ki and output rows oh one after another itself. The kernel_w launches run in stream order.
+// Caffe's col2im_gpu instead gathers per input pixel, which needs integer division per element and
+// would not vectorize on the CPU; here the inner loop is a plain add over a contiguous run of col
+// (into x with stride stride_w).
+// Planes: num * channels in (n, c) order, each looping over ki and oh; inner: out_w.
+KERNEL void col2im_add(const int planes, const real* col, real* x, const int channels, const int height,
+                       const int width, const int kernel_h, const int kernel_w, const int pad_h,
+                       const int pad_w, const int stride_h, const int stride_w, const int dilation_h,
+                       const int dilation_w, const int out_h, const int out_w, const int row_stride,
+                       const int image_stride, const int kj) {
+  PLANE_LOOP(p, planes) {
+    const int c = p % channels;
+    const int n = p / channels;
+    real* dst_plane = x + (size_t)p * height * width;
+    const int w0 = kj * dilation_w - pad_w;
+    const int lo = first_output_at_or_after(0, w0, stride_w, out_w);
+    int hi = first_output_at_or_after(width, w0, stride_w, out_w);
+    hi = hi > lo ? hi : lo;
+    for (int ki = 0; ki < kernel_h; ++ki) {
+      const int row = (c * kernel_h + ki) * kernel_w + kj;
+      const real* src_plane = col + (size_t)row * row_stride + (size_t)n * image_stride;
+      for (int oh = 0; oh < out_h; ++oh) {
+        const int h = oh * stride_h - pad_h + ki * dilation_h;
+        if (h < 0 || h >= height) continue;  // this output row only read padding
+        const real* src = src_plane + (size_t)oh * out_w;
+        real* dst = dst_plane + (size_t)h * width + w0;
+        INNER_LOOP(j, hi - lo) { dst[(lo + j) * stride_w] += src[lo + j]; }
+      }
+    }
+  }
+}
