@@ -168,3 +168,14 @@ def _upgrade_v1_layers(net: caffe_pb2.NetParameter, source: str) -> None:
             if i < len(old.weight_decay):
                 spec.decay_mult = old.weight_decay[i]
     net.ClearField("layers")
+
+
+def __getattr__(name: str):
+    """pycaffe's caffe.io helpers (Transformer, load_image, blobproto_to_array, ...): defined in
+    minicaffe.pycaffe and reachable here, so ``caffe.io.Transformer`` works after ``import minicaffe as
+    caffe``."""
+    from . import pycaffe
+
+    if name in pycaffe.IO_NAMES:
+        return getattr(pycaffe, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -261,3 +261,67 @@ def test_netspec_layers_and_params_are_exposed():
     np.testing.assert_array_equal(net.forward(data=x)["pool"], [[[[5, 7], [13, 15]]]])
     caffe.set_random_seed(12)
     assert callable(caffe.set_mode_gpu) and callable(caffe.set_device)
+
+
+# -- caffe.io ---------------------------------------------------------------------------------------
+
+def test_classification_script_with_transformer(model, tmp_path):
+    pil = pytest.importorskip("PIL.Image")
+    rgb = (np.arange(4 * 4 * 3).reshape(4, 4, 3) * 5).astype(np.uint8)
+    pil.fromarray(rgb).save(tmp_path / "cat.png")
+
+    model_def, model_weights = model
+    net = caffe.Net(model_def, model_weights, caffe.TEST)
+    mu = np.array([104.0, 117.0, 123.0])
+    transformer = caffe.io.Transformer({"data": net.blobs["data"].data.shape})
+    transformer.set_transpose("data", (2, 0, 1))
+    transformer.set_mean("data", mu)
+    transformer.set_raw_scale("data", 255)
+    transformer.set_channel_swap("data", (2, 1, 0))
+    image = caffe.io.load_image(str(tmp_path / "cat.png"))
+    assert image.shape == (4, 4, 3) and image.dtype == np.float32
+    np.testing.assert_allclose(image, rgb / 255.0, rtol=1e-6)
+    transformed = transformer.preprocess("data", image)
+    expected = rgb.astype(np.float64).transpose(2, 0, 1)[::-1] - mu[:, None, None]  # BGR, mean removed
+    np.testing.assert_allclose(transformed, expected, rtol=1e-5, atol=1e-4)
+    net.blobs["data"].data[...] = transformed
+    output = net.forward()
+    assert output["prob"].shape == (2, 3)
+    np.testing.assert_allclose(output["prob"].sum(axis=1), 1, rtol=1e-5)
+    np.testing.assert_allclose(transformer.deprocess("data", transformed), image, atol=1e-5)
+    gray = caffe.io.load_image(str(tmp_path / "cat.png"), color=False)
+    assert gray.shape == (4, 4, 1)
+    with pytest.raises(ValueError, match="not one of the net inputs"):
+        transformer.preprocess("image", image)
+    with pytest.raises(ValueError, match="Mean channels"):
+        transformer.set_mean("data", np.zeros(4))
+
+
+def test_io_resize_oversample_and_blobs():
+    im = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
+    # Halving with pixel-centre alignment averages each 2x2 block.
+    np.testing.assert_allclose(caffe.io.resize_image(im, (2, 2))[:, :, 0], [[2.5, 4.5], [10.5, 12.5]])
+    np.testing.assert_array_equal(caffe.io.resize_image(im, (2, 2), interp_order=0)[:, :, 0],
+                                  [[5, 7], [13, 15]])
+    doubled = caffe.io.resize_image(im, (8, 8))
+    assert doubled.shape == (8, 8, 1) and doubled[0, 0, 0] == 0 and doubled[-1, -1, 0] == 15
+
+    crops = caffe.io.oversample([im], (2, 2))
+    assert crops.shape == (10, 2, 2, 1)
+    np.testing.assert_array_equal(crops[0, :, :, 0], [[0, 1], [4, 5]])        # top left
+    np.testing.assert_array_equal(crops[3, :, :, 0], [[10, 11], [14, 15]])    # bottom right
+    np.testing.assert_array_equal(crops[4, :, :, 0], [[5, 6], [9, 10]])       # centre
+    np.testing.assert_array_equal(crops[5, :, :, 0], [[1, 0], [5, 4]])        # mirrored top left
+
+    a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    blob = caffe.io.array_to_blobproto(a, diff=-a)
+    np.testing.assert_array_equal(caffe.io.blobproto_to_array(blob), a)
+    np.testing.assert_array_equal(caffe.io.blobproto_to_array(blob, return_diff=True), -a)
+    arrays = caffe.io.blobprotovector_str_to_arraylist(caffe.io.arraylist_to_blobprotovector_str([a, a[0]]))
+    assert [x.shape for x in arrays] == [(2, 3, 4), (3, 4)]
+    from minicaffe.proto import caffe_pb2
+
+    legacy = caffe_pb2.BlobProto(num=1, channels=2, height=1, width=3, data=range(6))
+    assert caffe.io.blobproto_to_array(legacy).shape == (1, 2, 1, 3)
+    datum = caffe.io.array_to_datum(np.ones((1, 2, 2), np.uint8), 7)
+    assert datum.label == 7 and caffe.io.datum_to_array(datum).shape == (1, 2, 2)
