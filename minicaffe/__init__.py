@@ -11,7 +11,7 @@ from .backend import set_device, set_mode_cpu, set_mode_gpu
 from .blob import Blob
 from .layer import LAYERS, TEST, TRAIN, Layer, LayerError, register
 from .net import Net, NetError
-from .pycaffe import NetSpec, params, to_proto
+from .pycaffe import NetSpec, layer_type_list, params, to_proto
 from .rng import set_random_seed
 from .solver import (
     AdaDeltaSolver,
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Blob", "LAYERS", "Layer", "LayerError", "Net", "NetError", "TEST", "TRAIN", "register",
     "set_device", "set_mode_cpu", "set_mode_gpu", "set_random_seed",
-    "NetSpec", "params", "to_proto",  # caffe.layers.<Type>: see minicaffe/layers/__init__.py
+    "NetSpec", "params", "to_proto", "layer_type_list",  # caffe.layers.<Type>: minicaffe/layers/__init__.py
     "Solver", "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver", "AdaDeltaSolver", "AdamSolver",
     "get_solver",
 ]

@@ -282,6 +282,13 @@ layers = Layers()
 params = Parameters()
 
 
+def layer_type_list() -> list[str]:
+    """pycaffe's caffe.layer_type_list(): every registered layer type, sorted."""
+    from .layer import LAYERS
+
+    return sorted(LAYERS)
+
+
 # -- caffe.io: pycaffe's image and blob helpers (minicaffe.io forwards these names here) -------------
 
 def load_image(filename: str, color: bool = True) -> np.ndarray:
@@ -492,4 +499,4 @@ IO_NAMES = ("Transformer", "load_image", "resize_image", "oversample", "blobprot
             "array_to_datum", "datum_to_array")
 
 __all__ = ["NetSpec", "NetSpecError", "Top", "Function", "layers", "params", "to_proto", "assign_proto",
-           "param_name_dict", *IO_NAMES]
+           "param_name_dict", "layer_type_list", *IO_NAMES]

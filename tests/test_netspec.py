@@ -139,3 +139,8 @@ def test_prototxt_round_trip(tmp_path):
     net = caffe.Net(str(path), caffe.TEST)
     assert net.blobs["conv"].shape == (1, 2, 5, 5)
     assert str(n.to_proto()) == n.to_prototxt()
+
+
+def test_layer_type_list():
+    types = caffe.layer_type_list()
+    assert types == sorted(types) and {"Convolution", "PReLU", "Input", "Data"} <= set(types)
