@@ -166,6 +166,32 @@ def test_summary_lenet_prelu_train_phase(capsys, lenet_prelu, tmp_path, monkeypa
     assert "Total params: 431,580" in out  # LeNet + 500 slopes
 
 
+def test_dummy_data_takes_the_shape_from_an_existing_database(capsys, tmp_path):
+    import numpy as np
+
+    from minicaffe.db import write_datum_lmdb
+
+    images = [np.full((1, 5, 7), i, dtype=np.uint8) for i in range(4)]
+    write_datum_lmdb(tmp_path / "db", images, [0, 1, 0, 1])
+    model = tmp_path / "net.prototxt"
+    model.write_text(f"""
+        layer {{ name: "d" type: "Data" top: "data" top: "label"
+                data_param {{ source: "{tmp_path / 'db'}" batch_size: 3 backend: LMDB }} }}
+        layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+                inner_product_param {{ num_output: 2 }} }}
+        layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
+    """)
+    code, out, err = cli(capsys, "summary", "--model", model, "--dummy-data")
+    assert code == 0, err
+    assert "d (DummyData)" in out and "data 3x1x5x7" in out and "label 3" in out
+    code, out, err = cli(capsys, "summary", "--model", model)  # the real Data layer, same shapes
+    assert code == 0 and "d (Data)" in out and "data 3x1x5x7" in out
+    code, out, err = cli(capsys, "time", "--model", model, "--iterations", 1, "--dummy-data", "2,3,3")
+    assert code == 0, err
+    forward, _, _ = parse_time_report(out)
+    assert list(forward) == ["d", "ip", "loss"]
+
+
 # -- parse-log and plot -------------------------------------------------------------------------------
 
 LOG = """\
