@@ -13,6 +13,9 @@ import sys
 
 # subcommand -> (module under minicaffe.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("train", "train a net from a solver prototxt (as caffe train; --solver quickstart: example)"),
+    "test": ("test", "score a trained model on its TEST phase (as caffe test)"),
+    "quickstart": ("quickstart", "train the embedded 8x8-digits example (= train --solver quickstart)"),
     "params": ("params", "statistics (and values) of parameter blobs, e.g. PReLU slopes"),
     "plot-params": ("plot_params", "per-layer parameter distributions (PReLU slopes) to a PNG"),
     "time": ("time", "per-layer forward/backward timings and element-wise bandwidth (as caffe time)"),
