@@ -127,15 +127,15 @@ class Solver:
 
     rule: str | None = None  # set by the rule-specific subclasses
 
-    def __init__(self, param_or_path, dtype=np.float32, base_dir=None):
-        """`base_dir`: for a SolverParameter, the folder its relative net paths may also be beside
-        (a solver file's own folder is used for a path)."""
+    def __init__(self, param_or_path, dtype=np.float32, base_dir=None, source: str | None = None):
+        """For a SolverParameter, `base_dir` is the folder its relative net paths may also be beside (a
+        solver file's own folder is used for a path), and `source` names it in messages."""
         if isinstance(param_or_path, (str, Path)):
             self.source = str(param_or_path)
             self.base_dir: Path | None = Path(param_or_path).parent
             param = read_solver(param_or_path)
         elif isinstance(param_or_path, SolverParameter):
-            self.source = "<SolverParameter>"
+            self.source = source or "<SolverParameter>"
             self.base_dir = Path(base_dir) if base_dir is not None else None
             param = SolverParameter()
             param.CopyFrom(param_or_path)

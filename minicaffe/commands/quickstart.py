@@ -82,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     use_device(args.gpu)
     param, base_dir = quickstart_solver(args.work_dir)
-    solver = Solver(param, base_dir=base_dir)
-    solver.source = "quickstart"
+    solver = Solver(param, base_dir=base_dir, source="quickstart")
     with SignalHandler("stop", "snapshot") as handler:
         solver.set_action_function(handler.action)
         log.info("Starting Optimization", "caffe.cpp:263")

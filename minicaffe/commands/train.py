@@ -135,9 +135,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.weights:
         param.ClearField("weights")
         param.weights.append(args.weights)
-    solver = Solver(param, base_dir=base_dir)
-    if quickstart:
-        solver.source = "quickstart"
+    solver = Solver(param, base_dir=base_dir, source=args.solver)
     with SignalHandler(args.sigint_effect, args.sighup_effect) as handler:
         solver.set_action_function(handler.action)
         if args.snapshot:

@@ -1,0 +1,212 @@
+"""`minicaffe train` / `minicaffe test` / the quickstart, end to end on the embedded digits example."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minicaffe import cli, io
+from minicaffe.commands import quickstart
+from minicaffe.proto import caffe_pb2
+
+GLOG = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [a-z_]+\.cpp:\d+\] ")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """The quickstart's LMDBs and its net with resolved data paths (digits_train_test.prototxt)."""
+    folder = tmp_path_factory.mktemp("quickstart")
+    quickstart.quickstart_solver(folder)
+    return folder
+
+
+def write_solver(folder: Path, work: Path, name: str = "solver", **fields) -> Path:
+    """A short version of the quickstart solver, with the net file of `work`."""
+    param = io.read_solver_param(quickstart.data_dir() / quickstart.SOLVER_FILE)
+    param.net = str(work / "digits_train_test.prototxt")
+    values = dict(max_iter=40, snapshot=20, display=10, test_interval=20, snapshot_prefix=str(folder / name))
+    values.update(fields)
+    for key, value in values.items():
+        setattr(param, key, value)
+    if not param.test_interval:
+        param.ClearField("test_iter")
+    path = folder / f"{name}.prototxt"
+    io.write_text(path, param)
+    return path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def minicaffe_process(args: list[str], **kwargs):
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "minicaffe.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300, **kwargs)
+
+
+def test_quickstart_trains_and_reports_accuracy(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(quickstart, "default_work_dir", lambda: tmp_path / "qs")
+    code, out, err = run_cli(["train", "--solver", "quickstart"], capsys)
+    assert code == 0, err
+    accuracy = float(re.search(r"Final test accuracy: ([\d.]+)% on 297 test images after 600 iterations",
+                               out).group(1))
+    assert accuracy > 90
+    assert (tmp_path / "qs" / "digits_iter_600.caffemodel").is_file()
+    assert (tmp_path / "qs" / "digits_iter_600.solverstate").is_file()
+    lines = err.splitlines()
+    assert all(GLOG.match(line) for line in lines), [line for line in lines if not GLOG.match(line)][:3]
+    assert "\r" not in err and "ETA" not in err  # no progress display when stderr is not a terminal
+    last_test = re.findall(r"Test net output #0: accuracy = ([\d.]+)", err)[-1]
+    assert float(last_test) * 100 == pytest.approx(accuracy, abs=0.051)
+    assert lines[-1].endswith("] Optimization Done.")
+
+    # `minicaffe test` on the trained model gives the same accuracy on the same 297 images.
+    model = tmp_path / "qs" / "digits_iter_600.caffemodel"
+    code, _, err = run_cli(["test", "--model", str(tmp_path / "qs" / "digits_train_test.prototxt"),
+                            "--weights", str(model), "--iterations", "3"], capsys)
+    assert code == 0, err
+    assert re.search(r"\] Batch 0, accuracy = [\d.]+$", err, re.M)
+    assert re.search(r"\] Loss: [\d.e+-]+$", err, re.M)
+    assert re.search(r"\] loss = [\d.e+-]+ \(\* 1 = [\d.e+-]+ loss\)$", err, re.M)
+    final = re.search(r"\] accuracy = ([\d.]+)$", err, re.M).group(1)
+    assert final == last_test
+
+
+def test_quickstart_verb(tmp_path, capsys):
+    code, out, err = run_cli(["quickstart", "--work-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert "Final test accuracy: " in out
+    assert (tmp_path / "digits_train_test.prototxt").is_file()
+
+
+def test_train_logs_snapshots_and_flag_spellings(work, tmp_path, capsys):
+    solver = write_solver(tmp_path, work)
+    code, out, err = run_cli(["train", f"--solver={solver}"], capsys)
+    assert code == 0, err
+    assert re.search(r"\] Use CPU\.$", err, re.M)
+    assert re.search(r"\] Iteration 10 \([\d.e+-]+ iter/s, [\d.e+-]+s/10 iters\), loss = [\d.e+-]+$",
+                     err, re.M)
+    assert re.search(r"\]     Train net output #0: loss = [\d.e+-]+ \(\* 1 = [\d.e+-]+ loss\)$", err, re.M)
+    assert re.search(r"\] Iteration 10, lr = [\d.e+-]+$", err, re.M)
+    assert re.findall(r"\] Iteration (\d+), Testing net \(#0\)$", err, re.M) == ["0", "20", "40"]
+    assert re.search(r"\]     Test net output #0: accuracy = [\d.]+$", err, re.M)
+    assert f"] Snapshotting to binary proto file {tmp_path / 'solver'}_iter_20.caffemodel" in err
+    state = tmp_path / "solver_iter_40.solverstate"
+    assert f"] Snapshotting solver state to binary proto file {state}" in err
+    assert sorted(p.name for p in tmp_path.glob("solver_iter_*")) == [
+        "solver_iter_20.caffemodel", "solver_iter_20.solverstate",
+        "solver_iter_40.caffemodel", "solver_iter_40.solverstate"]
+    assert err.rstrip().endswith("] Optimization Done.")
+    # Caffe's single-dash flags.
+    other = write_solver(tmp_path, work, "caffe_style", max_iter=2, snapshot=0, display=1, test_interval=0)
+    code, _, err = run_cli(["train", "-solver", str(other)], capsys)
+    assert code == 0, err
+    assert (tmp_path / "caffe_style_iter_2.caffemodel").is_file()
+
+
+def test_resume_in_a_fresh_process_matches_a_straight_run(work, tmp_path):
+    straight = write_solver(tmp_path, work, "straight", max_iter=30, snapshot=15, display=0)
+    result = minicaffe_process(["train", "--solver", str(straight)])
+    assert result.returncode == 0, result.stderr
+    resumed = write_solver(tmp_path, work, "resumed", max_iter=30, snapshot=15, display=0)
+    result = minicaffe_process(["train", "--solver", str(resumed),
+                                "--snapshot", str(tmp_path / "straight_iter_15.solverstate")])
+    assert result.returncode == 0, result.stderr
+    assert "] Resuming from " in result.stderr
+    assert re.findall(r"Iteration (\d+), Testing net", result.stderr) == ["20"]
+    assert (tmp_path / "resumed_iter_30.caffemodel").read_bytes() == \
+        (tmp_path / "straight_iter_30.caffemodel").read_bytes()
+    assert not (tmp_path / "resumed_iter_15.caffemodel").exists()
+
+
+def test_weights_start_a_finetuning_run(work, tmp_path, capsys):
+    first = write_solver(tmp_path, work, "first", max_iter=5, snapshot=0)
+    assert run_cli(["train", "--solver", str(first)], capsys)[0] == 0
+    weights = tmp_path / "first_iter_5.caffemodel"
+    # max_iter 0: the snapshot written at the end holds the starting weights.
+    zero = write_solver(tmp_path, work, "zero", max_iter=0, snapshot=0, test_interval=0)
+    code, _, err = run_cli(["train", "--solver", str(zero), "--weights", str(weights)], capsys)
+    assert code == 0, err
+    start = io.read_binary(tmp_path / "zero_iter_0.caffemodel", caffe_pb2.NetParameter())
+    trained = io.read_binary(weights, caffe_pb2.NetParameter())
+    blobs = lambda net: {(layer.name, i): list(b.data) for layer in net.layer  # noqa: E731
+                         for i, b in enumerate(layer.blobs)}
+    assert blobs(start) == blobs(trained) and blobs(start)
+
+
+def test_sigint_snapshots_and_stops(work, tmp_path):
+    solver = write_solver(tmp_path, work, "long", max_iter=100000, snapshot=0, display=5, test_interval=0)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "minicaffe.cli", "train", "--solver", str(solver)],
+                               stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    try:
+        for line in process.stderr:
+            lines.append(line)
+            if "Iteration 10 (" in line:
+                process.send_signal(signal.SIGINT)
+                break
+        _, rest = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = "".join(lines) + rest
+    assert process.returncode == 0, text
+    assert "Optimization stopped early." in text
+    snapshots = list(tmp_path.glob("long_iter_*.caffemodel"))
+    assert len(snapshots) == 1, text
+    iteration = int(re.search(r"_iter_(\d+)\.caffemodel", snapshots[0].name).group(1))
+    assert 10 < iteration < 100000
+    assert (tmp_path / f"long_iter_{iteration}.solverstate").is_file()
+
+
+def test_solver_mode_gpu_without_a_gpu_falls_back_to_cpu(work, tmp_path, capsys):
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            pytest.skip("a GPU is present")
+    except Exception:
+        pass
+    solver = write_solver(tmp_path, work, "gpu", max_iter=2, snapshot=0, test_interval=0,
+                          solver_mode=caffe_pb2.SolverParameter.GPU)
+    code, _, err = run_cli(["train", "--solver", str(solver)], capsys)
+    assert code == 0, err
+    assert re.search(r"^W.*\] solver_mode is GPU but .*; training on the CPU$", err, re.M)
+    # An explicit --gpu that cannot be honoured is an error.
+    code, _, err = run_cli(["train", "--solver", str(solver), "--gpu", "0"], capsys)
+    assert code == 1
+    assert err.startswith("minicaffe train: error: GPU mode")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--solver", "no_such_solver.prototxt"], "solver file 'no_such_solver.prototxt' not found"),
+    (["train", "--solver", "{bad}"], "bad.prototxt:2:"),
+    (["train", "--solver", "{solver}", "--snapshot", "a.solverstate", "--weights", "b.caffemodel"],
+     "not both"),
+    (["train", "--solver", "{solver}", "--snapshot", "{tmp}/missing.solverstate"], "cannot read"),
+    (["train", "--solver", "{unknown_type}"], "unknown solver type 'Sgd'"),
+    (["test", "--model", "{tmp}/missing.prototxt", "--weights", "w.caffemodel"], "not found"),
+    (["test", "--model", "{net}", "--weights", "{solver}"], "not a binary NetParameter"),
+    (["test", "--model", "{net}", "--weights", "x", "--iterations", "0"], "--iterations must be >= 1"),
+])
+def test_bad_input_gives_a_one_line_error(args, message, work, tmp_path, capsys):
+    (tmp_path / "bad.prototxt").write_text('base_lr: 0.1\nlr_policy: "fixed" nonsense_field: 3\n')
+    files = {"bad": tmp_path / "bad.prototxt", "tmp": tmp_path, "net": work / "digits_train_test.prototxt",
+             "solver": write_solver(tmp_path, work, max_iter=1),
+             "unknown_type": write_solver(tmp_path, work, "unknown", type="Sgd")}
+    code, out, err = run_cli([a.format(**files) for a in args], capsys)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith(f"minicaffe {args[0]}: error: ")
+    assert message in lines[-1]
+    assert all(GLOG.match(line) for line in lines[:-1])  # only log lines before the error line
