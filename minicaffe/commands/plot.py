@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     accuracy_axis.set_ylabel("accuracy")
     rates = sorted({(row["NumIters"], row["LearningRate"]) for row in train + test})
     if rates:
-        lr_axis.plot([r[0] for r in rates], [r[1] for r in rates], "-", color="tab:green",
-                     drawstyle="steps-post")
+        # Points where the log printed the rate, joined: the log does not say how it changed between.
+        lr_axis.plot([r[0] for r in rates], [r[1] for r in rates], ".-", color="tab:green")
     lr_axis.set_ylabel("learning rate")
     lr_axis.set_xlabel("iteration")
     for axis in (loss_axis, accuracy_axis, lr_axis):

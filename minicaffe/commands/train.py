@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pretrained .caffemodel(s) to finetune from, comma-separated")
     parser.add_argument("--snapshot", default="", help=".solverstate to resume training from")
     add_device_arguments(parser)
+    parser.add_argument("--watch", metavar="PATTERN", default=None,
+                        help="at each display step, log the mean [min .. max] of the parameters of the "
+                             "layers matching PATTERN (glob on name or type, e.g. 'prelu*') and append "
+                             "them to <snapshot_prefix>_watch.csv")
     for name, default, what in (("sigint_effect", "stop", "Ctrl-C"), ("sighup_effect", "snapshot", "SIGHUP")):
         parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=default,
                             choices=sorted(EFFECTS), help=f"what {what} does (default {default})")
@@ -136,6 +140,12 @@ def run(args: argparse.Namespace) -> int:
         param.ClearField("weights")
         param.weights.append(args.weights)
     solver = Solver(param, base_dir=base_dir, source=args.solver)
+    if args.watch:
+        from ..inspect import watch_solver
+
+        watcher = watch_solver(solver, args.watch)
+        log.info(f"Watching {', '.join(layer.name for layer in watcher.layers)} in {watcher.csv_path}",
+                 "caffe.cpp:watch")
     with SignalHandler(args.sigint_effect, args.sighup_effect) as handler:
         solver.set_action_function(handler.action)
         if args.snapshot:
