@@ -216,3 +216,9 @@ def test_train_command_watch_flag(solver_file, tmp_path, capsys):
     means = [r["mean"] for r in rows if r["layer"] == "prelu1"]
     assert len(means) == 3 and len(set(means)) == 3
     assert "alpha values at iteration 8" in err
+
+
+def test_train_watch_without_a_match_is_a_one_line_error(solver_file, capsys):
+    code, _, err = cli(capsys, "train", "--solver", str(solver_file), "--watch", "conv*")
+    lines = [line for line in err.strip().splitlines() if "error" in line]
+    assert code == 1 and len(lines) == 1 and "matches no layer" in lines[0] and "Traceback" not in err
