@@ -18,6 +18,10 @@ such a path does not exist there, it is also looked up relative to the solver fi
 solver and its net can travel together. snapshot_prefix stays relative to the current folder (as Caffe),
 and defaults to the solver file's path without its extension.
 
+random_seed >= 0 seeds minicaffe's random numbers (fillers, Dropout, data crops) before the nets are
+built, as Caffe does; when it is unset the current seed is kept (minicaffe.set_random_seed, default 1701),
+so runs are reproducible either way (Caffe would seed from the clock).
+
 Before each forward pass the solver sets ``net.forward_count = iter * iter_size + k``: stochastic layers
 (Dropout, data order) key their random numbers by it, so a run resumed from a snapshot replays exactly
 what an uninterrupted run would have drawn.

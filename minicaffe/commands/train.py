@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
         watcher = watch_solver(solver, args.watch)
         log.info(f"Watching {', '.join(layer.name for layer in watcher.layers)} in {watcher.csv_path}",
-                 "caffe.cpp:watch")
+                 "caffe.cpp:268")
     with SignalHandler(args.sigint_effect, args.sighup_effect) as handler:
         solver.set_action_function(handler.action)
         if args.snapshot:
