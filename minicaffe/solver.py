@@ -408,7 +408,7 @@ class Solver:
         index = 0
         for name in self.net.outputs:
             weight = weights.get(name, 0.0)
-            for value in np.asarray(self.net.blobs[name].data).ravel():
+            for value in backend.to_host(self.net.blobs[name].get_data()).ravel():
                 tail = f" (* {log.fmt(weight)} = {log.fmt(weight * value)} loss)" if weight else ""
                 log.info(f"    Train net output #{index}: {name} = {log.fmt(value)}{tail}", "solver.cpp:259")
                 index += 1
@@ -444,8 +444,7 @@ class Solver:
                 if mine.shape != theirs.shape:
                     raise NetError(f"layer '{name}' parameter {j}: shape {list(theirs.shape)} in the train "
                                    f"net, {list(mine.shape)} in the test net")
-                if mine._data is not theirs._data:
-                    mine.share_data(theirs)
+                mine.share_data(theirs)
 
     def test(self, test_net_id: int = 0) -> OrderedDict[str, float]:
         """One test pass of test_iter batches (Caffe's Solver::Test); returns {output: mean}."""
@@ -470,7 +469,8 @@ class Solver:
             iter_loss = net.forward_range(0, len(net.layers) - 1)
             if p.test_compute_loss:
                 loss += iter_loss
-            values = [np.array(net.blobs[name].data, dtype=np.float64).ravel() for name in net.outputs]
+            values = [backend.to_host(net.blobs[name].get_data()).astype(np.float64).ravel()
+                      for name in net.outputs]
             sums = values if i == 0 else [s + v for s, v in zip(sums, values)]
         if p.test_compute_loss:
             log.info(f"Test loss: {log.fmt(loss / iters)}", "solver.cpp:398")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import log
+from .. import backend, log
 from ..layer import TEST
 from ..net import Net
 from .train import add_device_arguments, stages, use_device
@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     for i in range(args.iterations):
         net.forward_count = i
         loss += net.forward_range(0, len(net.layers) - 1)
-        values = [np.array(net.blobs[name].data, dtype=np.float64).ravel() for name in net.outputs]
+        values = [backend.to_host(net.blobs[name].get_data()).astype(np.float64).ravel()
+                  for name in net.outputs]
         for name, value in zip(net.outputs, values):
             for v in value:
                 log.info(f"Batch {i}, {name} = {log.fmt(v)}", "caffe.cpp:321")
