@@ -538,6 +538,16 @@ def test_progress_display_only_on_a_terminal():
         progress.close()
     assert "[ 5/10]" in tty.getvalue() and "ETA" in tty.getvalue()
     assert pipe.getvalue() == ""
+    # On a terminal, a log line first clears the progress line, which is then drawn again below it.
+    tty = Tty()
+    log.set_stream(tty)
+    progress = log.Progress(0, 10, interval=0)
+    progress.update(3)
+    log.info("hello")
+    progress.close()
+    text = tty.getvalue()
+    status = text[text.index("[ 3/10]"):text.index("ETA")]
+    assert re.search(r"\r\033\[K" + GLOG[1:] + r"hello\n" + re.escape(status), text)
 
 
 def test_random_seed_sets_the_fillers():
