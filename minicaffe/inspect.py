@@ -329,7 +329,8 @@ def watch_solver(solver, pattern: str, csv_path: str | Path | None = None) -> Pa
     def on_gradients() -> None:
         display = solver.param.display
         if not display or solver.iter % display == 0:
-            log.info(watcher.record(solver.iter), "inspect.py:watch")
+            # glog's file:line form, so log parsers keep reading the line (placed after the display's).
+            log.info(watcher.record(solver.iter), "solver.cpp:262")
 
     solver.add_callback(on_gradients=on_gradients)
     return watcher
