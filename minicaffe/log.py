@@ -18,7 +18,8 @@ from datetime import datetime
 from typing import TextIO
 
 _state: dict = {"stream": None, "enabled": True, "status": "", "status_time": 0.0}
-_lock = threading.Lock()
+# Reentrant: a signal handler that logs may run while the main thread is inside _write.
+_lock = threading.RLock()
 
 
 def set_stream(stream: TextIO | None) -> None:

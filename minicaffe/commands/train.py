@@ -89,17 +89,18 @@ class SignalHandler:
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and (self.stopping or STOP in self.pending or SNAPSHOT in self.pending):
             raise KeyboardInterrupt
+        # Only record it: the handler may interrupt the main thread anywhere (even inside a log write).
         effect = self.effects[signum]
         if effect != NONE:
             self.pending.append(effect)
-        if signum == signal.SIGINT and effect == STOP:
-            log.info("Stopping after this iteration (Ctrl-C again to quit at once)", "signal_handler.cpp:40")
 
     def action(self) -> str:
         if not self.pending:
             return NONE
         effect = self.pending.pop(0)
-        self.stopping |= effect == STOP
+        if effect == STOP:
+            self.stopping = True
+            log.info("Stopping: signal received (Ctrl-C again to quit at once)", "signal_handler.cpp:40")
         return effect
 
     def __enter__(self) -> SignalHandler:
