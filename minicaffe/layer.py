@@ -15,7 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from .blob import Blob
+from .filler import fill
 from .proto import caffe_pb2
+from .rng import stream
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
 
@@ -124,6 +126,15 @@ class Layer:
 
     def fail(self, message: str):
         raise LayerError(f"layer '{self.name}' ({self.type}): {message}")
+
+    def setup_params(self, shapes: Sequence[Sequence[int]], fillers: Sequence) -> None:
+        """Create parameter blob i of shapes[i], filled by the FillerParameter fillers[i]; blobs that
+        already exist (given in the prototxt) must have those shapes."""
+        if self.blobs and len(self.blobs) != len(shapes):
+            self.fail(f"has {len(self.blobs)} parameter blobs, expected {len(shapes)}")
+        for i, (shape, filler_param) in enumerate(zip(shapes, fillers)):  # fillers may be longer
+            if not self.check_param_blob(i, shape):
+                fill(self.add_param_blob(shape), filler_param, stream("filler", self.name, i))
 
     def add_param_blob(self, shape: Sequence[int]) -> Blob:
         blob = Blob(shape, self.dtype)

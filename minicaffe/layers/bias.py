@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .. import filler, rng
 from ..blob import Blob
 from ..kernel import KernelFile
 from ..layer import Layer, register
@@ -77,9 +76,7 @@ class BiasLayer(Layer):
         p = self.param.bias_param
         if len(bottom) == 1:
             shape = learned_shape(self, bottom[0], p.axis, p.num_axes, "bias")
-            if not self.check_param_blob(0, shape):
-                blob = self.add_param_blob(shape)
-                filler.fill(blob, p.filler, rng.stream("filler", self.name, 0))  # default: constant 0
+            self.setup_params([shape], [p.filler])  # default filler: constant 0
 
     def reshape(self, bottom, top):
         bias = bottom[1] if len(bottom) > 1 else self.blobs[0]

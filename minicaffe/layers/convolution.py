@@ -15,10 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .. import backend
-from ..filler import fill
 from ..kernel import KernelFile
 from ..layer import Layer, register
-from ..rng import stream
 
 KERNELS = KernelFile("convolution.cu")
 
@@ -159,13 +157,7 @@ class ConvolutionLayer(Layer):
         kh, kw = self.geometry.kernel
         weight_shape = (self.num_output, self.channels // self.group, kh, kw)
         shapes = [weight_shape] + ([(self.num_output,)] if self.bias_term else [])
-        if self.blobs and len(self.blobs) != len(shapes):
-            self.fail(f"has {len(self.blobs)} parameter blobs, expected {len(shapes)} "
-                      f"(bias_term {self.bias_term})")
-        fillers = [param.weight_filler, param.bias_filler]
-        for i, shape in enumerate(shapes):
-            if not self.check_param_blob(i, shape):
-                fill(self.add_param_blob(shape), fillers[i], stream("filler", self.name, i))
+        self.setup_params(shapes, [param.weight_filler, param.bias_filler])
         self._col = None
 
     def reshape(self, bottom, top):

@@ -8,9 +8,7 @@ the bias gradient (a sum over the batch) are array-module operations, as Caffe d
 
 from __future__ import annotations
 
-from ..filler import fill
 from ..layer import Layer, register
-from ..rng import stream
 
 
 @register("InnerProduct")
@@ -32,13 +30,7 @@ class InnerProductLayer(Layer):
         self.inputs = bottom[0].count_range(self.axis)  # Caffe's K
         weight_shape = (self.inputs, self.num_output) if self.transpose else (self.num_output, self.inputs)
         shapes = [weight_shape] + ([(self.num_output,)] if self.bias_term else [])
-        if self.blobs and len(self.blobs) != len(shapes):
-            self.fail(f"has {len(self.blobs)} parameter blobs, expected {len(shapes)} "
-                      f"(bias_term {self.bias_term})")
-        fillers = [param.weight_filler, param.bias_filler]
-        for i, shape in enumerate(shapes):
-            if not self.check_param_blob(i, shape):
-                fill(self.add_param_blob(shape), fillers[i], stream("filler", self.name, i))
+        self.setup_params(shapes, [param.weight_filler, param.bias_filler])
 
     def reshape(self, bottom, top):
         shape = bottom[0].shape

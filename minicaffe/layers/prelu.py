@@ -6,9 +6,7 @@ so .caffemodel files interchange.
 
 from __future__ import annotations
 
-from .. import rng
 from ..blob import Blob
-from ..filler import fill
 from ..kernel import KernelFile
 from ..layer import Layer, register
 from ..proto import caffe_pb2
@@ -25,13 +23,9 @@ class PReLULayer(Layer):
         param = self.param.prelu_param
         self.channel_shared = param.channel_shared
         self._check_bottom(bottom[0])
-        if len(self.blobs) > 1:
-            self.fail(f"has {len(self.blobs)} parameter blobs, PReLU takes 1 (the slopes)")
-        if not self.check_param_blob(0, self._slope_shape(bottom[0])):
-            self.add_param_blob(self._slope_shape(bottom[0]))
-            filler = param.filler if param.HasField("filler") else caffe_pb2.FillerParameter(
-                type="constant", value=0.25)  # Caffe's default initial slope
-            fill(self.blobs[0], filler, rng.stream("filler", self.name, 0))
+        default = caffe_pb2.FillerParameter(type="constant", value=0.25)  # Caffe's initial slope
+        filler = param.filler if param.HasField("filler") else default
+        self.setup_params([self._slope_shape(bottom[0])], [filler])
         # In place, forward keeps its input here for backward (y has overwritten x).
         self.bottom_memory = Blob((), self.dtype)
         # Per-element terms of the slope gradient, summed per channel by the array module.
