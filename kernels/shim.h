@@ -25,6 +25,31 @@ typedef MC_REAL real;
 #else
 #include <cmath>
 #include <cstddef>
+// glibc's vector math library (libmvec, accurate to a few ulp) has SIMD versions of exp/log/pow
+// (and tanh from glibc 2.35); declaring them `omp declare simd` lets loops that call them vectorize.
+// The loader links -lmvec where it exists and otherwise builds with MC_NO_MVEC.
+#if defined(__GLIBC__) && defined(__x86_64__) && !defined(MC_NO_MVEC)
+extern "C" {
+#pragma omp declare simd notinbranch
+float expf(float);
+#pragma omp declare simd notinbranch
+double exp(double);
+#pragma omp declare simd notinbranch
+float logf(float);
+#pragma omp declare simd notinbranch
+double log(double);
+#pragma omp declare simd notinbranch
+float powf(float, float);
+#pragma omp declare simd notinbranch
+double pow(double, double);
+#if __GLIBC_PREREQ(2, 35)
+#pragma omp declare simd notinbranch
+float tanhf(float);
+#pragma omp declare simd notinbranch
+double tanh(double);
+#endif
+}
+#endif
 using std::exp;
 using std::fabs;
 using std::fmax;

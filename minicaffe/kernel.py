@@ -220,11 +220,15 @@ class KernelFile:
         compiler = host_compiler()
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
             tmp_lib = Path(tmp) / target.name
-            command = [compiler, *flags, "-I", str(kernel_dir()), "-x", "c++", str(self.path),
-                       "-o", str(tmp_lib)]
-            result = subprocess.run(command, capture_output=True, text=True)
+            base = [compiler, *flags, "-I", str(kernel_dir()), "-x", "c++", str(self.path),
+                    "-o", str(tmp_lib)]
+            # Link glibc's vector math library where there is one (vectorized exp/log/pow/tanh);
+            # elsewhere build without it (MC_NO_MVEC), with scalar math calls.
+            result = subprocess.run(base + ["-lmvec"], capture_output=True, text=True)
             if result.returncode != 0:
-                raise KernelError(f"building {self.path} for the CPU failed:\n{' '.join(command)}\n"
+                result = subprocess.run(base + ["-DMC_NO_MVEC"], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise KernelError(f"building {self.path} for the CPU failed:\n{' '.join(base)}\n"
                                   f"{result.stderr}")
             os.replace(tmp_lib, target)  # atomic: parallel test workers may race here
         return target

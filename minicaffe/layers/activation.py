@@ -1,0 +1,46 @@
+"""Sigmoid and TanH: element-wise, and their backward needs only the output y, so in place is allowed.
+
+    Sigmoid: y = 1 / (1 + exp(-x)),  dx = dy * y * (1 - y)
+    TanH:    y = tanh(x),            dx = dy * (1 - y^2)
+"""
+
+from __future__ import annotations
+
+from ..kernel import KernelFile
+from ..layer import Layer, register
+
+KERNELS = KernelFile("activation.cu")
+
+
+class OutputGradientActivation(Layer):
+    """An element-wise layer whose gradient is a function of its output; `kernel` names the pair
+    `<kernel>_forward(count, x, y)` / `<kernel>_backward(count, y, dy, dx)` in activation.cu."""
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+    kernel = ""
+
+    def reshape(self, bottom, top):
+        if top[0] is not bottom[0]:
+            top[0].reshape_like(bottom[0])
+
+    def forward(self, bottom, top):
+        x = bottom[0].get_data()
+        KERNELS.launch(f"{self.kernel}_forward", x.size, x.size, x, top[0].mutable_data())
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        y = top[0].get_data()
+        KERNELS.launch(f"{self.kernel}_backward", y.size, y.size, y, top[0].get_diff(),
+                       bottom[0].mutable_diff())
+
+
+@register("Sigmoid")
+class SigmoidLayer(OutputGradientActivation):
+    kernel = "sigmoid"
+
+
+@register("TanH")
+class TanHLayer(OutputGradientActivation):
+    kernel = "tanh"
