@@ -1,0 +1,122 @@
+"""Net semantics that span layers: lr_mult 0, shared parameters, force_backward, loss weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import minicaffe
+from minicaffe import io
+from minicaffe.net import Net, NetError
+from minicaffe.proto import caffe_pb2
+
+INPUTS = """
+layer { name: "in" type: "Input" top: "x" top: "t"
+        input_param { shape { dim: 3 dim: 4 } shape { dim: 3 dim: 2 } } }
+"""
+
+
+def ip(name, bottom, top, param="", filler='weight_filler { type: "gaussian" std: 0.5 }'):
+    return (f'layer {{ name: "{name}" type: "InnerProduct" bottom: "{bottom}" top: "{top}" {param}\n'
+            f'  inner_product_param {{ num_output: 2 {filler} bias_filler {{ type: "gaussian" }} }} }}\n')
+
+
+def make(text, **kwargs) -> Net:
+    return Net(io.parse_text(text, caffe_pb2.NetParameter()), minicaffe.TRAIN, dtype=np.float64, **kwargs)
+
+
+def feed(net, seed=0):
+    rng = np.random.default_rng(seed)
+    net.blobs["x"].data[...] = rng.normal(size=(3, 4))
+    net.blobs["t"].data[...] = rng.normal(size=(3, 2))
+
+
+def test_lr_mult_zero_leaves_that_diff_untouched():
+    net = make(INPUTS + ip("fc", "x", "y", 'param { lr_mult: 0 } param { lr_mult: 1 }')
+               + 'layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }')
+    feed(net)
+    weights, bias = net.params["fc"]
+    weights.diff[...] = 7.0
+    bias.diff[...] = 0.0
+    net.forward()
+    net.backward()
+    assert (weights.diff == 7.0).all()  # not computed, not cleared
+    assert np.abs(bias.diff).sum() > 0
+    assert [p.lr_mult for p in net.learnable_params] == [0.0, 1.0]
+
+
+def test_force_backward_computes_every_gradient_as_caffe():
+    frozen = 'param { lr_mult: 0 } param { lr_mult: 0 }'
+    net = make("force_backward: true\n" + INPUTS + ip("fc", "x", "y", frozen)
+               + 'layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }')
+    feed(net)
+    net.forward()
+    net.backward()
+    assert np.abs(net.params["fc"][0].diff).sum() > 0
+    assert np.abs(net.blobs["x"].diff).sum() > 0
+
+
+def test_layers_not_leading_to_a_loss_skip_backward():
+    net = make(INPUTS + ip("fc", "x", "y") + ip("side", "x", "z")
+               + 'layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }')
+    feed(net)
+    net.forward()
+    net.backward()
+    assert np.abs(net.params["fc"][0].diff).sum() > 0
+    assert (net.params["side"][0].diff == 0).all()
+
+
+def test_shared_parameters_accumulate_both_gradients():
+    loss = ('layer { name: "sum" type: "Eltwise" bottom: "y1" bottom: "y2" top: "y" }\n'
+            'layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }')
+    shared = make(INPUTS + ip("fc1", "x", "y1", 'param { name: "w" } param { name: "b" }')
+                  + ip("fc2", "x", "y2", 'param { name: "w" } param { name: "b" }') + loss)
+    separate = make(INPUTS + ip("fc1", "x", "y1") + ip("fc2", "x", "y2") + loss)
+    assert shared.params["fc1"][0] is shared.params["fc2"][0]
+    assert len(shared.learnable_params) == 2 and len(separate.learnable_params) == 4
+    for net in (shared, separate):
+        feed(net)
+        values = [blob.data for blob in shared.params["fc1"]]
+        for layer in ("fc1", "fc2"):
+            for blob, value in zip(net.params[layer], values):
+                blob.data[...] = value
+        net.forward()
+        net.backward()
+    for i in range(2):
+        expected = separate.params["fc1"][i].diff + separate.params["fc2"][i].diff
+        np.testing.assert_allclose(shared.params["fc1"][i].diff, expected, rtol=1e-12)
+
+
+def test_shared_parameter_shape_mismatch_is_an_error():
+    text = INPUTS + ip("fc1", "x", "y1", 'param { name: "w" }') + \
+        'layer { name: "fc2" type: "InnerProduct" bottom: "x" top: "y2" param { name: "w" }\n' \
+        '        inner_product_param { num_output: 3 } }'
+    with pytest.raises(NetError, match="shared parameter 'w' has shape \\[3, 4\\], its owner \\[2, 4\\]"):
+        make(text)
+
+
+def test_loss_weight_scales_loss_and_gradient():
+    base = INPUTS + ip("fc", "x", "y")
+    plain = make(base + 'layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }')
+    weighted = make(base + 'layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss"'
+                    ' loss_weight: 3 }')
+    results = []
+    for net in (plain, weighted):
+        feed(net)
+        net.params["fc"][0].data[...] = plain.params["fc"][0].data
+        net.params["fc"][1].data[...] = plain.params["fc"][1].data
+        results.append((net.forward_backward(), np.array(net.params["fc"][0].diff)))
+    assert results[1][0] == pytest.approx(3 * results[0][0])
+    np.testing.assert_allclose(results[1][1], 3 * results[0][1])
+
+
+def test_propagate_down_false_stops_the_bottom_gradient():
+    net = make("force_backward: true\n" + INPUTS + ip("fc", "x", "y")
+               + 'layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss"'
+               ' propagate_down: true propagate_down: false }')
+    feed(net)
+    net.blobs["t"].diff[...] = 5.0
+    net.forward()
+    net.backward()
+    assert (net.blobs["t"].diff == 5.0).all()
+    assert np.abs(net.blobs["y"].diff).sum() > 0
