@@ -245,7 +245,8 @@ def test_relu_in_place_equals_not_in_place(slope):
         results.append((y, np.array(bottom.diff)))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
-    np.testing.assert_array_equal(results[0][1], np.where(x > 0, dy, float(np.float32(slope)) * dy))  # float param
+    slope32 = float(np.float32(slope))  # the proto field is a float
+    np.testing.assert_array_equal(results[0][1], np.where(x > 0, dy, slope32 * dy))
 
 
 # -- Net construction -----------------------------------------------------------------------------

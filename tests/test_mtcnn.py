@@ -136,7 +136,8 @@ def test_prelu_slopes_read_through_params_equal_file(mtcnn_dir, name, counts):
     prelus = [n for n, layer in zip(net._layer_names, net.layers) if layer.type == "PReLU"]
     assert [net.params[n][0].count for n in prelus] == counts
     for layer_name in prelus:
-        np.testing.assert_array_equal(net.params[layer_name][0].data, stored[layer_name][0].astype(np.float32))
+        stored_slopes = stored[layer_name][0].astype(np.float32)
+        np.testing.assert_array_equal(net.params[layer_name][0].data, stored_slopes)
     assert any((net.params[n][0].data < 0).any() for n in prelus)  # learned slopes can be negative
 
 
