@@ -44,13 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(f"minicaffe.commands.{module_name}")
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        # Caffe spells device_query with an underscore; device-query is accepted too.
+        aliases = [name.replace("_", "-")] if "_" in name else []
+        command = sub.add_parser(name, help=help_text, description=help_text, aliases=aliases)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
-        if "_" in name:  # Caffe spells device_query with an underscore; accept device-query too
-            alias = sub.add_parser(name.replace("_", "-"), help=argparse.SUPPRESS)
-            module.add_arguments(alias)
-            alias.set_defaults(_run=module.run)
     return parser
 
 
