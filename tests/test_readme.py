@@ -1,0 +1,35 @@
+"""The README's examples work as written."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+import minicaffe
+from minicaffe import io
+from minicaffe.proto import caffe_pb2
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, re.S)
+
+
+def test_readme_prototxt_example_runs():
+    (text,) = code_blocks("protobuf")
+    assert len(text.strip().splitlines()) <= 12 and "PReLU" in text
+    net = minicaffe.Net(io.parse_text(text, caffe_pb2.NetParameter(), "README.md"), minicaffe.TEST)
+    out = net.forward(data=np.random.default_rng(0).normal(size=(1, 3, 12, 12)))
+    assert out["prob"].shape == (1, 2)
+    np.testing.assert_allclose(out["prob"].sum(), 1.0, rtol=1e-6)
+    assert (net.params["prelu1"][0].data == np.float32(0.25)).all()
+
+
+def test_readme_has_exactly_the_two_setup_commands():
+    setup = README[README.index("## Set up"):README.index("## A net with PReLU")]
+    commands = [line.strip() for line in setup.splitlines() if line.startswith("    ")]
+    assert commands == ["pip install . && minicaffe train --solver quickstart",
+                        'pip install ".[test]" && python -m pytest']
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    assert commands[1] in ci
