@@ -19,7 +19,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -36,7 +35,10 @@ from minicaffe.layer import TEST, TRAIN
 from minicaffe.testing import layer_from_prototxt
 
 REPO = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- BEGIN benchmarks/kernels.py -->", "<!-- END benchmarks/kernels.py -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # markdown_section.py, beside this file
+from markdown_section import markers, update_section  # noqa: E402
+
+BEGIN, END = markers("benchmarks/kernels.py")
 
 # name, prototxt body, bottom shapes, phase. Activations of 2M elements (8 MB in float32): bigger than
 # the L2 caches, though a large L3 may hold them; the copy bandwidth is measured at both that size and
@@ -272,16 +274,6 @@ def markdown(results: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
-def update_benchmarks_md(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text if text.endswith("\n") else text + "\n")
-
-
 def gpu_available() -> bool:
     try:
         backend.set_mode_gpu()
@@ -322,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             command += f" --device {args.device}"
         if args.quick:
             command += " --quick"
-        update_benchmarks_md(Path(args.output), markdown(results, command))
+        update_section(Path(args.output), "benchmarks/kernels.py", markdown(results, command))
         print(f"\nupdated {args.output}")
     return 0
 

@@ -28,7 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = {"lenet": ("models/lenet/lenet_solver.prototxt", "models/lenet/lenet_train_test.prototxt"),
           "lenet_prelu": ("models/lenet_prelu/solver.prototxt", "models/lenet_prelu/train_test.prototxt")}
 TRAIN_COUNT, TEST_COUNT = 8000, 2000
-BEGIN, END = "<!-- BEGIN benchmarks/train_mnist.py -->", "<!-- END benchmarks/train_mnist.py -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # markdown_section.py, beside this file
+from markdown_section import markers, update_section  # noqa: E402
+
+BEGIN, END = markers("benchmarks/train_mnist.py")
 
 
 def minicaffe_command(*args: str) -> list[str]:
@@ -173,16 +176,6 @@ def markdown(results: list[dict], command: str, where: str) -> str:
     return "\n".join(lines)
 
 
-def update_benchmarks_md(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mnist", type=Path, default=REPO.parent / "shared" / "data" / "mnist",
@@ -207,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(table(results, where)))
     if not args.no_write:
         section = markdown(results, "python benchmarks/train_mnist.py", where)
-        update_benchmarks_md(REPO / "BENCHMARKS.md", section)
+        update_section(REPO / "BENCHMARKS.md", "benchmarks/train_mnist.py", section)
     return 0
 
 

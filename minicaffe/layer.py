@@ -152,3 +152,27 @@ class Layer:
 
     def __repr__(self) -> str:
         return f"<{self.type} layer '{self.name}'>"
+
+
+class ViewLayer(Layer):
+    """A layer whose top is the bottom seen with another shape (Flatten, Reshape): the top shares the
+    bottom's data and diff, so forward and backward have nothing to do. Subclasses give top_shape."""
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def top_shape(self, bottom: Blob) -> Sequence[int]:
+        raise NotImplementedError
+
+    def reshape(self, bottom, top):
+        if top[0] is bottom[0]:
+            self.fail("cannot run in place (its top is a reshaped view of the bottom: give it its own top)")
+        top[0].reshape(self.top_shape(bottom[0]))
+        top[0].share_data(bottom[0])
+        top[0].share_diff(bottom[0])
+
+    def forward(self, bottom, top):
+        pass
+
+    def backward(self, top, propagate_down, bottom):
+        pass  # the diff is shared

@@ -5,14 +5,11 @@ The top shares the bottom's data and diff (no copy), so forward and backward hav
 
 from __future__ import annotations
 
-from ..layer import Layer, register
+from ..layer import ViewLayer, register
 
 
 @register("Reshape")
-class ReshapeLayer(Layer):
-    exact_num_bottom = 1
-    exact_num_top = 1
-
+class ReshapeLayer(ViewLayer):
     def layer_setup(self, bottom, top):
         dims = list(self.param.reshape_param.shape.dim)
         if dims.count(-1) > 1:
@@ -21,10 +18,8 @@ class ReshapeLayer(Layer):
             self.fail(f"shape {dims} has a dim below -1 (use 0 to copy a dim, -1 to infer one)")
         self.dims = dims
 
-    def reshape(self, bottom, top):
-        if top[0] is bottom[0]:
-            self.fail("cannot run in place (its top is a reshaped view of the bottom: give it its own top)")
-        param, shape = self.param.reshape_param, bottom[0].shape
+    def top_shape(self, bottom):
+        param, shape = self.param.reshape_param, bottom.shape
         start = param.axis if param.axis >= 0 else len(shape) + param.axis + 1
         if not 0 <= start <= len(shape):
             self.fail(f"axis {param.axis} out of range for bottom {list(shape)}")
@@ -47,22 +42,14 @@ class ReshapeLayer(Layer):
             known = 1
             for d in new_shape:
                 known *= d if d != -1 else 1
-            if known == 0 or bottom[0].count % known:
+            if known == 0 or bottom.count % known:
                 self.fail(f"cannot infer the -1 in shape {self.dims}: bottom {list(shape)} has "
-                          f"{bottom[0].count} values, not a multiple of {known}")
-            new_shape[new_shape.index(-1)] = bottom[0].count // known
+                          f"{bottom.count} values, not a multiple of {known}")
+            new_shape[new_shape.index(-1)] = bottom.count // known
         count = 1
         for d in new_shape:
             count *= d
-        if count != bottom[0].count:
-            self.fail(f"bottom {list(shape)} has {bottom[0].count} values, the new shape {new_shape} "
+        if count != bottom.count:
+            self.fail(f"bottom {list(shape)} has {bottom.count} values, the new shape {new_shape} "
                       f"has {count} (shape {self.dims}, axis {param.axis}, num_axes {param.num_axes})")
-        top[0].reshape(new_shape)
-        top[0].share_data(bottom[0])
-        top[0].share_diff(bottom[0])
-
-    def forward(self, bottom, top):
-        pass
-
-    def backward(self, top, propagate_down, bottom):
-        pass  # the diff is shared
+        return new_shape
