@@ -7,8 +7,7 @@ KERNEL void relu_forward(const int count, const real* x, real* y, const real neg
   }
 }
 
-// Uses the bottom x (not y) to pick the branch: for negative_slope >= 0 the sign of y equals the
-// sign of x, so this is also correct in place, where x has been overwritten by y.
+// Picks the branch from the forward's input x (in place, the layer passes a copy it kept).
 KERNEL void relu_backward(const int count, const real* x, const real* dy, real* dx,
                           const real negative_slope) {
   PLANE_LOOP(p, 1) {

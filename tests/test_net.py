@@ -120,3 +120,60 @@ def test_propagate_down_false_stops_the_bottom_gradient():
     net.backward()
     assert (net.blobs["t"].diff == 5.0).all()
     assert np.abs(net.blobs["y"].diff).sum() > 0
+
+
+@pytest.mark.parametrize("slopes", [(0.0, 0.1, 0.3), (0.2, -0.5, 0.1)])
+def test_relu_chain_in_place_equals_not_in_place(slopes):
+    """A chain of in-place ReLUs (as Caffe nets write them) gives the same top and input gradient."""
+    def chain(in_place: bool) -> Net:
+        text = 'force_backward: true\nlayer { name: "in" type: "Input" top: "x" ' \
+               'input_param { shape { dim: 2 dim: 3 dim: 4 } } }\n'
+        previous = "x"
+        for i, slope in enumerate(slopes):
+            top = "x" if in_place else f"r{i}"
+            text += (f'layer {{ name: "relu{i}" type: "ReLU" bottom: "{previous}" top: "{top}" '
+                     f'relu_param {{ negative_slope: {slope} }} }}\n')
+            previous = top
+        return make(text)
+
+    x = np.random.default_rng(5).normal(size=(2, 3, 4))
+    dy = np.random.default_rng(6).normal(size=(2, 3, 4))
+    results = []
+    for in_place in (False, True):
+        net = chain(in_place)
+        out = net.forward(x=x)
+        (name,) = out
+        top = np.array(out[name])
+        results.append((top, np.array(net.backward(**{name: dy})["x"])))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    # hand-derived: each leaky ReLU multiplies negatives by its slope (a negative slope flips the sign)
+    expected, grad = x.copy(), np.ones_like(x)
+    for slope in slopes:
+        s = float(np.float32(slope))
+        grad = np.where(expected > 0, grad, s * grad)
+        expected = np.where(expected > 0, expected, s * expected)
+    np.testing.assert_allclose(results[0][0], expected)
+    np.testing.assert_allclose(results[0][1], grad * dy)
+
+
+@pytest.mark.parametrize("first", ['type: "Sigmoid"', 'type: "TanH"', 'type: "ReLU"',
+                                   'type: "PReLU"', 'type: "AbsVal"'])
+def test_in_place_layer_followed_by_a_sign_changing_in_place_layer(first):
+    """Backward of an in-place layer must not read the shared blob, which later in-place layers change."""
+    def net(in_place: bool) -> Net:
+        mid, out = ("x", "x") if in_place else ("a", "b")
+        return make('force_backward: true\nlayer { name: "in" type: "Input" top: "x" '
+                    'input_param { shape { dim: 2 dim: 3 } } }\n'
+                    f'layer {{ name: "first" {first} bottom: "x" top: "{mid}" }}\n'
+                    f'layer {{ name: "flip" type: "Power" bottom: "{mid}" top: "{out}" '
+                    'power_param { scale: -2 shift: 0.1 } }')
+
+    x = np.random.default_rng(7).normal(size=(2, 3))
+    dy = np.random.default_rng(8).normal(size=(2, 3))
+    grads = []
+    for in_place in (False, True):
+        n = net(in_place)
+        (name,) = n.forward(x=x)
+        grads.append(np.array(n.backward(**{name: dy})["x"]))
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-12)

@@ -1,4 +1,5 @@
-"""Sigmoid and TanH: element-wise, and their backward needs only the output y, so in place is allowed.
+"""Sigmoid and TanH: element-wise, and their backward needs only the output y, so in place is allowed
+(then y is kept: later in-place layers may change the shared blob before this layer's backward).
 
     Sigmoid: y = 1 / (1 + exp(-x)),  dx = dy * y * (1 - y)
     TanH:    y = tanh(x),            dx = dy * (1 - y^2)
@@ -26,12 +27,14 @@ class OutputGradientActivation(Layer):
 
     def forward(self, bottom, top):
         x = bottom[0].get_data()
-        KERNELS.launch(f"{self.kernel}_forward", x.size, x.size, x, top[0].mutable_data())
+        y = top[0].mutable_data()
+        KERNELS.launch(f"{self.kernel}_forward", x.size, x.size, x, y)
+        self.saved_output = y.copy() if top[0] is bottom[0] else None
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        y = top[0].get_data()
+        y = self.saved_output if self.saved_output is not None else top[0].get_data()
         KERNELS.launch(f"{self.kernel}_backward", y.size, y.size, y, top[0].get_diff(),
                        bottom[0].mutable_diff())
 

@@ -23,10 +23,9 @@ class ReLULayer(Layer):
 
     def forward(self, bottom, top):
         x = bottom[0].get_data()
-        # In place, backward sees y instead of x; sign(y) == sign(x) unless the slope is negative,
-        # so only then keep a copy of x.
-        in_place = top[0] is bottom[0]
-        self.saved_input = x.copy() if in_place and self.negative_slope < 0 else None
+        # In place, backward must not read the blob: it holds y, and later in-place layers may have
+        # changed it again (a negative slope or a Power flips signs). So keep x. (Caffe reads the blob.)
+        self.saved_input = x.copy() if top[0] is bottom[0] else None
         KERNELS.relu_forward(x.size, x, top[0].mutable_data(), self.negative_slope, grid=x.size)
 
     def backward(self, top, propagate_down, bottom):
