@@ -178,6 +178,8 @@ class Solver:
         p, where = self.param, self._where()
         if self.type not in RULES:
             raise SolverError(f"{where}: unknown solver type '{self.type}' (known: {', '.join(RULES)})")
+        if not p.lr_policy:  # Caffe has no default either
+            raise SolverError(f"{where}: lr_policy is not set (give one of {', '.join(LR_POLICIES)})")
         if p.lr_policy not in LR_POLICIES:
             raise SolverError(f"{where}: lr_policy {p.lr_policy!r} is not one of {', '.join(LR_POLICIES)}")
         if p.lr_policy in ("step", "sigmoid") and p.stepsize <= 0:

@@ -423,7 +423,7 @@ def test_legacy_solver_type_enum():
 
 @pytest.mark.parametrize("text, message", [
     ('base_lr: 0.1 lr_policy: "fixed" type: "Momentum"', "unknown solver type 'Momentum'"),
-    ("base_lr: 0.1", "lr_policy '' is not one of"),
+    ("base_lr: 0.1", "lr_policy is not set"),
     ('base_lr: 0.1 lr_policy: "cosine"', "lr_policy 'cosine'"),
     ('base_lr: 0.1 lr_policy: "step"', "needs stepsize > 0"),
     ('base_lr: 0.1 lr_policy: "fixed" type: "AdaGrad" momentum: 0.9', "momentum cannot be used with AdaGrad"),
