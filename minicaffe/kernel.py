@@ -238,10 +238,14 @@ class KernelFile:
         if key not in self._gpu_modules:
             import cupy
 
-            options = ("-I" + str(kernel_dir()), f"-DMC_REAL={REAL_TYPES[real]}", "--std=c++14")
-            module = cupy.RawModule(code=self.source, options=options)
+            module = cupy.RawModule(code=self.source, options=gpu_options(REAL_TYPES[real]))
             self._gpu_modules[key] = module
         return self._gpu_modules[key]
+
+
+def gpu_options(ctype: str) -> tuple[str, ...]:
+    """NVRTC options for a build with element type `ctype` (the device's arch is added by CuPy)."""
+    return ("-I" + str(kernel_dir()), f"-DMC_REAL={ctype}", "--std=c++14")
 
 
 def main() -> None:  # pragma: no cover - developer convenience: prebuild every kernel
