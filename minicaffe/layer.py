@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from . import backend
 from .blob import Blob
 from .filler import fill
 from .proto import caffe_pb2
@@ -152,6 +153,27 @@ class Layer:
 
     def __repr__(self) -> str:
         return f"<{self.type} layer '{self.name}'>"
+
+
+class NeuronLayer(Layer):
+    """One bottom, one top of the same shape, in place allowed (Caffe's NeuronLayer).
+
+    In place, the shared blob at backward time holds neither x nor surely this layer's y: later
+    in-place layers may have changed it. A layer whose backward needs x or y keeps a copy with keep()."""
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+    _kept = None
+
+    def reshape(self, bottom, top):
+        if top[0] is not bottom[0]:
+            top[0].reshape_like(bottom[0])
+
+    def keep(self, array):
+        """A copy of `array` in a buffer this layer reuses between calls."""
+        self._kept = backend.reuse(self._kept, array.shape, array.dtype)
+        self._kept[...] = array
+        return self._kept
 
 
 class ViewLayer(Layer):

@@ -6,26 +6,19 @@ in place works: forward keeps a copy of x for backward."""
 from __future__ import annotations
 
 from ..kernel import KernelFile
-from ..layer import Layer, register
+from ..layer import NeuronLayer, register
 
 KERNELS = KernelFile("activation.cu")
 
 
 @register("AbsVal")
-class AbsValLayer(Layer):
-    exact_num_bottom = 1
-    exact_num_top = 1
-
+class AbsValLayer(NeuronLayer):
     def layer_setup(self, bottom, top):
         self.saved_input = None
 
-    def reshape(self, bottom, top):
-        if top[0] is not bottom[0]:
-            top[0].reshape_like(bottom[0])
-
     def forward(self, bottom, top):
         x = bottom[0].get_data()
-        self.saved_input = x.copy() if top[0] is bottom[0] else None
+        self.saved_input = self.keep(x) if top[0] is bottom[0] else None
         KERNELS.absval_forward(x.size, x, top[0].mutable_data(), grid=x.size)
 
     def backward(self, top, propagate_down, bottom):

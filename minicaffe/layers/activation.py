@@ -8,28 +8,22 @@
 from __future__ import annotations
 
 from ..kernel import KernelFile
-from ..layer import Layer, register
+from ..layer import NeuronLayer, register
 
 KERNELS = KernelFile("activation.cu")
 
 
-class OutputGradientActivation(Layer):
+class OutputGradientActivation(NeuronLayer):
     """An element-wise layer whose gradient is a function of its output; `kernel` names the pair
     `<kernel>_forward(count, x, y)` / `<kernel>_backward(count, y, dy, dx)` in activation.cu."""
 
-    exact_num_bottom = 1
-    exact_num_top = 1
     kernel = ""
-
-    def reshape(self, bottom, top):
-        if top[0] is not bottom[0]:
-            top[0].reshape_like(bottom[0])
 
     def forward(self, bottom, top):
         x = bottom[0].get_data()
         y = top[0].mutable_data()
         KERNELS.launch(f"{self.kernel}_forward", x.size, x.size, x, y)
-        self.saved_output = y.copy() if top[0] is bottom[0] else None
+        self.saved_output = self.keep(y) if top[0] is bottom[0] else None
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:

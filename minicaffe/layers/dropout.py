@@ -12,16 +12,13 @@ import numpy as np
 
 from .. import backend, rng
 from ..kernel import KernelFile
-from ..layer import TRAIN, Layer, register
+from ..layer import TRAIN, NeuronLayer, register
 
 KERNELS = KernelFile("dropout.cu")
 
 
 @register("Dropout")
-class DropoutLayer(Layer):
-    exact_num_bottom = 1
-    exact_num_top = 1
-
+class DropoutLayer(NeuronLayer):
     def layer_setup(self, bottom, top):
         self.ratio = float(self.param.dropout_param.dropout_ratio)
         if not 0.0 <= self.ratio < 1.0:
@@ -29,10 +26,6 @@ class DropoutLayer(Layer):
         # Caffe keeps scale_ as a float, also in double nets.
         self.scale = float(np.float32(1.0 / (1.0 - self.ratio)))
         self.mask = None
-
-    def reshape(self, bottom, top):
-        if top[0] is not bottom[0]:
-            top[0].reshape_like(bottom[0])
 
     def forward(self, bottom, top):
         x = bottom[0].get_data()

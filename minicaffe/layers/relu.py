@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 from ..kernel import KernelFile
-from ..layer import Layer, register
+from ..layer import NeuronLayer, register
 
 KERNELS = KernelFile("relu.cu")
 
 
 @register("ReLU")
-class ReLULayer(Layer):
-    exact_num_bottom = 1
-    exact_num_top = 1
-
+class ReLULayer(NeuronLayer):
     def layer_setup(self, bottom, top):
         self.negative_slope = self.param.relu_param.negative_slope
         self.saved_input = None
-
-    def reshape(self, bottom, top):
-        if top[0] is not bottom[0]:
-            top[0].reshape_like(bottom[0])
 
     def forward(self, bottom, top):
         x = bottom[0].get_data()
         # In place, backward must not read the blob: it holds y, and later in-place layers may have
         # changed it again (a negative slope or a Power flips signs). So keep x. (Caffe reads the blob.)
-        self.saved_input = x.copy() if top[0] is bottom[0] else None
+        self.saved_input = self.keep(x) if top[0] is bottom[0] else None
         KERNELS.relu_forward(x.size, x, top[0].mutable_data(), self.negative_slope, grid=x.size)
 
     def backward(self, top, propagate_down, bottom):
