@@ -1,0 +1,701 @@
+"""minicaffe's GPU code paths, run on a CPU-only machine through a fake CuPy (tests/fake_cupy).
+
+The fake (see its docstring) keeps device arrays apart from numpy as CuPy does -- mixing a host array
+into device math, or converting a device array to numpy implicitly, is an error -- and validates every
+kernel launch (grid, block, argument kinds and widths) before running the CPU build of the same kernel.
+So these tests check the host/device discipline and the launch arguments of every layer, the Blob
+sync, the Net, the solvers, the data layers and `minicaffe train --gpu`, and that GPU mode computes what
+CPU mode computes. They do not check CUDA itself: tests/test_kernels_nvrtc.py compiles the kernels.
+
+The fake is on sys.path and in sys.modules only inside the `fake_cupy` fixture; afterwards it is gone,
+CPU mode is back, and no kernel keeps a module built by it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+
+import minicaffe
+from minicaffe import backend, io
+from minicaffe.blob import Blob
+from minicaffe.kernel import KernelFile, gpu_options
+from minicaffe.net import Net
+from minicaffe.proto import caffe_pb2
+from minicaffe.solver import Solver
+from minicaffe.testing import layer_from_prototxt
+
+FAKE_PATH = str(Path(__file__).resolve().parent / "fake_cupy")
+DTYPES = [np.float32, np.float64]
+
+
+def _cupy_modules() -> list[str]:
+    return [name for name in sys.modules if name == "cupy" or name.startswith("cupy.")]
+
+
+def _clear_gpu_modules() -> None:
+    """Forget the RawModules that kernels cached per (dtype, device): they came from the fake."""
+    for module in list(sys.modules.values()):
+        for value in list(getattr(module, "__dict__", {}).values()):
+            if isinstance(value, KernelFile):
+                value._gpu_modules.clear()
+
+
+@pytest.fixture
+def fake_cupy():
+    """The fake CuPy importable as `cupy`, in CPU mode to start with; all undone afterwards."""
+    saved_modules = {name: sys.modules.pop(name) for name in _cupy_modules()}  # a real CuPy, if any
+    saved_state = dict(backend._state)
+    _clear_gpu_modules()
+    sys.path.insert(0, FAKE_PATH)
+    try:
+        import cupy
+
+        assert getattr(cupy, "IS_FAKE", False), cupy.__file__
+        cupy.launches.clear()
+        yield cupy
+    finally:
+        minicaffe.set_mode_cpu()
+        backend._state.update(saved_state)
+        sys.path.remove(FAKE_PATH)
+        for name in _cupy_modules():
+            del sys.modules[name]
+        sys.modules.update(saved_modules)
+        _clear_gpu_modules()
+
+
+def set_mode(gpu: bool) -> None:
+    minicaffe.set_mode_gpu() if gpu else minicaffe.set_mode_cpu()
+
+
+def on_device(array) -> bool:
+    return type(array).__module__.startswith("cupy")
+
+
+def assert_same(gpu: dict, cpu: dict) -> None:
+    assert gpu.keys() == cpu.keys()
+    for key in cpu:
+        np.testing.assert_allclose(gpu[key], cpu[key], rtol=1e-6, atol=0, err_msg=key)
+
+
+# -- the fake itself: as strict as CuPy, no stricter ---------------------------------------------------
+
+def test_fake_refuses_what_cupy_refuses(fake_cupy):
+    cp = fake_cupy
+    dev = cp.arange(6, dtype=np.float32).reshape(2, 3)
+    host = np.ones((2, 3), np.float32)
+    for implicit in (lambda: np.asarray(dev), lambda: np.array(dev), lambda: host.__setitem__(..., dev),
+                     lambda: np.float32(dev)):
+        with pytest.raises(TypeError, match="Implicit conversion to a NumPy array"):
+            implicit()
+    for mixed in (lambda: dev + host, lambda: host * dev, lambda: np.add(dev, host),
+                  lambda: dev.__iadd__(host), lambda: np.concatenate([dev, host]),
+                  lambda: cp.dot(dev, host.T), lambda: dev @ host.T, lambda: cp.where(dev > 1, host, 0),
+                  lambda: cp.add(host, 1)):
+        with pytest.raises(TypeError, match="Unsupported type <class 'numpy.ndarray'>"):
+            mixed()
+    with pytest.raises(ValueError, match="non-scalar numpy.ndarray cannot be used for fill"):
+        dev[...] = host
+    with pytest.raises(TypeError):
+        float(dev)  # more than one element
+    assert not isinstance(dev, np.ndarray)
+
+
+def test_fake_allows_what_cupy_allows(fake_cupy):
+    cp = fake_cupy
+    dev = cp.asarray(np.arange(6, dtype=np.float32).reshape(2, 3))  # explicit upload
+    assert on_device(dev) and on_device(dev.sum()) and dev.sum().shape == ()
+    assert float(dev.sum()) == 15.0 and int(dev[1, 2]) == 5 and bool(dev[0, 0] == 0)
+    assert dev.tolist() == [[0, 1, 2], [3, 4, 5]] and dev[1, 1].item() == 4.0
+    assert on_device(np.float32(2) * dev) and on_device(2 * dev) and on_device(np.sqrt(dev))
+    assert on_device(np.sum(dev)) and on_device(dev @ dev.T) and on_device(dev[np.array([True, False])])
+    out = np.empty((2, 3), np.float32)
+    assert dev.get(out=out) is out and out[1, 2] == 5
+    dev.set(np.zeros((2, 3), np.float32))
+    np.testing.assert_array_equal(cp.asnumpy(dev), 0)
+    view = dev[0, 1]  # a 0-d view, as in CuPy
+    view[...] = 7
+    assert dev.get()[0, 1] == 7 and f"{dev[0, 1]:g}" == "7"
+    with pytest.raises(TypeError, match="cannot be set"):
+        dev.set(np.zeros((2, 3)))  # float64 into float32
+
+
+def test_fake_kernel_launch_checks(fake_cupy):
+    relu = KernelFile("relu.cu")
+    module = fake_cupy.RawModule(code=relu.source, options=gpu_options("float"))
+    launch = module.get_function("relu_forward")
+    x = fake_cupy.asarray(np.array([-1.0, 2.0], np.float32))
+    y = fake_cupy.empty(2, np.float32)
+    launch((1, 1), (256,), (np.int32(2), x, y, np.float32(0.5)))
+    np.testing.assert_array_equal(y.get(), [-0.5, 2.0])
+    bad = [((1, 1), (256,), (2, x, y, np.float32(0.5))),  # Python int: 64 bits on the GPU
+           ((1, 1), (256,), (np.int32(2), x, y, 0.5)),
+           ((1, 1), (256,), (np.int32(2), x, y, np.float64(0.5))),  # double into a float build
+           ((1, 1), (256,), (np.int64(2), x, y, np.float32(0.5))),
+           ((1, 1), (256,), (np.int32(2), x.get(), y, np.float32(0.5))),  # host array
+           ((1, 1), (256,), (np.int32(2), x.astype(np.float64), y, np.float32(0.5))),
+           ((1, 1), (256,), (np.int32(2), x, y)),
+           ((1, 65536), (256,), (np.int32(2), x, y, np.float32(0.5))),
+           ((0, 1), (256,), (np.int32(2), x, y, np.float32(0.5))),
+           ((1, 1), (2048,), (np.int32(2), x, y, np.float32(0.5))),
+           ([1, 1], (256,), (np.int32(2), x, y, np.float32(0.5)))]
+    for grid, block, args in bad:
+        with pytest.raises(fake_cupy.KernelLaunchError):
+            launch(grid, block, args)
+    strided = fake_cupy.empty(4, np.float32)[::2]
+    with pytest.raises(fake_cupy.KernelLaunchError, match="C-contiguous"):
+        launch((1, 1), (256,), (np.int32(2), x, strided, np.float32(0.5)))
+
+
+def test_fixture_leaves_no_trace():
+    """Runs after the tests above in file order: the fake is gone and CPU mode is back."""
+    assert not any(getattr(sys.modules.get(n), "IS_FAKE", False) for n in _cupy_modules())
+    assert FAKE_PATH not in sys.path
+    assert backend.mode() == "cpu" and backend.xp() is np
+    from minicaffe.layers import relu
+
+    assert relu.KERNELS._gpu_modules == {}
+
+
+# -- every layer: GPU mode == CPU mode ------------------------------------------------------------------
+
+@dataclass
+class Case:
+    text: str
+    shapes: list  # bottom shapes; ("label", shape, classes) for integer labels
+    num_top: int = 1
+    phase: int = minicaffe.TEST
+    in_place: bool = False
+    propagate: list | None = None  # propagate_down; default all True
+    backward: bool = True
+    kernels: bool = True  # the layer launches kernels
+    inputs: list = field(default_factory=list)  # fixed bottom arrays instead of random ones
+
+
+FILL = 'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.3 }'
+X = (2, 3, 5, 4)
+CASES = {
+    "relu": Case('type: "ReLU"', [X]),
+    "relu_leaky_in_place": Case('type: "ReLU" relu_param { negative_slope: 0.1 }', [X], in_place=True),
+    "prelu": Case('type: "PReLU" prelu_param { filler { type: "gaussian" std: 0.5 } }', [X]),
+    "prelu_shared_in_place": Case('type: "PReLU" prelu_param { channel_shared: true }', [X], in_place=True),
+    "sigmoid": Case('type: "Sigmoid"', [X]),
+    "tanh_in_place": Case('type: "TanH"', [X], in_place=True),
+    "absval": Case('type: "AbsVal"', [X]),
+    "power": Case('type: "Power" power_param { power: 2 scale: 0.5 shift: 1.5 }', [X]),
+    "power_in_place": Case('type: "Power" power_param { power: 3 scale: -1 }', [X], in_place=True),
+    "power_constant": Case('type: "Power" power_param { power: 0.5 scale: 0 shift: 4 }', [X], kernels=False),
+    "dropout_train": Case('type: "Dropout" dropout_param { dropout_ratio: 0.3 }', [X],
+                          phase=minicaffe.TRAIN),
+    "dropout_train_in_place": Case('type: "Dropout"', [X], phase=minicaffe.TRAIN, in_place=True),
+    "dropout_test": Case('type: "Dropout"', [X], kernels=False),
+    "convolution": Case(f'type: "Convolution" convolution_param {{ num_output: 4 kernel_size: 3 pad: 1 '
+                        f'stride: 2 {FILL} }}', [X]),
+    "convolution_group_dilation": Case(
+        f'type: "Convolution" convolution_param {{ num_output: 4 group: 2 kernel_h: 2 kernel_w: 3 '
+        f'dilation: 2 bias_term: false {FILL} }}', [(2, 4, 7, 8)]),
+    "convolution_two_bottoms": Case(f'type: "Convolution" convolution_param {{ num_output: 2 kernel_size: 2 '
+                                    f'{FILL} }}', [X, X], num_top=2),
+    "inner_product": Case(f'type: "InnerProduct" inner_product_param {{ num_output: 5 {FILL} }}', [X],
+                          kernels=False),
+    "inner_product_transpose": Case(f'type: "InnerProduct" inner_product_param {{ num_output: 3 axis: 2 '
+                                    f'transpose: true {FILL} }}', [X], kernels=False),
+    "pooling_max_two_tops": Case('type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 }', [X],
+                                 num_top=2),
+    "pooling_ave_pad": Case('type: "Pooling" pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }',
+                            [X]),
+    "pooling_global": Case('type: "Pooling" pooling_param { pool: AVE global_pooling: true }', [X]),
+    "lrn_across": Case('type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 }', [X]),
+    "lrn_within": Case('type: "LRN" lrn_param { local_size: 3 alpha: 0.5 norm_region: WITHIN_CHANNEL }',
+                       [X]),
+    "batch_norm_train": Case('type: "BatchNorm"', [X], phase=minicaffe.TRAIN),
+    "batch_norm_train_in_place": Case('type: "BatchNorm"', [X], phase=minicaffe.TRAIN, in_place=True),
+    "batch_norm_global": Case('type: "BatchNorm" batch_norm_param { use_global_stats: true }', [X]),
+    "scale_bias_term": Case('type: "Scale" scale_param { axis: 1 num_axes: 1 bias_term: true '
+                            'filler { type: "gaussian" } bias_filler { type: "gaussian" } }', [X]),
+    "scale_two_bottoms": Case('type: "Scale" scale_param { axis: 1 }', [X, (3, 5)]),
+    "scale_in_place": Case('type: "Scale" scale_param { filler { type: "gaussian" } }', [X], in_place=True),
+    "bias": Case('type: "Bias" bias_param { filler { type: "gaussian" } }', [X]),
+    "bias_two_bottoms": Case('type: "Bias" bias_param { axis: 0 }', [X, (2, 3)]),
+    "eltwise_sum": Case('type: "Eltwise" eltwise_param { operation: SUM coeff: 0.5 coeff: -2 coeff: 1 }',
+                        [X, X, X]),
+    "eltwise_prod": Case('type: "Eltwise" eltwise_param { operation: PROD }', [X, X, X]),
+    "eltwise_prod_quotient": Case('type: "Eltwise" eltwise_param { operation: PROD '
+                                  'stable_prod_grad: false }', [X, X]),
+    "eltwise_max": Case('type: "Eltwise" eltwise_param { operation: MAX }', [X, X, X]),
+    "softmax": Case('type: "Softmax"', [X]),
+    "softmax_axis_2": Case('type: "Softmax" softmax_param { axis: 2 }', [X]),
+    "softmax_loss": Case('type: "SoftmaxWithLoss"', [X, ("label", (2, 5, 4), 3)], num_top=2,
+                         propagate=[True, False]),
+    "softmax_loss_ignore": Case('type: "SoftmaxWithLoss" loss_param { ignore_label: 1 }',
+                                [(6, 4), ("label", (6,), 4)], propagate=[True, False]),
+    "softmax_loss_batch_size": Case('type: "SoftmaxWithLoss" loss_param { normalization: BATCH_SIZE }',
+                                    [(6, 4), ("label", (6,), 4)], propagate=[True, False]),
+    "euclidean_loss": Case('type: "EuclideanLoss"', [(4, 3, 2), (4, 3, 2)]),
+    "accuracy": Case('type: "Accuracy" accuracy_param { top_k: 2 }', [(6, 4), ("label", (6,), 4)],
+                     num_top=2, propagate=[False, False]),
+    "accuracy_ignore": Case('type: "Accuracy" accuracy_param { ignore_label: 0 axis: 1 }',
+                            [X, ("label", (2, 5, 4), 3)], propagate=[False, False]),
+    "flatten": Case('type: "Flatten"', [X], kernels=False),
+    "reshape": Case('type: "Reshape" reshape_param { shape { dim: 0 dim: -1 dim: 2 } }', [X], kernels=False),
+    "concat": Case('type: "Concat"', [X, (2, 2, 5, 4)]),
+    "concat_axis_0": Case('type: "Concat" concat_param { axis: 0 }', [X, (1, 3, 5, 4)]),
+    "slice": Case('type: "Slice" slice_param { slice_point: 1 slice_point: 3 axis: 2 }', [X], num_top=3),
+    "split": Case('type: "Split"', [X], num_top=3, kernels=False),
+    "silence": Case('type: "Silence"', [X, X], num_top=0, kernels=False),
+}
+
+
+def make_inputs(case: Case, dtype, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for shape in case.shapes:
+        if shape[0] == "label":
+            arrays.append(rng.integers(0, shape[2], shape[1]).astype(dtype))
+        else:
+            arrays.append(rng.normal(size=shape).astype(dtype))
+    return arrays
+
+
+def run_case(case: Case, dtype, gpu: bool | tuple[bool, bool], cupy) -> dict[str, np.ndarray]:
+    """Set up, then twice (new inputs, next forward index): forward, backward; every top, bottom diff
+    and parameter (data and accumulated diff) as host copies. `gpu` may give the mode of each pass."""
+    modes = gpu if isinstance(gpu, tuple) else (gpu, gpu)
+    set_mode(modes[0])
+    minicaffe.set_random_seed(1701)
+    launches = len(cupy.launches)
+    layer = layer_from_prototxt(case.text, phase=case.phase, dtype=dtype)
+    passes = [make_inputs(case, dtype, seed) for seed in (0, 1)]
+    bottom = [Blob(a.shape, dtype) for a in passes[0]]
+    for blob, array in zip(bottom, passes[0]):
+        blob.data[...] = array  # host writes: uploaded when a GPU layer reads them
+    top = [bottom[0]] if case.in_place else [Blob((), dtype) for _ in range(case.num_top)]
+    layer.setup(bottom, top)
+    propagate = case.propagate or [True] * len(bottom)
+    out = {}
+    for index, (arrays, gpu) in enumerate(zip(passes, modes)):
+        set_mode(gpu)
+        layer.forward_index = index
+        for blob, array in zip(bottom, arrays):
+            blob.data[...] = array
+        layer.reshape(bottom, top)
+        layer.forward(bottom, top)
+        if gpu:
+            assert all(on_device(t.get_data()) for t in top)
+        for i, t in enumerate(top):
+            out[f"pass {index} top {i}"] = np.array(t.data)
+        if not case.backward:
+            continue
+        rng = np.random.default_rng(10 + index)
+        for t in top:
+            t.diff[...] = rng.normal(size=t.shape)
+        layer.backward(top, propagate, bottom)
+        for i, b in enumerate(bottom):
+            if propagate[i]:
+                out[f"pass {index} bottom diff {i}"] = np.array(b.diff)
+        for i, p in enumerate(layer.blobs):
+            out[f"pass {index} param {i} data"] = np.array(p.data)
+            out[f"pass {index} param {i} diff"] = np.array(p.diff)
+    if modes[1] and case.kernels:
+        assert len(cupy.launches) > launches, "no kernel ran on the (fake) GPU"
+    if not any(modes):
+        assert len(cupy.launches) == launches
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_layer_gpu_equals_cpu(fake_cupy, name, dtype):
+    case = CASES[name]
+    cpu = run_case(case, dtype, gpu=False, cupy=fake_cupy)
+    gpu = run_case(case, dtype, gpu=True, cupy=fake_cupy)
+    assert_same(gpu, cpu)
+
+
+@pytest.mark.parametrize("modes", [(False, True), (True, False)], ids=["cpu_then_gpu", "gpu_then_cpu"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_layer_survives_a_mode_switch_between_passes(fake_cupy, name, modes):
+    """Arrays a layer keeps between passes (masks, saved inputs, scratch) follow the mode, as the blobs do."""
+    case = CASES[name]
+    cpu = run_case(case, np.float32, gpu=False, cupy=fake_cupy)
+    assert_same(run_case(case, np.float32, gpu=modes, cupy=fake_cupy), cpu)
+
+
+def test_launch_grids_stay_within_cuda_limits(fake_cupy):
+    """More planes than grid.y allows, and more inner elements than grid.x covers: the launcher caps the
+    grid (the fake refuses an oversized one) and the kernels' grid-stride loops cover the rest."""
+    for case, kernel, grid in [(Case('type: "Softmax"', [(70000, 2)]), "softmax_forward", (1, 65535)),
+                               (Case('type: "ReLU"', [(1100000,)]), "relu_forward", (4096, 1))]:
+        cpu = run_case(case, np.float32, gpu=False, cupy=fake_cupy)
+        assert_same(run_case(case, np.float32, gpu=True, cupy=fake_cupy), cpu)
+        assert (kernel, grid, (256,)) in fake_cupy.launches
+
+
+@pytest.mark.parametrize("text, labels, message", [
+    ('type: "SoftmaxWithLoss"', [0, 5], "label 5 is outside 0..2"),
+    ('type: "Accuracy"', [-1, 1], "label -1 is outside 0..2"),
+])
+def test_label_errors_on_gpu(fake_cupy, text, labels, message):
+    minicaffe.set_mode_gpu()
+    layer = layer_from_prototxt(text, dtype=np.float32)
+    scores, label = Blob((2, 3), np.float32), Blob((2,), np.float32)
+    scores.data[...] = np.arange(6).reshape(2, 3)
+    label.data[...] = labels
+    top = [Blob((), np.float32)]
+    layer.setup([scores, label], top)
+    with pytest.raises(minicaffe.layer.LayerError, match=message):
+        layer.forward([scores, label], top)
+
+
+def test_every_registered_layer_is_covered():
+    from minicaffe.layer import LAYERS
+
+    covered = {io.parse_text(c.text, caffe_pb2.LayerParameter(), "<case>").type for c in CASES.values()}
+    ours = {name for name, cls in LAYERS.items() if cls.__module__.startswith("minicaffe.")}  # not tests'
+    data_layers = {"Input", "Data", "DummyData", "MemoryData", "HDF5Data"}  # tested below
+    assert ours - data_layers <= covered, sorted(ours - data_layers - covered)
+
+
+# -- Blob: host and device copies stay in sync -----------------------------------------------------------
+
+def test_blob_host_writes_reach_the_device_and_back(fake_cupy):
+    minicaffe.set_mode_gpu()
+    blob = Blob((2, 3), np.float32)
+    assert on_device(blob.get_data()) and np.all(blob.get_data().get() == 0)  # fresh: zeros on the device
+    blob.data[...] = np.arange(6).reshape(2, 3)  # a Python write, as pycaffe users do
+    np.testing.assert_array_equal(blob.get_data().get(), np.arange(6).reshape(2, 3))
+    blob.mutable_data()[...] *= 2  # a device write (what layers do) ...
+    np.testing.assert_array_equal(blob.data, np.arange(6).reshape(2, 3) * 2)  # ... seen from Python
+    host = blob.data
+    host[0, 0] = -1  # the host view is writable and marks the host copy newest
+    assert float(blob.get_data()[0, 0]) == -1
+    blob.mutable_diff()[...] = 5
+    np.testing.assert_array_equal(blob.diff, 5)
+    blob.diff[1] = 7
+    np.testing.assert_array_equal(blob.get_diff().get(), [[5, 5, 5], [7, 7, 7]])
+    # A read on the device does not make the host copy stale; a mode switch reads the device copy.
+    blob.mutable_data()[...] = 3
+    minicaffe.set_mode_cpu()
+    assert isinstance(blob.get_data(), np.ndarray) and np.all(blob.get_data() == 3)
+    blob.mutable_data()[...] = 4
+    minicaffe.set_mode_gpu()
+    assert np.all(blob.get_data().get() == 4)
+    # shared memory and a reshape to a new count in GPU mode
+    other = Blob((3, 2), np.float32)
+    other.share_data(blob)
+    other.mutable_data()[...] = 9
+    np.testing.assert_array_equal(blob.data, 9)
+    blob.reshape(4, 5)
+    assert blob.get_data().shape == (4, 5) and np.all(blob.data == 0)
+    assert blob.to_proto().shape.dim == [4, 5]
+
+
+def test_layer_chain_sees_python_edits_between_gpu_layers(fake_cupy):
+    minicaffe.set_mode_gpu()
+    relu = layer_from_prototxt('name: "r" type: "ReLU"', dtype=np.float32)
+    absval = layer_from_prototxt('name: "a" type: "AbsVal"', dtype=np.float32)
+    x, mid, y = Blob((4,), np.float32), Blob((), np.float32), Blob((), np.float32)
+    x.data[...] = [-1, 2, -3, 4]
+    relu.setup([x], [mid])
+    absval.setup([mid], [y])
+    relu.forward([x], [mid])
+    np.testing.assert_array_equal(mid.data, [0, 2, 0, 4])  # downloaded
+    mid.data[0] = -5  # edited on the host: uploaded for the next layer
+    absval.forward([mid], [y])
+    np.testing.assert_array_equal(y.data, [5, 2, 0, 4])
+    x.data[...] = [1, -1, 1, -1]
+    relu.forward([x], [mid])
+    absval.forward([mid], [y])
+    np.testing.assert_array_equal(y.data, [1, 0, 1, 0])
+
+
+# -- a real net: MTCNN's det1, forward and backward -----------------------------------------------------
+
+def det1_run(mtcnn_dir, gpu: bool) -> dict[str, np.ndarray]:
+    set_mode(gpu)
+    param = io.read_net_param(mtcnn_dir / "det1.prototxt")
+    param.force_backward = True
+    net = Net(param, str(mtcnn_dir / "det1.caffemodel"), minicaffe.TEST)
+    data = np.random.default_rng(0).uniform(-1, 1, (2, 3, 24, 30))
+    out = {f"top {k}": v.copy() for k, v in net.forward(data=data).items()}
+    diffs = {name: np.random.default_rng(1).normal(size=net.blobs[name].shape) for name in net.outputs}
+    out["data diff"] = net.backward(**diffs)["data"].copy()
+    for name, blobs in net.params.items():
+        for i, blob in enumerate(blobs):
+            out[f"{name} {i} diff"] = np.array(blob.diff)
+    return out
+
+
+def test_mtcnn_det1_gpu_equals_cpu(fake_cupy, mtcnn_dir):
+    cpu = det1_run(mtcnn_dir, gpu=False)
+    gpu = det1_run(mtcnn_dir, gpu=True)
+    assert_same(gpu, cpu)
+    assert {"im2col", "prelu_forward", "pool_max_forward"} <= {name for name, *_ in fake_cupy.launches}
+
+
+# -- solvers --------------------------------------------------------------------------------------------
+
+SOLVER_NET = """
+name: "tiny"
+layer { name: "data" type: "DummyData" top: "data" top: "target"
+        dummy_data_param { shape { dim: 4 dim: 2 dim: 6 dim: 6 } shape { dim: 4 dim: 3 }
+                           data_filler { type: "gaussian" } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" }
+                            bias_filler { type: "constant" value: 0.1 } } }
+layer { name: "prelu" type: "PReLU" bottom: "conv" top: "conv" }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool"
+        pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "bn" type: "BatchNorm" bottom: "pool" top: "pool" }
+layer { name: "scale" type: "Scale" bottom: "pool" top: "pool" scale_param { bias_term: true } }
+layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "ip"
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "drop" type: "Dropout" bottom: "ip" top: "ip" dropout_param { dropout_ratio: 0.2 } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "target" top: "loss" }
+"""
+
+SOLVERS = {
+    "SGD": 'type: "SGD" base_lr: 0.05 momentum: 0.9 weight_decay: 0.01 clip_gradients: 0.5 iter_size: 2',
+    "Nesterov": 'type: "Nesterov" base_lr: 0.05 momentum: 0.9 regularization_type: "L1" weight_decay: 0.01',
+    "AdaGrad": 'type: "AdaGrad" base_lr: 0.05 delta: 1e-6',
+    "RMSProp": 'type: "RMSProp" base_lr: 0.01 rms_decay: 0.9',
+    "AdaDelta": 'type: "AdaDelta" base_lr: 1 momentum: 0.95 delta: 1e-6',
+    "Adam": 'type: "Adam" base_lr: 0.01 momentum: 0.9 momentum2: 0.999 lr_policy: "step" gamma: 0.5 '
+            'stepsize: 2',
+}
+
+
+def solve(kind: str, gpu: bool, folder: Path) -> dict[str, np.ndarray]:
+    set_mode(gpu)
+    param = io.parse_text(SOLVERS[kind] + (' lr_policy: "fixed"' if "lr_policy" not in SOLVERS[kind] else "")
+                          + f' max_iter: 4 display: 1 random_seed: 7 test_iter: 1 test_interval: 2 '
+                          f'snapshot_prefix: "{folder / kind}"', caffe_pb2.SolverParameter())
+    param.net_param.CopyFrom(io.parse_text(SOLVER_NET, caffe_pb2.NetParameter()))
+    solver = Solver(param)
+    solver.step(3)
+    out = {"smoothed loss": np.array(solver.smoothed_loss)}
+    out.update({f"test {k}": np.array(v) for k, v in solver.test(0).items()})
+    for name, blobs in solver.net.params.items():
+        for i, blob in enumerate(blobs):
+            out[f"{name} {i}"] = np.array(blob.data)
+    for i, history in enumerate(solver.history):
+        out[f"history {i}"] = np.array(history.data)
+    model, state = solver.snapshot()
+    out["caffemodel"] = np.frombuffer(Path(model).read_bytes(), np.uint8)
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(SOLVERS))
+def test_solver_steps_gpu_equal_cpu(fake_cupy, kind, tmp_path):
+    cpu = solve(kind, False, tmp_path / "cpu")
+    gpu = solve(kind, True, tmp_path / "gpu")
+    assert_same(gpu, cpu)
+
+
+# -- data layers --------------------------------------------------------------------------------------------
+
+def write_lmdb(path: Path, n: int = 5, shape=(2, 5, 6)) -> Path:
+    images = np.random.default_rng(0).integers(0, 256, (n, *shape)).astype(np.uint8)
+    env = lmdb.open(str(path), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i in range(n):
+            c, h, w = shape
+            datum = caffe_pb2.Datum(channels=c, height=h, width=w, data=images[i].tobytes(), label=i % 3)
+            txn.put(b"%08d" % i, datum.SerializeToString())
+    env.close()
+    return path
+
+
+DATA_NET = """
+layer {{ name: "data" type: "Data" top: "data" top: "label"
+        transform_param {{ scale: 0.01 crop_size: 4 mirror: true mean_value: 100 mean_value: 120 }}
+        data_param {{ source: "{source}" batch_size: 3 backend: LMDB }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+        inner_product_param {{ num_output: 3 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
+layer {{ name: "acc" type: "Accuracy" bottom: "ip" bottom: "label" top: "acc" }}
+"""
+
+
+def data_net_run(source: Path, gpu: bool) -> dict[str, np.ndarray]:
+    set_mode(gpu)
+    minicaffe.set_random_seed(3)
+    net = Net(io.parse_text(DATA_NET.format(source=source), caffe_pb2.NetParameter()), minicaffe.TRAIN)
+    out = {}
+    for i in range(3):  # wraps around the 5 records; crops and mirrors drawn per forward index
+        out[f"loss {i}"] = np.array(net.forward_backward())
+        if gpu:
+            assert on_device(net.blobs["data"].get_data()) and on_device(net.blobs["label"].get_data())
+        for name in ("data", "label", "ip", "acc"):
+            out[f"{name} {i}"] = np.array(net.blobs[name].data)
+        out[f"ip diff {i}"] = np.array(net.params["ip"][0].diff)
+    return out
+
+
+def test_data_layer_net_gpu_equals_cpu(fake_cupy, tmp_path):
+    # Two copies of one database: re-opening a database right after the previous net that read it was
+    # dropped can race with that net's prefetch thread (minicaffe.db shares environments per file).
+    gpu = data_net_run(write_lmdb(tmp_path / "db_gpu"), gpu=True)
+    assert_same(gpu, data_net_run(write_lmdb(tmp_path / "db_cpu"), gpu=False))
+
+
+OTHER_DATA = """
+layer { name: "dummy" type: "DummyData" top: "d" top: "c"
+        dummy_data_param { shape { dim: 2 dim: 3 } data_filler { type: "uniform" min: -1 max: 1 }
+                           data_filler { type: "constant" value: 4 } } }
+layer { name: "mem" type: "MemoryData" top: "m" top: "mlabel"
+        memory_data_param { batch_size: 2 channels: 1 height: 2 width: 3 } }
+layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "sum" type: "Eltwise" bottom: "d" bottom: "c" bottom: "x" top: "sum" }
+"""
+
+
+def other_data_run(gpu: bool) -> dict[str, np.ndarray]:
+    set_mode(gpu)
+    minicaffe.set_random_seed(5)
+    net = Net(io.parse_text(OTHER_DATA, caffe_pb2.NetParameter()), minicaffe.TEST)
+    net.set_input_arrays(np.arange(24, dtype=np.float32).reshape(4, 1, 2, 3), np.arange(4))
+    out = {}
+    for i in range(3):
+        for name, value in net.forward(x=np.full((2, 3), i), blobs=["m", "mlabel", "d", "c"]).items():
+            out[f"{name} {i}"] = value.copy()
+    return out
+
+
+def test_dummy_memory_and_input_layers_gpu_equal_cpu(fake_cupy):
+    gpu = other_data_run(gpu=True)
+    assert_same(gpu, other_data_run(gpu=False))
+    np.testing.assert_array_equal(gpu["m 1"], np.arange(12, 24).reshape(2, 1, 2, 3))
+    np.testing.assert_array_equal(gpu["c 2"], 4)
+
+
+def test_hdf5_data_gpu_equals_cpu(fake_cupy, tmp_path):
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f["data"] = np.arange(30, dtype=np.float64).reshape(5, 2, 3)
+        f["label"] = np.arange(5, dtype=np.float32)
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'a.h5'}\n")
+    text = (f'name: "h5" type: "HDF5Data" top: "data" top: "label" hdf5_data_param {{ source: '
+            f'"{tmp_path / "list.txt"}" batch_size: 2 shuffle: true }}')
+    runs = []
+    for gpu in (False, True):
+        set_mode(gpu)
+        minicaffe.set_random_seed(2)
+        layer = layer_from_prototxt(text, dtype=np.float32)
+        top = [Blob((), np.float32), Blob((), np.float32)]
+        layer.setup([], top)
+        out = {}
+        for i in range(4):
+            layer.forward_index = i
+            layer.reshape([], top)
+            layer.forward([], top)
+            assert on_device(top[0].get_data()) == gpu
+            out.update({f"{i} {k}": np.array(t.data) for k, t in enumerate(top)})
+        runs.append(out)
+    assert_same(runs[1], runs[0])
+
+
+# -- the command line, in process ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quickstart_work(tmp_path_factory) -> Path:
+    from minicaffe.commands import quickstart
+
+    folder = tmp_path_factory.mktemp("quickstart_gpu")
+    quickstart.quickstart_solver(folder)
+    return folder
+
+
+def short_solver(folder: Path, work: Path, name: str) -> Path:
+    """The quickstart solver cut to 20 iterations (test and snapshot every 10)."""
+    from minicaffe.commands import quickstart
+
+    param = io.read_solver_param(quickstart.data_dir() / quickstart.SOLVER_FILE)
+    param.net = str(work / "digits_train_test.prototxt")
+    param.max_iter, param.snapshot, param.display, param.test_interval = 20, 10, 10, 10
+    param.test_iter[:] = [1]
+    param.snapshot_prefix = str(folder / name)
+    path = folder / f"{name}.prototxt"
+    io.write_text(path, param)
+    return path
+
+
+def settle_prefetch() -> None:
+    """Wait for the data layers' prefetch threads of finished runs: the next run opens the same LMDBs,
+    which races with a thread dropping the last reference to the old environment (see above)."""
+    for thread in threading.enumerate():
+        if thread.daemon and thread.name.endswith("(_run)"):  # minicaffe.layers.data.Prefetch threads
+            thread.join(timeout=30)
+
+
+def run_cli(args: list[str], capsys) -> str:
+    from minicaffe import cli
+
+    settle_prefetch()
+    code = cli.main(args)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out + err
+
+
+def test_train_resume_and_test_commands_on_gpu_match_cpu(fake_cupy, quickstart_work, tmp_path, capsys):
+    """`minicaffe train --gpu 0` (with --watch), a resumed run and `minicaffe test --gpu 0`, in process."""
+    text = run_cli(["train", "--solver", str(short_solver(tmp_path, quickstart_work, "cpu")),
+                    "--watch", "prelu*"], capsys)
+    assert "Using GPUs" not in text and "Optimization Done" in text
+    text = run_cli(["train", "--solver", str(short_solver(tmp_path, quickstart_work, "gpu")), "--gpu", "0",
+                    "--watch", "prelu*"], capsys)
+    assert "Using GPUs 0" in text and "Optimization Done" in text and backend.on_gpu()
+    gpu_model = (tmp_path / "gpu_iter_20.caffemodel").read_bytes()
+    assert gpu_model == (tmp_path / "cpu_iter_20.caffemodel").read_bytes()
+    assert (tmp_path / "gpu_watch.csv").read_text() == (tmp_path / "cpu_watch.csv").read_text()
+    # Resumed at iteration 10 on the GPU: bit for bit the uninterrupted run.
+    run_cli(["train", "--solver", str(short_solver(tmp_path, quickstart_work, "resumed")), "--gpu", "0",
+             "--snapshot", str(tmp_path / "gpu_iter_10.solverstate")], capsys)
+    assert (tmp_path / "resumed_iter_20.caffemodel").read_bytes() == gpu_model
+
+    scores = {}
+    for device in ("cpu", "gpu"):
+        text = run_cli(["test", "--model", str(quickstart_work / "digits_train_test.prototxt"), "--weights",
+                        str(tmp_path / "gpu_iter_20.caffemodel"), "--iterations", "2"]
+                       + (["--gpu", "0"] if device == "gpu" else []), capsys)
+        scores[device] = [line.split("] ", 1)[1] for line in text.splitlines() if "accuracy = " in line]
+    assert scores["gpu"] == scores["cpu"] and scores["cpu"]
+
+
+def test_train_on_a_missing_gpu_is_an_error(fake_cupy, quickstart_work, tmp_path, capsys):
+    from minicaffe import cli
+
+    code = cli.main(["train", "--solver", str(short_solver(tmp_path, quickstart_work, "x")), "--gpu", "1"])
+    assert code == 1 and "device 1 asked for, 1 present" in capsys.readouterr().err
+    assert backend.mode() == "cpu"
+
+
+def test_device_query_and_time_commands_on_gpu(fake_cupy, quickstart_work, capsys):
+    assert "Fake CUDA Device" in run_cli(["device_query", "--gpu", "0"], capsys)
+    text = run_cli(["time", "--model", str(quickstart_work / "digits_train_test.prototxt"),
+                    "--iterations", "1", "--gpu", "0"], capsys)
+    assert "Average Forward-Backward" in text and "Copy bandwidth" in text
+
+
+def test_kernel_benchmark_runs_on_gpu(fake_cupy, capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    saved_path = list(sys.path)
+    try:
+        spec.loader.exec_module(bench)  # puts benchmarks/ on sys.path
+        assert bench.main(["--device", "gpu", "--quick", "--no-write"]) == 0
+    finally:
+        sys.path[:] = saved_path
+    out = capsys.readouterr().out
+    assert "GPU" in out and "PReLU" in out and "copy bandwidth" in out
+    assert {"prelu_forward", "im2col", "pool_ave_forward"} <= {name for name, *_ in fake_cupy.launches}
