@@ -15,7 +15,6 @@ import os
 import shutil
 import tempfile
 import threading
-import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -101,17 +100,20 @@ def looks_like_leveldb(path) -> bool:
 class _Env:
     """An open read-only LMDB environment and its keys in order, shared by every reader of it."""
 
-    def __init__(self, env, keys: list[bytes]):
-        self.env, self.keys = env, keys
+    def __init__(self, identity, env, keys: list[bytes]):
+        self.identity, self.env, self.keys = identity, env, keys
+        self.readers = 0
 
 
 # LMDB allows one open environment per file in a process (a TRAIN and a TEST net, or two nets, may
-# read the same database), so readers share them; an environment closes when its last reader goes.
-_OPEN: weakref.WeakValueDictionary[tuple[int, int], _Env] = weakref.WeakValueDictionary()
+# read the same database), so readers share them. The count of readers is explicit and the last one
+# closes the environment under the lock: a registry that forgot an environment (e.g. through weak
+# references) before it was really closed made the next open fail with "already open".
+_OPEN: dict[tuple[int, int], _Env] = {}
 _OPEN_LOCK = threading.Lock()
 
 
-def _open_env(path: Path) -> _Env:
+def _acquire_env(path: Path) -> _Env:
     import lmdb
 
     data_file = path / "data.mdb" if path.is_dir() else path
@@ -127,8 +129,17 @@ def _open_env(path: Path) -> _Env:
                 raise DBError(f"{path}: cannot open the LMDB ({error})") from None
             with env.begin() as txn:
                 keys = list(txn.cursor().iternext(keys=True, values=False))
-            shared = _OPEN[identity] = _Env(env, keys)
+            shared = _OPEN[identity] = _Env(identity, env, keys)
+        shared.readers += 1
         return shared
+
+
+def _release_env(shared: _Env) -> None:
+    with _OPEN_LOCK:
+        shared.readers -= 1
+        if shared.readers == 0:
+            _OPEN.pop(shared.identity, None)
+            shared.env.close()
 
 
 class LMDBReader:
@@ -142,7 +153,7 @@ class LMDBReader:
             raise DBError(f"{self.path}: looks like a LevelDB; LEVELDB not supported, convert to LMDB")
         if not is_lmdb(self.path):
             raise DBError(f"{self.path}: not an LMDB (no data.mdb inside)")
-        self._shared = _open_env(self.path)
+        self._shared = _acquire_env(self.path)
         self.env, self.keys = self._shared.env, self._shared.keys
 
     def __len__(self) -> int:
@@ -166,8 +177,16 @@ class LMDBReader:
         return out
 
     def close(self) -> None:
-        """Let go of the environment (closed once no reader uses it)."""
-        self.env = self._shared = None
+        """Let go of the environment (closed once no reader uses it). Idempotent."""
+        shared, self._shared, self.env = self._shared, None, None
+        if shared is not None:
+            _release_env(shared)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: module globals may already be gone
+            pass
 
 
 def read_datums(path) -> list[tuple[bytes, caffe_pb2.Datum]]:
