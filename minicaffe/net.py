@@ -449,8 +449,9 @@ class Net:
         out = caffe_pb2.NetParameter()
         out.CopyFrom(self.param)
         del out.layer[:]
+        defined = {p.name for p in self.param.layer}
         for layer in self.layers:
-            if layer.param.type == "Split" and layer.name not in {p.name for p in self.param.layer}:
+            if layer.param.type == "Split" and layer.name not in defined:
                 continue
             layer_param = out.layer.add()
             layer_param.CopyFrom(layer.param)
