@@ -4,41 +4,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..blob import Blob
 from ..kernel import KernelFile
-from ..layer import Layer, register
+from ..layer import NeuronLayer, register
 
 KERNELS = KernelFile("power.cu")
 
 
 @register("Power")
-class PowerLayer(Layer):
-    exact_num_bottom = 1
-    exact_num_top = 1
-
+class PowerLayer(NeuronLayer):
     def layer_setup(self, bottom, top):
         param = self.param.power_param
         self.power, self.scale, self.shift = float(param.power), float(param.scale), float(param.shift)
         # dy/dx = power * scale * (...)^(power - 1): zero everywhere when power or scale is 0, and then
         # y is a constant (1 for power 0, shift^power for scale 0).
         self.diff_scale = self.power * self.scale
-        # In place, forward keeps its input here when backward needs x (power other than 0 and 1).
-        self.bottom_memory = Blob((), self.dtype)
-
-    def _needs_input(self) -> bool:
-        return self.diff_scale != 0 and self.power != 1
-
-    def reshape(self, bottom, top):
-        if top[0] is bottom[0]:
-            if self._needs_input():
-                self.bottom_memory.reshape_like(bottom[0])
-        else:
-            top[0].reshape_like(bottom[0])
+        # Backward needs x only for powers other than 0 and 1; in place, forward then keeps a copy.
+        self.needs_input = self.diff_scale != 0 and self.power != 1
+        self.saved_input = None
 
     def forward(self, bottom, top):
         x = bottom[0].get_data()
-        if top[0] is bottom[0] and self._needs_input():
-            self.bottom_memory.mutable_data()[...] = x
+        self.saved_input = self.keep(x) if top[0] is bottom[0] and self.needs_input else None
         y = top[0].mutable_data()
         n = x.size
         if self.diff_scale == 0:
@@ -64,7 +50,7 @@ class PowerLayer(Layer):
         elif self.power == 1:
             KERNELS.power_backward_linear(n, dy, dx, self.scale, grid=n)
         else:
-            x = self.bottom_memory.get_data() if top[0] is bottom[0] else bottom[0].get_data()
+            x = self.saved_input if self.saved_input is not None else bottom[0].get_data()
             if self.power == 2:
                 KERNELS.power_backward_square(n, x, dy, dx, self.scale, self.shift, grid=n)
             else:

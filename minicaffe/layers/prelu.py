@@ -8,17 +8,14 @@ from __future__ import annotations
 
 from ..blob import Blob
 from ..kernel import KernelFile
-from ..layer import Layer, register
+from ..layer import NeuronLayer, register
 from ..proto import caffe_pb2
 
 KERNELS = KernelFile("prelu.cu")
 
 
 @register("PReLU")
-class PReLULayer(Layer):
-    exact_num_bottom = 1
-    exact_num_top = 1
-
+class PReLULayer(NeuronLayer):
     def layer_setup(self, bottom, top):
         param = self.param.prelu_param
         self.channel_shared = param.channel_shared
@@ -26,8 +23,7 @@ class PReLULayer(Layer):
         default = caffe_pb2.FillerParameter(type="constant", value=0.25)  # Caffe's initial slope
         filler = param.filler if param.HasField("filler") else default
         self.setup_params([self._slope_shape(bottom[0])], [filler])
-        # In place, forward keeps its input here for backward (y has overwritten x).
-        self.bottom_memory = Blob((), self.dtype)
+        self.saved_input = None  # in place, forward keeps x here for backward (y overwrote it)
         # Per-element terms of the slope gradient, summed per channel by the array module.
         self.slope_terms = Blob((), self.dtype)
 
@@ -48,10 +44,7 @@ class PReLULayer(Layer):
             wanted = "one channel-shared slope" if self.channel_shared else f"{expected[0]} slopes"
             self.fail(f"slope blob has shape {list(self.blobs[0].shape)}, but the bottom of shape "
                       f"{list(bottom[0].shape)} needs {wanted}: shape {list(expected)}")
-        if top[0] is bottom[0]:
-            self.bottom_memory.reshape_like(bottom[0])
-        else:
-            top[0].reshape_like(bottom[0])
+        super().reshape(bottom, top)
 
     def _extents(self, blob: Blob) -> tuple[int, int, int]:
         """(planes, slope_channels, inner) for the kernels; a plane is one (n, c)."""
@@ -60,14 +53,13 @@ class PReLULayer(Layer):
 
     def forward(self, bottom, top):
         x = bottom[0].get_data()
-        if top[0] is bottom[0]:
-            self.bottom_memory.mutable_data()[...] = x
+        self.saved_input = self.keep(x) if top[0] is bottom[0] else None
         planes, slope_channels, inner = self._extents(bottom[0])
         KERNELS.prelu_forward(planes, slope_channels, inner, x, top[0].mutable_data(),
                               self.blobs[0].get_data(), grid=(planes, inner))
 
     def backward(self, top, propagate_down, bottom):
-        x = self.bottom_memory.get_data() if top[0] is bottom[0] else bottom[0].get_data()
+        x = self.saved_input if self.saved_input is not None else bottom[0].get_data()
         dy = top[0].get_diff()
         planes, slope_channels, inner = self._extents(bottom[0])
         # The slope gradient first: in place, dx (below) overwrites dy, which is the same memory.
