@@ -33,8 +33,7 @@ class DropoutLayer(NeuronLayer):
             if top[0] is not bottom[0]:
                 top[0].mutable_data()[...] = x
             return
-        if self.mask is None or self.mask.shape != x.shape or not isinstance(self.mask, type(x)):
-            self.mask = backend.xp().empty(x.shape, dtype=x.dtype)
+        self.mask = backend.reuse(self.mask, x.shape, x.dtype)
         key = rng.key32("dropout", self.name)
         counter = int(self.forward_index) & 0xFFFFFFFF
         KERNELS.dropout_forward(x.size, x, top[0].mutable_data(), self.mask, key, counter,

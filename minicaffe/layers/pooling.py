@@ -135,9 +135,7 @@ class PoolingLayer(Layer):
         if self.method == AVE:
             KERNELS.pool_ave_forward(planes, *geometry, x, y, grid=(planes, self.pooled_w))
             return
-        xp = backend.xp()
-        if self.mask is None or self.mask.shape != y.shape or not isinstance(self.mask, type(y)):
-            self.mask = xp.empty(y.shape, dtype=np.int32)
+        self.mask = backend.reuse(self.mask, y.shape, np.int32)
         KERNELS.pool_max_forward(planes, *geometry, x, y, self.mask, grid=(planes, self.pooled_w))
         if len(top) > 1:
             top[1].mutable_data()[...] = self.mask
