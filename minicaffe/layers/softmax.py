@@ -14,6 +14,9 @@ class SoftmaxLayer(Layer):
     exact_num_bottom = 1
     exact_num_top = 1
 
+    def layer_setup(self, bottom, top):
+        self.scratch = None
+
     def reshape(self, bottom, top):
         try:
             self.axis = bottom[0].canonical_axis(self.param.softmax_param.axis)
@@ -39,5 +42,6 @@ class SoftmaxLayer(Layer):
                                  grid=(self.outer, self.inner))
 
     def _scratch(self):
-        """Room for two running values (max and sum, or dot) per softmax vector."""
-        return backend.xp().empty(max(2 * self.outer * self.inner, 1), self.dtype)
+        """Room for two running values (max and sum, or dot) per softmax vector, reused between calls."""
+        self.scratch = backend.reuse(self.scratch, (max(2 * self.outer * self.inner, 1),), self.dtype)
+        return self.scratch
