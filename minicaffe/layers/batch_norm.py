@@ -12,17 +12,13 @@ from __future__ import annotations
 
 from .. import backend
 from ..kernel import KernelFile
-from ..layer import TEST, Layer, register
+from ..layer import TEST, NeuronLayer, register
 
 KERNELS = KernelFile("batch_norm.cu")
 
 
-
 @register("BatchNorm")
-class BatchNormLayer(Layer):
-    exact_num_bottom = 1
-    exact_num_top = 1
-
+class BatchNormLayer(NeuronLayer):
     def layer_setup(self, bottom, top):
         p = self.param.batch_norm_param
         self.use_global_stats = p.use_global_stats if p.HasField("use_global_stats") else self.phase == TEST
@@ -42,7 +38,7 @@ class BatchNormLayer(Layer):
                 self.fail("cannot configure batch normalization statistics as layer parameters "
                           f"(param {index} has lr_mult {self.param.param[index].lr_mult}; use 0)")
         self.param_propagate_down = [False] * len(self.blobs)
-        self.x_norm = self.inv_std = self.temp = None
+        self.inv_std = self.temp = None
 
     def reshape(self, bottom, top):
         shape = bottom[0].shape
@@ -50,8 +46,7 @@ class BatchNormLayer(Layer):
         if len(shape) == 0 or channels != self.channels:
             self.fail(f"bottom shape {list(shape)} does not have the {self.channels} channels (axis 1) "
                       "the layer was set up with")
-        if top[0] is not bottom[0]:
-            top[0].reshape_like(bottom[0])
+        super().reshape(bottom, top)
 
     def _dims(self, blob) -> tuple[int, int, int]:
         num, channels = blob.shape[0], self.channels
@@ -89,8 +84,7 @@ class BatchNormLayer(Layer):
         # The batch-statistics backward needs y; cache it, since a later in-place layer (typically
         # Scale) may overwrite the top.
         if not self.use_global_stats:
-            self.x_norm = backend.reuse(self.x_norm, y.shape, y.dtype)
-            self.x_norm[...] = y
+            self.x_norm = self.keep(y)
 
     def _update_running_stats(self, batch_mean, batch_var, m: int) -> None:
         decay = self.moving_average_fraction

@@ -17,7 +17,6 @@ ACROSS_CHANNELS = caffe_pb2.LRNParameter.ACROSS_CHANNELS
 WITHIN_CHANNEL = caffe_pb2.LRNParameter.WITHIN_CHANNEL
 
 
-
 @register("LRN")
 class LRNLayer(Layer):
     exact_num_bottom = 1
