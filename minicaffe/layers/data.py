@@ -68,16 +68,17 @@ class PrefetchingDataLayer(Layer):
 
     exact_num_bottom = 0
     prefetch = True
+    _current: tuple | None = None  # (key, arrays) of the batch in the tops
+    _pending: Prefetch | None = None  # the batch being read ahead
 
     def load_batch(self, index: int) -> list[np.ndarray]:
         raise NotImplementedError
 
     def batch(self, index: int) -> list[np.ndarray]:
         key = (index, rng.random_seed())  # a new seed means new random draws
-        current = getattr(self, "_current", None)
-        if current is not None and current[0] == key:
-            return current[1]
-        pending, self._pending = getattr(self, "_pending", None), None
+        if self._current is not None and self._current[0] == key:
+            return self._current[1]
+        pending, self._pending = self._pending, None
         arrays = pending.get() if pending is not None and pending.key == key else self.load_batch(index)
         self._current = (key, arrays)
         return arrays
@@ -93,8 +94,7 @@ class PrefetchingDataLayer(Layer):
             copy_to_top(blob, array)
         if self.prefetch:
             key = (index + 1, rng.random_seed())
-            pending = getattr(self, "_pending", None)
-            if pending is None or pending.key != key:
+            if self._pending is None or self._pending.key != key:
                 self._pending = Prefetch(key, lambda: self.load_batch(index + 1))
 
 
@@ -130,7 +130,6 @@ class DataLayer(PrefetchingDataLayer):
         # apart); this draw is keyed, so a resumed run skips the same amount.
         self.skip = int(rng.stream("data", self.name, "rand_skip").integers(param.rand_skip)) \
             if param.rand_skip else 0
-        self._current = self._pending = None
 
     def load_batch(self, index: int) -> list[np.ndarray]:
         start = (self.skip + index * self.batch_size) % len(self.reader)
