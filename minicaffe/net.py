@@ -487,7 +487,8 @@ class Net:
         weights = OrderedDict((name, 0.0) for name in self.blobs)
         for layer, names in zip(self.layers, self.top_names):
             for name, weight in zip(names, layer.loss_weights):
-                weights[name] = float(weight)
+                if weight:  # a later in-place layer without a loss does not clear it
+                    weights[name] = float(weight)
         return weights
 
     def _batches(self, arrays: dict[str, np.ndarray]):

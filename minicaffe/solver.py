@@ -406,7 +406,7 @@ class Solver:
                  f"loss = {log.fmt(self.smoothed_loss)}", "solver.cpp:243")
         self._timer = now
         self._iterations_last = self.iter
-        weights = _loss_weights(self.net)
+        weights = self.net.blob_loss_weights
         index = 0
         for name in self.net.outputs:
             weight = weights.get(name, 0.0)
@@ -476,7 +476,7 @@ class Solver:
             sums = values if i == 0 else [s + v for s, v in zip(sums, values)]
         if p.test_compute_loss:
             log.info(f"Test loss: {log.fmt(loss / iters)}", "solver.cpp:398")
-        weights = _loss_weights(net)
+        weights = net.blob_loss_weights
         scores: OrderedDict[str, float] = OrderedDict()
         index = 0
         for name, total in zip(net.outputs, sums):
@@ -703,16 +703,6 @@ def _copy(net_param: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net_param)
     return out
-
-
-def _loss_weights(net: Net) -> dict[str, float]:
-    """Each top blob's loss weight (Caffe's blob_loss_weights)."""
-    weights: dict[str, float] = {}
-    for layer, names in zip(net.layers, net.top_names):
-        for name, weight in zip(names, layer.loss_weights):
-            if weight:
-                weights[name] = float(weight)
-    return weights
 
 
 __all__ = ["AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "NesterovSolver", "RMSPropSolver", "SGDSolver",
