@@ -53,11 +53,15 @@ def kernel_dir() -> Path:
     raise KernelError(f"kernel sources not found beside {here} (looked for kernels/shim.h)")
 
 
+def cache_root() -> Path:
+    """minicaffe's cache folder: $MINICAFFE_CACHE_DIR, else $XDG_CACHE_HOME/minicaffe (~/.cache/minicaffe)."""
+    return Path(os.environ.get("MINICAFFE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "minicaffe"))
+
+
 def cache_dir() -> Path:
-    base = os.environ.get("MINICAFFE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "minicaffe"
-    )
-    path = Path(base) / "kernels"
+    """Where the CPU kernel libraries are cached (created if needed)."""
+    path = cache_root() / "kernels"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -10,12 +10,12 @@ model and the net with its resolved data paths are written there too.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import TextIO
 
 from .. import io, log
 from ..datasets import digits_lmdb
+from ..kernel import cache_root
 from ..layer import TRAIN
 from ..proto import caffe_pb2
 from ..solver import Solver, read_solver
@@ -29,9 +29,7 @@ def data_dir() -> Path:
 
 
 def default_work_dir() -> Path:
-    base = os.environ.get("MINICAFFE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "minicaffe")
-    return Path(base) / "quickstart"
+    return cache_root() / "quickstart"
 
 
 def quickstart_solver(work_dir=None) -> tuple[caffe_pb2.SolverParameter, Path]:
