@@ -183,15 +183,23 @@ class Blob:
                 f"{where}: shape mismatch, file has {list(shape)} but the net expects {list(self.shape)}"
             )
         for name, target in (("data", self.data), ("diff", self.diff)):
-            values = getattr(proto, "double_" + name) or getattr(proto, name)
-            if len(values) == 0:
+            values = proto_values(proto, diff=name == "diff")
+            if values.size == 0:
                 continue
-            if len(values) != self.count:
-                raise ValueError(f"{where}: {name} has {len(values)} values, shape needs {self.count}")
-            target[...] = np.asarray(values, dtype=self.dtype).reshape(self.shape)
+            if values.size != self.count:
+                raise ValueError(f"{where}: {name} has {values.size} values, shape needs {self.count}")
+            target[...] = values.reshape(self.shape)
 
     def __repr__(self) -> str:
         return f"Blob(shape={self.shape}, dtype={self.dtype})"
+
+
+def proto_values(proto, diff: bool = False) -> np.ndarray:
+    """A BlobProto's data (or diff), flat: float64 when stored as double_data/double_diff, else float32."""
+    doubles = proto.double_diff if diff else proto.double_data
+    if len(doubles):
+        return np.asarray(doubles, dtype=np.float64)
+    return np.asarray(proto.diff if diff else proto.data, dtype=np.float32)
 
 
 def proto_shape(proto) -> tuple[int, ...]:

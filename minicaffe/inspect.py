@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import io
-from .blob import proto_shape
+from .blob import proto_shape, proto_values
 from .proto import caffe_pb2
 
 # (layer name, layer type, parameter arrays)
@@ -46,9 +46,8 @@ def caffemodel_params(path: str | Path) -> list[LayerParams]:
             continue
         arrays = []
         for i, blob in enumerate(layer.blobs):
-            values = blob.double_data or blob.data
             shape = proto_shape(blob)
-            array = np.asarray(values, dtype=np.float64 if blob.double_data else np.float32)
+            array = proto_values(blob)
             if int(np.prod(shape, dtype=np.int64)) != array.size:
                 raise io.FormatError(f"{path}: layer '{layer.name}' blob {i} has {array.size} values "
                                      f"for shape {list(shape)}")

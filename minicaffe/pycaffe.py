@@ -355,11 +355,9 @@ def oversample(images, crop_dims) -> np.ndarray:
 
 def blobproto_to_array(blob, return_diff: bool = False) -> np.ndarray:
     """A BlobProto's data (or diff) as an array of its shape (legacy num/channels/height/width too)."""
-    from .blob import proto_shape
+    from .blob import proto_shape, proto_values
 
-    values = (blob.double_diff or blob.diff) if return_diff else (blob.double_data or blob.data)
-    return np.asarray(values, dtype=np.float64 if (blob.double_diff if return_diff else blob.double_data)
-                      else np.float32).reshape(proto_shape(blob))
+    return proto_values(blob, diff=return_diff).reshape(proto_shape(blob))
 
 
 def array_to_blobproto(arr: np.ndarray, diff: np.ndarray | None = None) -> caffe_pb2.BlobProto:
