@@ -21,7 +21,6 @@ typedef MC_REAL real;
 #define PLANE_LOOP(p, n) for (int p = blockIdx.y; p < (n); p += gridDim.y)
 #define INNER_LOOP(j, n) \
   for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < (n); j += blockDim.x * gridDim.x)
-#define ATOMIC_ADD(address, value) atomicAdd((address), (value))
 #else
 #include <cmath>
 #include <cstddef>
@@ -62,7 +61,6 @@ using std::tanh;
 #define DEVICE static inline
 #define PLANE_LOOP(p, n) for (int p = 0; p < (n); ++p)
 #define INNER_LOOP(j, n) _Pragma("omp simd") for (int j = 0; j < (n); ++j)
-#define ATOMIC_ADD(address, value) (*(address) += (value))
 #endif
 
 // max/min as plain selects: std::fmax/fmin block GCC's vectorizer (they handle NaN specially).

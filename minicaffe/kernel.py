@@ -9,7 +9,7 @@ Each ``kernels/NAME.cu`` file is compiled
 Kernel signatures are read from the source, so the ctypes argument types are never written twice:
 
     RELU = KernelFile("relu.cu")
-    RELU.relu_forward(count, x, y, slope, grid=count)
+    RELU.relu_forward(count, x, y, slope, extents=count)
 
 Whether the CPU or the GPU build runs is decided by the arrays passed (numpy or cupy), and the
 float/double build by their dtype.
@@ -24,7 +24,6 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from functools import cached_property
 from pathlib import Path
@@ -137,18 +136,21 @@ class KernelFile:
     def __getattr__(self, name: str):
         if name.startswith("_") or name not in self.signatures:
             raise AttributeError(f"{self.filename} has no kernel named {name!r}")
-        return lambda *args, grid: self.launch(name, grid, *args)
+        return lambda *args, extents: self.launch(name, extents, *args)
 
     # -- launching ---------------------------------------------------------------------------
-    def launch(self, name: str, grid: int | tuple[int, int], *args) -> None:
-        """Run kernel `name`. grid is (planes, inner) or just inner: the loop extents of the kernel."""
+    def launch(self, name: str, extents: int | tuple[int, int], *args) -> None:
+        """Run kernel `name` over its loop extents: (planes, inner), or just inner for one plane.
+
+        The GPU launch covers them with a grid (capped; the kernels' grid-stride loops do the rest);
+        the CPU build's loops take their bounds from the kernel's own arguments."""
         kinds = self.signatures[name]
         if len(args) != len(kinds):
             raise KernelError(f"{self.filename}:{name} takes {len(kinds)} arguments, got {len(args)}")
         real = self._real_dtype(name, kinds, args)
         on_gpu = any(type(a).__module__.startswith("cupy") for a in args)
         if on_gpu:
-            self._launch_gpu(name, grid, kinds, args, real)
+            self._launch_gpu(name, extents, kinds, args, real)
         else:
             self._launch_cpu(name, kinds, args, real)
 
@@ -183,10 +185,10 @@ class KernelFile:
                 c_args.append(ctypes.c_float(arg) if real == np.float32 else ctypes.c_double(arg))
         function(*c_args)
 
-    def _launch_gpu(self, name, grid, kinds, args, real) -> None:
+    def _launch_gpu(self, name, extents, kinds, args, real) -> None:
         import cupy
 
-        planes, inner = grid if isinstance(grid, tuple) else (1, grid)
+        planes, inner = extents if isinstance(extents, tuple) else (1, extents)
         if planes <= 0 or inner <= 0:
             return
         blocks = (min((inner + GPU_BLOCK - 1) // GPU_BLOCK, GPU_MAX_GRID_X), min(planes, GPU_MAX_GRID_Y))
@@ -251,8 +253,3 @@ def gpu_options(ctype: str) -> tuple[str, ...]:
     """NVRTC options for a build with element type `ctype` (the device's arch is added by CuPy)."""
     return ("-I" + str(kernel_dir()), f"-DMC_REAL={ctype}", "--std=c++14")
 
-
-def main() -> None:  # pragma: no cover - developer convenience: prebuild every kernel
-    for path in sorted(kernel_dir().glob("*.cu")):
-        for ctype in REAL_TYPES.values():
-            print(KernelFile(path.name).build_cpu(ctype), file=sys.stderr)

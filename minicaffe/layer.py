@@ -11,6 +11,7 @@ Conventions every layer follows (Caffe's):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NoReturn
 
 import numpy as np
 
@@ -95,6 +96,28 @@ class Layer:
         return True
 
     # -- machinery ---------------------------------------------------------------------------
+    def run_forward(self, bottom: list[Blob], top: list[Blob]) -> float:
+        """Caffe's Layer::Forward, the one way to run a layer forward: reshape, forward, then the
+        weighted loss of its loss tops, whose diffs are seeded with their weights (d loss / d top) for
+        the backward that follows. Returns that loss (0 for a layer without loss tops)."""
+        try:
+            self.reshape(bottom, top)
+        except LayerError:
+            raise
+        except (ValueError, IndexError) as error:
+            self.fail(f"{error}; bottom shapes {[list(b.shape) for b in bottom]}")
+        self.forward(bottom, top)
+        loss = 0.0
+        for weight, blob in zip(self.loss_weights, top):
+            if weight:
+                loss += weight * float(blob.get_data().sum())
+                blob.mutable_diff()[...] = weight
+        return loss
+
+    def run_backward(self, top: list[Blob], propagate_down: Sequence[bool], bottom: list[Blob]) -> None:
+        """Caffe's Layer::Backward, the one way to run a layer backward (after run_forward)."""
+        self.backward(top, propagate_down, bottom)
+
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         self.check_blob_counts(bottom, top)
         self.layer_setup(bottom, top)
@@ -125,7 +148,7 @@ class Layer:
             self.fail(f"has {len(weights)} loss_weight values for {len(top)} tops")
         self.loss_weights = weights or [0.0] * len(top)
 
-    def fail(self, message: str):
+    def fail(self, message: str) -> NoReturn:
         raise LayerError(f"layer '{self.name}' ({self.type}): {message}")
 
     def setup_params(self, shapes: Sequence[Sequence[int]], fillers: Sequence) -> None:

@@ -17,7 +17,7 @@ import time
 from datetime import datetime
 from typing import TextIO
 
-_state: dict = {"stream": None, "enabled": True, "status": "", "status_time": 0.0}
+_state: dict = {"stream": None, "status": "", "status_time": 0.0}
 # Reentrant: a signal handler that logs may run while the main thread is inside _write.
 _lock = threading.RLock()
 
@@ -25,11 +25,6 @@ _lock = threading.RLock()
 def set_stream(stream: TextIO | None) -> None:
     """Send log lines to `stream` (None: sys.stderr at the time of each line)."""
     _state["stream"] = stream
-
-
-def set_enabled(enabled: bool) -> None:
-    """Turn INFO/WARNING lines on or off (errors are always written)."""
-    _state["enabled"] = bool(enabled)
 
 
 def _stream() -> TextIO:
@@ -68,17 +63,11 @@ def _write(level: str, message: str, where: str) -> None:
 
 
 def info(message: str, where: str = "solver.cpp:0") -> None:
-    if _state["enabled"]:
-        _write("I", message, where)
+    _write("I", message, where)
 
 
 def warning(message: str, where: str = "solver.cpp:0") -> None:
-    if _state["enabled"]:
-        _write("W", message, where)
-
-
-def error(message: str, where: str = "solver.cpp:0") -> None:
-    _write("E", message, where)
+    _write("W", message, where)
 
 
 # -- progress display (terminal only) ---------------------------------------------------------------
@@ -93,7 +82,7 @@ class Progress:
         self.interval = interval
         self.started = time.monotonic()
         self.last_draw = 0.0
-        self.active = _state["enabled"] and _is_terminal(self._out())
+        self.active = _is_terminal(self._out())
 
     def _out(self) -> TextIO:
         return self.stream or _stream()

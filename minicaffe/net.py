@@ -357,32 +357,21 @@ class Net:
     def forward_range(self, start: int, end: int) -> float:
         loss = 0.0
         for i in range(start, end + 1):
-            layer, bottoms, tops = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
+            layer = self.layers[i]
             layer.forward_index = self.forward_count
             try:
-                layer.reshape(bottoms, tops)
-            except (ValueError, IndexError) as error:
-                if isinstance(error, LayerError):
-                    raise NetError(str(error)) from None
-                raise NetError(f"layer '{layer.name}' ({layer.type}): {error}; bottom shapes "
-                               f"{[list(b.shape) for b in bottoms]}") from None
-            layer.forward(bottoms, tops)
-            for weight, top in zip(layer.loss_weights, tops):
-                if weight:
-                    loss += weight * float(top.get_data().sum())
+                loss += layer.run_forward(self.bottom_vecs[i], self.top_vecs[i])
+            except LayerError as error:
+                raise NetError(str(error)) from None
         if end == len(self.layers) - 1:
             self.forward_count += 1
         return loss
 
     def backward_range(self, start: int, end: int) -> None:
         for i in range(start, end - 1, -1):
-            layer = self.layers[i]
-            if not self.layer_need_backward[i]:
-                continue
-            for weight, top in zip(layer.loss_weights, self.top_vecs[i]):
-                if weight:
-                    top.mutable_diff()[...] = weight
-            layer.backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
+            if self.layer_need_backward[i]:
+                self.layers[i].run_backward(self.top_vecs[i], self.bottom_need_backward[i],
+                                            self.bottom_vecs[i])
 
     def forward(self, blobs: Iterable[str] | None = None, start: str | None = None,
                 end: str | None = None, **inputs) -> dict[str, np.ndarray]:

@@ -52,9 +52,9 @@ def test_kernel_checks_dtype_and_contiguity():
     relu = KernelFile("relu.cu")
     x = np.ones(8, np.float32)
     with pytest.raises(KernelError, match="all float32 or all float64"):
-        relu.relu_forward(8, x, np.ones(8, np.float64), 0.0, grid=8)
+        relu.relu_forward(8, x, np.ones(8, np.float64), 0.0, extents=8)
     with pytest.raises(KernelError, match="C-contiguous"):
-        relu.relu_forward(4, x[::2], np.ones(4, np.float32), 0.0, grid=4)
+        relu.relu_forward(4, x[::2], np.ones(4, np.float32), 0.0, extents=4)
     with pytest.raises(KernelError, match="takes 4 arguments"):
         relu.launch("relu_forward", 8, 8, x)
 
@@ -369,7 +369,7 @@ def test_wheel_ships_kernels_and_runs_from_it(tmp_path):
     code = ("import numpy as np, minicaffe.kernel as k; import minicaffe;"
             "print(k.kernel_dir());"
             "x = np.array([-1., 2.], np.float32); y = np.empty_like(x);"
-            "k.KernelFile('relu.cu').relu_forward(2, x, y, 0.5, grid=2); print(y.tolist())")
+            "k.KernelFile('relu.cu').relu_forward(2, x, y, 0.5, extents=2); print(y.tolist())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin",
                                                "HOME": str(tmp_path)})

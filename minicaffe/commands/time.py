@@ -92,21 +92,16 @@ def time_net(net, iterations: int, report=print) -> dict:
             layer.forward_index = net.forward_count
             synchronize()
             start = time.perf_counter()
-            layer.reshape(net.bottom_vecs[i], net.top_vecs[i])
-            layer.forward(net.bottom_vecs[i], net.top_vecs[i])
+            layer.run_forward(net.bottom_vecs[i], net.top_vecs[i])
             synchronize()
             forward_s[i] += time.perf_counter() - start
         net.forward_count += 1
         for i in reversed(range(n)):
-            layer = net.layers[i]
             if not net.layer_need_backward[i]:
                 continue
-            for weight, top in zip(layer.loss_weights, net.top_vecs[i]):
-                if weight:
-                    top.mutable_diff()[...] = weight
             synchronize()
             start = time.perf_counter()
-            layer.backward(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i])
+            net.layers[i].run_backward(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i])
             synchronize()
             backward_s[i] += time.perf_counter() - start
         report(f"Iteration: {iteration} forward-backward time: "

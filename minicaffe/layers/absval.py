@@ -19,10 +19,10 @@ class AbsValLayer(NeuronLayer):
     def forward(self, bottom, top):
         x = bottom[0].get_data()
         self.saved_input = self.keep(x) if top[0] is bottom[0] else None
-        KERNELS.absval_forward(x.size, x, top[0].mutable_data(), grid=x.size)
+        KERNELS.absval_forward(x.size, x, top[0].mutable_data(), extents=x.size)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
         x = self.saved_input if self.saved_input is not None else bottom[0].get_data()
-        KERNELS.absval_backward(x.size, x, top[0].get_diff(), bottom[0].mutable_diff(), grid=x.size)
+        KERNELS.absval_backward(x.size, x, top[0].get_diff(), bottom[0].mutable_diff(), extents=x.size)

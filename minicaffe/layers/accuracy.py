@@ -55,7 +55,7 @@ class AccuracyLayer(Layer):
         scratch = xp.empty_like(correct)
         KERNELS.accuracy_forward(self.outer, self.channels, self.inner, bottom[0].get_data(), label,
                                  correct, cls, scratch, int(self.has_ignore), self.ignore_label,
-                                 self.top_k, grid=(self.outer, self.inner))
+                                 self.top_k, extents=(self.outer, self.inner))
         bad = cls < 0
         if bool(bad.any()):
             value = float(label.ravel()[bad][0])

@@ -68,19 +68,19 @@ class BatchNormLayer(NeuronLayer):
             weight = float(backend.to_host(self.blobs[2].get_data()).reshape(-1)[0])
             factor = 0.0 if weight == 0 else 1.0 / weight
             KERNELS.bn_channel_stats(channels, self.blobs[0].get_data(), self.blobs[1].get_data(), factor,
-                                     self.eps, mean, self.inv_std, grid=channels)
+                                     self.eps, mean, self.inv_std, extents=channels)
         else:
             m = num * spatial
             batch_mean = self._channel_mean(x, m)
             sq = self.temp = backend.reuse(self.temp, x.shape, x.dtype)
             KERNELS.bn_squared_deviation(planes, spatial, channels, x, batch_mean, sq,
-                                         grid=(planes, spatial))
+                                         extents=(planes, spatial))
             batch_var = self._channel_mean(sq, m)
             KERNELS.bn_channel_stats(channels, batch_mean, batch_var, 1.0, self.eps, mean, self.inv_std,
-                                     grid=channels)
+                                     extents=channels)
             self._update_running_stats(batch_mean, batch_var, m)
         y = top[0].mutable_data()  # may be x (in place): bn_normalize is element-wise
-        KERNELS.bn_normalize(planes, spatial, channels, x, mean, self.inv_std, y, grid=(planes, spatial))
+        KERNELS.bn_normalize(planes, spatial, channels, x, mean, self.inv_std, y, extents=(planes, spatial))
         # The batch-statistics backward needs y; cache it, since a later in-place layer (typically
         # Scale) may overwrite the top.
         if not self.use_global_stats:
@@ -89,12 +89,12 @@ class BatchNormLayer(NeuronLayer):
     def _update_running_stats(self, batch_mean, batch_var, m: int) -> None:
         decay = self.moving_average_fraction
         one = backend.xp().ones(1, self.dtype)
-        KERNELS.bn_update_stat(1, one, self.blobs[2].mutable_data(), decay, 1.0, grid=1)
+        KERNELS.bn_update_stat(1, one, self.blobs[2].mutable_data(), decay, 1.0, extents=1)
         KERNELS.bn_update_stat(self.channels, batch_mean, self.blobs[0].mutable_data(), decay, 1.0,
-                               grid=self.channels)
+                               extents=self.channels)
         correction = m / (m - 1) if m > 1 else 1.0  # the stored variance is the unbiased estimate
         KERNELS.bn_update_stat(self.channels, batch_var, self.blobs[1].mutable_data(), decay, correction,
-                               grid=self.channels)
+                               extents=self.channels)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -108,12 +108,12 @@ class BatchNormLayer(NeuronLayer):
             # The statistics are constants here: dx = dy / sqrt(var + eps).
             zero = xp.zeros(channels, self.dtype)
             KERNELS.bn_normalize(planes, spatial, channels, dy, zero, self.inv_std, dx,
-                                 grid=(planes, spatial))
+                                 extents=(planes, spatial))
             return
         m = num * spatial
         dy_y = self.temp = backend.reuse(self.temp, dy.shape, dy.dtype)
-        KERNELS.bn_product(dy.size, dy, self.x_norm, dy_y, grid=dy.size)
+        KERNELS.bn_product(dy.size, dy, self.x_norm, dy_y, extents=dy.size)
         mean_dy, mean_dy_y = self._channel_mean(dy, m), self._channel_mean(dy_y, m)
         KERNELS.bn_backward(planes, spatial, channels, dy, self.x_norm, mean_dy, mean_dy_y, self.inv_std,
-                            dx, grid=(planes, spatial))
+                            dx, extents=(planes, spatial))
 

@@ -54,10 +54,10 @@ def broadcast(name: str, dims: tuple[int, int, int], x, values, y) -> None:
     """y = x (op) values[d] with the `name` ("scale" or "bias") kernels of scale.cu."""
     outer, dim, inner = dims
     if inner == 1:
-        getattr(KERNELS, f"{name}_rows")(outer, dim, x, values, y, grid=(outer, dim))
+        getattr(KERNELS, f"{name}_rows")(outer, dim, x, values, y, extents=(outer, dim))
     else:
         planes = outer * dim
-        getattr(KERNELS, f"{name}_planes")(planes, inner, dim, x, values, y, grid=(planes, inner))
+        getattr(KERNELS, f"{name}_planes")(planes, inner, dim, x, values, y, extents=(planes, inner))
 
 
 def sum_to_dim(values, dims: tuple[int, int, int]):

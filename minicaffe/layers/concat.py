@@ -16,7 +16,7 @@ def copy_block(src, dst, planes: int, n: int, src_stride: int, src_offset: int, 
     if planes == 0 or n == 0:
         return
     src, dst = src.reshape(-1)[src_offset:], dst.reshape(-1)[dst_offset:]
-    KERNELS.copy_planes(planes, n, src_stride, dst_stride, src, dst, grid=(planes, n))
+    KERNELS.copy_planes(planes, n, src_stride, dst_stride, src, dst, extents=(planes, n))
 
 
 def legacy_axis(layer: Layer, blob, param, legacy_field: str) -> int:

@@ -90,7 +90,7 @@ def im2col(x, col, geometry: ConvGeometry, out_size: tuple[int, int], *, images_
     row_stride, image_stride = _col_strides(x.shape, geometry, out_size, images_outer)
     planes = num * channels * geometry.kernel[0] * geometry.kernel[1]
     KERNELS.im2col(planes, x, col, channels, height, width, *geometry.kernel_args(), *out_size,
-                   row_stride, image_stride, grid=(planes, out_size[1]))
+                   row_stride, image_stride, extents=(planes, out_size[1]))
 
 
 def col2im(col, x, geometry: ConvGeometry, out_size: tuple[int, int], *, images_outer: bool = False) -> None:
@@ -104,7 +104,7 @@ def col2im(col, x, geometry: ConvGeometry, out_size: tuple[int, int], *, images_
     planes = num * channels
     for kj in range(geometry.kernel[1]):
         KERNELS.col2im_add(planes, col, x, channels, height, width, *geometry.kernel_args(), *out_size,
-                           row_stride, image_stride, kj, grid=(planes, out_size[1]))
+                           row_stride, image_stride, kj, extents=(planes, out_size[1]))
 
 
 def _col_strides(x_shape, geometry: ConvGeometry, out_size, images_outer: bool) -> tuple[int, int]:

@@ -37,7 +37,7 @@ class DropoutLayer(NeuronLayer):
         key = rng.key32("dropout", self.name)
         counter = int(self.forward_index) & 0xFFFFFFFF
         KERNELS.dropout_forward(x.size, x, top[0].mutable_data(), self.mask, key, counter,
-                                self.ratio, self.scale, grid=x.size)
+                                self.ratio, self.scale, extents=x.size)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -48,4 +48,4 @@ class DropoutLayer(NeuronLayer):
                 bottom[0].mutable_diff()[...] = dy
             return
         KERNELS.dropout_backward(dy.size, dy, self.mask, bottom[0].mutable_diff(), self.scale,
-                                 grid=dy.size)
+                                 extents=dy.size)

@@ -54,18 +54,18 @@ class EltwiseLayer(Layer):
         y = top[0].mutable_data()
         n = y.size
         if self.operation == PROD:
-            KERNELS.eltwise_prod(n, xs[0], xs[1], y, grid=n)
+            KERNELS.eltwise_prod(n, xs[0], xs[1], y, extents=n)
             for x in xs[2:]:
-                KERNELS.eltwise_prod_into(n, x, y, grid=n)
+                KERNELS.eltwise_prod_into(n, x, y, extents=n)
         elif self.operation == SUM:
-            KERNELS.eltwise_scale(n, xs[0], y, self.coeffs[0], grid=n)
+            KERNELS.eltwise_scale(n, xs[0], y, self.coeffs[0], extents=n)
             for x, coeff in zip(xs[1:], self.coeffs[1:]):
-                KERNELS.eltwise_axpy(n, x, y, coeff, grid=n)
+                KERNELS.eltwise_axpy(n, x, y, coeff, extents=n)
         elif self.operation == MAX:
             mask = self.max_index.mutable_data()
-            KERNELS.eltwise_max_first(n, xs[0], xs[1], y, mask, grid=n)
+            KERNELS.eltwise_max_first(n, xs[0], xs[1], y, mask, extents=n)
             for i, x in enumerate(xs[2:], start=2):
-                KERNELS.eltwise_max_next(n, x, y, mask, i, grid=n)
+                KERNELS.eltwise_max_next(n, x, y, mask, i, extents=n)
         else:
             self.fail(f"unknown operation {self.operation}")
 
@@ -80,12 +80,13 @@ class EltwiseLayer(Layer):
                 if self.stable_prod_grad:
                     # The product of the other bottoms, never dividing by this one (which may be 0).
                     others = [b.get_data() for j, b in enumerate(bottom) if j != i]
-                    KERNELS.eltwise_prod(n, dy, others[0], dx, grid=n)
+                    KERNELS.eltwise_prod(n, dy, others[0], dx, extents=n)
                     for x in others[1:]:
-                        KERNELS.eltwise_prod_into(n, x, dx, grid=n)
+                        KERNELS.eltwise_prod_into(n, x, dx, extents=n)
                 else:
-                    KERNELS.eltwise_prod_backward_div(n, top[0].get_data(), blob.get_data(), dy, dx, grid=n)
+                    KERNELS.eltwise_prod_backward_div(n, top[0].get_data(), blob.get_data(), dy, dx,
+                                                      extents=n)
             elif self.operation == SUM:
-                KERNELS.eltwise_scale(n, dy, dx, self.coeffs[i], grid=n)
+                KERNELS.eltwise_scale(n, dy, dx, self.coeffs[i], extents=n)
             else:
-                KERNELS.eltwise_max_backward(n, dy, self.max_index.get_data(), dx, i, grid=n)
+                KERNELS.eltwise_max_backward(n, dy, self.max_index.get_data(), dx, i, extents=n)

@@ -33,7 +33,7 @@ class EuclideanLossLayer(Layer):
         xp = backend.xp()
         a, b = bottom[0].get_data(), bottom[1].get_data()
         self.difference = xp.empty(a.shape, self.dtype)
-        KERNELS.euclidean_diff(a.size, a, b, self.difference, grid=a.size)
+        KERNELS.euclidean_diff(a.size, a, b, self.difference, extents=a.size)
         flat = self.difference.ravel()
         top[0].mutable_data()[...] = xp.dot(flat, flat) / bottom[0].shape[0] / 2
 
@@ -43,4 +43,4 @@ class EuclideanLossLayer(Layer):
             if propagate_down[i]:
                 d = self.difference
                 KERNELS.euclidean_backward(d.size, d, top[0].get_diff(), sign / num,
-                                           bottom[i].mutable_diff(), grid=d.size)
+                                           bottom[i].mutable_diff(), extents=d.size)

@@ -52,20 +52,20 @@ class LRNLayer(Layer):
         before, after = (self.post, self.pre) if mirrored else (self.pre, self.post)
         if self.region == ACROSS_CHANNELS:
             KERNELS.lrn_window_sum(n * c, c, h * w, before, after, int(squared), values, out,
-                                   grid=(n * c, h * w))
+                                   extents=(n * c, h * w))
             return
         # Spatial box = sum along rows, then along columns.
         rows = self.rows = backend.reuse(self.rows, values.shape, values.dtype)
         KERNELS.lrn_row_window_sum(n * c * h, w, before, after, int(squared), values, rows,
-                                   grid=(n * c * h, w))
-        KERNELS.lrn_window_sum(n * c * h, h, w, before, after, 0, rows, out, grid=(n * c * h, w))
+                                   extents=(n * c * h, w))
+        KERNELS.lrn_window_sum(n * c * h, h, w, before, after, 0, rows, out, extents=(n * c * h, w))
 
     def forward(self, bottom, top):
         x = bottom[0].get_data()
         self.scale = backend.reuse(self.scale, x.shape, x.dtype)
         self._window_sum(x, self.scale, squared=True, mirrored=False)
         KERNELS.lrn_forward_output(x.size, x, self.scale, self.scale, top[0].mutable_data(),
-                                   self.shift, self.mult, self.beta, grid=x.size)
+                                   self.shift, self.mult, self.beta, extents=x.size)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -74,7 +74,7 @@ class LRNLayer(Layer):
         dy = top[0].get_diff()
         dx = bottom[0].mutable_diff()
         ratio = self.ratio = backend.reuse(self.ratio, x.shape, x.dtype)
-        KERNELS.lrn_backward_ratio(x.size, x, dy, self.scale, ratio, dx, self.beta, grid=x.size)
+        KERNELS.lrn_backward_ratio(x.size, x, dy, self.scale, ratio, dx, self.beta, extents=x.size)
         ratio_sum = self.ratio_sum = backend.reuse(self.ratio_sum, x.shape, x.dtype)
         self._window_sum(ratio, ratio_sum, squared=False, mirrored=True)
-        KERNELS.lrn_backward_finish(x.size, x, ratio_sum, dx, 2.0 * self.mult * self.beta, grid=x.size)
+        KERNELS.lrn_backward_finish(x.size, x, ratio_sum, dx, 2.0 * self.mult * self.beta, extents=x.size)

@@ -133,10 +133,10 @@ class PoolingLayer(Layer):
                     self.stride_h, self.stride_w, self.pad_h, self.pad_w)
         y = top[0].mutable_data()
         if self.method == AVE:
-            KERNELS.pool_ave_forward(planes, *geometry, x, y, grid=(planes, self.pooled_w))
+            KERNELS.pool_ave_forward(planes, *geometry, x, y, extents=(planes, self.pooled_w))
             return
         self.mask = backend.reuse(self.mask, y.shape, np.int32)
-        KERNELS.pool_max_forward(planes, *geometry, x, y, self.mask, grid=(planes, self.pooled_w))
+        KERNELS.pool_max_forward(planes, *geometry, x, y, self.mask, extents=(planes, self.pooled_w))
         if len(top) > 1:
             top[1].mutable_data()[...] = self.mask
 
@@ -152,8 +152,8 @@ class PoolingLayer(Layer):
         if self.method == AVE:
             KERNELS.pool_ave_backward(planes, self.pooled_h, self.pooled_w, h, w, self.kernel_h,
                                       self.kernel_w, self.stride_h, self.stride_w, self.pad_h,
-                                      self.pad_w, cover, col_start, col_end, dy, dx, grid=(planes, w))
+                                      self.pad_w, cover, col_start, col_end, dy, dx, extents=(planes, w))
         else:
             KERNELS.pool_max_backward(planes, self.pooled_h, self.pooled_w, h, w, self.kernel_h,
                                       self.stride_h, self.pad_h, cover, col_start, col_end, dy,
-                                      self.mask, dx, grid=(planes, w))
+                                      self.mask, dx, extents=(planes, w))

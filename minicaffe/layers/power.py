@@ -33,11 +33,11 @@ class PowerLayer(NeuronLayer):
                                                              self.dtype.type(self.power))
             y.fill(value)
         elif self.power == 1:
-            KERNELS.power_forward_linear(n, x, y, self.scale, self.shift, grid=n)
+            KERNELS.power_forward_linear(n, x, y, self.scale, self.shift, extents=n)
         elif self.power == 2:
-            KERNELS.power_forward_square(n, x, y, self.scale, self.shift, grid=n)
+            KERNELS.power_forward_square(n, x, y, self.scale, self.shift, extents=n)
         else:
-            KERNELS.power_forward(n, x, y, self.power, self.scale, self.shift, grid=n)
+            KERNELS.power_forward(n, x, y, self.power, self.scale, self.shift, extents=n)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -48,10 +48,10 @@ class PowerLayer(NeuronLayer):
         if self.diff_scale == 0:
             dx.fill(0)
         elif self.power == 1:
-            KERNELS.power_backward_linear(n, dy, dx, self.scale, grid=n)
+            KERNELS.power_backward_linear(n, dy, dx, self.scale, extents=n)
         else:
             x = self.saved_input if self.saved_input is not None else bottom[0].get_data()
             if self.power == 2:
-                KERNELS.power_backward_square(n, x, dy, dx, self.scale, self.shift, grid=n)
+                KERNELS.power_backward_square(n, x, dy, dx, self.scale, self.shift, extents=n)
             else:
-                KERNELS.power_backward(n, x, dy, dx, self.power, self.scale, self.shift, grid=n)
+                KERNELS.power_backward(n, x, dy, dx, self.power, self.scale, self.shift, extents=n)

@@ -56,7 +56,7 @@ class PReLULayer(NeuronLayer):
         self.saved_input = self.keep(x) if top[0] is bottom[0] else None
         planes, slope_channels, inner = self._extents(bottom[0])
         KERNELS.prelu_forward(planes, slope_channels, inner, x, top[0].mutable_data(),
-                              self.blobs[0].get_data(), grid=(planes, inner))
+                              self.blobs[0].get_data(), extents=(planes, inner))
 
     def backward(self, top, propagate_down, bottom):
         x = self.saved_input if self.saved_input is not None else bottom[0].get_data()
@@ -66,7 +66,7 @@ class PReLULayer(NeuronLayer):
         if self.param_propagate_down[0]:
             self.slope_terms.reshape_like(bottom[0])
             terms = self.slope_terms.mutable_data()
-            KERNELS.prelu_slope_terms(x.size, x, dy, terms, grid=x.size)
+            KERNELS.prelu_slope_terms(x.size, x, dy, terms, extents=x.size)
             if self.channel_shared:
                 gradient = terms.sum()
             else:
@@ -74,4 +74,4 @@ class PReLULayer(NeuronLayer):
             self.blobs[0].mutable_diff()[...] += gradient
         if propagate_down[0]:
             KERNELS.prelu_backward(planes, slope_channels, inner, x, dy, bottom[0].mutable_diff(),
-                                   self.blobs[0].get_data(), grid=(planes, inner))
+                                   self.blobs[0].get_data(), extents=(planes, inner))

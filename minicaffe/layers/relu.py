@@ -19,11 +19,11 @@ class ReLULayer(NeuronLayer):
         # In place, backward must not read the blob: it holds y, and later in-place layers may have
         # changed it again (a negative slope or a Power flips signs). So keep x. (Caffe reads the blob.)
         self.saved_input = self.keep(x) if top[0] is bottom[0] else None
-        KERNELS.relu_forward(x.size, x, top[0].mutable_data(), self.negative_slope, grid=x.size)
+        KERNELS.relu_forward(x.size, x, top[0].mutable_data(), self.negative_slope, extents=x.size)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
         x = self.saved_input if self.saved_input is not None else bottom[0].get_data()
         dy = top[0].get_diff()
-        KERNELS.relu_backward(x.size, x, dy, bottom[0].mutable_diff(), self.negative_slope, grid=x.size)
+        KERNELS.relu_backward(x.size, x, dy, bottom[0].mutable_diff(), self.negative_slope, extents=x.size)

@@ -79,7 +79,7 @@ class ScaleLayer(Layer):
         if (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1]):
             x = self.saved_input if self.in_place else bottom[0].get_data()
             product = self.product = backend.reuse(self.product, dy.shape, dy.dtype)
-            KERNELS.scale_product(dy.size, dy, x, product, grid=dy.size)
+            KERNELS.scale_product(dy.size, dy, x, product, extents=dy.size)
             gradient = sum_to_dim(product, self.dims).reshape(scale.shape)
             if learned:
                 scale.mutable_diff()[...] += gradient

@@ -74,7 +74,7 @@ class SoftmaxWithLossLayer(Layer):
         label = bottom[1].get_data()
         KERNELS.softmax_loss_forward(self.outer, self.channels, self.inner, self.prob.get_data(), label,
                                      loss, valid, int(self.has_ignore), self.ignore_label,
-                                     grid=(self.outer, self.inner))
+                                     extents=(self.outer, self.inner))
         bad = valid < 0
         if bool(bad.any()):
             value = float(label.reshape(valid.shape)[bad][0])
@@ -107,7 +107,7 @@ class SoftmaxWithLossLayer(Layer):
         KERNELS.softmax_loss_backward(self.outer, self.channels, self.inner, self.prob.get_data(),
                                       bottom[1].get_data(), top[0].get_diff(), self.normalizer,
                                       bottom[0].mutable_diff(), int(self.has_ignore), self.ignore_label,
-                                      grid=(self.outer, self.inner))
+                                      extents=(self.outer, self.inner))
 
     def allow_force_backward(self, bottom_index: int) -> bool:
         return bottom_index != 1
