@@ -2,6 +2,10 @@
 
 Errors name the file and, for text, the line and column; a file is written to a temporary name and
 renamed into place, so a crash or a full disk never leaves a half-written model over a good one.
+
+This is also pycaffe's ``caffe.io``: its image and blob helpers (Transformer, load_image, ...) are
+defined in minicaffe.caffe_io and imported here, so ``caffe.io.Transformer``, ``import minicaffe.io``
+and ``from minicaffe.io import load_image`` all work as with pycaffe.
 """
 
 from __future__ import annotations
@@ -12,7 +16,29 @@ from pathlib import Path
 
 from google.protobuf import message, text_format
 
+from .caffe_io import (
+    Transformer,
+    array_to_blobproto,
+    array_to_datum,
+    arraylist_to_blobprotovector_str,
+    blobproto_to_array,
+    blobprotovector_str_to_arraylist,
+    datum_to_array,
+    load_image,
+    oversample,
+    resize_image,
+)
 from .proto import caffe_pb2
+
+__all__ = [
+    # pycaffe's caffe.io (minicaffe.caffe_io)
+    "Transformer", "load_image", "resize_image", "oversample", "blobproto_to_array", "array_to_blobproto",
+    "arraylist_to_blobprotovector_str", "blobprotovector_str_to_arraylist", "array_to_datum",
+    "datum_to_array",
+    # Caffe's files
+    "FormatError", "parse_text", "read_text", "read_binary", "read_net_param", "read_solver_param",
+    "write_atomic", "write_binary", "write_text", "upgrade_net",
+]
 
 
 class FormatError(ValueError):
@@ -169,13 +195,3 @@ def _upgrade_v1_layers(net: caffe_pb2.NetParameter, source: str) -> None:
                 spec.decay_mult = old.weight_decay[i]
     net.ClearField("layers")
 
-
-def __getattr__(name: str):
-    """pycaffe's caffe.io helpers (Transformer, load_image, blobproto_to_array, ...): defined in
-    minicaffe.pycaffe and reachable here, so ``caffe.io.Transformer`` works after ``import minicaffe as
-    caffe``."""
-    from . import pycaffe
-
-    if name in pycaffe.IO_NAMES:
-        return getattr(pycaffe, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,8 +9,8 @@ from google.protobuf import text_format
 import minicaffe as caffe
 from minicaffe import layers as L
 from minicaffe import params as P
+from minicaffe.net_spec import Function, NetSpecError, param_name_dict
 from minicaffe.proto import caffe_pb2
-from minicaffe.pycaffe import Function, NetSpecError, param_name_dict
 
 
 def parse(text: str) -> caffe_pb2.NetParameter:

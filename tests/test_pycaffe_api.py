@@ -325,3 +325,21 @@ def test_io_resize_oversample_and_blobs():
     assert caffe.io.blobproto_to_array(legacy).shape == (1, 2, 1, 3)
     datum = caffe.io.array_to_datum(np.ones((1, 2, 2), np.uint8), 7)
     assert datum.label == 7 and caffe.io.datum_to_array(datum).shape == (1, 2, 2)
+
+
+PYCAFFE_IO_NAMES = {"Transformer", "load_image", "resize_image", "oversample", "blobproto_to_array",
+                    "array_to_blobproto", "arraylist_to_blobprotovector_str",
+                    "blobprotovector_str_to_arraylist", "array_to_datum", "datum_to_array"}
+
+
+def test_io_lists_pycaffe_names():
+    # dir() (and so tab completion) shows them, and `from caffe.io import *` brings them in.
+    assert PYCAFFE_IO_NAMES <= set(dir(caffe.io))
+    assert PYCAFFE_IO_NAMES <= set(caffe.io.__all__)
+    assert set(caffe.io.__all__) <= set(dir(caffe.io))
+    namespace: dict = {}
+    exec("from minicaffe.io import *", namespace)
+    assert PYCAFFE_IO_NAMES <= set(namespace)
+    from minicaffe import caffe_io
+
+    assert set(caffe_io.__all__) == PYCAFFE_IO_NAMES and "io" in dir(caffe)

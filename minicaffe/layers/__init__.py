@@ -13,7 +13,7 @@ def __getattr__(name: str):
     """pycaffe's ``from caffe import layers as L; L.Convolution(...)``: a CamelCase attribute of this
     package is a NetSpec layer function (the modules here are lower case, so nothing is shadowed)."""
     if name[:1].isupper():
-        from ..pycaffe import layers
+        from ..net_spec import layers
 
         return getattr(layers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
