@@ -105,8 +105,10 @@ def split_layer_name(blob: str, layer: str, index: int) -> str:
     return f"{blob}_{layer}_{index}_split"
 
 
-def insert_splits(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
-    """Where one top feeds several bottoms (or feeds one and is also a loss), route it through a Split."""
+def insert_splits(net: caffe_pb2.NetParameter) -> tuple[caffe_pb2.NetParameter, dict[str, str]]:
+    """Where one top feeds several bottoms (or feeds one and is also a loss), route it through a Split.
+
+    Returns the new net and {split top name: the blob it copies}."""
     producer: dict[str, tuple[int, int]] = {}  # blob name -> (layer index, top index) of latest writer
     consumers: dict[tuple[int, int], int] = {}
     bottom_source: dict[tuple[int, int], tuple[int, int]] = {}
@@ -129,6 +131,7 @@ def insert_splits(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
     out.CopyFrom(net)
     del out.layer[:]
     next_split_top: dict[tuple[int, int], int] = {}
+    split_sources: dict[str, str] = {}
     for i, layer in enumerate(net.layer):
         new = out.layer.add()
         new.CopyFrom(layer)
@@ -151,8 +154,9 @@ def insert_splits(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
                     new.loss_weight[j] = 0
                     split.top.append(split_layer_name(top, layer.name, j) + f"_{uses}")
                     split.loss_weight.extend([0.0] * uses + [weight])
+                split_sources.update((split_top, top) for split_top in split.top)
                 next_split_top[(i, j)] = 0
-    return out
+    return out, split_sources
 
 
 # -- the net ---------------------------------------------------------------------------------------
@@ -189,12 +193,14 @@ class Net:
         state.stage.extend(s for s in stages if s not in state.stage)
         self.param = param
         self.name = param.name
-        self._init(insert_splits(filter_net(param, state)))
+        self._init(*insert_splits(filter_net(param, state)))
         if weights is not None:
             self.copy_from(weights)
 
     # -- building ------------------------------------------------------------------------------
-    def _init(self, param: caffe_pb2.NetParameter) -> None:
+    def _init(self, param: caffe_pb2.NetParameter, split_sources: dict[str, str]) -> None:
+        """Build from `param` as insert_splits returned it; `split_sources` maps its split tops to the
+        blobs they copy."""
         self.layers: list[Layer] = []
         self._layer_names: list[str] = []
         self.blobs: OrderedDict[str, Blob] = OrderedDict()
@@ -241,7 +247,7 @@ class Net:
                     continue
                 # An in-place layer whose bottom was routed through an automatic Split writes a new
                 # blob under the old name (Caffe refuses such nets; later layers expect this blob).
-                rebinding = bottom_j is not None and bottom_j.startswith(name + "_") and "_split_" in bottom_j
+                rebinding = split_sources.get(bottom_j) == name
                 if name in self.blobs and not rebinding:
                     raise NetError(f"{where}: top blob '{name}' is produced by two layers")
                 blob = Blob((), self.dtype)

@@ -7,7 +7,7 @@ import pytest
 
 import minicaffe
 from minicaffe import io
-from minicaffe.net import Net, NetError
+from minicaffe.net import Net, NetError, insert_splits
 from minicaffe.proto import caffe_pb2
 
 INPUTS = """
@@ -177,3 +177,19 @@ def test_in_place_layer_followed_by_a_sign_changing_in_place_layer(first):
         (name,) = n.forward(x=x)
         grads.append(np.array(n.backward(**{name: dy})["x"]))
     np.testing.assert_allclose(grads[1], grads[0], rtol=1e-12)
+
+
+def test_insert_splits_reports_which_blob_each_split_top_copies():
+    param = io.parse_text(INPUTS + ip("fc1", "x", "y1") + ip("fc2", "x", "y2"), caffe_pb2.NetParameter())
+    split_net, split_sources = insert_splits(param)
+    assert split_sources == {"x_in_0_split_0": "x", "x_in_0_split_1": "x"}
+    assert [list(layer.bottom) for layer in split_net.layer[2:]] == [["x_in_0_split_0"], ["x_in_0_split_1"]]
+
+
+def test_a_user_blob_named_like_a_split_top_does_not_rebind():
+    """Only a real automatic split lets an in-place layer write a blob again; a look-alike name is a clash."""
+    text = ('layer { name: "in" type: "Input" top: "x" top: "x_user_0_split_0"\n'
+            '        input_param { shape { dim: 1 dim: 2 } shape { dim: 1 dim: 2 } } }\n'
+            'layer { name: "r" type: "ReLU" bottom: "x_user_0_split_0" top: "x" }\n')
+    with pytest.raises(NetError, match="top blob 'x' is produced by two layers"):
+        make(text)
