@@ -1,7 +1,8 @@
-"""Shared fixtures: where ../shared lives, and small helpers every layer test uses."""
+"""Shared fixtures: where the data beside the repo lives, and small helpers every layer test uses."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,30 +13,31 @@ from minicaffe.blob import Blob
 from minicaffe.testing import layer_from_prototxt
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED_VARIABLE = "MINICAFFE_SHARED"
 
 
-@pytest.fixture
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip("../shared is absent")
-    return SHARED
-
-
-@pytest.fixture
-def mtcnn_dir(shared_dir) -> Path:
-    path = shared_dir / "models" / "mtcnn"
-    if not (path / "det1.caffemodel").is_file():
-        pytest.skip("MTCNN models absent from ../shared/models/mtcnn")
+def shared_data(relative: str, needed_file: str) -> Path:
+    """The folder `relative` of the shared data ($MINICAFFE_SHARED, else the `shared` folder beside the
+    repo); skips the test, naming the variable and the path looked in, when `needed_file` is not there.
+    The one place tests find MNIST and the real models (README: "The full test suite")."""
+    root = Path(os.environ.get(SHARED_VARIABLE) or REPO.parent / "shared")
+    path = root / relative
+    if not (path / needed_file).is_file():
+        pytest.skip(f"no {relative}/{needed_file} in {root}: set {SHARED_VARIABLE} to the folder holding "
+                    "data/mnist and models/ (README: The full test suite)")
     return path
 
 
 @pytest.fixture
-def mnist_dir(shared_dir) -> Path:
-    path = shared_dir / "data" / "mnist"
-    if not (path / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip("MNIST absent from ../shared/data/mnist")
-    return path
+def mtcnn_dir() -> Path:
+    """The MTCNN cascade (det1-3 .prototxt and .caffemodel, test1.jpg)."""
+    return shared_data("models/mtcnn", "det1.caffemodel")
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    """MNIST's t10k set as the IDX gzip files LeCun's site serves."""
+    return shared_data("data/mnist", "t10k-images-idx3-ubyte.gz")
 
 
 @pytest.fixture(autouse=True)

@@ -1,10 +1,10 @@
 """Acceptance: LeNet and LeNet-PReLU reach >= 98% test accuracy on MNIST within 2,000 iterations (CPU).
 
-`minicaffe convert-mnist` turns ../shared/data/mnist's t10k set into a training LMDB (first 8,000
+`minicaffe convert-mnist` turns $MINICAFFE_SHARED/data/mnist's t10k set into a training LMDB (first 8,000
 images) and a test LMDB (last 2,000); then `minicaffe train` runs copies of models/lenet_prelu and
 models/lenet whose only changes are the data paths and snapshot_prefix (benchmarks/train_mnist.py does
 the same and records accuracy and wall time in BENCHMARKS.md). Slow: about a minute or two per model on
-two cores. Skips when the shared data is absent.
+two cores. Skips when the shared data is absent (conftest.shared_data).
 """
 
 from __future__ import annotations

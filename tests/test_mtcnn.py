@@ -2,7 +2,8 @@
 
 The reference forward here is an independent numpy interpreter of the same NetParameter (plain
 numpy convolution, pooling with Caffe's ceil rounding, PReLU, ...), fed the weights read straight from
-the .caffemodel with protobuf; our Net must agree with it. Skipped when ../shared is absent.
+the .caffemodel with protobuf; our Net must agree with it. Skipped without the shared data
+($MINICAFFE_SHARED/models/mtcnn, see conftest.shared_data).
 """
 
 from __future__ import annotations

@@ -16,9 +16,6 @@ from minicaffe.proto import caffe_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SHARED = ROOT / ".." / "shared"
-MTCNN = SHARED / "models" / "mtcnn"
-
 
 # ---------------------------------------------------------------------------
 # (a) generated module is in sync with protos/caffe.proto
@@ -71,20 +68,14 @@ def test_gen_proto_check_exit_status(tmp_path, monkeypatch):
 # (b) real Caffe files: MTCNN det1/det2/det3
 # ---------------------------------------------------------------------------
 
-needs_mtcnn = pytest.mark.skipif(
-    not (MTCNN / "det1.prototxt").is_file(),
-    reason="shared MTCNN models not available",
-)
-
-
-def _read_prototxt(name: str) -> pb.NetParameter:
+def _read_prototxt(path: Path) -> pb.NetParameter:
     net = pb.NetParameter()
-    text_format.Parse((MTCNN / name).read_text(), net)
+    text_format.Parse(path.read_text(), net)
     return net
 
 
-def _read_caffemodel(name: str) -> tuple[pb.NetParameter, bytes]:
-    raw = (MTCNN / name).read_bytes()
+def _read_caffemodel(path: Path) -> tuple[pb.NetParameter, bytes]:
+    raw = path.read_bytes()
     net = pb.NetParameter()
     net.ParseFromString(raw)
     return net, raw
@@ -166,11 +157,10 @@ MTCNN_FACTS = {
 }
 
 
-@needs_mtcnn
 @pytest.mark.parametrize("idx", [1, 2, 3])
-def test_mtcnn_prototxt_parses(idx):
+def test_mtcnn_prototxt_parses(idx, mtcnn_dir):
     size, types, _ = MTCNN_FACTS[idx]
-    net = _read_prototxt(f"det{idx}.prototxt")
+    net = _read_prototxt(mtcnn_dir / f"det{idx}.prototxt")
     assert list(net.input) == ["data"]
     assert list(net.input_dim) == [1, 3, size, size]
     assert [layer.type for layer in net.layer] == types
@@ -193,9 +183,8 @@ def test_mtcnn_prototxt_parses(idx):
     assert again == net
 
 
-@needs_mtcnn
-def test_det1_prototxt_details():
-    net = _read_prototxt("det1.prototxt")
+def test_det1_prototxt_details(mtcnn_dir):
+    net = _read_prototxt(mtcnn_dir / "det1.prototxt")
     assert net.name == "PNet"
     prelus = [layer for layer in net.layer if layer.type == "PReLU"]
     assert [p.name for p in prelus] == ["PReLU1", "PReLU2", "PReLU3"]
@@ -212,11 +201,10 @@ def test_det1_prototxt_details():
     ] == [10, 16, 32, 2, 4]
 
 
-@needs_mtcnn
 @pytest.mark.parametrize("idx", [1, 2, 3])
-def test_mtcnn_caffemodel_parses(idx):
+def test_mtcnn_caffemodel_parses(idx, mtcnn_dir):
     _, _, prelu_sizes = MTCNN_FACTS[idx]
-    net, raw = _read_caffemodel(f"det{idx}.caffemodel")
+    net, raw = _read_caffemodel(mtcnn_dir / f"det{idx}.caffemodel")
     types = {layer.type for layer in net.layer}
     expected = {
         "HDF5Data",
@@ -265,9 +253,8 @@ def test_mtcnn_caffemodel_parses(idx):
     assert net.SerializeToString() == raw
 
 
-@needs_mtcnn
-def test_det1_caffemodel_details():
-    net, _ = _read_caffemodel("det1.caffemodel")
+def test_det1_caffemodel_details(mtcnn_dir):
+    net, _ = _read_caffemodel(mtcnn_dir / "det1.caffemodel")
     by_name = {layer.name: layer for layer in net.layer}
     conv1 = by_name["conv1"]
     assert [list(b.shape.dim) for b in conv1.blobs] == [[10, 3, 3, 3], [10]]
