@@ -33,3 +33,19 @@ def test_readme_has_exactly_the_two_setup_commands():
                         'pip install ".[test]" && python -m pytest']
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert commands[1] in ci
+
+
+def test_readme_nvcc_snippet_matches_the_nvcc_test():
+    """The README's by-hand command builds what tests/test_kernels_nvcc.py builds."""
+    from test_kernels_nvcc import ARCHS, REALS
+
+    (snippet,) = [block for block in code_blocks("sh") if "nvcc" in block]
+    loops = dict(re.findall(r"for (\w+) in ([^;]+);", snippet))
+    assert loops == {"cu": "kernels/*.cu", "arch": " ".join(ARCHS), "real": " ".join(REALS)}
+    assert "nvcc -c -arch=$arch -std=c++14 -I kernels -x cu -DMC_REAL=$real \"$cu\"" in snippet
+
+
+def test_readme_names_the_shared_data_variable():
+    section = README[README.index("## The full test suite"):]
+    assert "MINICAFFE_SHARED" in section
+    assert all(folder in section for folder in ("data/mnist", "models/mtcnn", "models/zoo"))
