@@ -228,9 +228,6 @@ class Solver:
             raise SolverError(f"{where}: snapshot, display and test_interval must be >= 0")
         self.check_rule_param()
 
-    def check_rule_param(self) -> None:
-        """The rule's own field checks (Caffe's CHECKs in each solver's constructor); none by default."""
-
     def _path(self, name: str) -> Path:
         """A path from the solver file: relative to the CWD (Caffe), else to the solver's folder."""
         path = Path(name)
@@ -340,6 +337,16 @@ class Solver:
     def _requested_action(self) -> str:
         return self._action() if self._action is not None else NONE
 
+    def _warn_non_finite(self, loss: float) -> None:
+        """Warn once per solver when an iteration's loss is NaN or inf: from there on the parameters
+        and the smoothed loss are usually NaN too, so the first such iteration is the one to know."""
+        if math.isfinite(loss) or self._warned_non_finite:
+            return
+        self._warned_non_finite = True
+        log.warning(f"Iteration {self.iter}, loss = {log.fmt(loss)} is not finite (NaN or inf in the input "
+                    "data, or a diverging update: try a lower base_lr or clip_gradients); "
+                    "warning only once")
+
     def step(self, iters: int) -> None:
         """Run `iters` training iterations (Caffe's Solver::Step)."""
         p = self.param
@@ -425,16 +432,6 @@ class Solver:
             index = (self.iter - start_iter) % average
             self.smoothed_loss += (loss - self.losses[index]) / average
             self.losses[index] = loss
-
-    def _warn_non_finite(self, loss: float) -> None:
-        """Warn once per solver when an iteration's loss is NaN or inf: from there on the parameters
-        and the smoothed loss are usually NaN too, so the first such iteration is the one to know."""
-        if math.isfinite(loss) or self._warned_non_finite:
-            return
-        self._warned_non_finite = True
-        log.warning(f"Iteration {self.iter}, loss = {log.fmt(loss)} is not finite (NaN or inf in the input "
-                    "data, or a diverging update: try a lower base_lr or clip_gradients); "
-                    "warning only once")
 
     def _display(self) -> None:
         now = time.monotonic()
@@ -588,6 +585,9 @@ class Solver:
         """Caffe's ComputeUpdateValue: turn parameter `index`'s (regularized) diff into the step that
         apply_update subtracts, at `rate` times the parameter's lr_mult. Each rule overrides it."""
         raise NotImplementedError(f"{type(self).__name__} has no update rule (use a registered subclass)")
+
+    def check_rule_param(self) -> None:
+        """The rule's own field checks (Caffe's CHECKs in each solver's constructor); none by default."""
 
     def histories(self, index: int) -> list:
         """Parameter `index`'s history arrays, one per history blob of the rule, for the rule to unpack
