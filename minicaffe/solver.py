@@ -9,6 +9,9 @@ What follows Caffe (solver.cpp, sgd_solver.cpp and the other *_solver.cpp), step
     forward/backward passes, then ApplyUpdate: learning rate (GetLearningRate), ClipGradients, and per
     parameter Normalize (1 / iter_size), Regularize (L2 or L1, weight_decay * decay_mult),
     ComputeUpdateValue (the rule, at rate * lr_mult), and data -= diff;
+  * each update rule is a Solver subclass registered by its ``type`` string (Caffe's SolverRegistry),
+    overriding compute_update (Caffe's ComputeUpdateValue); ``Solver(...)`` and ``get_solver(...)``
+    build the class the solver file names;
   * history blobs and .solverstate files have Caffe's layout: one history blob per learnable parameter,
     AdaDelta and Adam append a second set (squared updates / second moments) after the first;
   * log lines are Caffe's (see minicaffe.log), so its log parsers work.
@@ -51,8 +54,8 @@ LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
 LEGACY_TYPES = {caffe_pb2.SolverParameter.SGD: "SGD", caffe_pb2.SolverParameter.NESTEROV: "Nesterov",
                 caffe_pb2.SolverParameter.ADAGRAD: "AdaGrad", caffe_pb2.SolverParameter.RMSPROP: "RMSProp",
                 caffe_pb2.SolverParameter.ADADELTA: "AdaDelta", caffe_pb2.SolverParameter.ADAM: "Adam"}
-# Rules that keep a second history set after the first (Caffe's AdaDelta and Adam PreSolve).
-TWO_HISTORIES = ("AdaDelta", "Adam")
+# Caffe's SolverRegistry: type string -> the Solver subclass with that update rule (register_solver).
+SOLVER_TYPES: dict[str, type[Solver]] = {}
 
 # What the action function (Ctrl-C, SIGHUP in `minicaffe train`) may ask for, as Caffe's SolverAction.
 NONE, STOP, SNAPSHOT = "none", "stop", "snapshot"
@@ -88,6 +91,25 @@ def read_solver(path) -> SolverParameter:
     return param
 
 
+def _solver_param(param_or_path, source: str) -> SolverParameter:
+    """The SolverParameter of a solver prototxt path (read_solver), or an upgraded copy of one."""
+    if isinstance(param_or_path, (str, Path)):
+        return read_solver(param_or_path)
+    if isinstance(param_or_path, SolverParameter):
+        param = SolverParameter()
+        param.CopyFrom(param_or_path)
+        return upgrade_solver(param, source)
+    raise TypeError(f"Solver takes a solver prototxt path or a SolverParameter, "
+                    f"got {type(param_or_path).__name__}")
+
+
+def _source(param_or_path, source: str | None) -> str:
+    """How messages name a solver: its file, else `source`."""
+    if isinstance(param_or_path, (str, Path)):
+        return str(param_or_path)
+    return source or "<SolverParameter>"
+
+
 def learning_rate(param: SolverParameter, iteration: int, current_step: int = 0) -> tuple[float, int]:
     """Caffe's GetLearningRate at `iteration`; returns (rate, current_step) (step/multistep move it)."""
     policy, base_lr, gamma = param.lr_policy, param.base_lr, param.gamma
@@ -120,36 +142,40 @@ def learning_rate(param: SolverParameter, iteration: int, current_step: int = 0)
 class Solver:
     """A Caffe solver for a SolverParameter or a solver prototxt path.
 
-    ``Solver(...)`` and ``get_solver(...)`` use the rule named by the file's ``type`` (or legacy
+    ``Solver(...)`` and ``get_solver(...)`` build the subclass named by the file's ``type`` (or legacy
     ``solver_type``); SGDSolver, NesterovSolver, AdaGradSolver, RMSPropSolver, AdaDeltaSolver and
     AdamSolver use their own rule whatever the file says, as pycaffe's classes do.
     ``dtype=np.float64`` builds double nets (Caffe's Solver<double>).
 
-    Attributes: ``net`` (train net), ``test_nets``, ``iter``, ``param``, ``history`` (list of Blob),
-    ``smoothed_loss``, ``test_scores`` (per test net, the last test's {output: mean}).
+    A rule subclass (see register_solver) overrides compute_update and sets ``history_blobs``, the number
+    of history blobs it keeps per parameter; it reads them with ``self.histories(index)``.
+
+    Attributes: ``net`` (train net), ``test_nets``, ``iter``, ``param``, ``history`` (list of Blob, in
+    Caffe's .solverstate order), ``smoothed_loss``, ``test_scores`` (per test net, the last test's
+    {output: mean}).
     """
 
-    rule: str | None = None  # set by the rule-specific subclasses
+    type = ""  # the registered type string of a rule subclass (register_solver)
+    history_blobs = 1  # history blobs per learnable parameter
+    uses_momentum = True  # False: a nonzero momentum is an error (Caffe's AdaGrad and RMSProp)
+
+    def __new__(cls, param_or_path, dtype=np.float32, base_dir=None, source: str | None = None):
+        # Solver(...) itself builds the rule the solver names (so the file is read twice, it is small).
+        if cls is Solver:
+            where = _source(param_or_path, source)
+            cls = solver_class(_solver_param(param_or_path, where), where)
+        return super().__new__(cls)
 
     def __init__(self, param_or_path, dtype=np.float32, base_dir=None, source: str | None = None):
         """For a SolverParameter, `base_dir` is the folder its relative net paths may also be beside (a
         solver file's own folder is used for a path), and `source` names it in messages."""
+        self.source = _source(param_or_path, source)
         if isinstance(param_or_path, (str, Path)):
-            self.source = str(param_or_path)
             self.base_dir: Path | None = Path(param_or_path).parent
-            param = read_solver(param_or_path)
-        elif isinstance(param_or_path, SolverParameter):
-            self.source = source or "<SolverParameter>"
-            self.base_dir = Path(base_dir) if base_dir is not None else None
-            param = SolverParameter()
-            param.CopyFrom(param_or_path)
-            upgrade_solver(param)
         else:
-            raise TypeError(f"Solver takes a solver prototxt path or a SolverParameter, "
-                            f"got {type(param_or_path).__name__}")
-        self.param = param
+            self.base_dir = Path(base_dir) if base_dir is not None else None
+        self.param = param = _solver_param(param_or_path, self.source)
         self.dtype = np.dtype(dtype)
-        self.type = self.rule or param.type
         self._check_param()
         if param.random_seed >= 0:
             rng.set_random_seed(param.random_seed)
@@ -166,9 +192,10 @@ class Solver:
         self._iterations_last = 0
         self._timer = time.monotonic()
         self.progress: log.Progress | None = None
+        self._warned_non_finite = False
+        # Caffe's layout: the first history blob of every parameter, then the second of every parameter.
         params = self.net.learnable_params
-        count = len(params) * (2 if self.type in TWO_HISTORIES else 1)
-        self.history = [Blob(params[i % len(params)].blob.shape, self.dtype) for i in range(count)]
+        self.history = [Blob(p.blob.shape, self.dtype) for _ in range(self.history_blobs) for p in params]
 
     # -- set-up ---------------------------------------------------------------------------------
     def _where(self) -> str:
@@ -176,8 +203,6 @@ class Solver:
 
     def _check_param(self) -> None:
         p, where = self.param, self._where()
-        if self.type not in RULES:
-            raise SolverError(f"{where}: unknown solver type '{self.type}' (known: {', '.join(RULES)})")
         if not p.lr_policy:  # Caffe has no default either
             raise SolverError(f"{where}: lr_policy is not set (give one of {', '.join(LR_POLICIES)})")
         if p.lr_policy not in LR_POLICIES:
@@ -194,15 +219,14 @@ class Solver:
             raise SolverError(f"{where}: iter_size must be >= 1, got {p.iter_size}")
         if p.regularization_type not in ("L1", "L2"):
             raise SolverError(f"{where}: unknown regularization_type '{p.regularization_type}' (L1 or L2)")
-        if self.type in ("AdaGrad", "RMSProp") and p.momentum != 0:
+        if not self.uses_momentum and p.momentum != 0:
             raise SolverError(f"{where}: momentum cannot be used with {self.type} (got {p.momentum})")
-        if self.type == "RMSProp" and not 0 <= p.rms_decay < 1:
-            raise SolverError(f"{where}: rms_decay must be in [0, 1), got {p.rms_decay}")
         if p.snapshot_format == SolverParameter.HDF5:
             raise SolverError(f"{where}: snapshot_format HDF5 is not supported; use BINARYPROTO "
                               "(the default, Caffe's .caffemodel / .solverstate)")
         if p.snapshot < 0 or p.display < 0 or p.test_interval < 0:
             raise SolverError(f"{where}: snapshot, display and test_interval must be >= 0")
+        self.check_rule_param()
 
     def _path(self, name: str) -> Path:
         """A path from the solver file: relative to the CWD (Caffe), else to the solver's folder."""
@@ -313,6 +337,16 @@ class Solver:
     def _requested_action(self) -> str:
         return self._action() if self._action is not None else NONE
 
+    def _warn_non_finite(self, loss: float) -> None:
+        """Warn once per solver when an iteration's loss is NaN or inf: from there on the parameters
+        and the smoothed loss are usually NaN too, so the first such iteration is the one to know."""
+        if math.isfinite(loss) or self._warned_non_finite:
+            return
+        self._warned_non_finite = True
+        log.warning(f"Iteration {self.iter}, loss = {log.fmt(loss)} is not finite (NaN or inf in the input "
+                    "data, or a diverging update: try a lower base_lr or clip_gradients); "
+                    "warning only once")
+
     def step(self, iters: int) -> None:
         """Run `iters` training iterations (Caffe's Solver::Step)."""
         p = self.param
@@ -342,6 +376,7 @@ class Solver:
                     loss += self.net.forward_backward()
                 loss /= p.iter_size
                 self._update_smoothed_loss(loss, start_iter)
+                self._warn_non_finite(loss)
                 if display:
                     self._display()
                 for _, on_gradients in self._callbacks:
@@ -503,11 +538,10 @@ class Solver:
         if self.param.display and self.iter % self.param.display == 0:
             log.info(f"Iteration {self.iter}, lr = {log.fmt(rate)}", "sgd_solver.cpp:107")
         self.clip_gradients()
-        compute = RULES[self.type]
         for index in range(len(self.net.learnable_params)):
             self.normalize(index)
             self.regularize(index)
-            compute(self, index, rate)
+            self.compute_update(index, rate)
         for learnable in self.net.learnable_params:
             blob = learnable.blob
             data = blob.mutable_data()
@@ -547,76 +581,19 @@ class Solver:
         else:
             diff += decay * backend.xp().sign(data)
 
-    def _sgd(self, index: int, rate: float) -> None:
-        learnable = self.net.learnable_params[index]
-        diff, history = learnable.blob.mutable_diff(), self.history[index].mutable_data()
-        history *= self.param.momentum  # history = local_rate * diff + momentum * history
-        history += rate * learnable.lr_mult * diff
-        diff[...] = history
+    def compute_update(self, index: int, rate: float) -> None:
+        """Caffe's ComputeUpdateValue: turn parameter `index`'s (regularized) diff into the step that
+        apply_update subtracts, at `rate` times the parameter's lr_mult. Each rule overrides it."""
+        raise NotImplementedError(f"{type(self).__name__} has no update rule (use a registered subclass)")
 
-    def _nesterov(self, index: int, rate: float) -> None:
-        learnable = self.net.learnable_params[index]
-        momentum = self.param.momentum
-        diff, history = learnable.blob.mutable_diff(), self.history[index].mutable_data()
-        previous = history.copy()
-        history *= momentum
-        history += rate * learnable.lr_mult * diff
-        # step back by the old momentum, then over-step along the new one
-        diff[...] = (1 + momentum) * history - momentum * previous
+    def check_rule_param(self) -> None:
+        """The rule's own field checks (Caffe's CHECKs in each solver's constructor); none by default."""
 
-    def _adagrad(self, index: int, rate: float) -> None:
-        learnable = self.net.learnable_params[index]
-        diff, history = learnable.blob.mutable_diff(), self.history[index].mutable_data()
-        xp = backend.xp()
-        history += diff * diff
-        update = xp.sqrt(history)
-        update += self.param.delta
-        diff[...] = rate * learnable.lr_mult * (diff / update)
-
-    def _rmsprop(self, index: int, rate: float) -> None:
-        learnable = self.net.learnable_params[index]
-        decay = self.param.rms_decay
-        diff, history = learnable.blob.mutable_diff(), self.history[index].mutable_data()
-        xp = backend.xp()
-        history *= decay
-        history += (1 - decay) * (diff * diff)
-        update = xp.sqrt(history)
-        update += self.param.delta
-        diff[...] = rate * learnable.lr_mult * (diff / update)
-
-    def _adadelta(self, index: int, rate: float) -> None:
-        params = self.net.learnable_params
-        learnable = params[index]
-        momentum, delta = self.param.momentum, self.param.delta
-        diff = learnable.blob.mutable_diff()
-        grad_history = self.history[index].mutable_data()
-        update_history = self.history[len(params) + index].mutable_data()
-        xp = backend.xp()
-        grad_history *= momentum
-        grad_history += (1 - momentum) * (diff * diff)
-        update = xp.sqrt((update_history + delta) / (grad_history + delta))
-        diff *= update
-        update_history *= momentum
-        update_history += (1 - momentum) * (diff * diff)
-        diff *= rate * learnable.lr_mult
-
-    def _adam(self, index: int, rate: float) -> None:
-        params = self.net.learnable_params
-        learnable = params[index]
-        beta1, beta2 = self.param.momentum, self.param.momentum2
-        diff = learnable.blob.mutable_diff()
-        m = self.history[index].mutable_data()
-        v = self.history[len(params) + index].mutable_data()
-        xp = backend.xp()
-        t = self.iter + 1
-        correction = math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-        m *= beta1
-        m += (1 - beta1) * diff
-        v *= beta2
-        v += (1 - beta2) * (diff * diff)
-        update = xp.sqrt(v)
-        update += self.param.delta
-        diff[...] = rate * learnable.lr_mult * correction * (m / update)
+    def histories(self, index: int) -> list:
+        """Parameter `index`'s history arrays, one per history blob of the rule, for the rule to unpack
+        by meaning (``m, v = self.histories(index)``); self.history keeps them in Caffe's order."""
+        count = len(self.net.learnable_params)
+        return [self.history[k * count + index].mutable_data() for k in range(self.history_blobs)]
 
     # -- snapshots ------------------------------------------------------------------------------
     def snapshot_filename(self, extension: str) -> str:
@@ -662,38 +639,138 @@ class Solver:
         log.info("SGDSolver: restoring history", "sgd_solver.cpp:335")
 
 
-RULES: dict[str, Callable[[Solver, int, float], None]] = {
-    "SGD": Solver._sgd, "Nesterov": Solver._nesterov, "AdaGrad": Solver._adagrad,
-    "RMSProp": Solver._rmsprop, "AdaDelta": Solver._adadelta, "Adam": Solver._adam,
-}
+# -- the update rules (Caffe's *_solver.cpp) -------------------------------------------------------
+
+def register_solver(type_name: str):
+    """Class decorator: make a Solver subclass the rule of solver files' ``type: "<type_name>"``."""
+
+    def wrap(cls: type[Solver]) -> type[Solver]:
+        cls.type = type_name
+        SOLVER_TYPES[type_name] = cls
+        return cls
+
+    return wrap
 
 
+def solver_class(param: SolverParameter, source: str = "<solver>") -> type[Solver]:
+    """The registered Solver subclass of `param.type` (Caffe's SolverRegistry::CreateSolver)."""
+    try:
+        return SOLVER_TYPES[param.type]
+    except KeyError:
+        raise SolverError(f"{source}: unknown solver type '{param.type}' "
+                          f"(known: {', '.join(SOLVER_TYPES)})") from None
+
+
+@register_solver("SGD")
 class SGDSolver(Solver):
-    rule = "SGD"
+    """Momentum SGD: history = momentum * history + local_rate * diff; the step is the history."""
+
+    def compute_update(self, index: int, rate: float) -> None:
+        learnable = self.net.learnable_params[index]
+        diff = learnable.blob.mutable_diff()
+        (history,) = self.histories(index)
+        history *= self.param.momentum
+        history += rate * learnable.lr_mult * diff
+        diff[...] = history
 
 
+@register_solver("Nesterov")
 class NesterovSolver(Solver):
-    rule = "Nesterov"
+    """Nesterov's accelerated gradient: SGD's momentum history, stepped along as Caffe's NesterovSolver."""
+
+    def compute_update(self, index: int, rate: float) -> None:
+        learnable = self.net.learnable_params[index]
+        momentum = self.param.momentum
+        diff = learnable.blob.mutable_diff()
+        (history,) = self.histories(index)
+        previous = history.copy()
+        history *= momentum
+        history += rate * learnable.lr_mult * diff
+        # step back by the old momentum, then over-step along the new one
+        diff[...] = (1 + momentum) * history - momentum * previous
 
 
+@register_solver("AdaGrad")
 class AdaGradSolver(Solver):
-    rule = "AdaGrad"
+    """AdaGrad: history sums the squared gradients; step = local_rate * diff / (sqrt(history) + delta)."""
+
+    uses_momentum = False
+
+    def compute_update(self, index: int, rate: float) -> None:
+        learnable = self.net.learnable_params[index]
+        diff = learnable.blob.mutable_diff()
+        (squared_sum,) = self.histories(index)
+        squared_sum += diff * diff
+        update = backend.xp().sqrt(squared_sum)
+        update += self.param.delta
+        diff[...] = rate * learnable.lr_mult * (diff / update)
 
 
+@register_solver("RMSProp")
 class RMSPropSolver(Solver):
-    rule = "RMSProp"
+    """RMSProp: history is a running mean (rms_decay) of squared gradients, used as AdaGrad's sum."""
+
+    uses_momentum = False
+
+    def check_rule_param(self) -> None:
+        if not 0 <= self.param.rms_decay < 1:
+            raise SolverError(f"{self._where()}: rms_decay must be in [0, 1), got {self.param.rms_decay}")
+
+    def compute_update(self, index: int, rate: float) -> None:
+        learnable = self.net.learnable_params[index]
+        decay = self.param.rms_decay
+        diff = learnable.blob.mutable_diff()
+        (squared_mean,) = self.histories(index)
+        squared_mean *= decay
+        squared_mean += (1 - decay) * (diff * diff)
+        update = backend.xp().sqrt(squared_mean)
+        update += self.param.delta
+        diff[...] = rate * learnable.lr_mult * (diff / update)
 
 
+@register_solver("AdaDelta")
 class AdaDeltaSolver(Solver):
-    rule = "AdaDelta"
+    """AdaDelta: running means (momentum) of squared gradients and of squared updates."""
+
+    history_blobs = 2
+
+    def compute_update(self, index: int, rate: float) -> None:
+        learnable = self.net.learnable_params[index]
+        momentum, delta = self.param.momentum, self.param.delta
+        diff = learnable.blob.mutable_diff()
+        grad_history, update_history = self.histories(index)
+        grad_history *= momentum
+        grad_history += (1 - momentum) * (diff * diff)
+        diff *= backend.xp().sqrt((update_history + delta) / (grad_history + delta))
+        update_history *= momentum
+        update_history += (1 - momentum) * (diff * diff)
+        diff *= rate * learnable.lr_mult
 
 
+@register_solver("Adam")
 class AdamSolver(Solver):
-    rule = "Adam"
+    """Adam: first moment m (beta1 = momentum) and second moment v (beta2 = momentum2), bias-corrected."""
+
+    history_blobs = 2
+
+    def compute_update(self, index: int, rate: float) -> None:
+        learnable = self.net.learnable_params[index]
+        beta1, beta2 = self.param.momentum, self.param.momentum2
+        diff = learnable.blob.mutable_diff()
+        m, v = self.histories(index)
+        t = self.iter + 1
+        correction = math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+        m *= beta1
+        m += (1 - beta1) * diff
+        v *= beta2
+        v += (1 - beta2) * (diff * diff)
+        update = backend.xp().sqrt(v)
+        update += self.param.delta
+        diff[...] = rate * learnable.lr_mult * correction * (m / update)
 
 
 def get_solver(param_or_path, dtype=np.float32) -> Solver:
-    """pycaffe's caffe.get_solver: the solver named by the file's `type`."""
+    """pycaffe's caffe.get_solver: the registered Solver subclass of the solver's `type`."""
     return Solver(param_or_path, dtype=dtype)
 
 

@@ -23,13 +23,19 @@ from minicaffe.io import parse_text
 from minicaffe.layer import Layer, register
 from minicaffe.proto import caffe_pb2
 from minicaffe.solver import (
+    SOLVER_TYPES,
+    AdaDeltaSolver,
+    AdaGradSolver,
     AdamSolver,
+    NesterovSolver,
+    RMSPropSolver,
     SGDSolver,
     Solver,
     SolverError,
     get_solver,
     learning_rate,
     read_solver,
+    register_solver,
 )
 
 # -- test-only layers -------------------------------------------------------------------------------
@@ -347,6 +353,62 @@ def test_l1_and_l2_differ():
     assert not np.allclose(run("L1"), run("L2"))
 
 
+@pytest.mark.parametrize("reg", ["L2", "L1"])
+@pytest.mark.parametrize("kind", list(SOLVERS))
+def test_decay_mult_and_lr_mult_are_factors(kind, reg):
+    # decay_mult 0.5 / 2 and lr_mult 0.5 / 3: Caffe multiplies weight_decay and the rate by them.
+    text = SOLVERS[kind].replace("weight_decay: 0.01", "weight_decay: 0.2") + f' regularization_type: "{reg}"'
+    solver = Solver(make_param(text, w_lr=0.5, b_lr=3, w_decay=0.5, b_decay=2), dtype=np.float64)
+    w0, b0 = params_of(solver)
+    solver.step(3)
+    w, b = params_of(solver)
+    want_w, want_b, _ = reference_run(kind, solver.param, 3, w0, b0, lr_mult=(0.5, 3.0),
+                                      decay_mult=(0.5, 2.0))
+    np.testing.assert_allclose(w, want_w, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(b, want_b, rtol=1e-12, atol=1e-14)
+    # Read as on/off switches (a nonzero mult counting as 1), either mult gives clearly other values.
+    for lr_mult, decay_mult in [((0.5, 3.0), (1.0, 1.0)), ((1.0, 1.0), (0.5, 2.0))]:
+        switch_w, switch_b, _ = reference_run(kind, solver.param, 3, w0, b0, lr_mult=lr_mult,
+                                              decay_mult=decay_mult)
+        assert not np.allclose(w, switch_w, rtol=1e-6, atol=0), (lr_mult, decay_mult)
+        assert not np.allclose(b, switch_b, rtol=1e-6, atol=0), (lr_mult, decay_mult)
+
+
+def first_step(kind: str, p, g: np.ndarray, lr: float) -> np.ndarray:
+    """Caffe's first update value of a parameter with diff `g` at local rate `lr` (all history zero)."""
+    m, delta = p.momentum, p.delta
+    if kind == "SGD":
+        return lr * g
+    if kind == "Nesterov":  # (1 + m) * h - m * 0, h = lr * g
+        return (1 + m) * lr * g
+    if kind == "AdaGrad":  # h = g^2
+        return lr * g / (np.abs(g) + delta)
+    if kind == "RMSProp":  # h = (1 - rms_decay) g^2
+        return lr * g / (math.sqrt(1 - p.rms_decay) * np.abs(g) + delta)
+    if kind == "AdaDelta":  # h = (1 - m) g^2, squared-update history 0
+        return lr * g * np.sqrt(delta / ((1 - m) * g * g + delta))
+    # Adam: m1 = (1 - b1) g, v1 = (1 - b2) g^2, correction sqrt(1 - b2) / (1 - b1)
+    b2 = p.momentum2
+    return lr * math.sqrt(1 - b2) * g / (math.sqrt(1 - b2) * np.abs(g) + delta)
+
+
+@pytest.mark.parametrize("reg", ["L2", "L1"])
+@pytest.mark.parametrize("kind", list(SOLVERS))
+def test_weight_decay_alone_with_fractional_mults(kind, reg):
+    # Targets the initial weights fit exactly: the diff is weight decay only, weight_decay * decay_mult
+    # times w (L2) or sign(w) (L1), and one step of each rule has a closed form.
+    text = SOLVERS[kind].replace("weight_decay: 0.01", "weight_decay: 0.2") + f' regularization_type: "{reg}"'
+    solver = Solver(make_param(text, w_lr=0.5, b_lr=3, w_decay=0.5, b_decay=2), dtype=np.float64)
+    w0, b0 = params_of(solver)
+    DATA["t"] = DATA["x"] @ w0.T + b0
+    solver.step(1)
+    rate = solver.param.base_lr
+    for got, start, lr_mult, decay_mult in zip(params_of(solver), (w0, b0), (0.5, 3.0), (0.5, 2.0)):
+        g = solver.param.weight_decay * decay_mult * (start if reg == "L2" else np.sign(start))
+        np.testing.assert_allclose(got, start - first_step(kind, solver.param, g, rate * lr_mult),
+                                   rtol=1e-12, atol=1e-15)
+
+
 def test_iter_size_2_equals_double_batch():
     text = 'base_lr: 0.1 momentum: 0.9 weight_decay: 0.01 lr_policy: "fixed"'
     half = make_param(text, batch=4)
@@ -411,6 +473,66 @@ def test_rule_classes_override_type_and_get_solver_uses_it():
     for name in ("SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver", "AdaDeltaSolver",
                  "AdamSolver", "get_solver"):
         assert hasattr(minicaffe, name)
+
+
+RULE_CLASSES = {"SGD": SGDSolver, "Nesterov": NesterovSolver, "AdaGrad": AdaGradSolver,
+                "RMSProp": RMSPropSolver, "AdaDelta": AdaDeltaSolver, "Adam": AdamSolver}
+
+
+@pytest.mark.parametrize("kind", list(SOLVERS))
+def test_solver_and_get_solver_build_the_registered_class(kind):
+    cls = RULE_CLASSES[kind]
+    assert SOLVER_TYPES[kind] is cls and cls.type == kind
+    param = make_param(SOLVERS[kind])
+    # A rule class uses its own rule whatever the file's type (here the default, SGD), as pycaffe's.
+    for solver in (Solver(param), get_solver(param), cls(make_param('base_lr: 0.1 lr_policy: "fixed"'))):
+        assert type(solver) is cls and solver.type == kind
+        assert len(solver.history) == 2 * cls.history_blobs
+    assert cls.history_blobs == (2 if kind in ("AdaDelta", "Adam") else 1)
+    # The legacy solver_type enum, upgraded as Caffe does, names the same class.
+    legacy = make_param(f'base_lr: 0.1 lr_policy: "fixed" solver_type: {kind.upper()}')
+    assert type(Solver(legacy)) is cls
+
+
+def test_unknown_type_names_the_file_and_the_known_types(tmp_path):
+    (tmp_path / "net.prototxt").write_text(NET.format(batch=8, w_lr=1, b_lr=1, w_decay=1, b_decay=1))
+    solver_file = tmp_path / "solver.prototxt"
+    solver_file.write_text('net: "net.prototxt" base_lr: 0.1 lr_policy: "fixed" type: "Momentum"')
+    for build in (Solver, get_solver):
+        with pytest.raises(SolverError) as error:
+            build(str(solver_file))
+        message = str(error.value)
+        assert message.startswith(f"{solver_file}: unknown solver type 'Momentum'")
+        assert all(kind in message for kind in SOLVERS)
+
+
+def test_a_registered_rule_is_used_with_its_own_history_blobs():
+    @register_solver("SolverTestSignSGD")
+    class SignSolver(Solver):
+        """step = local_rate * sign(diff); three history blobs marked with their number."""
+
+        history_blobs = 3
+
+        def compute_update(self, index, rate):
+            for k, history in enumerate(self.histories(index)):
+                history[...] = 10 * k + index
+            diff = self.net.learnable_params[index].blob.mutable_diff()
+            diff[...] = rate * self.net.learnable_params[index].lr_mult * np.sign(diff)
+
+    try:
+        solver = Solver(make_param('type: "SolverTestSignSGD" base_lr: 0.1 lr_policy: "fixed"'),
+                        dtype=np.float64)
+        assert type(solver) is SignSolver
+        w0, b0 = params_of(solver)
+        gw, gb, _ = gradients(w0, b0, DATA["x"], DATA["t"])
+        solver.step(1)
+        np.testing.assert_allclose(params_of(solver)[0], w0 - f32(0.1) * np.sign(gw), rtol=1e-12)
+        np.testing.assert_allclose(params_of(solver)[1], b0 - f32(0.1) * 2 * np.sign(gb), rtol=1e-12)
+        # Caffe's order: blob k of every parameter, then blob k + 1 of every parameter.
+        assert [h.shape for h in solver.history] == [(3, 4), (3,)] * 3
+        assert [float(h.data.flat[0]) for h in solver.history] == [0, 1, 10, 11, 20, 21]
+    finally:
+        del SOLVER_TYPES["SolverTestSignSGD"]
 
 
 def test_legacy_solver_type_enum():
@@ -524,6 +646,24 @@ def test_log_lines_have_caffe_format(_data_and_quiet_log):
     assert re.search(r"Train net output #(\d+): (\S+) = ([\.\deE+-]+)", text)
     assert re.search(r"Test net output #(\d+): (\S+) = ([\.\deE+-]+)", text)
     assert re.search(r"lr = ([-+]?[0-9]*\.?[0-9]+([eE]?[-+]?[0-9]+)?)", text)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("blob, value, shown", [("x", np.nan, "nan"), ("t", np.inf, "inf")])
+def test_non_finite_loss_is_warned_once(blob, value, shown, _data_and_quiet_log):
+    # Batch 0 (rows 0-3) is clean, batch 1 (rows 4-7) has a NaN input or an infinite target: iteration 1
+    # has a non-finite loss, and the parameters stay non-finite from then on; one warning only.
+    DATA[blob][5, 1] = value
+    solver = Solver(make_param('base_lr: 0.1 lr_policy: "fixed" display: 1', batch=4), dtype=np.float64)
+    solver.step(1)
+    assert "W" not in [line[0] for line in _data_and_quiet_log.getvalue().splitlines()]
+    solver.step(3)
+    solver.step(2)
+    assert not np.isfinite(solver.smoothed_loss)
+    lines = _data_and_quiet_log.getvalue().splitlines()
+    warnings = [line for line in lines if line.startswith("W")]
+    assert len(warnings) == 1, warnings
+    assert re.match("^W" + GLOG[2:] + rf"Iteration 1, loss = {shown} is not finite", warnings[0]), warnings
 
 
 def test_progress_display_only_on_a_terminal():
