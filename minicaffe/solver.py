@@ -675,7 +675,7 @@ class SGDSolver(Solver):
 
 
 @register_solver("Nesterov")
-class NesterovSolver(Solver):
+class NesterovSolver(SGDSolver):
     """Nesterov's accelerated gradient: SGD's momentum history, stepped along as Caffe's NesterovSolver."""
 
     def compute_update(self, index: int, rate: float) -> None:
@@ -691,7 +691,7 @@ class NesterovSolver(Solver):
 
 
 @register_solver("AdaGrad")
-class AdaGradSolver(Solver):
+class AdaGradSolver(SGDSolver):
     """AdaGrad: history sums the squared gradients; step = local_rate * diff / (sqrt(history) + delta)."""
 
     uses_momentum = False
@@ -707,7 +707,7 @@ class AdaGradSolver(Solver):
 
 
 @register_solver("RMSProp")
-class RMSPropSolver(Solver):
+class RMSPropSolver(SGDSolver):
     """RMSProp: history is a running mean (rms_decay) of squared gradients, used as AdaGrad's sum."""
 
     uses_momentum = False
@@ -729,7 +729,7 @@ class RMSPropSolver(Solver):
 
 
 @register_solver("AdaDelta")
-class AdaDeltaSolver(Solver):
+class AdaDeltaSolver(SGDSolver):
     """AdaDelta: running means (momentum) of squared gradients and of squared updates."""
 
     history_blobs = 2
@@ -748,7 +748,7 @@ class AdaDeltaSolver(Solver):
 
 
 @register_solver("Adam")
-class AdamSolver(Solver):
+class AdamSolver(SGDSolver):
     """Adam: first moment m (beta1 = momentum) and second moment v (beta2 = momentum2), bias-corrected."""
 
     history_blobs = 2

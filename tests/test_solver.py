@@ -718,3 +718,14 @@ def test_read_solver_paths_and_prefix(tmp_path, monkeypatch):
     solver_file.write_text('net: "missing.prototxt" base_lr: 0.1 lr_policy: "fixed"')
     with pytest.raises(SolverError, match="net file 'missing.prototxt' not found"):
         Solver(str(solver_file))
+
+
+def test_rule_classes_derive_from_sgd_solver_as_in_caffe():
+    """Caffe's Nesterov/AdaGrad/RMSProp/AdaDelta/Adam solvers are SGDSolver subclasses (pycaffe code may
+    test isinstance(solver, caffe.SGDSolver)); each still uses its own rule."""
+    from minicaffe import solver as solver_module
+
+    for name in ("Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam"):
+        cls = solver_module.SOLVER_TYPES[name]
+        assert issubclass(cls, solver_module.SGDSolver) and cls.compute_update is not \
+            solver_module.SGDSolver.compute_update
