@@ -108,7 +108,7 @@ class Layer:
         # Which forward pass this is (set by the Net before each forward; the solver sets it from the
         # iteration). Stochastic layers key their random numbers by it, so a resumed run replays them.
         self.forward_index = 0
-        self._buffers: dict[str, object] = {}
+        self.buffers: dict[str, object] = {}  # what buffer() gave out, by name (to inspect)
         self._kept = None  # the copy `keeps` asked for, from the last run_forward; None: not taken
         for i, blob_proto in enumerate(param.blobs):
             blob = Blob((), self.dtype)
@@ -180,8 +180,8 @@ class Layer:
         The same name gives the same array again while shape, dtype and mode stay, so forward can leave
         values there for backward, and no call pays for fresh memory (which costs more in page faults
         than the kernels that fill it). dtype defaults to the layer's."""
-        array = backend.reuse(self._buffers.get(name), shape, self.dtype if dtype is None else dtype)
-        self._buffers[name] = array
+        array = backend.reuse(self.buffers.get(name), shape, self.dtype if dtype is None else dtype)
+        self.buffers[name] = array
         return array
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
