@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_gpu_paths import fake_cupy, on_device  # noqa: F401  (fake_cupy: the fixture)
 
 import minicaffe
 from minicaffe import io
@@ -17,9 +18,6 @@ from minicaffe.layers.relu import ReLULayer
 from minicaffe.net import Net
 from minicaffe.proto import caffe_pb2
 from minicaffe.testing import blobs_from_arrays, layer_from_prototxt
-
-from test_gpu_paths import fake_cupy, on_device  # noqa: F401  (fake_cupy: the fixture)
-
 
 # -- register ---------------------------------------------------------------------------------------
 
