@@ -179,7 +179,8 @@ class Layer:
 
         The same name gives the same array again while shape, dtype and mode stay, so forward can leave
         values there for backward, and no call pays for fresh memory (which costs more in page faults
-        than the kernels that fill it). dtype defaults to the layer's."""
+        than the kernels that fill it). dtype defaults to the layer's. The name "kept" is the copy that
+        ``keeps`` asks for."""
         array = backend.reuse(self.buffers.get(name), shape, self.dtype if dtype is None else dtype)
         self.buffers[name] = array
         return array
@@ -187,6 +188,8 @@ class Layer:
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         self.check_blob_counts(bottom, top)
         self.layer_setup(bottom, top)
+        if self.keeps not in (None, "input", "output"):
+            self.fail(f"keeps must be None, 'input' or 'output', got {self.keeps!r}")
         if not self.param_propagate_down or len(self.param_propagate_down) != len(self.blobs):
             self.param_propagate_down = [True] * len(self.blobs)
         self.reshape(bottom, top)
