@@ -135,6 +135,15 @@ class Blob:
     def get_data(self):
         return self._data.current(write=False).reshape(self._shape)
 
+    def set_data(self, values) -> None:
+        """Copy host values (this blob's shape) into the data of the current mode: in GPU mode one
+        upload into the device copy, which ``blob.data[...] = values`` would first bring down."""
+        target = self.mutable_data()
+        if isinstance(target, np.ndarray):
+            target[...] = values
+        else:
+            target.set(np.ascontiguousarray(values, dtype=self.dtype))
+
     def mutable_data(self):
         return self._data.current(write=True).reshape(self._shape)
 
@@ -157,20 +166,20 @@ class Blob:
 
     # -- protobuf --------------------------------------------------------------------------
     def to_proto(self, proto=None, write_diff: bool = False):
-        """Fill a caffe BlobProto (float data, or double_data for float64 blobs)."""
+        """Fill a caffe BlobProto (float data, or double_data for float64 blobs).
+
+        Reads the host copies without marking them newest (as ``blob.data`` would): the device copies
+        stay valid, so a snapshot in GPU mode does not make the next pass upload every parameter."""
         from .proto import caffe_pb2
 
         proto = proto if proto is not None else caffe_pb2.BlobProto()
         proto.Clear()
         proto.shape.dim.extend(self._shape)
-        if self.dtype == np.float64:
-            proto.double_data.extend(self.data.ravel().tolist())
-            if write_diff:
-                proto.double_diff.extend(self.diff.ravel().tolist())
-        else:
-            proto.data.extend(self.data.ravel().tolist())
-            if write_diff:
-                proto.diff.extend(self.diff.ravel().tolist())
+        doubles = self.dtype == np.float64
+        data, diff = (proto.double_data, proto.double_diff) if doubles else (proto.data, proto.diff)
+        data.extend(self._data.host(write=False).tolist())
+        if write_diff:
+            diff.extend(self._diff.host(write=False).tolist())
         return proto
 
     def from_proto(self, proto, reshape: bool = True, where: str = "blob") -> None:

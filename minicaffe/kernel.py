@@ -114,12 +114,21 @@ def parse_signatures(source: str) -> dict[str, list[str]]:
 
 
 class KernelFile:
-    """The kernels of one ``kernels/*.cu`` file; attribute access gives a launcher per kernel."""
+    """The kernels of one ``kernels/*.cu`` file; attribute access gives a launcher per kernel.
 
-    def __init__(self, filename: str):
-        self.filename = filename
-        self._cpu_libs: dict[str, ctypes.CDLL] = {}
-        self._gpu_modules: dict[tuple[str, int], Any] = {}
+    One object per file (``KernelFile("loss.cu")`` is the same object in every layer that asks), so
+    each file is read and built once."""
+
+    _files: dict[str, KernelFile] = {}
+
+    def __new__(cls, filename: str) -> KernelFile:
+        self = cls._files.get(filename)
+        if self is None:
+            self = cls._files[filename] = super().__new__(cls)
+            self.filename = filename
+            self._cpu_libs: dict[str, ctypes.CDLL] = {}
+            self._gpu_modules: dict[tuple[str, int], Any] = {}
+        return self
 
     @cached_property
     def path(self) -> Path:

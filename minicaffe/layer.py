@@ -1,11 +1,6 @@
 """Layer base class and registry, after Caffe's Layer: setup -> reshape -> forward / backward.
 
-Conventions every layer follows (Caffe's):
-  * ``forward`` writes the tops; ``backward`` *writes* bottom diffs for bottoms with propagate_down
-    set and *adds* parameter gradients into ``self.blobs[i].diff`` (so iter_size and shared weights
-    accumulate; the solver clears parameter diffs each step).
-  * in place (top is bottom) is allowed where the layer says so; it must then keep what backward needs.
-  * parameters that are not learned (``param_propagate_down[i]`` False, e.g. lr_mult 0) get no gradient.
+How to write a layer: see the docstring of `Layer` and README.md, "Writing a layer".
 """
 
 from __future__ import annotations
@@ -30,10 +25,18 @@ class LayerError(ValueError):
     """Bad layer definition or bad input shapes; the message names the layer."""
 
 
-def register(type_name: str):
-    """Class decorator: make the layer available to prototxt ``type: "<type_name>"``."""
+def register(type_name: str, override: bool = False):
+    """Class decorator: make the layer available to prototxt ``type: "<type_name>"``.
+
+    A type that is already registered is an error, as in Caffe's registry (a layer would silently
+    replace a built-in one otherwise); ``override=True`` replaces it on purpose."""
 
     def wrap(cls):
+        existing = LAYERS.get(type_name)
+        if existing is not None and existing is not cls and not override:
+            raise LayerError(f"layer type '{type_name}' is already registered by "
+                             f"{existing.__module__}.{existing.__qualname__}; pick another type name, "
+                             f"or pass register('{type_name}', override=True) to replace it")
         cls.type = type_name
         LAYERS[type_name] = cls
         return cls
@@ -51,6 +54,32 @@ def create_layer(param, phase: int = TEST, dtype=np.float32) -> Layer:
 
 
 class Layer:
+    """Base of every layer, after Caffe's Layer. A layer overrides:
+
+      * ``layer_setup(bottom, top)``: once; read the layer's ``*_param``, check it (``self.fail``) and
+        create the parameter blobs with ``setup_params`` (or ``add_param_blob``). Blobs given in the
+        prototxt or loaded from weights are already in ``self.blobs``.
+      * ``reshape(bottom, top)``: before every forward; check the bottom shapes, reshape the tops.
+      * ``forward(bottom, top)``: write the tops from the bottoms.
+      * ``backward(top, propagate_down, bottom)``: *write* the diff of each bottom i with
+        ``propagate_down[i]`` and *add* the parameter gradients into ``self.blobs[i].diff`` where
+        ``self.param_propagate_down[i]`` (so iter_size and shared weights accumulate; the solver clears
+        them each step; a parameter with lr_mult 0 gets none).
+    plus the class attributes below (blob counts, ``default_loss_weight``, ``keeps``).
+
+    In forward and backward, arrays come from ``blob.get_data()`` / ``mutable_data()`` (and the diff
+    twins): numpy in CPU mode, cupy in GPU mode; kernels are launched with them (minicaffe/kernel.py).
+    Scratch arrays, and arrays forward leaves for backward, come from ``self.buffer(name, shape)``.
+
+    In place (top[0] is bottom[0]) is allowed unless ``reshape`` refuses it. The shared blob then holds
+    neither x nor surely this layer's y at backward time: forward overwrote x, and later in-place layers
+    may change y. So a layer whose backward reads x or y says so with ``keeps``, and reads it back with
+    ``kept_input(bottom)`` / ``kept_output(top)``.
+
+    A layer is run by ``run_forward`` and ``run_backward`` (the Net does this), never by calling
+    forward / backward directly: they also reshape, take the kept copies and seed the loss diffs.
+    """
+
     type = ""
     # Blob-count rules, checked in setup; None means "any".
     exact_num_bottom: int | None = None
@@ -62,6 +91,11 @@ class Layer:
     equal_num_bottom_top = False
     # Layers whose tops are losses by default (loss_weight 1 on top 0), as Caffe's *Loss layers.
     default_loss_weight = 0.0
+    # What backward reads of bottom[0] / top[0] that another layer may overwrite first; run_forward then
+    # keeps a copy. "input": x, copied before forward when in place (forward overwrites it). "output":
+    # y, copied after every forward (later in-place layers may change it, in place or not). None: nothing.
+    # An instance may set it in layer_setup when it depends on the parameters.
+    keeps: str | None = None
 
     def __init__(self, param, phase: int = TEST, dtype=np.float32):
         self.param = param
@@ -74,6 +108,8 @@ class Layer:
         # Which forward pass this is (set by the Net before each forward; the solver sets it from the
         # iteration). Stochastic layers key their random numbers by it, so a resumed run replays them.
         self.forward_index = 0
+        self.buffers: dict[str, object] = {}  # what buffer() gave out, by name (to inspect)
+        self._kept = None  # the copy `keeps` asked for, from the last run_forward; None: not taken
         for i, blob_proto in enumerate(param.blobs):
             blob = Blob((), self.dtype)
             blob.from_proto(blob_proto, where=f"layer '{self.name}' blob {i}")
@@ -106,7 +142,12 @@ class Layer:
             raise
         except (ValueError, IndexError) as error:
             self.fail(f"{error}; bottom shapes {[list(b.shape) for b in bottom]}")
+        self._kept = None
+        if self.keeps == "input" and top and bottom and top[0] is bottom[0]:
+            self._kept = self._keep(bottom[0].get_data())
         self.forward(bottom, top)
+        if self.keeps == "output":
+            self._kept = self._keep(top[0].get_data())
         loss = 0.0
         for weight, blob in zip(self.loss_weights, top):
             if weight:
@@ -118,9 +159,37 @@ class Layer:
         """Caffe's Layer::Backward, the one way to run a layer backward (after run_forward)."""
         self.backward(top, propagate_down, bottom)
 
+    def kept_input(self, bottom: list[Blob]):
+        """x as forward saw it (for a layer with keeps = "input"): the kept copy when run in place."""
+        assert self.keeps == "input", f"{self!r}: kept_input needs keeps = 'input'"
+        return self._kept if self._kept is not None else bottom[0].get_data()
+
+    def kept_output(self, top: list[Blob]):
+        """y as forward wrote it (for a layer with keeps = "output")."""
+        assert self.keeps == "output", f"{self!r}: kept_output needs keeps = 'output'"
+        return self._kept if self._kept is not None else top[0].get_data()
+
+    def _keep(self, array):
+        kept = self.buffer("kept", array.shape, array.dtype)
+        kept[...] = array
+        return kept
+
+    def buffer(self, name: str, shape: Sequence[int], dtype=None):
+        """This layer's scratch array `name` (of the current mode's array module; contents undefined).
+
+        The same name gives the same array again while shape, dtype and mode stay, so forward can leave
+        values there for backward, and no call pays for fresh memory (which costs more in page faults
+        than the kernels that fill it). dtype defaults to the layer's. The name "kept" is the copy that
+        ``keeps`` asks for."""
+        array = backend.reuse(self.buffers.get(name), shape, self.dtype if dtype is None else dtype)
+        self.buffers[name] = array
+        return array
+
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         self.check_blob_counts(bottom, top)
         self.layer_setup(bottom, top)
+        if self.keeps not in (None, "input", "output"):
+            self.fail(f"keeps must be None, 'input' or 'output', got {self.keeps!r}")
         if not self.param_propagate_down or len(self.param_propagate_down) != len(self.blobs):
             self.param_propagate_down = [True] * len(self.blobs)
         self.reshape(bottom, top)
@@ -181,22 +250,17 @@ class Layer:
 class NeuronLayer(Layer):
     """One bottom, one top of the same shape, in place allowed (Caffe's NeuronLayer).
 
-    In place, the shared blob at backward time holds neither x nor surely this layer's y: later
-    in-place layers may have changed it. A layer whose backward needs x or y keeps a copy with keep()."""
+    A subclass overrides forward and backward (and layer_setup for its parameters); reshape is done.
+    If backward reads x or y, it declares ``keeps = "input"`` or ``"output"`` and reads them with
+    ``self.kept_input(bottom)`` / ``self.kept_output(top)``, never from the blobs: in place, the shared
+    blob holds neither x nor surely y by then (see Layer)."""
 
     exact_num_bottom = 1
     exact_num_top = 1
-    _kept = None
 
     def reshape(self, bottom, top):
         if top[0] is not bottom[0]:
             top[0].reshape_like(bottom[0])
-
-    def keep(self, array):
-        """A copy of `array` in a buffer this layer reuses between calls."""
-        self._kept = backend.reuse(self._kept, array.shape, array.dtype)
-        self._kept[...] = array
-        return self._kept
 
 
 class ViewLayer(Layer):

@@ -60,8 +60,7 @@ def run_layer(text: str, *arrays, num_top: int = 1, dtype=np.float64, phase=mini
         bottom.append(blob)
     top = [bottom[0]] if in_place else [Blob((), dtype) for _ in range(num_top)]
     layer.setup(bottom, top)
-    layer.reshape(bottom, top)
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     return layer, bottom, top
 
 

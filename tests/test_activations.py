@@ -110,7 +110,7 @@ def test_propagate_down_false_and_blob_counts(kind):
     layer, bottom, top = run_layer(f'type: "{kind}"', np.ones(3))
     bottom[0].diff[...] = 7.0
     top[0].diff[...] = 1.0
-    layer.backward(top, [False], bottom)
+    layer.run_backward(top, [False], bottom)
     assert np.all(bottom[0].diff == 7.0)
     with pytest.raises(LayerError, match="takes 1 bottom"):
         run_layer(f'type: "{kind}"', np.ones(3), np.ones(3))

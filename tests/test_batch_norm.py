@@ -73,7 +73,7 @@ def test_hand_values_and_running_stats_after_two_forwards(dtype):
 
     bottom[0].data[...] = np.array([[0.0], [0.0], [2.0], [2.0]])  # mean 1, biased var 1
     layer.reshape(bottom, top)
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     np.testing.assert_allclose(top[0].data.ravel(), [-1, -1, 1, 1] / np.sqrt(1.75), rtol=1e-6)
     # weight 1 * 0.5 + 1 = 1.5; mean 2.5 * 0.5 + 1 = 2.25; var 5/3 * 0.5 + 4/3 * 1 = 13/6
     np.testing.assert_allclose(layer.blobs[2].data, [1.5])
@@ -83,7 +83,7 @@ def test_hand_values_and_running_stats_after_two_forwards(dtype):
     # The same layer in global mode normalises with mean 2.25 / 1.5 = 1.5, var 13/6 / 1.5 = 13/9.
     layer.use_global_stats = True
     bottom[0].data[...] = np.array([[1.5], [2.5], [0.5], [4.0]])
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     np.testing.assert_allclose(top[0].data.ravel(), np.array([0, 1, -1, 2.5]) / np.sqrt(13 / 9 + 0.75),
                                rtol=1e-6)
     np.testing.assert_allclose(layer.blobs[2].data, [1.5])  # global mode leaves the statistics alone
@@ -94,7 +94,7 @@ def test_running_stats_multichannel_default_fraction():
     x1, x2 = rng.normal(1, 2, size=(2, 3, 2, 2)), rng.normal(-1, 0.5, size=(2, 3, 2, 2))
     layer, bottom, top = run_layer(BN, x1, phase=TRAIN)
     bottom[0].data[...] = x2
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     f = np.float64(np.float32(0.999))  # the proto field is a float
     m = 2 * 2 * 2
     _, mean1, var1 = reference_batch(x1)
@@ -112,13 +112,13 @@ def test_global_forward_matches_reference():
     layer.blobs[0].data[...] = [2.0, -4.0, 0.0]
     layer.blobs[1].data[...] = [8.0, 2.0, 0.5]
     layer.blobs[2].data[...] = [2.0]
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     np.testing.assert_allclose(top[0].data, reference_global(x, [2, -4, 0], [8, 2, 0.5], 2.0), rtol=1e-12)
     # Hand value: channel 0 mean 1, var 4: (x - 1) / sqrt(4 + 1e-5).
     np.testing.assert_allclose(top[0].data[0, 0, 0, 0], (x[0, 0, 0, 0] - 1) / np.sqrt(4 + 1e-5), rtol=1e-7)
     # A zero weight means "no statistics yet": mean 0, var 0 (Caffe's scale factor 0).
     layer.blobs[2].data[...] = 0
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     np.testing.assert_allclose(top[0].data, x / np.sqrt(EPS), rtol=1e-12)
 
 
@@ -166,11 +166,11 @@ def numeric_gradient(layer, bottom, top, dy, step=1e-4):
         results = []
         for delta in (step, -step):
             x.flat[i] = value + delta
-            layer.forward(bottom, top)
+            layer.run_forward(bottom, top)
             results.append(float((dy * top[0].data).sum()))
         x.flat[i] = value
         grad.flat[i] = (results[0] - results[1]) / (2 * step)
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     return grad
 
 
@@ -183,7 +183,7 @@ def test_gradient_global_statistics():
     layer.blobs[0].data[...] = [1.0, -2.0, 0.5]
     layer.blobs[1].data[...] = [3.0, 0.5, 2.0]
     layer.blobs[2].data[...] = [2.0]
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     (dx,) = backward_layer(layer, bottom, top, [dy])
     np.testing.assert_allclose(dx, numeric_gradient(layer, bottom, top, dy), rtol=1e-6, atol=1e-8)
     inv_std = 1 / np.sqrt(np.array([1.5, 0.25, 1.0]) + EPS)

@@ -238,10 +238,10 @@ def test_relu_in_place_equals_not_in_place(slope):
         bottom.data[...] = x
         top = bottom if in_place else Blob((), np.float64)
         layer.setup([bottom], [top])
-        layer.forward([bottom], [top])
+        layer.run_forward([bottom], [top])
         y = np.array(top.data)
         top.diff[...] = dy
-        layer.backward([top], [True], [bottom])
+        layer.run_backward([top], [True], [bottom])
         results.append((y, np.array(bottom.diff)))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])

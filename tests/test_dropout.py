@@ -74,8 +74,7 @@ def dropout(x, ratio=0.5, phase=TRAIN, forward_index=0, name="drop", in_place=Fa
     bottom[0].data[...] = x
     top = [bottom[0]] if in_place else [Blob((), dtype)]
     layer.setup(bottom, top)
-    layer.reshape(bottom, top)
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     return layer, bottom, top
 
 
@@ -101,7 +100,7 @@ def test_train_mask_matches_reference_hash(dtype, ratio):
     layer, _, top = dropout(x, ratio=ratio, forward_index=12, name="fc6_drop", dtype=dtype)
     ratio32 = float(np.float32(ratio))  # the proto field is a float
     expected_mask = ref_mask(rng.key32("dropout", "fc6_drop"), 12, x.size, ratio32).reshape(x.shape)
-    np.testing.assert_array_equal(np.asarray(layer.mask), expected_mask)
+    np.testing.assert_array_equal(np.asarray(layer.buffers["mask"]), expected_mask)
     scale = dtype(np.float32(1 / (1 - ratio32)))
     np.testing.assert_array_equal(top[0].data, x * expected_mask.astype(dtype) * scale)
 
@@ -142,19 +141,19 @@ def test_same_forward_index_same_mask_and_replay():
     x = np.ones(4096)
     a, _, _ = dropout(x, forward_index=7)
     b, bottom, top = dropout(x, forward_index=7)
-    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_array_equal(a.buffers["mask"], b.buffers["mask"])
     # Another forward with a new index draws a new mask; going back replays the old one.
     b.forward_index = 8
-    b.forward(bottom, top)
-    assert np.mean(a.mask != b.mask) > 0.3
+    b.run_forward(bottom, top)
+    assert np.mean(a.buffers["mask"] != b.buffers["mask"]) > 0.3
     b.forward_index = 7
-    b.forward(bottom, top)
-    np.testing.assert_array_equal(a.mask, b.mask)
+    b.run_forward(bottom, top)
+    np.testing.assert_array_equal(a.buffers["mask"], b.buffers["mask"])
 
 
 def test_different_forward_index_or_name_different_mask():
     x = np.ones(4096)
-    masks = [np.array(dropout(x, forward_index=i, name=name)[0].mask)
+    masks = [np.array(dropout(x, forward_index=i, name=name)[0].buffers["mask"])
              for i, name in [(0, "a"), (1, "a"), (2, "a"), (0, "b")]]
     for i in range(len(masks)):
         for j in range(i):
@@ -163,16 +162,16 @@ def test_different_forward_index_or_name_different_mask():
 
 def test_seed_changes_mask():
     x = np.ones(4096)
-    first = np.array(dropout(x)[0].mask)
+    first = np.array(dropout(x)[0].buffers["mask"])
     minicaffe.set_random_seed(99)
-    second = np.array(dropout(x)[0].mask)
+    second = np.array(dropout(x)[0].buffers["mask"])
     assert np.mean(first != second) > 0.3
 
 
 def test_float_and_double_builds_draw_the_same_mask():
     x = np.ones(5000)
-    m32 = np.array(dropout(x, ratio=0.3, dtype=np.float32, forward_index=4)[0].mask)
-    m64 = np.array(dropout(x, ratio=0.3, dtype=np.float64, forward_index=4)[0].mask)
+    m32 = np.array(dropout(x, ratio=0.3, dtype=np.float32, forward_index=4)[0].buffers["mask"])
+    m64 = np.array(dropout(x, ratio=0.3, dtype=np.float64, forward_index=4)[0].buffers["mask"])
     np.testing.assert_array_equal(m32, m64)
 
 
@@ -186,7 +185,7 @@ def test_in_place_matches_not_in_place():
     np.testing.assert_array_equal(top_ip[0].data, y)
     (dx_ip,) = backward_layer(layer_ip, bottom_ip, top_ip, [dy])
     np.testing.assert_array_equal(dx_ip, dx)
-    np.testing.assert_array_equal(dx, dy * layer.mask * 2.0)
+    np.testing.assert_array_equal(dx, dy * layer.buffers["mask"] * 2.0)
 
 
 def test_gradient_fixed_forward_index():
@@ -199,7 +198,7 @@ def test_gradient_fixed_forward_index():
     top = [Blob((), np.float64)]
     GradientChecker(stepsize=1e-2, threshold=1e-6).check_gradient_eltwise(layer, bottom, top)
     GradientChecker(stepsize=1e-2, threshold=1e-6).check_gradient(layer, bottom, top)
-    assert 0 < np.count_nonzero(layer.mask) < x.size  # the check covered dropped and kept elements
+    assert 0 < np.count_nonzero(layer.buffers["mask"]) < x.size  # the check covered dropped and kept elements
 
 
 def test_reshape_follows_bottom():
@@ -207,9 +206,9 @@ def test_reshape_follows_bottom():
     bottom[0].reshape(4, 5)
     bottom[0].data[...] = 1.0
     layer.reshape(bottom, top)
-    layer.forward(bottom, top)
-    assert top[0].shape == (4, 5) and layer.mask.shape == (4, 5)
-    np.testing.assert_array_equal(np.asarray(layer.mask).ravel(),
+    layer.run_forward(bottom, top)
+    assert top[0].shape == (4, 5) and layer.buffers["mask"].shape == (4, 5)
+    np.testing.assert_array_equal(np.asarray(layer.buffers["mask"]).ravel(),
                                   ref_mask(rng.key32("dropout", "drop"), 0, 20, 0.5))
 
 
@@ -234,9 +233,9 @@ def test_gpu_mask_matches_cpu():
     try:
         gpu_layer, gpu_bottom, gpu_top = dropout(x, forward_index=21)
         gpu_y = np.array(gpu_top[0].data)
-        gpu_mask = np.asarray(gpu_layer.mask.get())
+        gpu_mask = np.asarray(gpu_layer.buffers["mask"].get())
     finally:
         minicaffe.set_mode_cpu()
     cpu_layer, _, cpu_top = dropout(x, forward_index=21)
-    np.testing.assert_array_equal(gpu_mask, cpu_layer.mask)
+    np.testing.assert_array_equal(gpu_mask, cpu_layer.buffers["mask"])
     np.testing.assert_array_equal(gpu_y, cpu_top[0].data)

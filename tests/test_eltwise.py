@@ -76,7 +76,7 @@ def test_forward_matches_numpy(dtype, num):
     np.testing.assert_allclose(top[0].data, np.prod(np.array(xs, np.float64), axis=0), rtol=tol, atol=tol)
     layer, _, top = run_layer(MAX, *xs, dtype=dtype)
     np.testing.assert_array_equal(top[0].data, np.max(xs, axis=0))
-    np.testing.assert_array_equal(layer.max_index.data, np.argmax(xs, axis=0))  # no ties here
+    np.testing.assert_array_equal(layer.buffers["max_index"], np.argmax(xs, axis=0))  # no ties here
 
 
 @settings(max_examples=25, deadline=None)
@@ -90,7 +90,7 @@ def test_any_shape_sum_and_max(shape, num, seed):
     layer, bottom, top = run_layer(MAX, *xs)
     want_top, want_mask = caffe_max(xs)
     np.testing.assert_array_equal(top[0].data, want_top)
-    np.testing.assert_array_equal(layer.max_index.data, want_mask)
+    np.testing.assert_array_equal(layer.buffers["max_index"], want_mask)
     dy = rng.normal(size=shape)
     for i, dx in enumerate(backward_all(layer, bottom, top, dy)):
         np.testing.assert_array_equal(dx, np.where(want_mask == i, dy, 0.0))
@@ -105,7 +105,7 @@ def test_max_ties_follow_caffe_cpu():
     layer, bottom, top = run_layer(MAX, a, b, c)
     np.testing.assert_array_equal(top[0].data, [1.0, 1.0, 1.0, 2.0])
     # Tie of bottoms 0 and 1 -> 1; tie of the current winner with bottom 2 -> the winner stays.
-    np.testing.assert_array_equal(layer.max_index.data, [1, 0, 1, 1])
+    np.testing.assert_array_equal(layer.buffers["max_index"], [1, 0, 1, 1])
     da, db, dc = backward_all(layer, bottom, top, np.array([1.0, 2.0, 3.0, 4.0]))
     np.testing.assert_array_equal(da, [0.0, 2.0, 0.0, 0.0])
     np.testing.assert_array_equal(db, [1.0, 0.0, 3.0, 4.0])
@@ -195,7 +195,7 @@ def test_only_propagated_bottoms_get_a_gradient():
         for blob in bottom:
             blob.diff[...] = -7.0
         top[0].diff[...] = 1.0
-        layer.backward(top, [False, True, False], bottom)
+        layer.run_backward(top, [False, True, False], bottom)
         np.testing.assert_array_equal(bottom[0].diff, [-7.0, -7.0])
         np.testing.assert_array_equal(bottom[2].diff, [-7.0, -7.0])
         assert not np.array_equal(bottom[1].diff, [-7.0, -7.0])
@@ -207,8 +207,8 @@ def test_reshape_follows_bottoms():
         blob.reshape(3, 1, 2)
         blob.data[...] = value
     layer.reshape(bottom, top)
-    layer.forward(bottom, top)
-    assert top[0].shape == (3, 1, 2) and layer.max_index.shape == (3, 1, 2)
+    layer.run_forward(bottom, top)
+    assert top[0].shape == (3, 1, 2) and layer.buffers["max_index"].shape == (3, 1, 2)
     np.testing.assert_array_equal(top[0].data, np.full((3, 1, 2), 4.0))
 
 

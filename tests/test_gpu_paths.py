@@ -284,8 +284,7 @@ def run_case(case: Case, dtype, gpu: bool | tuple[bool, bool], cupy) -> dict[str
         layer.forward_index = index
         for blob, array in zip(bottom, arrays):
             blob.data[...] = array
-        layer.reshape(bottom, top)
-        layer.forward(bottom, top)
+        layer.run_forward(bottom, top)
         if gpu:
             assert all(on_device(t.get_data()) for t in top)
         for i, t in enumerate(top):
@@ -295,7 +294,7 @@ def run_case(case: Case, dtype, gpu: bool | tuple[bool, bool], cupy) -> dict[str
         rng = np.random.default_rng(10 + index)
         for t in top:
             t.diff[...] = rng.normal(size=t.shape)
-        layer.backward(top, propagate, bottom)
+        layer.run_backward(top, propagate, bottom)
         for i, b in enumerate(bottom):
             if propagate[i]:
                 out[f"pass {index} bottom diff {i}"] = np.array(b.diff)
@@ -404,14 +403,14 @@ def test_layer_chain_sees_python_edits_between_gpu_layers(fake_cupy):
     x.data[...] = [-1, 2, -3, 4]
     relu.setup([x], [mid])
     absval.setup([mid], [y])
-    relu.forward([x], [mid])
+    relu.run_forward([x], [mid])
     np.testing.assert_array_equal(mid.data, [0, 2, 0, 4])  # downloaded
     mid.data[0] = -5  # edited on the host: uploaded for the next layer
-    absval.forward([mid], [y])
+    absval.run_forward([mid], [y])
     np.testing.assert_array_equal(y.data, [5, 2, 0, 4])
     x.data[...] = [1, -1, 1, -1]
-    relu.forward([x], [mid])
-    absval.forward([mid], [y])
+    relu.run_forward([x], [mid])
+    absval.run_forward([mid], [y])
     np.testing.assert_array_equal(y.data, [1, 0, 1, 0])
 
 

@@ -328,5 +328,5 @@ def test_accuracy_has_no_backward():
     layer, bottom, top = run_layer('type: "Accuracy"', SCORES, LABELS)
     assert not layer.allow_force_backward(0) and not layer.allow_force_backward(1)
     with pytest.raises(LayerError, match="no gradient"):
-        layer.backward(top, [True, False], bottom)
-    layer.backward(top, [False, False], bottom)  # nothing asked: fine
+        layer.run_backward(top, [True, False], bottom)
+    layer.run_backward(top, [False, False], bottom)  # nothing asked: fine

@@ -217,7 +217,7 @@ def test_global_pooling(dtype):
     bottom[0].reshape(2, 3, 4, 4)
     bottom[0].data[...] = 1.0
     layer.reshape(bottom, top)
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     assert top[0].shape == (2, 3, 1, 1)
     np.testing.assert_allclose(top[0].data, 1.0)
 
@@ -228,7 +228,7 @@ def test_reshape_to_new_size_recomputes_tables():
     bottom[0].reshape(x.shape)
     bottom[0].data[...] = x
     layer.reshape(bottom, top)
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     dy = np.random.default_rng(6).standard_normal(top[0].shape)
     (dx,) = backward_layer(layer, bottom, top, [dy])
     np.testing.assert_allclose(dx, ref_pool_backward(x.shape, dy, None, "AVE", 3, 3, 2, 2, 1, 1),
@@ -280,7 +280,7 @@ def test_propagate_down_false_leaves_bottom_diff():
     layer, bottom, top = run_layer(prototxt("MAX", 2, 2, 2, 2, 0, 0), distinct((1, 1, 4, 4)))
     bottom[0].diff[...] = 7.0
     top[0].diff[...] = 1.0
-    layer.backward(top, [False], bottom)
+    layer.run_backward(top, [False], bottom)
     np.testing.assert_array_equal(bottom[0].diff, 7.0)
 
 
@@ -336,11 +336,11 @@ def test_gpu_matches_cpu(method):
         bottom, top = [Blob(x.shape, np.float64)], [Blob((), np.float64)]
         bottom[0].data[...] = x
         layer.setup(bottom, top)
-        layer.forward(bottom, top)
+        layer.run_forward(bottom, top)
         if dy is None:
             dy = np.random.default_rng(9).standard_normal(top[0].shape)
         top[0].diff[...] = dy
-        layer.backward(top, [True], bottom)
+        layer.run_backward(top, [True], bottom)
         results.append((np.array(top[0].data), np.array(bottom[0].diff)))
     minicaffe.set_mode_cpu()
     for cpu, gpu in zip(*results):

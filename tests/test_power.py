@@ -123,7 +123,7 @@ def test_in_place_backward_after_repeated_forward():
     layer, bottom, top = run_layer(text(2), [1.0, 2.0], in_place=True)
     bottom[0].data[...] = [3.0, -4.0]
     layer.reshape(bottom, top)
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     np.testing.assert_array_equal(top[0].data, [9.0, 16.0])
     (dx,) = backward_layer(layer, bottom, top, [np.ones(2)])
     np.testing.assert_array_equal(dx, [6.0, -8.0])
@@ -141,7 +141,7 @@ def test_no_bottom_diff_without_propagate_down():
     layer, bottom, top = run_layer(text(2), [1.0, 2.0])
     bottom[0].diff[...] = 5.0
     top[0].diff[...] = 1.0
-    layer.backward(top, [False], bottom)
+    layer.run_backward(top, [False], bottom)
     np.testing.assert_array_equal(bottom[0].diff, [5.0, 5.0])
 
 
@@ -151,7 +151,7 @@ def test_reshape_follows_bottom():
         bottom[0].reshape(shape)
         bottom[0].data[...] = 2.0
         layer.reshape(bottom, top)
-        layer.forward(bottom, top)
+        layer.run_forward(bottom, top)
         assert top[0].shape == shape
         np.testing.assert_array_equal(top[0].data, np.full(shape, 4.0))
 

@@ -65,7 +65,7 @@ def test_hand_checked_values_channelwise():
     x = np.array([[1.0, -2.0], [-4.0, 3.0]])  # (N=2, C=2)
     for dtype in (np.float32, np.float64):
         layer, bottom, top = make_layer(CHANNELWISE, x, slopes=[0.25, -0.5], dtype=dtype)
-        layer.forward(bottom, top)
+        layer.run_forward(bottom, top)
         assert top[0].data.dtype == dtype
         np.testing.assert_array_equal(top[0].data, [[1.0, 1.0], [-1.0, 3.0]])
 
@@ -74,7 +74,7 @@ def test_hand_checked_values_shared():
     x = np.array([[[[-2.0, 0.0], [3.0, -8.0]]]])  # (1, 1, 2, 2)
     for dtype in (np.float32, np.float64):
         layer, bottom, top = make_layer(SHARED, x, slopes=0.5, dtype=dtype)
-        layer.forward(bottom, top)
+        layer.run_forward(bottom, top)
         np.testing.assert_array_equal(top[0].data, [[[[-1.0, 0.0], [3.0, -4.0]]]])
 
 
@@ -86,7 +86,7 @@ def test_forward_matches_numpy(shape, dtype, shared):
     x = rng.normal(size=shape)
     slopes = rng.normal(0.0, 0.5, size=()) if shared else rng.normal(0.0, 0.5, size=shape[1])
     layer, bottom, top = make_layer(SHARED if shared else CHANNELWISE, x, slopes, dtype)
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     tol = 1e-6 if dtype == np.float32 else 1e-14
     np.testing.assert_allclose(top[0].data, reference(x.astype(dtype).astype(np.float64), slopes),
                                rtol=tol, atol=tol)
@@ -123,7 +123,7 @@ def test_backward_matches_loops_with_negative_slopes(shape, shared):
     slopes = np.float64(-0.3) if shared else np.linspace(-0.6, 0.4, shape[1])
     dy = rng.normal(size=shape)
     layer, bottom, top = make_layer(SHARED if shared else CHANNELWISE, x, slopes)
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     np.testing.assert_allclose(top[0].data, reference(x, slopes), rtol=1e-14)
     (dx,) = backward_layer(layer, bottom, top, [dy])
     want_dx, want_da = reference_backward(x, slopes, dy)
@@ -134,7 +134,7 @@ def test_backward_matches_loops_with_negative_slopes(shape, shared):
 def test_backward_hand_checked():
     x = np.array([[2.0, -1.0], [-3.0, 0.0]])
     layer, bottom, top = make_layer(CHANNELWISE, x, slopes=[0.5, -2.0])
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     (dx,) = backward_layer(layer, bottom, top, [np.array([[1.0, 2.0], [3.0, 4.0]])])
     # x > 0 passes dy; x <= 0 (0 included, as in Caffe) scales it by the slope.
     np.testing.assert_array_equal(dx, [[1.0, -4.0], [1.5, -8.0]])
@@ -174,27 +174,27 @@ def test_slope_gradient_accumulates_and_respects_param_propagate_down():
     x = away_from_zero(rng, (3, 2, 4))
     dy = rng.normal(size=x.shape)
     layer, bottom, top = make_layer(CHANNELWISE, x)
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     backward_layer(layer, bottom, top, [dy])
     once = np.array(layer.blobs[0].diff)
     assert np.all(once != 0)
-    layer.backward(top, [True], bottom)  # adds, as Caffe's parameter gradients do
+    layer.run_backward(top, [True], bottom)  # adds, as Caffe's parameter gradients do
     np.testing.assert_allclose(layer.blobs[0].diff, 2 * once, rtol=1e-14)
 
     layer.param_propagate_down = [False]
     layer.blobs[0].diff[...] = 7.0
     bottom[0].diff[...] = 0.0
-    layer.backward(top, [True], bottom)
+    layer.run_backward(top, [True], bottom)
     np.testing.assert_array_equal(layer.blobs[0].diff, [7.0, 7.0])
     assert np.any(bottom[0].diff != 0)
 
 
 def test_no_bottom_diff_without_propagate_down():
     layer, bottom, top = make_layer(CHANNELWISE, np.array([[1.0, -1.0]]))
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     bottom[0].diff[...] = 5.0
     top[0].diff[...] = 1.0
-    layer.backward(top, [False], bottom)
+    layer.run_backward(top, [False], bottom)
     np.testing.assert_array_equal(bottom[0].diff, [[5.0, 5.0]])
     np.testing.assert_array_equal(layer.blobs[0].diff, [0.0, -1.0])  # slopes still learn
 
@@ -219,7 +219,7 @@ def test_in_place_matches_not_in_place(shape, shared):
         layer.setup(bottom, top)
         layer.blobs[0].data[...] = slopes
         layer.reshape(bottom, top)
-        layer.forward(bottom, top)
+        layer.run_forward(bottom, top)
         y = np.array(top[0].data)
         (dx,) = backward_layer(layer, bottom, top, [dy])
         results.append((y, dx, np.array(layer.blobs[0].diff)))
@@ -262,7 +262,7 @@ def test_rejects_wrong_slope_blob_from_prototxt():
 def test_slope_blob_from_prototxt_is_used():
     layer, bottom, top = make_layer(CHANNELWISE + " blobs { shape { dim: 2 } data: [0.5, -1] }",
                                     np.array([[-2.0, -2.0]]))
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     np.testing.assert_array_equal(top[0].data, [[-1.0, 2.0]])
 
 
@@ -342,7 +342,7 @@ def test_net_forward_reports_slope_shape_changed_after_loading():
 def test_zero_slope_gives_positive_zero():
     """max(x, 0) + a * min(x, 0) is +0 for a = 0, as in Caffe (a * x alone would give -0)."""
     layer, bottom, top = make_layer(CHANNELWISE, np.array([[-3.0, 2.0]]), slopes=[0.0, 0.0])
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     np.testing.assert_array_equal(top[0].data, [[0.0, 2.0]])
     assert not np.signbit(top[0].data[0, 0])
 

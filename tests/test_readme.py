@@ -49,3 +49,33 @@ def test_readme_names_the_shared_data_variable():
     section = README[README.index("## The full test suite"):]
     assert "MINICAFFE_SHARED" in section
     assert all(folder in section for folder in ("data/mnist", "models/mtcnn", "models/zoo"))
+
+
+def test_readme_writing_a_layer_example_runs():
+    """The README's custom layer (registration, parameter blob, buffer, keeps) passes its own gradient
+    check, and runs in a net in place as it does with a separate top."""
+    section = README[README.index("## Writing a layer"):]
+    section = section[:section.index("\n## ")]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace = {"__name__": "readme_writing_a_layer"}
+    try:
+        exec(compile(code, "README.md: Writing a layer", "exec"), namespace)  # runs the gradient check
+        assert minicaffe.LAYERS["Swish"] is namespace["SwishLayer"]
+        x = np.random.default_rng(1).normal(size=(2, 3, 4))
+        dy = np.random.default_rng(2).normal(size=x.shape)
+        results = []
+        for top in ("y", "x"):  # a separate top, then in place
+            net = minicaffe.Net(io.parse_text(
+                'force_backward: true\n'
+                'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 4 } } }\n'
+                f'layer {{ name: "swish" type: "Swish" bottom: "x" top: "{top}" }}\n',
+                caffe_pb2.NetParameter(), "<net>"), minicaffe.TRAIN)
+            y = np.array(net.forward(x=x)[top])
+            dx = np.array(net.backward(**{top: dy})["x"])
+            results.append((y, dx, np.array(net.params["swish"][0].diff)))
+        s = 1 / (1 + np.exp(-x))
+        np.testing.assert_allclose(results[0][0], x * s, rtol=1e-5)
+        for got, want in zip(results[1], results[0]):
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+    finally:
+        minicaffe.LAYERS.pop("Swish", None)

@@ -45,7 +45,7 @@ def make(text, arrays, dtype=np.float64, in_place=False, phase=minicaffe.TRAIN):
 
 def forward(layer, bottom, top):
     layer.reshape(bottom, top)
-    layer.forward(bottom, top)
+    layer.run_forward(bottom, top)
     return np.array(top[0].data)
 
 
@@ -155,7 +155,7 @@ def test_scale_gradient_values():
     np.testing.assert_allclose(dx, dy * s.reshape(1, 3, 1), rtol=1e-14)
     np.testing.assert_allclose(layer.blobs[0].diff, (dy * x).sum(axis=(0, 2)), rtol=1e-12)
     # Parameter diffs accumulate (Caffe adds into them) ...
-    layer.backward(top, [True], bottom)
+    layer.run_backward(top, [True], bottom)
     np.testing.assert_allclose(layer.blobs[0].diff, 2 * (dy * x).sum(axis=(0, 2)), rtol=1e-12)
     # ... a second bottom's diff is overwritten.
     layer, bottom, top = make('type: "Scale"', [x, s])
@@ -297,7 +297,7 @@ def test_bias_gradient_values_accumulate():
     (dx,) = backward_layer(layer, bottom, top, [dy])
     np.testing.assert_array_equal(dx, dy)
     np.testing.assert_allclose(layer.blobs[0].diff, dy.sum(axis=(0, 2)), rtol=1e-14)
-    layer.backward(top, [True], bottom)
+    layer.run_backward(top, [True], bottom)
     np.testing.assert_allclose(layer.blobs[0].diff, 2 * dy.sum(axis=(0, 2)), rtol=1e-14)
 
 

@@ -90,7 +90,7 @@ def test_propagate_down_false_leaves_bottom_diff():
     layer, bottom, top = run_layer('type: "Softmax"', np.ones((2, 3)))
     bottom[0].diff[...] = 7.0
     top[0].diff[...] = 1.0
-    layer.backward(top, [False], bottom)
+    layer.run_backward(top, [False], bottom)
     assert np.all(bottom[0].diff == 7.0)
 
 

@@ -1,7 +1,7 @@
 """AbsVal: y = |x|, dy/dx = sign(x) (0 at 0).
 
 Caffe refuses to run it in place because backward needs the sign of x, which y = |x| has lost. Here
-in place works: forward keeps a copy of x for backward."""
+in place works: x is kept for backward."""
 
 from __future__ import annotations
 
@@ -13,16 +13,14 @@ KERNELS = KernelFile("activation.cu")
 
 @register("AbsVal")
 class AbsValLayer(NeuronLayer):
-    def layer_setup(self, bottom, top):
-        self.saved_input = None
+    keeps = "input"
 
     def forward(self, bottom, top):
         x = bottom[0].get_data()
-        self.saved_input = self.keep(x) if top[0] is bottom[0] else None
         KERNELS.absval_forward(x.size, x, top[0].mutable_data(), extents=x.size)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        x = self.saved_input if self.saved_input is not None else bottom[0].get_data()
+        x = self.kept_input(bottom)
         KERNELS.absval_backward(x.size, x, top[0].get_diff(), bottom[0].mutable_diff(), extents=x.size)

@@ -49,10 +49,11 @@ class AccuracyLayer(Layer):
 
     def forward(self, bottom, top):
         xp = backend.xp()
-        correct = xp.empty(self.outer * self.inner, self.dtype)
-        cls = xp.empty(self.outer * self.inner, np.int32)
+        targets = self.outer * self.inner
+        correct = self.buffer("correct", (targets,))
+        cls = self.buffer("class", (targets,), np.int32)
         label = bottom[1].get_data()
-        scratch = xp.empty_like(correct)
+        scratch = self.buffer("scratch", (targets,))
         KERNELS.accuracy_forward(self.outer, self.channels, self.inner, bottom[0].get_data(), label,
                                  correct, cls, scratch, int(self.has_ignore), self.ignore_label,
                                  self.top_k, extents=(self.outer, self.inner))

@@ -1,5 +1,5 @@
 """Sigmoid and TanH: element-wise, and their backward needs only the output y, so in place is allowed
-(then y is kept: later in-place layers may change the shared blob before this layer's backward).
+(y is kept: later in-place layers may change the top before this layer's backward).
 
     Sigmoid: y = 1 / (1 + exp(-x)),  dx = dy * y * (1 - y)
     TanH:    y = tanh(x),            dx = dy * (1 - y^2)
@@ -18,17 +18,17 @@ class OutputGradientActivation(NeuronLayer):
     `<kernel>_forward(count, x, y)` / `<kernel>_backward(count, y, dy, dx)` in activation.cu."""
 
     kernel = ""
+    keeps = "output"
 
     def forward(self, bottom, top):
         x = bottom[0].get_data()
         y = top[0].mutable_data()
         KERNELS.launch(f"{self.kernel}_forward", x.size, x.size, x, y)
-        self.saved_output = self.keep(y) if top[0] is bottom[0] else None
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        y = self.saved_output if self.saved_output is not None else top[0].get_data()
+        y = self.kept_output(top)
         KERNELS.launch(f"{self.kernel}_backward", y.size, y.size, y, top[0].get_diff(),
                        bottom[0].mutable_diff())
 

@@ -38,7 +38,9 @@ class BatchNormLayer(NeuronLayer):
                 self.fail("cannot configure batch normalization statistics as layer parameters "
                           f"(param {index} has lr_mult {self.param.param[index].lr_mult}; use 0)")
         self.param_propagate_down = [False] * len(self.blobs)
-        self.inv_std = self.temp = None
+        # The batch-statistics backward needs y (x normalized): kept, since a later in-place layer
+        # (typically Scale) may overwrite the top.
+        self.keeps = None if self.use_global_stats else "output"
 
     def reshape(self, bottom, top):
         shape = bottom[0].shape
@@ -58,37 +60,33 @@ class BatchNormLayer(NeuronLayer):
         return (values.reshape(num, self.channels, -1).sum(axis=(0, 2)) / m).astype(self.dtype, copy=False)
 
     def forward(self, bottom, top):
-        xp = backend.xp()
         x = bottom[0].get_data()
         num, channels, spatial = self._dims(bottom[0])
         planes = num * channels
-        mean = xp.empty(channels, self.dtype)
-        self.inv_std = xp.empty(channels, self.dtype)
+        mean = self.buffer("mean", (channels,))
+        inv_std = self.buffer("inv_std", (channels,))  # also for backward
         if self.use_global_stats:
             weight = float(backend.to_host(self.blobs[2].get_data()).reshape(-1)[0])
             factor = 0.0 if weight == 0 else 1.0 / weight
             KERNELS.bn_channel_stats(channels, self.blobs[0].get_data(), self.blobs[1].get_data(), factor,
-                                     self.eps, mean, self.inv_std, extents=channels)
+                                     self.eps, mean, inv_std, extents=channels)
         else:
             m = num * spatial
             batch_mean = self._channel_mean(x, m)
-            sq = self.temp = backend.reuse(self.temp, x.shape, x.dtype)
+            sq = self.buffer("temp", x.shape)
             KERNELS.bn_squared_deviation(planes, spatial, channels, x, batch_mean, sq,
                                          extents=(planes, spatial))
             batch_var = self._channel_mean(sq, m)
-            KERNELS.bn_channel_stats(channels, batch_mean, batch_var, 1.0, self.eps, mean, self.inv_std,
+            KERNELS.bn_channel_stats(channels, batch_mean, batch_var, 1.0, self.eps, mean, inv_std,
                                      extents=channels)
             self._update_running_stats(batch_mean, batch_var, m)
         y = top[0].mutable_data()  # may be x (in place): bn_normalize is element-wise
-        KERNELS.bn_normalize(planes, spatial, channels, x, mean, self.inv_std, y, extents=(planes, spatial))
-        # The batch-statistics backward needs y; cache it, since a later in-place layer (typically
-        # Scale) may overwrite the top.
-        if not self.use_global_stats:
-            self.x_norm = self.keep(y)
+        KERNELS.bn_normalize(planes, spatial, channels, x, mean, inv_std, y, extents=(planes, spatial))
 
     def _update_running_stats(self, batch_mean, batch_var, m: int) -> None:
         decay = self.moving_average_fraction
-        one = backend.xp().ones(1, self.dtype)
+        one = self.buffer("one", (1,))
+        one.fill(1)
         KERNELS.bn_update_stat(1, one, self.blobs[2].mutable_data(), decay, 1.0, extents=1)
         KERNELS.bn_update_stat(self.channels, batch_mean, self.blobs[0].mutable_data(), decay, 1.0,
                                extents=self.channels)
@@ -99,21 +97,22 @@ class BatchNormLayer(NeuronLayer):
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        xp = backend.xp()
         dy = top[0].get_diff()
         dx = bottom[0].mutable_diff()  # may be dy (in place): both kernels are element-wise
         num, channels, spatial = self._dims(bottom[0])
         planes = num * channels
+        inv_std = self.buffer("inv_std", (channels,))  # as forward left it
         if self.use_global_stats:
             # The statistics are constants here: dx = dy / sqrt(var + eps).
-            zero = xp.zeros(channels, self.dtype)
-            KERNELS.bn_normalize(planes, spatial, channels, dy, zero, self.inv_std, dx,
-                                 extents=(planes, spatial))
+            zero = self.buffer("zero", (channels,))
+            zero.fill(0)
+            KERNELS.bn_normalize(planes, spatial, channels, dy, zero, inv_std, dx, extents=(planes, spatial))
             return
         m = num * spatial
-        dy_y = self.temp = backend.reuse(self.temp, dy.shape, dy.dtype)
-        KERNELS.bn_product(dy.size, dy, self.x_norm, dy_y, extents=dy.size)
+        y = self.kept_output(top)
+        dy_y = self.buffer("temp", dy.shape)
+        KERNELS.bn_product(dy.size, dy, y, dy_y, extents=dy.size)
         mean_dy, mean_dy_y = self._channel_mean(dy, m), self._channel_mean(dy_y, m)
-        KERNELS.bn_backward(planes, spatial, channels, dy, self.x_norm, mean_dy, mean_dy_y, self.inv_std,
-                            dx, extents=(planes, spatial))
+        KERNELS.bn_backward(planes, spatial, channels, dy, y, mean_dy, mean_dy_y, inv_std, dx,
+                            extents=(planes, spatial))
 

@@ -158,7 +158,6 @@ class ConvolutionLayer(Layer):
         weight_shape = (self.num_output, self.channels // self.group, kh, kw)
         shapes = [weight_shape] + ([(self.num_output,)] if self.bias_term else [])
         self.setup_params(shapes, [param.weight_filler, param.bias_filler])
-        self._col = None
 
     def reshape(self, bottom, top):
         shape = bottom[0].shape
@@ -198,8 +197,8 @@ class ConvolutionLayer(Layer):
         """im2col of the images x (nb, C, H, W), as (group, K/group, nb * positions)."""
         positions = self.out_size[0] * self.out_size[1]
         rows = self.channels * self.geometry.kernel[0] * self.geometry.kernel[1]
-        self._col = backend.reuse(self._col, (rows * self.chunk_images * positions,), self.dtype)
-        col = self._col[:rows * x.shape[0] * positions]
+        col = self.buffer("columns", (rows * self.chunk_images * positions,))
+        col = col[:rows * x.shape[0] * positions]
         im2col(x, col, self.geometry, self.out_size)
         return col.reshape(self.group, rows // self.group, x.shape[0] * positions)
 

@@ -21,21 +21,11 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from .. import rng
-from ..blob import Blob
 from ..data_transformer import DataTransformer, TransformError, legacy_transform_param
 from ..db import DBError, LMDBReader, datum_to_array, looks_like_leveldb
 from ..io import FormatError
 from ..layer import Layer, register
 from ..proto import caffe_pb2
-
-
-def copy_to_top(blob: Blob, array: np.ndarray) -> None:
-    """Copy a host batch into a top blob of the same shape, uploading it once in GPU mode."""
-    target = blob.mutable_data()
-    if isinstance(target, np.ndarray):
-        target[...] = array
-    else:
-        target.set(np.ascontiguousarray(array, dtype=blob.dtype))
 
 
 class Prefetch:
@@ -91,7 +81,7 @@ class PrefetchingDataLayer(Layer):
         index = self.forward_index
         for blob, array in zip(top, self.batch(index)):
             blob.reshape(array.shape)
-            copy_to_top(blob, array)
+            blob.set_data(array)
         if self.prefetch:
             key = (index + 1, rng.random_seed())
             if self._pending is None or self._pending.key != key:

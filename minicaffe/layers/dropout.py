@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend, rng
+from .. import rng
 from ..kernel import KernelFile
 from ..layer import TRAIN, NeuronLayer, register
 
@@ -25,7 +25,6 @@ class DropoutLayer(NeuronLayer):
             self.fail(f"dropout_ratio must be in [0, 1), got {self.ratio}")
         # Caffe keeps scale_ as a float, also in double nets.
         self.scale = float(np.float32(1.0 / (1.0 - self.ratio)))
-        self.mask = None
 
     def forward(self, bottom, top):
         x = bottom[0].get_data()
@@ -33,10 +32,10 @@ class DropoutLayer(NeuronLayer):
             if top[0] is not bottom[0]:
                 top[0].mutable_data()[...] = x
             return
-        self.mask = backend.reuse(self.mask, x.shape, x.dtype)
+        mask = self.buffer("mask", x.shape)  # kept for backward
         key = rng.key32("dropout", self.name)
         counter = int(self.forward_index) & 0xFFFFFFFF
-        KERNELS.dropout_forward(x.size, x, top[0].mutable_data(), self.mask, key, counter,
+        KERNELS.dropout_forward(x.size, x, top[0].mutable_data(), mask, key, counter,
                                 self.ratio, self.scale, extents=x.size)
 
     def backward(self, top, propagate_down, bottom):
@@ -47,5 +46,5 @@ class DropoutLayer(NeuronLayer):
             if top[0] is not bottom[0]:
                 bottom[0].mutable_diff()[...] = dy
             return
-        KERNELS.dropout_backward(dy.size, dy, self.mask, bottom[0].mutable_diff(), self.scale,
-                                 extents=dy.size)
+        mask = self.buffer("mask", dy.shape)  # as forward left it
+        KERNELS.dropout_backward(dy.size, dy, mask, bottom[0].mutable_diff(), self.scale, extents=dy.size)

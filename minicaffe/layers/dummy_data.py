@@ -7,13 +7,10 @@ resumed run sees the same values. Without data_filler every top is constant 0.
 
 from __future__ import annotations
 
-import numpy as np
-
 from .. import rng
 from ..filler import FillerError, fill_array
 from ..layer import Layer, register
 from ..proto import caffe_pb2
-from .data import copy_to_top
 
 
 @register("DummyData")
@@ -52,7 +49,7 @@ class DummyDataLayer(Layer):
             values = fill_array(self.shapes[i], self.fillers[i], generator)
         except FillerError as error:
             self.fail(f"data_filler of top {i}: {error}")
-        copy_to_top(blob, np.asarray(values, dtype=self.dtype))
+        blob.set_data(values)
 
     def reshape(self, bottom, top):
         for blob, shape in zip(top, self.shapes):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..blob import Blob
 from ..kernel import KernelFile
 from ..layer import Layer, register
 from ..proto import caffe_pb2
@@ -35,8 +34,6 @@ class EltwiseLayer(Layer):
             self.fail(f"takes one coeff per bottom: {len(coeffs)} coeff values for {len(bottom)} bottoms")
         self.coeffs = [float(c) for c in coeffs] or [1.0] * len(bottom)
         self.stable_prod_grad = param.stable_prod_grad
-        # MAX: which bottom gave each output element, for backward.
-        self.max_index = Blob((), np.int32)
 
     def reshape(self, bottom, top):
         shapes = [list(b.shape) for b in bottom]
@@ -46,8 +43,10 @@ class EltwiseLayer(Layer):
             # Backward of PROD and MAX needs every bottom and SUM would clear its own input first.
             self.fail("cannot run in place (its top must not be one of its bottoms)")
         top[0].reshape_like(bottom[0])
-        if self.operation == MAX:
-            self.max_index.reshape_like(bottom[0])
+
+    def max_index(self, shape):
+        """MAX: which bottom gave each output element (forward writes it, backward reads it)."""
+        return self.buffer("max_index", shape, np.int32)
 
     def forward(self, bottom, top):
         xs = [b.get_data() for b in bottom]
@@ -62,7 +61,7 @@ class EltwiseLayer(Layer):
             for x, coeff in zip(xs[1:], self.coeffs[1:]):
                 KERNELS.eltwise_axpy(n, x, y, coeff, extents=n)
         elif self.operation == MAX:
-            mask = self.max_index.mutable_data()
+            mask = self.max_index(y.shape)
             KERNELS.eltwise_max_first(n, xs[0], xs[1], y, mask, extents=n)
             for i, x in enumerate(xs[2:], start=2):
                 KERNELS.eltwise_max_next(n, x, y, mask, i, extents=n)
@@ -89,4 +88,4 @@ class EltwiseLayer(Layer):
             elif self.operation == SUM:
                 KERNELS.eltwise_scale(n, dy, dx, self.coeffs[i], extents=n)
             else:
-                KERNELS.eltwise_max_backward(n, dy, self.max_index.get_data(), dx, i, extents=n)
+                KERNELS.eltwise_max_backward(n, dy, self.max_index(dy.shape), dx, i, extents=n)

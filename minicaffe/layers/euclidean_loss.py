@@ -15,9 +15,6 @@ class EuclideanLossLayer(Layer):
     exact_num_top = 1
     default_loss_weight = 1.0
 
-    def layer_setup(self, bottom, top):
-        self.difference = None  # a - b, kept from forward for backward (Caffe's diff_)
-
     def reshape(self, bottom, top):
         a, b = bottom
         if top[0] is a or top[0] is b:
@@ -32,15 +29,15 @@ class EuclideanLossLayer(Layer):
     def forward(self, bottom, top):
         xp = backend.xp()
         a, b = bottom[0].get_data(), bottom[1].get_data()
-        self.difference = xp.empty(a.shape, self.dtype)
-        KERNELS.euclidean_diff(a.size, a, b, self.difference, extents=a.size)
-        flat = self.difference.ravel()
+        difference = self.buffer("difference", a.shape)  # a - b, also for backward (Caffe's diff_)
+        KERNELS.euclidean_diff(a.size, a, b, difference, extents=a.size)
+        flat = difference.ravel()
         top[0].mutable_data()[...] = xp.dot(flat, flat) / bottom[0].shape[0] / 2
 
     def backward(self, top, propagate_down, bottom):
         num = bottom[0].shape[0]
+        d = self.buffer("difference", bottom[0].shape)  # as forward left it
         for i, sign in ((0, 1.0), (1, -1.0)):
             if propagate_down[i]:
-                d = self.difference
                 KERNELS.euclidean_backward(d.size, d, top[0].get_diff(), sign / num,
                                            bottom[i].mutable_diff(), extents=d.size)

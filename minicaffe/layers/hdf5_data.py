@@ -15,7 +15,6 @@ import numpy as np
 
 from .. import rng
 from ..layer import Layer, register
-from .data import copy_to_top
 
 
 def _h5py():
@@ -140,4 +139,4 @@ class HDF5DataLayer(Layer):
         self._loaded = {j: self._read_file(j) for j in dict.fromkeys(j for j, _ in places)}
         for name, blob in zip(self.names, top):
             batch = np.stack([self._loaded[j][name][r] for j, r in places])
-            copy_to_top(blob, batch)
+            blob.set_data(batch)

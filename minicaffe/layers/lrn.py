@@ -7,7 +7,6 @@ local_size^2: Caffe builds it from AVE pooling, whose divisor counts the padding
 
 from __future__ import annotations
 
-from .. import backend
 from ..kernel import KernelFile
 from ..layer import Layer, register
 from ..proto import caffe_pb2
@@ -37,7 +36,6 @@ class LRNLayer(Layer):
             self.shift, self.mult = self.k, self.alpha / self.size
         else:
             self.shift, self.mult = 1.0, self.alpha / (self.size * self.size)
-        self.scale = self.ratio = self.ratio_sum = self.rows = None
 
     def reshape(self, bottom, top):
         if top[0] is bottom[0]:
@@ -55,16 +53,16 @@ class LRNLayer(Layer):
                                    extents=(n * c, h * w))
             return
         # Spatial box = sum along rows, then along columns.
-        rows = self.rows = backend.reuse(self.rows, values.shape, values.dtype)
+        rows = self.buffer("rows", values.shape)
         KERNELS.lrn_row_window_sum(n * c * h, w, before, after, int(squared), values, rows,
                                    extents=(n * c * h, w))
         KERNELS.lrn_window_sum(n * c * h, h, w, before, after, 0, rows, out, extents=(n * c * h, w))
 
     def forward(self, bottom, top):
         x = bottom[0].get_data()
-        self.scale = backend.reuse(self.scale, x.shape, x.dtype)
-        self._window_sum(x, self.scale, squared=True, mirrored=False)
-        KERNELS.lrn_forward_output(x.size, x, self.scale, self.scale, top[0].mutable_data(),
+        scale = self.buffer("scale", x.shape)  # also for backward
+        self._window_sum(x, scale, squared=True, mirrored=False)
+        KERNELS.lrn_forward_output(x.size, x, scale, scale, top[0].mutable_data(),
                                    self.shift, self.mult, self.beta, extents=x.size)
 
     def backward(self, top, propagate_down, bottom):
@@ -73,8 +71,9 @@ class LRNLayer(Layer):
         x = bottom[0].get_data()
         dy = top[0].get_diff()
         dx = bottom[0].mutable_diff()
-        ratio = self.ratio = backend.reuse(self.ratio, x.shape, x.dtype)
-        KERNELS.lrn_backward_ratio(x.size, x, dy, self.scale, ratio, dx, self.beta, extents=x.size)
-        ratio_sum = self.ratio_sum = backend.reuse(self.ratio_sum, x.shape, x.dtype)
+        ratio = self.buffer("ratio", x.shape)
+        scale = self.buffer("scale", x.shape)  # as forward left it
+        KERNELS.lrn_backward_ratio(x.size, x, dy, scale, ratio, dx, self.beta, extents=x.size)
+        ratio_sum = self.buffer("ratio_sum", x.shape)
         self._window_sum(ratio, ratio_sum, squared=False, mirrored=True)
         KERNELS.lrn_backward_finish(x.size, x, ratio_sum, dx, 2.0 * self.mult * self.beta, extents=x.size)

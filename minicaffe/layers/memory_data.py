@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..layer import Layer, register
-from .data import copy_to_top
 
 
 @register("MemoryData")
@@ -60,5 +59,5 @@ class MemoryDataLayer(Layer):
             self.first_index = self.forward_index
         batches = self.data.shape[0] // self.batch_size
         start = ((self.forward_index - self.first_index) % batches) * self.batch_size
-        copy_to_top(top[0], self.data[start:start + self.batch_size])
-        copy_to_top(top[1], self.labels[start:start + self.batch_size])
+        top[0].set_data(self.data[start:start + self.batch_size])
+        top[1].set_data(self.labels[start:start + self.batch_size])

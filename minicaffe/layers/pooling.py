@@ -92,7 +92,6 @@ class PoolingLayer(Layer):
             self.fail(f"pad must be less than kernel, got pad {self.pad_h}x{self.pad_w} "
                       f"for kernel {self.kernel_h}x{self.kernel_w}")
         self.floor = p.round_mode == FLOOR
-        self.mask = None
         self._columns: dict = {}
 
     def reshape(self, bottom, top):
@@ -125,6 +124,10 @@ class PoolingLayer(Layer):
             self._columns[mode] = tuple(xp.asarray(a) for a in self._columns["host"])
         return self._columns[mode]
 
+    def _argmax(self, shape):
+        """MAX: each window's argmax (forward writes it, backward reads it)."""
+        return self.buffer("argmax", shape, np.int32)
+
     def forward(self, bottom, top):
         x = bottom[0].get_data()
         n, c, h, w = x.shape
@@ -135,10 +138,10 @@ class PoolingLayer(Layer):
         if self.method == AVE:
             KERNELS.pool_ave_forward(planes, *geometry, x, y, extents=(planes, self.pooled_w))
             return
-        self.mask = backend.reuse(self.mask, y.shape, np.int32)
-        KERNELS.pool_max_forward(planes, *geometry, x, y, self.mask, extents=(planes, self.pooled_w))
+        mask = self._argmax(y.shape)
+        KERNELS.pool_max_forward(planes, *geometry, x, y, mask, extents=(planes, self.pooled_w))
         if len(top) > 1:
-            top[1].mutable_data()[...] = self.mask
+            top[1].mutable_data()[...] = mask
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -156,4 +159,4 @@ class PoolingLayer(Layer):
         else:
             KERNELS.pool_max_backward(planes, self.pooled_h, self.pooled_w, h, w, self.kernel_h,
                                       self.stride_h, self.pad_h, cover, col_start, col_end, dy,
-                                      self.mask, dx, extents=(planes, w))
+                                      self._argmax(dy.shape), dx, extents=(planes, w))

@@ -18,13 +18,11 @@ class PowerLayer(NeuronLayer):
         # dy/dx = power * scale * (...)^(power - 1): zero everywhere when power or scale is 0, and then
         # y is a constant (1 for power 0, shift^power for scale 0).
         self.diff_scale = self.power * self.scale
-        # Backward needs x only for powers other than 0 and 1; in place, forward then keeps a copy.
-        self.needs_input = self.diff_scale != 0 and self.power != 1
-        self.saved_input = None
+        # Backward needs x only for powers other than 0 and 1.
+        self.keeps = "input" if self.diff_scale != 0 and self.power != 1 else None
 
     def forward(self, bottom, top):
         x = bottom[0].get_data()
-        self.saved_input = self.keep(x) if top[0] is bottom[0] and self.needs_input else None
         y = top[0].mutable_data()
         n = x.size
         if self.diff_scale == 0:
@@ -50,7 +48,7 @@ class PowerLayer(NeuronLayer):
         elif self.power == 1:
             KERNELS.power_backward_linear(n, dy, dx, self.scale, extents=n)
         else:
-            x = self.saved_input if self.saved_input is not None else bottom[0].get_data()
+            x = self.kept_input(bottom)
             if self.power == 2:
                 KERNELS.power_backward_square(n, x, dy, dx, self.scale, self.shift, extents=n)
             else:

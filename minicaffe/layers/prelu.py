@@ -16,6 +16,8 @@ KERNELS = KernelFile("prelu.cu")
 
 @register("PReLU")
 class PReLULayer(NeuronLayer):
+    keeps = "input"  # backward needs x
+
     def layer_setup(self, bottom, top):
         param = self.param.prelu_param
         self.channel_shared = param.channel_shared
@@ -23,9 +25,6 @@ class PReLULayer(NeuronLayer):
         default = caffe_pb2.FillerParameter(type="constant", value=0.25)  # Caffe's initial slope
         filler = param.filler if param.HasField("filler") else default
         self.setup_params([self._slope_shape(bottom[0])], [filler])
-        self.saved_input = None  # in place, forward keeps x here for backward (y overwrote it)
-        # Per-element terms of the slope gradient, summed per channel by the array module.
-        self.slope_terms = Blob((), self.dtype)
 
     def _check_bottom(self, blob: Blob) -> None:
         if blob.num_axes < 2:
@@ -53,19 +52,18 @@ class PReLULayer(NeuronLayer):
 
     def forward(self, bottom, top):
         x = bottom[0].get_data()
-        self.saved_input = self.keep(x) if top[0] is bottom[0] else None
         planes, slope_channels, inner = self._extents(bottom[0])
         KERNELS.prelu_forward(planes, slope_channels, inner, x, top[0].mutable_data(),
                               self.blobs[0].get_data(), extents=(planes, inner))
 
     def backward(self, top, propagate_down, bottom):
-        x = self.saved_input if self.saved_input is not None else bottom[0].get_data()
+        x = self.kept_input(bottom)
         dy = top[0].get_diff()
         planes, slope_channels, inner = self._extents(bottom[0])
         # The slope gradient first: in place, dx (below) overwrites dy, which is the same memory.
         if self.param_propagate_down[0]:
-            self.slope_terms.reshape_like(bottom[0])
-            terms = self.slope_terms.mutable_data()
+            # Per-element terms of the slope gradient, summed per channel by the array module.
+            terms = self.buffer("slope_terms", x.shape)
             KERNELS.prelu_slope_terms(x.size, x, dy, terms, extents=x.size)
             if self.channel_shared:
                 gradient = terms.sum()

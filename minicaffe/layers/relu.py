@@ -10,20 +10,20 @@ KERNELS = KernelFile("relu.cu")
 
 @register("ReLU")
 class ReLULayer(NeuronLayer):
+    # In place, backward must not read the blob: it holds y, and later in-place layers may have changed
+    # it again (a negative slope or a Power flips signs). So x is kept. (Caffe reads the blob.)
+    keeps = "input"
+
     def layer_setup(self, bottom, top):
         self.negative_slope = self.param.relu_param.negative_slope
-        self.saved_input = None
 
     def forward(self, bottom, top):
         x = bottom[0].get_data()
-        # In place, backward must not read the blob: it holds y, and later in-place layers may have
-        # changed it again (a negative slope or a Power flips signs). So keep x. (Caffe reads the blob.)
-        self.saved_input = self.keep(x) if top[0] is bottom[0] else None
         KERNELS.relu_forward(x.size, x, top[0].mutable_data(), self.negative_slope, extents=x.size)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        x = self.saved_input if self.saved_input is not None else bottom[0].get_data()
+        x = self.kept_input(bottom)
         dy = top[0].get_diff()
         KERNELS.relu_backward(x.size, x, dy, bottom[0].mutable_diff(), self.negative_slope, extents=x.size)

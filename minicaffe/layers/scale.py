@@ -1,28 +1,34 @@
 """Scale: y = x * s (+ b), s broadcast along axes [axis, axis + s's num_axes) of x, as Caffe's ScaleLayer.
 
-s is a learned blob (one bottom; shape = bottom[0].shape[axis : axis + num_axes], num_axes -1 = to
-the end, 0 = a scalar; filler default constant 1) or the second bottom, which then gets a gradient.
-bias_term adds a learned b through an internal Bias layer, as Caffe does; its blob is the last one.
+s is a learned blob (one bottom; filler default constant 1) or the second bottom, which then gets a
+gradient; the axis logic is BroadcastLayer's (layers/broadcast.py). bias_term adds a learned b through
+an inner Bias layer, as Caffe does; its blob is the last one.
 """
 
 from __future__ import annotations
 
-from .. import backend, filler, rng
-from ..layer import Layer, register
+from .. import filler, rng
+from ..kernel import KernelFile
+from ..layer import register
 from ..proto import caffe_pb2
-from .bias import KERNELS, BiasLayer, broadcast, broadcast_dims, learned_shape, sum_to_dim
+from .bias import BiasLayer
+from .broadcast import BroadcastLayer
+
+ELTWISE = KernelFile("eltwise.cu")
 
 
 @register("Scale")
-class ScaleLayer(Layer):
-    min_num_bottom = 1
-    max_num_bottom = 2
-    exact_num_top = 1
+class ScaleLayer(BroadcastLayer):
+    operand = "scale"
+    keeps = "input"  # the scale gradient needs x
+
+    def axes_param(self):
+        return self.param.scale_param
 
     def layer_setup(self, bottom, top):
         p = self.param.scale_param
         if len(bottom) == 1:
-            shape = learned_shape(self, bottom[0], p.axis, p.num_axes, "scale")
+            shape = self.learned_shape(bottom[0])
             if not self.check_param_blob(0, shape):
                 blob = self.add_param_blob(shape)
                 if p.HasField("filler"):
@@ -42,48 +48,35 @@ class ScaleLayer(Layer):
             self.bias_layer.setup([bottom[0]], [top[0]])
             if self.bias_index == len(self.blobs):
                 self.blobs.append(self.bias_layer.blobs[0])
-        self.saved_input = self.product = None
-        self.in_place = False
-
-    def _scale_blob(self, bottom):
-        return bottom[1] if len(bottom) > 1 else self.blobs[0]
 
     def reshape(self, bottom, top):
-        scale = self._scale_blob(bottom)
-        self.dims = broadcast_dims(self, bottom[0], scale.shape, self.param.scale_param.axis, "scale")
-        if top[0] is not bottom[0]:
-            top[0].reshape_like(bottom[0])
+        super().reshape(bottom, top)
         if self.bias_layer is not None:
             # The Net may have swapped in a shared blob for ours after setup.
             self.bias_layer.blobs[0] = self.blobs[self.bias_index]
             self.bias_layer.reshape([top[0]], [top[0]])  # in place on the scaled top
 
     def forward(self, bottom, top):
-        x = bottom[0].get_data()
-        # In place, the scale gradient still needs x.
-        self.in_place = top[0] is bottom[0]
-        if self.in_place:
-            self.saved_input = backend.reuse(self.saved_input, x.shape, x.dtype)
-            self.saved_input[...] = x
-        broadcast("scale", self.dims, x, self._scale_blob(bottom).get_data(), top[0].mutable_data())
+        scale = self.operand_blob(bottom)
+        self.broadcast("mul", bottom[0].get_data(), scale.get_data(), top[0].mutable_data())
         if self.bias_layer is not None:
-            self.bias_layer.forward([top[0]], [top[0]])
+            self.bias_layer.run_forward([top[0]], [top[0]])
 
     def backward(self, top, propagate_down, bottom):
         # Both parameter gradients read dy before dx overwrites it (in place they share memory).
         if self.bias_layer is not None and self.param_propagate_down[self.bias_index]:
-            self.bias_layer.backward(top, [False], [top[0]])
-        scale = self._scale_blob(bottom)
+            self.bias_layer.run_backward(top, [False], [top[0]])
+        scale = self.operand_blob(bottom)
         learned = len(bottom) == 1
         dy = top[0].get_diff()
         if (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1]):
-            x = self.saved_input if self.in_place else bottom[0].get_data()
-            product = self.product = backend.reuse(self.product, dy.shape, dy.dtype)
-            KERNELS.scale_product(dy.size, dy, x, product, extents=dy.size)
-            gradient = sum_to_dim(product, self.dims).reshape(scale.shape)
+            x = self.kept_input(bottom)
+            product = self.buffer("product", dy.shape)
+            ELTWISE.eltwise_prod(dy.size, dy, x, product, extents=dy.size)
+            gradient = self.reduce_to_operand(product, scale.shape)
             if learned:
                 scale.mutable_diff()[...] += gradient
             else:
                 scale.mutable_diff()[...] = gradient
         if propagate_down[0]:
-            broadcast("scale", self.dims, dy, scale.get_data(), bottom[0].mutable_diff())
+            self.broadcast("mul", dy, scale.get_data(), bottom[0].mutable_diff())

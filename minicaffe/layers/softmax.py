@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from .. import backend
 from ..kernel import KernelFile
 from ..layer import Layer, register
 
@@ -13,9 +12,6 @@ KERNELS = KernelFile("softmax.cu")
 class SoftmaxLayer(Layer):
     exact_num_bottom = 1
     exact_num_top = 1
-
-    def layer_setup(self, bottom, top):
-        self.scratch = None
 
     def reshape(self, bottom, top):
         try:
@@ -43,5 +39,4 @@ class SoftmaxLayer(Layer):
 
     def _scratch(self):
         """Room for two running values (max and sum, or dot) per softmax vector, reused between calls."""
-        self.scratch = backend.reuse(self.scratch, (max(2 * self.outer * self.inner, 1),), self.dtype)
-        return self.scratch
+        return self.buffer("scratch", (max(2 * self.outer * self.inner, 1),))

@@ -67,10 +67,9 @@ class SoftmaxWithLossLayer(Layer):
             top[1].share_data(self.prob)
 
     def forward(self, bottom, top):
-        xp = backend.xp()
-        self.softmax.forward([bottom[0]], [self.prob])
-        loss = xp.empty((self.outer, self.inner), self.dtype)
-        valid = xp.empty((self.outer, self.inner), self.dtype)
+        self.softmax.run_forward([bottom[0]], [self.prob])
+        loss = self.buffer("loss", (self.outer, self.inner))
+        valid = self.buffer("valid", (self.outer, self.inner))
         label = bottom[1].get_data()
         KERNELS.softmax_loss_forward(self.outer, self.channels, self.inner, self.prob.get_data(), label,
                                      loss, valid, int(self.has_ignore), self.ignore_label,
