@@ -30,9 +30,9 @@ import minicaffe
 from minicaffe import backend
 from minicaffe.blob import Blob
 from minicaffe.commands.device_query import blas_info, cpu_model
-from minicaffe.commands.time import copy_bandwidth, forward_bytes, synchronize
 from minicaffe.layer import TEST, TRAIN
 from minicaffe.testing import layer_from_prototxt
+from minicaffe.timing import copy_bandwidth, forward_bytes, synchronize
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # markdown_section.py, beside this file

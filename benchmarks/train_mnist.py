@@ -104,7 +104,7 @@ def train(model: str, work: Path, dbs: dict[str, Path], max_iter: int | None = N
 def quickstart(work: Path) -> dict:
     """`minicaffe quickstart` (the README's example), timed once its LMDBs are written."""
     folder = work / "quickstart"
-    from minicaffe.commands.quickstart import quickstart_solver
+    from minicaffe.example import quickstart_solver
 
     quickstart_solver(folder)  # writes the LMDBs
     log_path = folder / "train.log"

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from minicaffe import cli, io
-from minicaffe.commands import quickstart
+from minicaffe import cli, example, io
 from minicaffe.proto import caffe_pb2
 
 GLOG = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [a-z_]+\.cpp:\d+\] ")
@@ -22,13 +21,13 @@ GLOG = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [a-z_]+\.cpp:\d+\] ")
 def work(tmp_path_factory) -> Path:
     """The quickstart's LMDBs and its net with resolved data paths (digits_train_test.prototxt)."""
     folder = tmp_path_factory.mktemp("quickstart")
-    quickstart.quickstart_solver(folder)
+    example.quickstart_solver(folder)
     return folder
 
 
 def write_solver(folder: Path, work: Path, name: str = "solver", **fields) -> Path:
     """A short version of the quickstart solver, with the net file of `work`."""
-    param = io.read_solver_param(quickstart.data_dir() / quickstart.SOLVER_FILE)
+    param = io.read_solver_param(example.data_dir() / example.SOLVER_FILE)
     param.net = str(work / "digits_train_test.prototxt")
     values = dict(max_iter=40, snapshot=20, display=10, test_interval=20, snapshot_prefix=str(folder / name))
     values.update(fields)
@@ -54,7 +53,7 @@ def minicaffe_process(args: list[str], **kwargs):
 
 
 def test_quickstart_trains_and_reports_accuracy(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(quickstart, "default_work_dir", lambda: tmp_path / "qs")
+    monkeypatch.setattr(example, "default_work_dir", lambda: tmp_path / "qs")
     code, out, err = run_cli(["train", "--solver", "quickstart"], capsys)
     assert code == 0, err
     accuracy = float(re.search(r"Final test accuracy: ([\d.]+)% on 297 test images after 600 iterations",

@@ -2,7 +2,7 @@
 
 Without --gpu: the CPU (model, cores), numpy's BLAS (used for GEMM), the host compiler and flags that
 build the kernels and where they are cached, and whether CuPy and a GPU are usable. With --gpu N: the
-GPU's properties, as Caffe's device_query prints them (needs CuPy)."""
+GPU's properties, as Caffe's device_query prints them (needs CuPy); with a list or 'all', of each."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import subprocess
 import numpy as np
 
 from .. import kernel
+from .common import add_gpu_argument, parse_gpu
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gpu", type=int, default=None, help="GPU id to query (default: the CPU)")
+    add_gpu_argument(parser)
 
 
 def cpu_model() -> str:
@@ -131,8 +132,12 @@ def cpu_fields() -> list[tuple[str, object]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    fields = cpu_fields() if args.gpu is None else gpu_properties(args.gpu)
-    width = max(len(name) for name, _ in fields) + 2
-    for name, value in fields:
-        print(f"{name + ':':<{width}}{value}")
+    ids = parse_gpu(args.gpu)
+    devices = [cpu_fields()] if ids is None else [gpu_properties(i) for i in ids]
+    for k, fields in enumerate(devices):
+        if k:
+            print()
+        width = max(len(name) for name, _ in fields) + 2
+        for name, value in fields:
+            print(f"{name + ':':<{width}}{value}")
     return 0
