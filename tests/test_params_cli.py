@@ -148,21 +148,26 @@ def test_plot_params_png(capsys, mtcnn_dir, tmp_path):
 
 
 def test_plot_params_title_clear_of_the_panels(mtcnn_dir):
+    """The figure title (the file's path) lies inside the figure, above the panels and their titles,
+    for one panel or several and for a long path."""
     pytest.importorskip("matplotlib")
     from minicaffe.commands.plot_params import draw, pyplot
 
     chosen = inspect.select(inspect.caffemodel_params(mtcnn_dir / "det2.caffemodel"), layer_type="PReLU")
-    figure = draw(chosen, 0, str(mtcnn_dir / "det2.caffemodel"))
-    try:
-        figure.canvas.draw()
-        renderer = figure.canvas.get_renderer()
-        assert figure.get_suptitle() == str(mtcnn_dir / "det2.caffemodel")
-        title = figure._suptitle.get_window_extent(renderer)
-        assert title.width > 0
-        for axis in figure.axes[:3]:  # the first row: panel, its title and its labels
-            assert not title.overlaps(axis.get_tightbbox(renderer)), (title, axis.get_tightbbox(renderer))
-    finally:
-        pyplot().close(figure)
+    long_path = "/a/long/folder" * 10 + "/det2.caffemodel"
+    for count, title in ((4, str(mtcnn_dir / "det2.caffemodel")), (1, long_path)):
+        figure = draw(chosen[:count], 0, title)
+        try:
+            figure.canvas.draw()
+            renderer = figure.canvas.get_renderer()
+            assert figure.get_suptitle().replace("\n", "") == title
+            box = figure._suptitle.get_window_extent(renderer)
+            assert box.width > 0 and box.x0 >= 0 and box.x1 <= figure.bbox.x1 and box.y1 <= figure.bbox.y1
+            for axis in figure.axes[:3]:  # the first row: each panel with its title and labels
+                panel = axis.get_tightbbox(renderer)
+                assert not box.overlaps(panel), (title, box, panel)
+        finally:
+            pyplot().close(figure)
 
 
 # -- snapshots and the slope trace -----------------------------------------------------------------

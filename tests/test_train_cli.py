@@ -209,3 +209,74 @@ def test_bad_input_gives_a_one_line_error(args, message, work, tmp_path, capsys)
     assert lines[-1].startswith(f"minicaffe {args[0]}: error: ")
     assert message in lines[-1]
     assert all(GLOG.match(line) for line in lines[:-1])  # only log lines before the error line
+
+
+NET_BESIDE = """
+name: "beside"
+layer { name: "data" type: "DummyData" top: "x" top: "t"
+        dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 1 }
+                           data_filler { type: "gaussian" } data_filler { type: "gaussian" } } }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y"
+        inner_product_param { num_output: 1 weight_filler { type: "gaussian" } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }
+"""
+
+
+def test_solver_from_another_folder_finds_its_net(tmp_path, monkeypatch, capsys):
+    """A solver whose net path is relative to the repository root (as models/*/solver.prototxt), used from
+    another folder: the net is found beside the solver by its file name."""
+    folder = tmp_path / "repo" / "models" / "beside"
+    folder.mkdir(parents=True)
+    (folder / "net.prototxt").write_text(NET_BESIDE)
+    (folder / "solver.prototxt").write_text(f"""
+        net: "models/beside/net.prototxt"
+        base_lr: 0.01 lr_policy: "fixed" max_iter: 2 display: 1
+        snapshot_prefix: "{tmp_path / 'out' / 'beside'}"
+    """)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run_cli(["train", "--solver", str(folder / "solver.prototxt")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "out" / "beside_iter_2.caffemodel").is_file()
+    # From the repository root the path works as written (Caffe's rule), and from inside the folder too.
+    for cwd in (tmp_path / "repo", folder):
+        monkeypatch.chdir(cwd)
+        code, _, err = run_cli(["train", "--solver", str(folder / "solver.prototxt")], capsys)
+        assert code == 0, err
+    # A net that is nowhere: the error lists where it was looked for.
+    (folder / "net.prototxt").unlink()
+    code, _, err = run_cli(["train", "--solver", str(folder / "solver.prototxt")], capsys)
+    assert code == 1
+    assert "net file 'models/beside/net.prototxt' not found" in err and str(folder / "net.prototxt") in err
+
+
+def test_shipped_lenet_prelu_solver_from_another_folder(tmp_path, monkeypatch, capsys):
+    """models/lenet_prelu/solver.prototxt from elsewhere: the net is found; what is missing there is the
+    MNIST database (relative to the current folder, as in Caffe)."""
+    solver = Path(__file__).resolve().parents[1] / "models" / "lenet_prelu" / "solver.prototxt"
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["train", "--solver", str(solver)], capsys)
+    assert code == 1
+    assert "not found" not in err and "examples/mnist/mnist_train_lmdb" in err
+    assert "Creating training net from net models/lenet_prelu/train_test.prototxt" in err
+
+
+def test_gpu_values_and_quiet_device_selection(capsys):
+    from minicaffe.commands import common
+
+    assert common.parse_gpu(None) is None
+    assert common.parse_gpu("0") == [0] and common.parse_gpu("1,0") == [1, 0] and common.parse_gpu(2) == [2]
+    for bad in ("x", "", "-1", "0,a"):
+        with pytest.raises(ValueError, match="--gpu: give a GPU id"):
+            common.parse_gpu(bad)
+    assert common.use_device(None) is None
+    assert "] Use CPU." in capsys.readouterr().err
+    assert common.use_device(None, quiet=True) is None
+    assert capsys.readouterr().err == ""
+    # The same flag everywhere: a bad value is the same one-line error, before any work is done.
+    for command in (["train", "--solver", "quickstart"], ["time", "--model", "m"], ["quickstart"],
+                    ["device_query"]):
+        code, _, err = run_cli([*command, "--gpu", "x"], capsys)
+        assert code == 1 and err.strip().splitlines()[-1] == \
+            f"minicaffe {command[0]}: error: --gpu: give a GPU id (0), a list (0,1) or 'all', got 'x'"

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import textwrap
 
 import numpy as np
 
 from .. import inspect
 from .params import selected_params
+
+TITLE_POINTS = 9
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +61,9 @@ def draw(chosen: list[inspect.LayerParams], blob: int, title: str):
         axis.set_title(f"{name} ({kind}): {values.size} {what}", fontsize=9)
         axis.set_xlabel(f"min {stats['min']:.3g}  max {stats['max']:.3g}  std {stats['std']:.3g}", fontsize=8)
         axis.legend(fontsize=7)
-    figure.suptitle(title, fontsize=9)
+    # A long path is cut into lines that fit (Matplotlib only wraps at spaces, which paths rarely have).
+    fitting = int(figure.get_figwidth() * 72 / (0.6 * TITLE_POINTS))
+    figure.suptitle("\n".join(textwrap.wrap(title, fitting)), fontsize=TITLE_POINTS)
     return figure
 
 

@@ -21,7 +21,7 @@ from ..example import default_work_dir, quickstart_solver, report
 from ..proto import caffe_pb2
 from ..solver import Solver, read_solver
 from ..watch import watch_solver
-from .common import EFFECTS, SignalHandler, add_gpu_argument, add_state_arguments, stages, use_device
+from . import common
 
 QUICKSTART = "quickstart"  # --solver value naming the embedded example
 
@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default="",
                         help="pretrained .caffemodel(s) to finetune from, comma-separated")
     parser.add_argument("--snapshot", default="", help=".solverstate to resume training from")
-    add_gpu_argument(parser, "the solver's solver_mode")
-    add_state_arguments(parser)
+    common.add_gpu_argument(parser, "the solver's solver_mode")
+    common.add_state_arguments(parser)
     parser.add_argument("--watch", metavar="PATTERN", default=None,
                         help="at each display step, log the mean [min .. max] of the parameters of the "
                              "layers matching PATTERN (glob on name or type, e.g. 'prelu*') and append "
@@ -43,12 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {default_work_dir()})")
     for name, default, what in (("sigint_effect", "stop", "Ctrl-C"), ("sighup_effect", "snapshot", "SIGHUP")):
         parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=default,
-                            choices=sorted(EFFECTS), help=f"what {what} does (default {default})")
+                            choices=sorted(common.EFFECTS), help=f"what {what} does (default {default})")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.snapshot and args.weights:
         raise ValueError("give --snapshot to resume training or --weights to finetune, not both")
+    common.parse_gpu(args.gpu)  # a bad value is an error before the quickstart's data is written
     quickstart = args.solver == QUICKSTART and not Path(args.solver).exists()
     if quickstart:
         param, base_dir = quickstart_solver(args.work_dir)
@@ -60,12 +61,12 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"solver file '{args.solver}' not found")
         param, base_dir = read_solver(args.solver), Path(args.solver).parent
     param.train_state.level = args.level
-    param.train_state.stage.extend(stages(args))
+    param.train_state.stage.extend(common.stages(args))
     gpu = args.gpu
     from_solver = False
     if gpu is None and param.HasField("solver_mode") and param.solver_mode == caffe_pb2.SolverParameter.GPU:
         gpu, from_solver = str(param.device_id), True
-    use_device(gpu, from_solver)
+    common.use_device(gpu, from_solver)
     if args.snapshot:
         param.ClearField("weights")
     elif args.weights:
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if watcher is not None:
         log.info(f"Watching {', '.join(layer.name for layer in watcher.layers)} in {watcher.csv_path}",
                  "caffe.cpp:268")
-    with SignalHandler(args.sigint_effect, args.sighup_effect) as handler:
+    with common.SignalHandler(args.sigint_effect, args.sighup_effect) as handler:
         solver.set_action_function(handler.action)
         if args.snapshot:
             log.info(f"Resuming from {args.snapshot}", "caffe.cpp:258")
