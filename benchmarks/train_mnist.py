@@ -133,20 +133,12 @@ def test_accuracies(log_text: str) -> list[tuple[int, float]]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
     import numpy
 
-    return (f"{cpu}, {cores} cores, {platform.system()} {platform.machine()}, numpy {numpy.__version__}, "
-            "CPU mode")
+    from minicaffe.timing import cpu_model, usable_cores
+
+    return (f"{cpu_model()}, {usable_cores()} cores, {platform.system()} {platform.machine()}, "
+            f"numpy {numpy.__version__}, CPU mode")
 
 
 def table(results: list[dict], where: str) -> list[str]:

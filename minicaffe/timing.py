@@ -1,5 +1,6 @@
-"""Timing nets and kernels: Caffe's `caffe time` loop, the bytes a layer moves, and the machine's copy
-bandwidth. Used by `minicaffe time` and by benchmarks/kernels.py.
+"""Timing nets and kernels: Caffe's `caffe time` loop, the bytes a layer moves, the machine's copy
+bandwidth, and the machine the times are taken on (CPU model, usable cores, BLAS). Used by `minicaffe
+time`, `minicaffe device_query` and the benchmarks.
 
   * forward bytes  = bytes of the bottoms (read) + the tops (written) + the parameter blobs (read);
     an in-place layer reads and writes the same blob and it counts twice, as the memory does move twice.
@@ -13,6 +14,8 @@ Times are taken between synchronize() calls, so on the GPU they cover the kernel
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 
 import numpy as np
@@ -77,3 +80,37 @@ def time_net(net, iterations: int, report=print) -> dict:
     total_ms = (time.perf_counter() - total_start) * 1e3
     return {"forward": forward_s * 1e3 / iterations, "backward": backward_s * 1e3 / iterations,
             "total_ms": total_ms}
+
+
+# -- the machine ---------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def blas_info() -> str:
+    """numpy's BLAS library (which runs the GEMMs), with its version and configuration."""
+    try:
+        config = np.show_config(mode="dicts")
+        blas = config["Build Dependencies"]["blas"]
+        text = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+        detail = blas.get("openblas configuration")
+        return f"{text} ({detail})" if detail else text
+    except Exception:  # older numpy: no dict mode; the information is only informative
+        return "unknown (numpy.show_config() for details)"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask on Linux, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

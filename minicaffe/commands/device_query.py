@@ -15,33 +15,12 @@ import subprocess
 import numpy as np
 
 from .. import kernel
+from ..timing import blas_info, cpu_model, usable_cores
 from .common import add_gpu_argument, parse_gpu
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_gpu_argument(parser)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def blas_info() -> str:
-    try:
-        config = np.show_config(mode="dicts")
-        blas = config["Build Dependencies"]["blas"]
-        text = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
-        detail = blas.get("openblas configuration")
-        return f"{text} ({detail})" if detail else text
-    except Exception:  # older numpy: no dict mode; the information is only informative
-        return "unknown (numpy.show_config() for details)"
 
 
 def compiler_info() -> tuple[str, str]:
@@ -106,10 +85,6 @@ def gpu_status() -> str:
 def cpu_fields() -> list[tuple[str, object]]:
     compiler, version = compiler_info()
     try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count()
-    try:
         cache = str(kernel.cache_dir())
     except OSError as error:
         cache = f"unavailable ({error})"
@@ -118,7 +93,7 @@ def cpu_fields() -> list[tuple[str, object]]:
         ("Name", cpu_model()),
         ("Machine", f"{platform.system()} {platform.machine()}"),
         ("Cores (logical)", os.cpu_count()),
-        ("Cores usable by this process", usable),
+        ("Cores usable by this process", usable_cores()),
         ("numpy", np.__version__),
         ("BLAS (GEMM)", blas_info()),
         ("Kernel compiler", compiler),

@@ -35,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_gpu_argument(parser, "the solver's solver_mode")
     common.add_state_arguments(parser)
     parser.add_argument("--watch", metavar="PATTERN", default=None,
-                        help="at each display step, log the mean [min .. max] of the parameters of the "
-                             "layers matching PATTERN (glob on name or type, e.g. 'prelu*') and append "
-                             "them to <snapshot_prefix>_watch.csv")
+                        help="at each display step and at the end, log the mean [min .. max] of the "
+                             "parameters of the layers matching PATTERN (glob on name or type, e.g. "
+                             "'prelu*') and append them to <snapshot_prefix>_watch.csv")
     parser.add_argument("--work-dir", "--work_dir", dest="work_dir", default=None,
                         help=f"with --solver {QUICKSTART}: folder for its LMDBs and trained model "
                              f"(default {default_work_dir()})")
