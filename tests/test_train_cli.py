@@ -280,3 +280,23 @@ def test_gpu_values_and_quiet_device_selection(capsys):
         code, _, err = run_cli([*command, "--gpu", "x"], capsys)
         assert code == 1 and err.strip().splitlines()[-1] == \
             f"minicaffe {command[0]}: error: --gpu: give a GPU id (0), a list (0,1) or 'all', got 'x'"
+
+
+def test_test_command_scores_as_the_solver(tmp_path, capsys):
+    """`minicaffe test` logs the solver's test scores: the loss weight of a loss blob that a later
+    in-place layer rewrites is kept (that layer has no loss weight of its own)."""
+    import minicaffe as caffe
+
+    net_file = tmp_path / "net.prototxt"
+    net_file.write_text(NET_BESIDE + """
+layer { name: "same" type: "Power" bottom: "loss" top: "loss" power_param { power: 1 } }
+""")
+    net = caffe.Net(str(net_file), caffe.TEST)
+    net.save(str(tmp_path / "w.caffemodel"))
+    code, _, err = run_cli(["test", "--model", str(net_file), "--weights", str(tmp_path / "w.caffemodel"),
+                            "--iterations", "2"], capsys)
+    assert code == 0, err
+    batches = [float(v) for v in re.findall(r"\] Batch \d, loss = ([\d.e+-]+)$", err, re.M)]
+    mean = re.search(r"\] loss = ([\d.e+-]+) \(\* 1 = ([\d.e+-]+) loss\)$", err, re.M)
+    assert len(batches) == 2 and mean, err
+    assert float(mean.group(1)) == pytest.approx(sum(batches) / 2, rel=1e-5)
