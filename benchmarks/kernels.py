@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import platform
 import statistics
 import sys
@@ -29,10 +28,9 @@ import numpy as np
 import minicaffe
 from minicaffe import backend
 from minicaffe.blob import Blob
-from minicaffe.commands.device_query import blas_info, cpu_model
-from minicaffe.commands.time import copy_bandwidth, forward_bytes, synchronize
 from minicaffe.layer import TEST, TRAIN
 from minicaffe.testing import layer_from_prototxt
+from minicaffe.timing import blas_info, copy_bandwidth, cpu_model, forward_bytes, synchronize, usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # markdown_section.py, beside this file
@@ -233,11 +231,7 @@ def format_row(row: dict) -> str:
 
 
 def machine() -> str:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    return (f"{cpu_model()}, {cores} cores usable, {platform.system()} {platform.machine()}; "
+    return (f"{cpu_model()}, {usable_cores()} cores usable, {platform.system()} {platform.machine()}; "
             f"numpy {np.__version__} with {blas_info().split(' (')[0]}; minicaffe {minicaffe.__version__}")
 
 

@@ -104,7 +104,7 @@ def train(model: str, work: Path, dbs: dict[str, Path], max_iter: int | None = N
 def quickstart(work: Path) -> dict:
     """`minicaffe quickstart` (the README's example), timed once its LMDBs are written."""
     folder = work / "quickstart"
-    from minicaffe.commands.quickstart import quickstart_solver
+    from minicaffe.example import quickstart_solver
 
     quickstart_solver(folder)  # writes the LMDBs
     log_path = folder / "train.log"
@@ -133,20 +133,12 @@ def test_accuracies(log_text: str) -> list[tuple[int, float]]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
     import numpy
 
-    return (f"{cpu}, {cores} cores, {platform.system()} {platform.machine()}, numpy {numpy.__version__}, "
-            "CPU mode")
+    from minicaffe.timing import cpu_model, usable_cores
+
+    return (f"{cpu_model()}, {usable_cores()} cores, {platform.system()} {platform.machine()}, "
+            f"numpy {numpy.__version__}, CPU mode")
 
 
 def table(results: list[dict], where: str) -> list[str]:

@@ -110,6 +110,12 @@ def _source(param_or_path, source: str | None) -> str:
     return source or "<SolverParameter>"
 
 
+def learned_net_path(state_file, learned_net: str) -> Path:
+    """The .caffemodel a .solverstate names: as written, else its file name beside the .solverstate."""
+    learned, beside = Path(learned_net), Path(state_file).parent / Path(learned_net).name
+    return beside if not learned.exists() and beside.exists() else learned
+
+
 def learning_rate(param: SolverParameter, iteration: int, current_step: int = 0) -> tuple[float, int]:
     """Caffe's GetLearningRate at `iteration`; returns (rate, current_step) (step/multistep move it)."""
     policy, base_lr, gamma = param.lr_policy, param.base_lr, param.gamma
@@ -228,19 +234,24 @@ class Solver:
             raise SolverError(f"{where}: snapshot, display and test_interval must be >= 0")
         self.check_rule_param()
 
-    def _path(self, name: str) -> Path:
-        """A path from the solver file: relative to the CWD (Caffe), else to the solver's folder."""
+    def _candidates(self, name: str) -> list[Path]:
+        """Where a relative path of the solver file may be: from the CWD (Caffe), from the solver's
+        folder, and its file name beside the solver (a path written relative to the repository root
+        while the solver is used from elsewhere, e.g. models/x/net.prototxt in models/x/solver.prototxt)."""
         path = Path(name)
-        if path.exists() or path.is_absolute() or self.base_dir is None:
-            return path
-        beside = self.base_dir / path
-        return beside if beside.exists() else path
+        if path.is_absolute() or self.base_dir is None:
+            return [path]
+        return list(dict.fromkeys([path, self.base_dir / path, self.base_dir / path.name]))
+
+    def _path(self, name: str) -> Path:
+        """The first of _candidates(name) that exists, else `name` as given."""
+        return next((path for path in self._candidates(name) if path.exists()), Path(name))
 
     def _read_net(self, name: str) -> caffe_pb2.NetParameter:
         path = self._path(name)
         if not path.exists():
-            raise SolverError(f"{self._where()}: net file '{name}' not found (looked in the current "
-                              f"folder{' and beside the solver' if self.base_dir is not None else ''})")
+            looked = ", ".join(f"'{candidate}'" for candidate in self._candidates(name))
+            raise SolverError(f"{self._where()}: net file '{name}' not found (looked for {looked})")
         return io.read_net_param(path)
 
     def _build_net(self, net_param: caffe_pb2.NetParameter, state: caffe_pb2.NetState,
@@ -491,8 +502,7 @@ class Solver:
         self.share_weights(net)
         iters = p.test_iter[test_net_id]
         first = self._test_pass() * iters
-        sums: list[np.ndarray] = []
-        loss = 0.0
+        outputs = OutputMeans(net)
         for i in range(iters):
             request = self._requested_action()
             if request == SNAPSHOT:
@@ -503,25 +513,13 @@ class Solver:
                 log.info("Test interrupted.", "solver.cpp:391")
                 return self.test_scores[test_net_id]
             net.forward_count = first + i
-            iter_loss = net.forward_range(0, len(net.layers) - 1)
-            if p.test_compute_loss:
-                loss += iter_loss
-            values = [backend.to_host(net.blobs[name].get_data()).astype(np.float64).ravel()
-                      for name in net.outputs]
-            sums = values if i == 0 else [s + v for s, v in zip(sums, values)]
+            outputs.add(net.forward_range(0, len(net.layers) - 1))
         if p.test_compute_loss:
-            log.info(f"Test loss: {log.fmt(loss / iters)}", "solver.cpp:398")
-        weights = net.blob_loss_weights
+            log.info(f"Test loss: {log.fmt(outputs.mean_loss())}", "solver.cpp:398")
         scores: OrderedDict[str, float] = OrderedDict()
-        index = 0
-        for name, total in zip(net.outputs, sums):
-            weight = weights.get(name, 0.0)
-            for k, value in enumerate(total):
-                mean = float(value) / iters
-                tail = f" (* {log.fmt(weight)} = {log.fmt(weight * mean)} loss)" if weight else ""
-                log.info(f"    Test net output #{index}: {name} = {log.fmt(mean)}{tail}", "solver.cpp:414")
-                scores[name if len(total) == 1 else f"{name}[{k}]"] = mean
-                index += 1
+        for index, (key, mean, text) in enumerate(outputs.results()):
+            log.info(f"    Test net output #{index}: {text}", "solver.cpp:414")
+            scores[key] = mean
         self.test_scores[test_net_id] = scores
         return scores
 
@@ -625,10 +623,7 @@ class Solver:
                 f"{state_file}: has {len(state.history)} history blobs, the {self.type} solver of this net "
                 f"needs {len(self.history)} (a state of another net or solver type?)")
         if state.HasField("learned_net"):
-            learned = Path(state.learned_net)
-            if not learned.exists() and (state_file.parent / learned.name).exists():
-                learned = state_file.parent / learned.name
-            self.net.copy_from(learned)
+            self.net.copy_from(learned_net_path(state_file, state.learned_net))
         for i, (blob, proto) in enumerate(zip(self.history, state.history)):
             try:
                 blob.from_proto(proto, reshape=False, where=f"{state_file}: history blob {i}")
@@ -780,6 +775,44 @@ def _copy(net_param: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net_param)
     return out
+
+
+class OutputMeans:
+    """The means of a net's outputs over test batches, as Solver::Test and `caffe test` score a net:
+    ``add(loss)`` after each forward pass; ``results()`` then gives Caffe's lines
+    ``name = mean`` (with `` (* weight = weighted loss)`` for loss outputs)."""
+
+    def __init__(self, net: Net):
+        self.net = net
+        self.batches = 0
+        self.loss = 0.0
+        self.sums: list[np.ndarray] = []
+
+    def add(self, loss: float) -> list[np.ndarray]:
+        """Count one forward pass (its loss); returns this batch's outputs (flat float64 arrays)."""
+        values = [backend.to_host(self.net.blobs[name].get_data()).astype(np.float64).ravel()
+                  for name in self.net.outputs]
+        self.sums = values if not self.batches else [s + v for s, v in zip(self.sums, values)]
+        self.loss += loss
+        self.batches += 1
+        return values
+
+    def mean_loss(self) -> float:
+        return self.loss / max(self.batches, 1)
+
+    def results(self) -> list[tuple[str, float, str]]:
+        """(key, mean, Caffe's log text) per output value; the key is the output's name, or name[k]
+        for an output of several values."""
+        weights = self.net.blob_loss_weights
+        out = []
+        for name, total in zip(self.net.outputs, self.sums):
+            weight = weights.get(name, 0.0)
+            for k, value in enumerate(total):
+                mean = float(value) / self.batches
+                tail = f" (* {log.fmt(weight)} = {log.fmt(weight * mean)} loss)" if weight else ""
+                key = name if len(total) == 1 else f"{name}[{k}]"
+                out.append((key, mean, f"{name} = {log.fmt(mean)}{tail}"))
+        return out
 
 
 __all__ = ["AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "NesterovSolver", "RMSPropSolver", "SGDSolver",

@@ -604,18 +604,18 @@ def test_hdf5_data_gpu_equals_cpu(fake_cupy, tmp_path):
 
 @pytest.fixture(scope="module")
 def quickstart_work(tmp_path_factory) -> Path:
-    from minicaffe.commands import quickstart
+    from minicaffe import example
 
     folder = tmp_path_factory.mktemp("quickstart_gpu")
-    quickstart.quickstart_solver(folder)
+    example.quickstart_solver(folder)
     return folder
 
 
 def short_solver(folder: Path, work: Path, name: str) -> Path:
     """The quickstart solver cut to 20 iterations (test and snapshot every 10)."""
-    from minicaffe.commands import quickstart
+    from minicaffe import example
 
-    param = io.read_solver_param(quickstart.data_dir() / quickstart.SOLVER_FILE)
+    param = io.read_solver_param(example.data_dir() / example.SOLVER_FILE)
     param.net = str(work / "digits_train_test.prototxt")
     param.max_iter, param.snapshot, param.display, param.test_interval = 20, 10, 10, 10
     param.test_iter[:] = [1]

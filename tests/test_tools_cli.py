@@ -154,6 +154,7 @@ def test_summary_lenet_hand_checked(capsys, lenet):
     assert code == 0, err
     assert "conv1 (Convolution)" in out and "conv1 1x20x24x24" in out and "ip1 1x500 (in place)" in out
     assert "Total params: 431,080" in out
+    assert "LeNet  (9 layers, float32)" in out and "automatic" not in out
 
 
 def test_summary_lenet_prelu_train_phase(capsys, lenet_prelu, tmp_path, monkeypatch):
@@ -164,6 +165,22 @@ def test_summary_lenet_prelu_train_phase(capsys, lenet_prelu, tmp_path, monkeypa
     assert "mnist (DummyData)" in out and "data 64x1x28x28" in out and "label 64" in out
     assert "prelu1 (PReLU)" in out
     assert "Total params: 431,580" in out  # LeNet + 500 slopes
+
+
+def test_summary_lists_the_automatic_splits(capsys, lenet_prelu, tmp_path, monkeypatch):
+    """The header's layer count is the number of rows: the Splits the net inserts are listed, marked."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, "summary", "--model", lenet_prelu, "--phase", "TEST", "--dummy-data",
+                         "1,28,28")
+    assert code == 0, err
+    count, automatic = re.search(r"\((\d+) layers, (\d+) of them automatic Splits, float32\)", out).groups()
+    lines = out.splitlines()
+    rule = lines[1]
+    rows = [line for line in lines[4:lines.index(rule, 4)] if not line.startswith(" ")]
+    assert len(rows) == int(count)
+    splits = [row.split()[0] for row in rows if "(Split, automatic)" in row]
+    # label feeds accuracy and loss, ip2 feeds accuracy and loss.
+    assert splits == ["label_mnist_1_split", "ip2_ip2_0_split"] and int(automatic) == 2
 
 
 def test_dummy_data_takes_the_shape_from_an_existing_database(capsys, tmp_path):

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from minicaffe import cli, io
-from minicaffe.commands import quickstart
+from minicaffe import cli, example, io
 from minicaffe.proto import caffe_pb2
 
 GLOG = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [a-z_]+\.cpp:\d+\] ")
@@ -22,13 +21,13 @@ GLOG = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [a-z_]+\.cpp:\d+\] ")
 def work(tmp_path_factory) -> Path:
     """The quickstart's LMDBs and its net with resolved data paths (digits_train_test.prototxt)."""
     folder = tmp_path_factory.mktemp("quickstart")
-    quickstart.quickstart_solver(folder)
+    example.quickstart_solver(folder)
     return folder
 
 
 def write_solver(folder: Path, work: Path, name: str = "solver", **fields) -> Path:
     """A short version of the quickstart solver, with the net file of `work`."""
-    param = io.read_solver_param(quickstart.data_dir() / quickstart.SOLVER_FILE)
+    param = io.read_solver_param(example.data_dir() / example.SOLVER_FILE)
     param.net = str(work / "digits_train_test.prototxt")
     values = dict(max_iter=40, snapshot=20, display=10, test_interval=20, snapshot_prefix=str(folder / name))
     values.update(fields)
@@ -54,7 +53,7 @@ def minicaffe_process(args: list[str], **kwargs):
 
 
 def test_quickstart_trains_and_reports_accuracy(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(quickstart, "default_work_dir", lambda: tmp_path / "qs")
+    monkeypatch.setattr(example, "default_work_dir", lambda: tmp_path / "qs")
     code, out, err = run_cli(["train", "--solver", "quickstart"], capsys)
     assert code == 0, err
     accuracy = float(re.search(r"Final test accuracy: ([\d.]+)% on 297 test images after 600 iterations",
@@ -210,3 +209,94 @@ def test_bad_input_gives_a_one_line_error(args, message, work, tmp_path, capsys)
     assert lines[-1].startswith(f"minicaffe {args[0]}: error: ")
     assert message in lines[-1]
     assert all(GLOG.match(line) for line in lines[:-1])  # only log lines before the error line
+
+
+NET_BESIDE = """
+name: "beside"
+layer { name: "data" type: "DummyData" top: "x" top: "t"
+        dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 1 }
+                           data_filler { type: "gaussian" } data_filler { type: "gaussian" } } }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y"
+        inner_product_param { num_output: 1 weight_filler { type: "gaussian" } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }
+"""
+
+
+def test_solver_from_another_folder_finds_its_net(tmp_path, monkeypatch, capsys):
+    """A solver whose net path is relative to the repository root (as models/*/solver.prototxt), used from
+    another folder: the net is found beside the solver by its file name."""
+    folder = tmp_path / "repo" / "models" / "beside"
+    folder.mkdir(parents=True)
+    (folder / "net.prototxt").write_text(NET_BESIDE)
+    (folder / "solver.prototxt").write_text(f"""
+        net: "models/beside/net.prototxt"
+        base_lr: 0.01 lr_policy: "fixed" max_iter: 2 display: 1
+        snapshot_prefix: "{tmp_path / 'out' / 'beside'}"
+    """)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run_cli(["train", "--solver", str(folder / "solver.prototxt")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "out" / "beside_iter_2.caffemodel").is_file()
+    # From the repository root the path works as written (Caffe's rule), and from inside the folder too.
+    for cwd in (tmp_path / "repo", folder):
+        monkeypatch.chdir(cwd)
+        code, _, err = run_cli(["train", "--solver", str(folder / "solver.prototxt")], capsys)
+        assert code == 0, err
+    # A net that is nowhere: the error lists where it was looked for.
+    (folder / "net.prototxt").unlink()
+    code, _, err = run_cli(["train", "--solver", str(folder / "solver.prototxt")], capsys)
+    assert code == 1
+    assert "net file 'models/beside/net.prototxt' not found" in err and str(folder / "net.prototxt") in err
+
+
+def test_shipped_lenet_prelu_solver_from_another_folder(tmp_path, monkeypatch, capsys):
+    """models/lenet_prelu/solver.prototxt from elsewhere: the net is found; what is missing there is the
+    MNIST database (relative to the current folder, as in Caffe)."""
+    solver = Path(__file__).resolve().parents[1] / "models" / "lenet_prelu" / "solver.prototxt"
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["train", "--solver", str(solver)], capsys)
+    assert code == 1
+    assert "not found" not in err and "examples/mnist/mnist_train_lmdb" in err
+    assert "Creating training net from net models/lenet_prelu/train_test.prototxt" in err
+
+
+def test_gpu_values_and_quiet_device_selection(capsys):
+    from minicaffe.commands import common
+
+    assert common.parse_gpu(None) is None
+    assert common.parse_gpu("0") == [0] and common.parse_gpu("1,0") == [1, 0] and common.parse_gpu(2) == [2]
+    for bad in ("x", "", "-1", "0,a"):
+        with pytest.raises(ValueError, match="--gpu: give a GPU id"):
+            common.parse_gpu(bad)
+    assert common.use_device(None) is None
+    assert "] Use CPU." in capsys.readouterr().err
+    assert common.use_device(None, quiet=True) is None
+    assert capsys.readouterr().err == ""
+    # The same flag everywhere: a bad value is the same one-line error, before any work is done.
+    for command in (["train", "--solver", "quickstart"], ["time", "--model", "m"], ["quickstart"],
+                    ["device_query"]):
+        code, _, err = run_cli([*command, "--gpu", "x"], capsys)
+        assert code == 1 and err.strip().splitlines()[-1] == \
+            f"minicaffe {command[0]}: error: --gpu: give a GPU id (0), a list (0,1) or 'all', got 'x'"
+
+
+def test_test_command_scores_as_the_solver(tmp_path, capsys):
+    """`minicaffe test` logs the solver's test scores: the loss weight of a loss blob that a later
+    in-place layer rewrites is kept (that layer has no loss weight of its own)."""
+    import minicaffe as caffe
+
+    net_file = tmp_path / "net.prototxt"
+    net_file.write_text(NET_BESIDE + """
+layer { name: "same" type: "Power" bottom: "loss" top: "loss" power_param { power: 1 } }
+""")
+    net = caffe.Net(str(net_file), caffe.TEST)
+    net.save(str(tmp_path / "w.caffemodel"))
+    code, _, err = run_cli(["test", "--model", str(net_file), "--weights", str(tmp_path / "w.caffemodel"),
+                            "--iterations", "2"], capsys)
+    assert code == 0, err
+    batches = [float(v) for v in re.findall(r"\] Batch \d, loss = ([\d.e+-]+)$", err, re.M)]
+    mean = re.search(r"\] loss = ([\d.e+-]+) \(\* 1 = ([\d.e+-]+) loss\)$", err, re.M)
+    assert len(batches) == 2 and mean, err
+    assert float(mean.group(1)) == pytest.approx(sum(batches) / 2, rel=1e-5)

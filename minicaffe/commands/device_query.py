@@ -2,7 +2,7 @@
 
 Without --gpu: the CPU (model, cores), numpy's BLAS (used for GEMM), the host compiler and flags that
 build the kernels and where they are cached, and whether CuPy and a GPU are usable. With --gpu N: the
-GPU's properties, as Caffe's device_query prints them (needs CuPy)."""
+GPU's properties, as Caffe's device_query prints them (needs CuPy); with a list or 'all', of each."""
 
 from __future__ import annotations
 
@@ -15,32 +15,12 @@ import subprocess
 import numpy as np
 
 from .. import kernel
+from ..timing import blas_info, cpu_model, usable_cores
+from .common import add_gpu_argument, parse_gpu
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gpu", type=int, default=None, help="GPU id to query (default: the CPU)")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def blas_info() -> str:
-    try:
-        config = np.show_config(mode="dicts")
-        blas = config["Build Dependencies"]["blas"]
-        text = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
-        detail = blas.get("openblas configuration")
-        return f"{text} ({detail})" if detail else text
-    except Exception:  # older numpy: no dict mode; the information is only informative
-        return "unknown (numpy.show_config() for details)"
+    add_gpu_argument(parser)
 
 
 def compiler_info() -> tuple[str, str]:
@@ -105,10 +85,6 @@ def gpu_status() -> str:
 def cpu_fields() -> list[tuple[str, object]]:
     compiler, version = compiler_info()
     try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count()
-    try:
         cache = str(kernel.cache_dir())
     except OSError as error:
         cache = f"unavailable ({error})"
@@ -117,7 +93,7 @@ def cpu_fields() -> list[tuple[str, object]]:
         ("Name", cpu_model()),
         ("Machine", f"{platform.system()} {platform.machine()}"),
         ("Cores (logical)", os.cpu_count()),
-        ("Cores usable by this process", usable),
+        ("Cores usable by this process", usable_cores()),
         ("numpy", np.__version__),
         ("BLAS (GEMM)", blas_info()),
         ("Kernel compiler", compiler),
@@ -131,8 +107,12 @@ def cpu_fields() -> list[tuple[str, object]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    fields = cpu_fields() if args.gpu is None else gpu_properties(args.gpu)
-    width = max(len(name) for name, _ in fields) + 2
-    for name, value in fields:
-        print(f"{name + ':':<{width}}{value}")
+    ids = parse_gpu(args.gpu)
+    devices = [cpu_fields()] if ids is None else [gpu_properties(i) for i in ids]
+    for k, fields in enumerate(devices):
+        if k:
+            print()
+        width = max(len(name) for name, _ in fields) + 2
+        for name, value in fields:
+            print(f"{name + ':':<{width}}{value}")
     return 0

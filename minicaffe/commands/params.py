@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .. import inspect
+from .. import inspect, param_format
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="net prototxt (optional: with --weights alone the layers, types "
                                         "and blobs are read straight from the .caffemodel)")
-    parser.add_argument("--weights", help=".caffemodel or snapshot to read the parameters from")
+    parser.add_argument("--weights", help=".caffemodel to read the parameters from (or a .solverstate "
+                                          "snapshot: its .caffemodel)")
     parser.add_argument("--layer", metavar="GLOB", help="only layers whose name matches (e.g. 'prelu*', "
                                                         "any case)")
     parser.add_argument("--type", dest="layer_type", metavar="TYPE", help="only layers of this type "
@@ -33,7 +34,8 @@ def selected_params(args: argparse.Namespace) -> list[inspect.LayerParams]:
 
 def run(args: argparse.Namespace) -> int:
     stats = inspect.param_stats(selected_params(args), values=args.values)
-    formatter = {"table": inspect.format_table, "csv": inspect.format_csv, "json": inspect.format_json}
+    formatter = {"table": param_format.format_table, "csv": param_format.format_csv,
+                 "json": param_format.format_json}
     text = formatter[args.format](stats)
     print(text, end="" if text.endswith("\n") else "\n")
     return 0

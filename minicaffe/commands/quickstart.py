@@ -1,89 +1,26 @@
-"""minicaffe quickstart: train the embedded example (the same as `minicaffe train --solver quickstart`).
-
-The example is a small conv net with PReLU (minicaffe/data/digits_train_test.prototxt, solver
-digits_solver.prototxt) on scikit-learn's 8x8 handwritten digits, which ship inside scikit-learn: no
-download. On first use the digits are written as LMDBs of Caffe Datum records into a working folder
-($MINICAFFE_CACHE_DIR/quickstart, default ~/.cache/minicaffe/quickstart, or --work-dir); the trained
-model and the net with its resolved data paths are written there too.
-"""
+"""minicaffe quickstart: train the embedded example, exactly as `minicaffe train --solver quickstart`
+(see minicaffe.example: a small conv net on scikit-learn's 8x8 digits, converted to LMDB on first use)."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import TextIO
 
-from .. import io, log
-from ..datasets import digits_lmdb
-from ..kernel import cache_root
-from ..layer import TRAIN
-from ..proto import caffe_pb2
-from ..solver import Solver, read_solver
-
-SOLVER_FILE = "digits_solver.prototxt"
-
-
-def data_dir() -> Path:
-    """The package's embedded prototxt folder (minicaffe/data)."""
-    return Path(__file__).resolve().parent.parent / "data"
-
-
-def default_work_dir() -> Path:
-    return cache_root() / "quickstart"
-
-
-def quickstart_solver(work_dir=None) -> tuple[caffe_pb2.SolverParameter, Path]:
-    """The quickstart's SolverParameter (net inline, data sources and snapshot_prefix in `work_dir`),
-    writing the digits LMDBs first if needed; returns (param, folder of the embedded files)."""
-    work = Path(work_dir) if work_dir is not None else default_work_dir()
-    work.mkdir(parents=True, exist_ok=True)
-    train_db, test_db = digits_lmdb(work)
-    param = read_solver(data_dir() / SOLVER_FILE)
-    net = io.read_net_param(data_dir() / param.net)
-    for layer in net.layer:
-        if layer.type == "Data":
-            train = any(rule.phase == TRAIN for rule in layer.include)
-            layer.data_param.source = str((train_db if train else test_db).resolve())
-    # The net with its real data paths, for `minicaffe test --model ... --weights ...` afterwards.
-    io.write_text(work / "digits_train_test.prototxt", net)
-    param.ClearField("net")
-    param.net_param.CopyFrom(net)
-    param.snapshot_prefix = str(work / "digits")
-    return param, data_dir()
-
-
-def report(solver: Solver, stream: TextIO) -> None:
-    """The outcome on stdout: final test accuracy, and where the model is."""
-    scores = solver.test_scores[0] if solver.test_scores else {}
-    work = Path(solver.param.snapshot_prefix).parent
-    model = solver.snapshot_filename(".caffemodel")
-    test_images = solver.param.test_iter[0] * solver.test_nets[0].blobs["data"].shape[0]
-    if "accuracy" in scores:
-        stream.write(f"Final test accuracy: {100 * scores['accuracy']:.1f}% on {test_images} test images "
-                     f"after {solver.iter} iterations\n")
-    stream.write(f"Model: {model}\n")
-    stream.write(f"Check it: minicaffe test --model {work / 'digits_train_test.prototxt'} "
-                 f"--weights {model} --iterations {solver.param.test_iter[0]}\n")
-    stream.flush()
+from ..example import default_work_dir
+from . import common, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", "--work_dir", dest="work_dir", default=None,
                         help=f"folder for the LMDBs and the trained model (default {default_work_dir()})")
-    parser.add_argument("--gpu", default=None, help="GPU id to train on (default: the CPU)")
+    common.add_gpu_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from .train import SignalHandler, use_device
-
-    use_device(args.gpu)
-    param, base_dir = quickstart_solver(args.work_dir)
-    solver = Solver(param, base_dir=base_dir, source="quickstart")
-    with SignalHandler("stop", "snapshot") as handler:
-        solver.set_action_function(handler.action)
-        log.info("Starting Optimization", "caffe.cpp:263")
-        solver.solve()
-    report(solver, sys.stdout)
-    return 0
+    parser = argparse.ArgumentParser(prog="minicaffe train")
+    train.add_arguments(parser)
+    argv = ["--solver", train.QUICKSTART]
+    if args.work_dir is not None:
+        argv += ["--work-dir", str(args.work_dir)]
+    if args.gpu is not None:
+        argv += ["--gpu", str(args.gpu)]
+    return train.run(parser.parse_args(argv))

@@ -1,9 +1,11 @@
 """`minicaffe summary`: every layer with its type, top shapes, parameter count and memory (as Keras'
 ``model.summary()``).
 
-Activation memory is the data of the blobs a layer creates (its tops; an in-place top reuses its bottom
-and adds nothing); training needs as much again for the diffs. Parameter memory is the data of the
-parameter blobs, shared parameters counted once in the totals.
+Activation memory is the data of the blobs a layer creates (its tops; a top that shares its bottom's
+memory, in place or as a Split's, Flatten's or Reshape's, adds nothing); training needs as much again for
+the diffs. Parameter memory is the data of the parameter blobs, shared parameters counted once in the
+totals. The Split layers the net inserts where a blob feeds several layers (Caffe's InsertSplits) are
+listed too, marked "automatic".
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ def human_bytes(n: int) -> str:
     return f"{n:.1f} GB"
 
 
+def memory_address(blob) -> int:
+    """Where a blob's data starts (numpy or CuPy): blobs sharing their data share it."""
+    array = blob.get_data()
+    return array.ctypes.data if isinstance(array, np.ndarray) else array.data.ptr
+
+
 def summarize(net) -> dict:
     """Per-layer rows and totals of a built Net."""
     rows = []
@@ -49,11 +57,12 @@ def summarize(net) -> dict:
         for name, blob in zip(net.top_names[i], net.top_vecs[i]):
             in_place = any(blob is b for b in bottoms)
             tops.append((name, blob.shape, in_place))
-            # Split tops (and in-place tops) share memory that is already counted.
-            memory = id(blob._data)
+            # In-place tops, Split, Flatten and Reshape tops share memory that is already counted.
+            memory = memory_address(blob)
             if memory not in seen_blobs:
                 activation += blob.count * blob.dtype.itemsize
-            seen_blobs.add(memory)
+            if blob.count:  # an empty blob has no memory of its own to share
+                seen_blobs.add(memory)
         count = sum(blob.count for blob in layer.blobs)
         param_bytes = sum(blob.count * blob.dtype.itemsize for blob in layer.blobs)
         for blob in layer.blobs:
@@ -65,10 +74,10 @@ def summarize(net) -> dict:
             if learnable.get(id(blob), False):
                 totals["trainable"] += blob.count
         totals["activation_bytes"] += activation
-        if layer.type == "Split" and layer.name not in user_layers:
-            continue  # inserted by the net where a blob feeds several layers; not part of the model
-        rows.append({"name": net._layer_names[i], "type": layer.type, "tops": tops, "params": count,
-                     "activation_bytes": activation, "param_bytes": param_bytes})
+        # Splits inserted by the net where a blob feeds several layers are not in the prototxt.
+        automatic = layer.type == "Split" and layer.name not in user_layers
+        rows.append({"name": net._layer_names[i], "type": layer.type, "automatic": automatic, "tops": tops,
+                     "params": count, "activation_bytes": activation, "param_bytes": param_bytes})
     return {"rows": rows, **totals}
 
 
@@ -80,13 +89,16 @@ def format_summary(net, info: dict) -> str:
     for row in info["rows"]:
         tops = [f"{name} {shape_text(shape)}" + (" (in place)" if in_place else "")
                 for name, shape, in_place in row["tops"]] or ["-"]
-        first = [f"{row['name']} ({row['type']})", tops[0], f"{row['params']:,}",
+        kind = f"{row['type']}, automatic" if row["automatic"] else row["type"]
+        first = [f"{row['name']} ({kind})", tops[0], f"{row['params']:,}",
                  human_bytes(row["activation_bytes"]), human_bytes(row["param_bytes"])]
         table.append(first)
         table.extend(["", top, "", "", ""] for top in tops[1:])
     widths = [max(len(r[c]) for r in table) for c in range(5)]
     rule = "=" * (sum(widths) + 2 * 4)
-    lines = [f"Net: {net.name or '(unnamed)'}  ({len(net.layers)} layers, {np.dtype(net.dtype).name})", rule]
+    automatic = sum(row["automatic"] for row in info["rows"])
+    count = f"{len(info['rows'])} layers" + (f", {automatic} of them automatic Splits" if automatic else "")
+    lines = [f"Net: {net.name or '(unnamed)'}  ({count}, {np.dtype(net.dtype).name})", rule]
     for k, r in enumerate(table):
         lines.append("  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1])] +
                                [cell.rjust(w) for cell, w in zip(r[2:], widths[2:])]).rstrip())
