@@ -190,6 +190,7 @@ CASES = {
     "absval": Case('type: "AbsVal"', [X]),
     "power": Case('type: "Power" power_param { power: 2 scale: 0.5 shift: 1.5 }', [X]),
     "power_in_place": Case('type: "Power" power_param { power: 3 scale: -1 }', [X], in_place=True),
+    "power_linear": Case('type: "Power" power_param { power: 1 scale: 2 shift: -0.5 }', [X]),
     "power_constant": Case('type: "Power" power_param { power: 0.5 scale: 0 shift: 4 }', [X], kernels=False),
     "dropout_train": Case('type: "Dropout" dropout_param { dropout_ratio: 0.3 }', [X],
                           phase=minicaffe.TRAIN),
@@ -221,8 +222,12 @@ CASES = {
                             'filler { type: "gaussian" } bias_filler { type: "gaussian" } }', [X]),
     "scale_two_bottoms": Case('type: "Scale" scale_param { axis: 1 }', [X, (3, 5)]),
     "scale_in_place": Case('type: "Scale" scale_param { filler { type: "gaussian" } }', [X], in_place=True),
+    "scale_trailing_axes": Case('type: "Scale" scale_param { axis: 2 num_axes: 2 '
+                                'filler { type: "gaussian" } }', [X]),  # inner 1: the _rows kernels
     "bias": Case('type: "Bias" bias_param { filler { type: "gaussian" } }', [X]),
     "bias_two_bottoms": Case('type: "Bias" bias_param { axis: 0 }', [X, (2, 3)]),
+    "bias_trailing_axes": Case('type: "Bias" bias_param { axis: 2 num_axes: 2 filler { type: "gaussian" } }',
+                               [X]),
     "eltwise_sum": Case('type: "Eltwise" eltwise_param { operation: SUM coeff: 0.5 coeff: -2 coeff: 1 }',
                         [X, X, X]),
     "eltwise_prod": Case('type: "Eltwise" eltwise_param { operation: PROD }', [X, X, X]),
