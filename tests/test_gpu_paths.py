@@ -25,7 +25,7 @@ import pytest
 import minicaffe
 from minicaffe import backend, io
 from minicaffe.blob import Blob
-from minicaffe.kernel import KernelFile, gpu_options
+from minicaffe.kernel import KernelError, KernelFile, gpu_options
 from minicaffe.net import Net
 from minicaffe.proto import caffe_pb2
 from minicaffe.solver import Solver
@@ -340,6 +340,38 @@ def test_launch_grids_stay_within_cuda_limits(fake_cupy):
         cpu = run_case(case, np.float32, gpu=False, cupy=fake_cupy)
         assert_same(run_case(case, np.float32, gpu=True, cupy=fake_cupy), cpu)
         assert (kernel, grid, (256,)) in fake_cupy.launches
+
+
+def test_counts_past_32_bits_are_refused_alike_on_both_devices(fake_cupy):
+    """ctypes would wrap 2^31 to a negative count (the CPU kernel would do nothing), np.int32 would raise
+    OverflowError on the GPU: the launcher refuses such counts first, with the same message for both."""
+    relu, dropout = KernelFile("relu.cu"), KernelFile("dropout.cu")
+    messages = []
+    for xp in (np, fake_cupy):
+        x, y = xp.zeros(4, np.float32), xp.zeros(4, np.float32)
+        mask = xp.zeros(4, np.float32)
+        errors = []
+        for launch in (lambda: relu.relu_forward(2**31, x, y, 0.0, extents=4),
+                       lambda: relu.relu_forward(4, x, y, 0.0, extents=(1, 2**31)),
+                       lambda: relu.relu_forward(4, x, y, 0.0, extents=(2**31, 4)),
+                       lambda: dropout.dropout_forward(4, x, y, mask, 2**32, 0, 0.5, 2.0, extents=4),
+                       lambda: dropout.dropout_forward(4, x, y, mask, -1, 0, 0.5, 2.0, extents=4)):
+            with pytest.raises(KernelError) as error:
+                launch()
+            errors.append(str(error.value))
+        messages.append(errors)
+        assert fake_cupy.launches == []
+    assert messages[0] == messages[1]
+    assert messages[0][0].startswith("relu.cu:relu_forward argument 0 (count) = 2147483648 is outside the "
+                                     "kernel's int range -2147483648..2147483647")
+    assert "relu.cu:relu_forward extents[1] (inner) = 2147483648" in messages[0][1]
+    assert "relu.cu:relu_forward extents[0] (planes) = 2147483648" in messages[0][2]
+    assert "dropout.cu:dropout_forward argument 4 (key) = 4294967296 is outside the kernel's uint range" \
+        in messages[0][3]
+    assert "argument 4 (key) = -1" in messages[0][4]
+    # the largest counts that fit still launch
+    x, y = np.zeros(4, np.float32), np.zeros(4, np.float32)
+    relu.relu_forward(4, x, y, 0.0, extents=(2**31 - 1, 4))
 
 
 @pytest.mark.parametrize("text, labels, message", [
