@@ -81,7 +81,7 @@ def on_device(array) -> bool:
 def assert_same(gpu: dict, cpu: dict) -> None:
     assert gpu.keys() == cpu.keys()
     for key in cpu:
-        np.testing.assert_allclose(gpu[key], cpu[key], rtol=1e-6, atol=0, err_msg=key)
+        np.testing.assert_array_equal(gpu[key], cpu[key], err_msg=key, strict=True)
 
 
 # -- the fake itself: as strict as CuPy, no stricter ---------------------------------------------------
@@ -126,6 +126,16 @@ def test_fake_allows_what_cupy_allows(fake_cupy):
         dev.set(np.zeros((2, 3)))  # float64 into float32
 
 
+def test_fake_fresh_memory_is_garbage(fake_cupy):
+    """cupy.empty memory holds whatever was there: the fake makes reads of unwritten memory show."""
+    cp = fake_cupy
+    for fresh in (cp.empty((2, 3), np.float32), cp.empty_like(cp.zeros(4)), cp.ndarray((3,), np.float64)):
+        assert np.isnan(fresh.get()).all()
+    ints = cp.empty(64, np.int32).get()
+    assert (ints != 0).all() and len(set(ints.tolist())) > 1
+    assert (cp.zeros(3).get() == 0).all()
+
+
 def test_fake_kernel_launch_checks(fake_cupy):
     relu = KernelFile("relu.cu")
     module = fake_cupy.RawModule(code=relu.source, options=gpu_options("float"))
@@ -138,6 +148,9 @@ def test_fake_kernel_launch_checks(fake_cupy):
            ((1, 1), (256,), (np.int32(2), x, y, 0.5)),
            ((1, 1), (256,), (np.int32(2), x, y, np.float64(0.5))),  # double into a float build
            ((1, 1), (256,), (np.int64(2), x, y, np.float32(0.5))),
+           ((1, 1), (256,), (np.int64(2**31), x, y, np.float32(0.5))),  # a 64-bit count
+           ((1, 1), (256,), (np.uint32(2), x, y, np.float32(0.5))),
+           ((2**31, 1), (256,), (np.int32(2), x, y, np.float32(0.5))),
            ((1, 1), (256,), (np.int32(2), x.get(), y, np.float32(0.5))),  # host array
            ((1, 1), (256,), (np.int32(2), x.astype(np.float64), y, np.float32(0.5))),
            ((1, 1), (256,), (np.int32(2), x, y)),
