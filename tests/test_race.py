@@ -149,3 +149,10 @@ def test_grid_stride_step_does_not_overflow(tmp_path):
     assert build.returncode == 0, build.stderr
     run = subprocess.run([str(tmp_path / "grid_stride")], capture_output=True, text=True, timeout=60)
     assert run.stdout.split() == ["1", "1"]
+
+
+def test_gpu_check_script_parses():
+    """benchmarks/gpu_check.sh runs only on a machine with a GPU; here it must at least parse."""
+    result = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
