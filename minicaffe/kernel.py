@@ -18,7 +18,8 @@ Integer arguments and loop extents must fit the kernels' 32-bit ints: a launch w
 more is refused on both devices (KernelError naming the file, kernel, argument and value) rather than
 wrapped to a negative count by ctypes or refused later by CuPy.
 
-With MINICAFFE_RACECHECK=1 the CPU launches run the race-check build instead (see `race_check`).
+With MINICAFFE_RACECHECK=1 (or =spread) the CPU launches run the race-check build instead (see
+`race_grid`).
 """
 
 from __future__ import annotations
@@ -44,11 +45,12 @@ GPU_BLOCK = 256
 GPU_MAX_GRID_X = 4096
 GPU_MAX_GRID_Y = 65535
 INT_RANGES = {"int": (-2**31, 2**31 - 1), "uint": (0, 2**32 - 1)}
-# The race-check build's emulated GPU: the GPU's grid formula (`grid_for`) with a smaller block and
-# caps, so that a launch is a few hundred OS threads and the grid-stride loops still stride.
+# The race-check build's emulated GPU: the GPU's grid formula (`grid_for`) with a smaller block and,
+# for MINICAFFE_RACECHECK=1, small caps, so that a launch is at most 256 OS threads and the grid-stride
+# loops stride; for =spread, no caps: every (plane, inner) iteration is a thread of its own, so no two
+# iterations share a thread and escape the check (for small test shapes only).
 RACE_BLOCK = 4
-RACE_MAX_GRID_X = 4
-RACE_MAX_GRID_Y = 16
+RACE_MAX_GRID = {"1": (4, 16), "spread": (2**31 - 1, 65535)}
 RACE_FLAGS = ["-O1", "-g", "-fPIC", "-shared", "-fsanitize=thread", "-std=c++14", "-DMC_RACECHECK",
               "-DMC_NO_MVEC"]
 
@@ -139,12 +141,13 @@ def grid_for(extents: tuple[int, int], block: int, max_x: int, max_y: int) -> tu
     return min((inner + block - 1) // block, max_x), min(planes, max_y)
 
 
-def race_check() -> bool:
-    """True when MINICAFFE_RACECHECK=1: CPU launches then run the race-check build, the kernel source
-    compiled with the GPU's grid-stride loops (kernels/shim.h, MC_RACECHECK) under ThreadSanitizer, each
-    emulated GPU thread an OS thread. The process must have libtsan preloaded (LD_PRELOAD); a race is
-    reported, and with TSAN_OPTIONS=halt_on_error=1 ends the process."""
-    return os.environ.get("MINICAFFE_RACECHECK") == "1"
+def race_grid() -> tuple[int, int] | None:
+    """The race check's grid caps (x, y) when MINICAFFE_RACECHECK is 1 or spread (see RACE_MAX_GRID), else
+    None. With it, CPU launches run the race-check build: the kernel source compiled with the GPU's
+    grid-stride loops (kernels/shim.h, MC_RACECHECK) under ThreadSanitizer, each emulated GPU thread an
+    OS thread. The process must have libtsan preloaded (LD_PRELOAD); a race is reported, and with
+    TSAN_OPTIONS=halt_on_error=1 ends the process."""
+    return RACE_MAX_GRID.get(os.environ.get("MINICAFFE_RACECHECK", ""))
 
 
 class KernelFile:
@@ -233,10 +236,11 @@ class KernelFile:
                 c_args.append(ctypes.c_uint(int(arg)))
             else:
                 c_args.append(ctypes.c_float(arg) if real == np.float32 else ctypes.c_double(arg))
-        if not race_check():
+        caps = race_grid()
+        if caps is None:
             getattr(self._cpu_library(real), name)(*c_args)
         elif min(extents) > 0:
-            grid = grid_for(extents, RACE_BLOCK, RACE_MAX_GRID_X, RACE_MAX_GRID_Y)
+            grid = grid_for(extents, RACE_BLOCK, *caps)
             getattr(self._race_library(real), "mc_race_" + name)(*grid, RACE_BLOCK, *c_args)
 
     def _launch_gpu(self, name, extents, kinds, args, real) -> None:
@@ -286,7 +290,7 @@ class KernelFile:
 
     def build_cpu(self, ctype: str, race_check: bool = False) -> Path:
         """Compile for the host (cached); returns the shared library's path. With `race_check`, the
-        race-check build (see `race_check()`): GPU loops, one thread per GPU thread, ThreadSanitizer."""
+        race-check build (see `race_grid()`): GPU loops, one thread per GPU thread, ThreadSanitizer."""
         shim = (self.path.parent / "shim.h").read_text()
         source = self.source + (self.race_wrappers() if race_check else "")
         flags = (RACE_FLAGS if race_check else CPU_FLAGS) + [f"-DMC_REAL={ctype}"]

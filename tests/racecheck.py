@@ -1,8 +1,8 @@
 """Runs every layer case of the GPU == CPU table (tests/test_gpu_paths.py) through the race-check build
-of the kernels (minicaffe.kernel.race_check), in CPU mode, float32 (a race does not depend on the type).
+of the kernels (minicaffe.kernel.race_grid), in CPU mode, float32 (a race does not depend on the type).
 
 Run by tests/test_race.py in a subprocess that has ThreadSanitizer's runtime preloaded:
-    MINICAFFE_RACECHECK=1 LD_PRELOAD=$(c++ -print-file-name=libtsan.so) \
+    MINICAFFE_RACECHECK=1 (or spread) LD_PRELOAD=$(c++ -print-file-name=libtsan.so) \
         TSAN_OPTIONS=halt_on_error=1:exitcode=66 python tests/racecheck.py
 A race ends the process with exit code 66 and ThreadSanitizer's report on stderr. Otherwise the last
 line of stdout lists the kernels that ran, as `file:kernel` words, for the caller's coverage check.
@@ -20,12 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import test_gpu_paths  # noqa: E402  (the table)
 
-from minicaffe.kernel import KernelFile, race_check  # noqa: E402
+from minicaffe.kernel import KernelFile, race_grid  # noqa: E402
 
 
 def main() -> int:
-    if not race_check():
-        print("racecheck.py needs MINICAFFE_RACECHECK=1 (and libtsan preloaded)", file=sys.stderr)
+    if race_grid() is None:
+        print("racecheck.py needs MINICAFFE_RACECHECK=1 or spread (and libtsan preloaded)", file=sys.stderr)
         return 2
     launched: set[str] = set()
     launch = KernelFile.launch

@@ -1,5 +1,5 @@
 """The kernels are race-free on the GPU: checked on the CPU by the race-check build (minicaffe.kernel.
-race_check: the GPU's grid-stride loops, one OS thread per emulated GPU thread, ThreadSanitizer).
+race_grid: the GPU's grid-stride loops, one OS thread per emulated GPU thread, ThreadSanitizer).
 
 The checks run in subprocesses with ThreadSanitizer's runtime preloaded (a ctypes-loaded sanitized
 library needs it). They are skipped where the C++ compiler has no ThreadSanitizer.
@@ -41,8 +41,8 @@ def tsan_runtime() -> str | None:
 needs_tsan = pytest.mark.skipif(tsan_runtime() is None, reason="the C++ compiler has no ThreadSanitizer")
 
 
-def run_race_checked(args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MINICAFFE_RACECHECK="1", LD_PRELOAD=tsan_runtime(),
+def run_race_checked(args: list[str], grid: str = "1") -> subprocess.CompletedProcess:
+    env = dict(os.environ, MINICAFFE_RACECHECK=grid, LD_PRELOAD=tsan_runtime(),
                TSAN_OPTIONS=f"halt_on_error=1 exitcode={RACE_EXIT}",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT,
@@ -50,8 +50,9 @@ def run_race_checked(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @needs_tsan
-def test_every_kernel_of_the_gpu_table_is_race_free():
-    result = run_race_checked([str(ROOT / "tests" / "racecheck.py")])
+@pytest.mark.parametrize("grid", ["1", "spread"], ids=["strided_grid", "thread_per_iteration"])
+def test_every_kernel_of_the_gpu_table_is_race_free(grid):
+    result = run_race_checked([str(ROOT / "tests" / "racecheck.py")], grid)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-20000:]
     launched = set(result.stdout.splitlines()[-1].split())
     every = {f"{path.name}:{name}" for path in kernel_dir().glob("*.cu")
@@ -100,9 +101,10 @@ def kernels_copy(folder: Path, replacements: list[tuple[str, str]]) -> Path:
 
 
 @needs_tsan
-def test_race_check_fails_col2im_in_one_launch(tmp_path):
+@pytest.mark.parametrize("grid", ["1", "spread"])
+def test_race_check_fails_col2im_in_one_launch(tmp_path, grid):
     mutant = kernels_copy(tmp_path / "mutant", COL2IM_ONE_LAUNCH)
-    result = run_race_checked(["-c", COL2IM_RUN, str(mutant), "one_launch"])
+    result = run_race_checked(["-c", COL2IM_RUN, str(mutant), "one_launch"], grid)
     assert result.returncode == RACE_EXIT, result.stderr[-5000:]
     assert "ThreadSanitizer: data race" in result.stderr and "col2im_add" in result.stderr
 
