@@ -284,8 +284,8 @@ class KernelFile:
         for name, params in self.parameters.items():
             declared = ", ".join(f"{c_types[kind]} {arg}" for kind, arg in params)
             passed = ", ".join(arg for _, arg in params)
-            wrappers.append(f'extern "C" void mc_race_{name}(int grid_x, int grid_y, int block_x, {declared}) '
-                            f"{{ mc_launch({name}, grid_x, grid_y, block_x, {passed}); }}")
+            wrappers.append(f'extern "C" void mc_race_{name}(int grid_x, int grid_y, int block_x, '
+                            f"{declared}) {{ mc_launch({name}, grid_x, grid_y, block_x, {passed}); }}")
         return "\n".join(wrappers) + "\n"
 
     def build_cpu(self, ctype: str, race_check: bool = False) -> Path:

@@ -434,16 +434,15 @@ def test_counts_past_32_bits_are_refused_alike_on_both_devices(fake_cupy):
     relu, dropout = KernelFile("relu.cu"), KernelFile("dropout.cu")
     messages = []
     for xp in (np, fake_cupy):
-        x, y = xp.zeros(4, np.float32), xp.zeros(4, np.float32)
-        mask = xp.zeros(4, np.float32)
+        x, y, mask = (xp.zeros(4, np.float32) for _ in range(3))
         errors = []
-        for launch in (lambda: relu.relu_forward(2**31, x, y, 0.0, extents=4),
-                       lambda: relu.relu_forward(4, x, y, 0.0, extents=(1, 2**31)),
-                       lambda: relu.relu_forward(4, x, y, 0.0, extents=(2**31, 4)),
-                       lambda: dropout.dropout_forward(4, x, y, mask, 2**32, 0, 0.5, 2.0, extents=4),
-                       lambda: dropout.dropout_forward(4, x, y, mask, -1, 0, 0.5, 2.0, extents=4)):
+        for kernel, args, extents in [(relu.relu_forward, (2**31, x, y, 0.0), 4),
+                                      (relu.relu_forward, (4, x, y, 0.0), (1, 2**31)),
+                                      (relu.relu_forward, (4, x, y, 0.0), (2**31, 4)),
+                                      (dropout.dropout_forward, (4, x, y, mask, 2**32, 0, 0.5, 2.0), 4),
+                                      (dropout.dropout_forward, (4, x, y, mask, -1, 0, 0.5, 2.0), 4)]:
             with pytest.raises(KernelError) as error:
-                launch()
+                kernel(*args, extents=extents)
             errors.append(str(error.value))
         messages.append(errors)
         assert fake_cupy.launches == []

@@ -25,13 +25,15 @@ What it checks, as real CuPy would refuse it (messages follow CuPy's):
     error: CuPy would pass it as a 64-bit value and the kernel would read garbage.
     The kernel then runs: the CPU build of the same source (minicaffe.kernel.KernelFile.build_cpu for
     that MC_REAL), called through ctypes on the arrays' memory, so its real logic is executed, serially.
+  * fresh memory is not clean: ``empty``, ``empty_like`` and ``ndarray(shape)`` are filled with NaN
+    (floating types) or nonzero garbage (integers), so that a read of memory nothing wrote shows.
 
 What it cannot check: CUDA itself. Nothing is compiled by NVRTC here (tests/test_kernels_nvrtc.py does
-that), races between GPU threads, block/grid coverage of the data (the kernels' grid-stride loops cover
-any grid), out-of-bounds accesses, asynchrony (everything is synchronous), multiple devices (there is
-one), memory limits, and numerical differences of the GPU's math library (the CPU build is used; type
-promotion is numpy's, which CuPy follows). Functions CuPy has but this fake lacks raise AttributeError:
-add them here when minicaffe needs them.
+that), races between GPU threads (tests/test_race.py checks those, on a ThreadSanitizer build), block/grid
+coverage of the data (the kernels' grid-stride loops cover any grid), out-of-bounds accesses, asynchrony
+(everything is synchronous), multiple devices (there is one), memory limits, and numerical differences of
+the GPU's math library (the CPU build is used; type promotion is numpy's, which CuPy follows). Functions
+CuPy has but this fake lacks raise AttributeError: add them here when minicaffe needs them.
 """
 
 from __future__ import annotations
