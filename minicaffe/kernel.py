@@ -172,7 +172,7 @@ class KernelFile:
 
     @cached_property
     def signatures(self) -> dict[str, list[str]]:
-        return {name: [kind for kind, _ in params] for name, params in self.parameters.items()}
+        return parse_signatures(self.source)
 
     def __getattr__(self, name: str):
         if name.startswith("_") or name not in self.signatures:
@@ -241,7 +241,7 @@ class KernelFile:
             getattr(self._cpu_library(real), name)(*c_args)
         elif min(extents) > 0:
             grid = grid_for(extents, RACE_BLOCK, *caps)
-            getattr(self._race_library(real), "mc_race_" + name)(*grid, RACE_BLOCK, *c_args)
+            getattr(self._cpu_library(real, race_check=True), "mc_race_" + name)(*grid, RACE_BLOCK, *c_args)
 
     def _launch_gpu(self, name, extents, kinds, args, real) -> None:
         import cupy
@@ -264,17 +264,12 @@ class KernelFile:
         module.get_function(name)(blocks, (GPU_BLOCK,), tuple(gpu_args))
 
     # -- building ----------------------------------------------------------------------------
-    def _cpu_library(self, real: np.dtype) -> ctypes.CDLL:
+    def _cpu_library(self, real: np.dtype, race_check: bool = False) -> ctypes.CDLL:
         ctype = REAL_TYPES[real]
-        if ctype not in self._cpu_libs:
-            self._cpu_libs[ctype] = ctypes.CDLL(str(self.build_cpu(ctype)))
-        return self._cpu_libs[ctype]
-
-    def _race_library(self, real: np.dtype) -> ctypes.CDLL:
-        ctype = "race-" + REAL_TYPES[real]
-        if ctype not in self._cpu_libs:
-            self._cpu_libs[ctype] = ctypes.CDLL(str(self.build_cpu(REAL_TYPES[real], race_check=True)))
-        return self._cpu_libs[ctype]
+        key = "race-" + ctype if race_check else ctype
+        if key not in self._cpu_libs:
+            self._cpu_libs[key] = ctypes.CDLL(str(self.build_cpu(ctype, race_check)))
+        return self._cpu_libs[key]
 
     def race_wrappers(self) -> str:
         """C++ appended to the source for the race-check build: `mc_race_NAME(grid_x, grid_y, block_x,
@@ -292,10 +287,10 @@ class KernelFile:
         """Compile for the host (cached); returns the shared library's path. With `race_check`, the
         race-check build (see `race_grid()`): GPU loops, one thread per GPU thread, ThreadSanitizer."""
         shim = (self.path.parent / "shim.h").read_text()
-        source = self.source + (self.race_wrappers() if race_check else "")
+        wrappers = self.race_wrappers() if race_check else ""
         flags = (RACE_FLAGS if race_check else CPU_FLAGS) + [f"-DMC_REAL={ctype}"]
         key = hashlib.sha256(
-            "\0".join([source, shim, " ".join(flags), _cpu_signature()]).encode()
+            "\0".join([self.source + wrappers, shim, " ".join(flags), _cpu_signature()]).encode()
         ).hexdigest()[:24]
         target = cache_dir() / f"{self.path.stem}-{'race-' if race_check else ''}{ctype}-{key}.so"
         if target.exists():
@@ -306,7 +301,7 @@ class KernelFile:
             unit = self.path
             if race_check:  # the source, then the wrappers (reports still name the .cu file's lines)
                 unit = Path(tmp) / f"{self.path.stem}-race.cpp"
-                unit.write_text(f'#include "{self.path}"\n' + self.race_wrappers())
+                unit.write_text(f'#include "{self.path}"\n' + wrappers)
             base = [compiler, *flags, "-I", str(self.path.parent), "-x", "c++", str(unit),
                     "-o", str(tmp_lib)]
             # Link glibc's vector math library where there is one (vectorized exp/log/pow/tanh);
