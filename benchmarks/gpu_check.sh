@@ -18,6 +18,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-${TMPDIR:-/tmp}/minicaffe-gpu-check}"
 mkdir -p "$out"
 python="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this tree's minicaffe, whatever is installed
 summary="$out/summary.txt"
 : >"$summary"
 failed=0
@@ -35,8 +36,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to $out/
 
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || echo "nvidia-smi not found" >>"$out/nvidia-smi.txt"
 
-if ! "$python" -c "import minicaffe" 2>/dev/null; then
-  step install-minicaffe 120 "$python" -m pip install -q -e ".[test]"
+if ! "$python" -c "import minicaffe, pytest" 2>/dev/null; then  # its dependencies are missing
+  step install-minicaffe 120 "$python" -m pip install -q ".[test]"
 fi
 if ! "$python" -c "import cupy" 2>/dev/null; then
   if [ -n "${WHEELS:-}" ]; then

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -24,7 +25,8 @@ RACE_EXIT = 66
 
 @cache
 def tsan_runtime() -> str | None:
-    """The path of libtsan.so if the host compiler builds and runs ThreadSanitizer code, else None."""
+    """The path of libtsan.so if the host compiler builds ThreadSanitizer programs and they run here
+    (some kernels' address-space layouts defeat older runtimes), else None."""
     try:
         compiler = host_compiler()
     except RuntimeError:
@@ -33,9 +35,13 @@ def tsan_runtime() -> str | None:
                           text=True).stdout.strip()
     if not os.path.isabs(path) or not os.path.exists(path):
         return None
-    probe = subprocess.run([compiler, "-fsanitize=thread", "-x", "c++", "-", "-o", os.devnull],
-                           input="int main() { return 0; }", capture_output=True, text=True)
-    return path if probe.returncode == 0 else None
+    with tempfile.TemporaryDirectory() as folder:
+        program = os.path.join(folder, "probe")
+        build = subprocess.run([compiler, "-fsanitize=thread", "-x", "c++", "-", "-o", program],
+                               input="int main() { return 0; }", capture_output=True, text=True)
+        if build.returncode != 0 or subprocess.run([program], capture_output=True).returncode != 0:
+            return None
+    return path
 
 
 needs_tsan = pytest.mark.skipif(tsan_runtime() is None, reason="the C++ compiler has no ThreadSanitizer")
