@@ -7,6 +7,11 @@
 // (Built with -fno-trapping-math so that branches become vector selects; results are unchanged.)
 //
 // The element type is `real`: the loader compiles each source twice, with MC_REAL=float and =double.
+//
+// MC_RACECHECK (minicaffe.kernel's race-check build, CPU only, with -fsanitize=thread): the CPU build
+// with the GPU's loops instead of the plain ones. mc_launch runs the kernel once per emulated GPU
+// thread, each an OS thread with its own blockIdx/threadIdx, so ThreadSanitizer reports any element
+// that two GPU threads of one launch touch without both being reads -- a race on the GPU.
 #pragma once
 
 #ifndef MC_REAL
@@ -18,9 +23,7 @@ typedef MC_REAL real;
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define KERNEL extern "C" __global__
 #define DEVICE __device__ __forceinline__
-#define PLANE_LOOP(p, n) for (int p = blockIdx.y; p < (n); p += gridDim.y)
-#define INNER_LOOP(j, n) \
-  for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < (n); j += blockDim.x * gridDim.x)
+#define MC_GPU_LOOPS
 #else
 #include <cmath>
 #include <cstddef>
@@ -59,8 +62,51 @@ using std::sqrt;
 using std::tanh;
 #define KERNEL extern "C"
 #define DEVICE static inline
+#ifdef MC_RACECHECK
+#include <thread>
+#include <vector>
+struct mc_dim3 {
+  unsigned x, y, z;
+};
+static thread_local mc_dim3 blockIdx, threadIdx, blockDim, gridDim;
+
+// Runs `kernel` as a grid of (grid_x, grid_y) blocks of block_x threads, one OS thread per GPU thread,
+// all started before any is joined: nothing orders one GPU thread's accesses before another's.
+template <typename... Params, typename... Args>
+static void mc_launch(void (*kernel)(Params...), const int grid_x, const int grid_y, const int block_x,
+                      Args... args) {
+  std::vector<std::thread> threads;
+  for (int by = 0; by < grid_y; ++by)
+    for (int bx = 0; bx < grid_x; ++bx)
+      for (int tx = 0; tx < block_x; ++tx)
+        threads.emplace_back([=] {
+          gridDim = {unsigned(grid_x), unsigned(grid_y), 1u};
+          blockDim = {unsigned(block_x), 1u, 1u};
+          blockIdx = {unsigned(bx), unsigned(by), 0u};
+          threadIdx = {unsigned(tx), 0u, 0u};
+          kernel(args...);
+        });
+  for (std::thread& thread : threads) thread.join();
+}
+#define MC_GPU_LOOPS
+#else
 #define PLANE_LOOP(p, n) for (int p = 0; p < (n); ++p)
 #define INNER_LOOP(j, n) _Pragma("omp simd") for (int j = 0; j < (n); ++j)
+#endif
+#endif
+
+#ifdef MC_GPU_LOOPS
+// Grid-stride loops. The step is taken in 64 bits and clamped to n: j + stride can pass 2^31 - 1
+// when n is near it, and an int would wrap to a negative index that is still < n.
+DEVICE int mc_next_index(const int j, const long long stride, const long long n) {
+  const long long next = j + stride;
+  return next < n ? int(next) : int(n);
+}
+#define PLANE_LOOP(p, n) \
+  for (int p = blockIdx.y; p < (n); p = mc_next_index(p, gridDim.y, (n)))
+#define INNER_LOOP(j, n)                                                      \
+  for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < (n);                 \
+       j = mc_next_index(j, (long long)blockDim.x * gridDim.x, (n)))
 #endif
 
 // max/min as plain selects: std::fmax/fmin block GCC's vectorizer (they handle NaN specially).

@@ -13,6 +13,13 @@ Kernel signatures are read from the source, so the ctypes argument types are nev
 
 Whether the CPU or the GPU build runs is decided by the arrays passed (numpy or cupy), and the
 float/double build by their dtype.
+
+Integer arguments and loop extents must fit the kernels' 32-bit ints: a launch with a count of 2^31 or
+more is refused on both devices (KernelError naming the file, kernel, argument and value) rather than
+wrapped to a negative count by ctypes or refused later by CuPy.
+
+With MINICAFFE_RACECHECK=1 (or =spread) the CPU launches run the race-check build instead (see
+`race_grid`).
 """
 
 from __future__ import annotations
@@ -37,6 +44,15 @@ CPU_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fn
 GPU_BLOCK = 256
 GPU_MAX_GRID_X = 4096
 GPU_MAX_GRID_Y = 65535
+INT_RANGES = {"int": (-2**31, 2**31 - 1), "uint": (0, 2**32 - 1)}
+# The race-check build's emulated GPU: the GPU's grid formula (`grid_for`) with a smaller block and,
+# for MINICAFFE_RACECHECK=1, small caps, so that a launch is at most 256 OS threads and the grid-stride
+# loops stride; for =spread, no caps: every (plane, inner) iteration is a thread of its own, so no two
+# iterations share a thread and escape the check (for small test shapes only).
+RACE_BLOCK = 4
+RACE_MAX_GRID = {"1": (4, 16), "spread": (2**31 - 1, 65535)}
+RACE_FLAGS = ["-O1", "-g", "-fPIC", "-shared", "-fsanitize=thread", "-std=c++14", "-DMC_RACECHECK",
+              "-DMC_NO_MVEC"]
 
 
 class KernelError(RuntimeError):
@@ -95,9 +111,9 @@ _DECL = re.compile(r"KERNEL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
 _SCALARS = {"int": "int", "unsigned": "uint", "unsigned int": "uint", "real": "real"}
 
 
-def parse_signatures(source: str) -> dict[str, list[str]]:
-    """Map kernel name -> list of argument kinds: 'int', 'uint', 'real', 'real*', 'int*'."""
-    signatures = {}
+def parse_parameters(source: str) -> dict[str, list[tuple[str, str]]]:
+    """Map kernel name -> list of (argument kind, argument name); kinds as in `parse_signatures`."""
+    parameters = {}
     for name, params in _DECL.findall(source):
         kinds = []
         for param in params.split(","):
@@ -108,9 +124,30 @@ def parse_signatures(source: str) -> dict[str, list[str]]:
             if base not in _SCALARS:
                 raise KernelError(f"kernel {name}: unsupported parameter type in '{param.strip()}'")
             kind = _SCALARS[base]
-            kinds.append(kind + "*" if pointer else kind)
-        signatures[name] = kinds
-    return signatures
+            kinds.append((kind + "*" if pointer else kind, words[-1]))
+        parameters[name] = kinds
+    return parameters
+
+
+def parse_signatures(source: str) -> dict[str, list[str]]:
+    """Map kernel name -> list of argument kinds: 'int', 'uint', 'real', 'real*', 'int*'."""
+    return {name: [kind for kind, _ in params] for name, params in parse_parameters(source).items()}
+
+
+def grid_for(extents: tuple[int, int], block: int, max_x: int, max_y: int) -> tuple[int, int]:
+    """The launch grid for loop extents (planes, inner): grid.x covers inner in blocks of `block`
+    threads, grid.y the planes, each capped (the kernels' grid-stride loops do the rest)."""
+    planes, inner = extents
+    return min((inner + block - 1) // block, max_x), min(planes, max_y)
+
+
+def race_grid() -> tuple[int, int] | None:
+    """The race check's grid caps (x, y) when MINICAFFE_RACECHECK is 1 or spread (see RACE_MAX_GRID), else
+    None. With it, CPU launches run the race-check build: the kernel source compiled with the GPU's
+    grid-stride loops (kernels/shim.h, MC_RACECHECK) under ThreadSanitizer, each emulated GPU thread an
+    OS thread. The process must have libtsan preloaded (LD_PRELOAD); a race is reported, and with
+    TSAN_OPTIONS=halt_on_error=1 ends the process."""
+    return RACE_MAX_GRID.get(os.environ.get("MINICAFFE_RACECHECK", ""))
 
 
 class KernelFile:
@@ -139,6 +176,10 @@ class KernelFile:
         return self.path.read_text()
 
     @cached_property
+    def parameters(self) -> dict[str, list[tuple[str, str]]]:
+        return parse_parameters(self.source)
+
+    @cached_property
     def signatures(self) -> dict[str, list[str]]:
         return parse_signatures(self.source)
 
@@ -157,11 +198,24 @@ class KernelFile:
         if len(args) != len(kinds):
             raise KernelError(f"{self.filename}:{name} takes {len(kinds)} arguments, got {len(args)}")
         real = self._real_dtype(name, kinds, args)
+        extents = extents if isinstance(extents, tuple) else (1, extents)
+        self._check_ints(name, extents, args)
         on_gpu = any(type(a).__module__.startswith("cupy") for a in args)
         if on_gpu:
             self._launch_gpu(name, extents, kinds, args, real)
         else:
-            self._launch_cpu(name, kinds, args, real)
+            self._launch_cpu(name, extents, kinds, args, real)
+
+    def _check_ints(self, name: str, extents: tuple[int, int], args) -> None:
+        """Integer arguments and extents must fit the kernel's 32-bit ints (see the module docstring)."""
+        named = [(kind, f"argument {i} ({arg_name})", value)
+                 for i, ((kind, arg_name), value) in enumerate(zip(self.parameters[name], args))]
+        named += [("int", "extents[0] (planes)", extents[0]), ("int", "extents[1] (inner)", extents[1])]
+        for kind, what, value in named:
+            if kind in INT_RANGES and not INT_RANGES[kind][0] <= int(value) <= INT_RANGES[kind][1]:
+                low, high = INT_RANGES[kind]
+                raise KernelError(f"{self.filename}:{name} {what} = {int(value)} is outside the kernel's "
+                                  f"{kind} range {low}..{high} (counts of 2^31 or more are not supported)")
 
     def _real_dtype(self, name: str, kinds: list[str], args) -> np.dtype:
         dtypes = {np.dtype(a.dtype) for k, a in zip(kinds, args) if k == "real*"}
@@ -179,8 +233,7 @@ class KernelFile:
                 f"got {type(arg).__name__} {getattr(arg, 'dtype', '')}"
             )
 
-    def _launch_cpu(self, name, kinds, args, real) -> None:
-        function = getattr(self._cpu_library(real), name)
+    def _launch_cpu(self, name, extents, kinds, args, real) -> None:
         c_args = []
         for i, (kind, arg) in enumerate(zip(kinds, args)):
             if kind.endswith("*"):
@@ -192,15 +245,19 @@ class KernelFile:
                 c_args.append(ctypes.c_uint(int(arg)))
             else:
                 c_args.append(ctypes.c_float(arg) if real == np.float32 else ctypes.c_double(arg))
-        function(*c_args)
+        caps = race_grid()
+        if caps is None:
+            getattr(self._cpu_library(real), name)(*c_args)
+        elif min(extents) > 0:
+            grid = grid_for(extents, RACE_BLOCK, *caps)
+            getattr(self._cpu_library(real, race_check=True), "mc_race_" + name)(*grid, RACE_BLOCK, *c_args)
 
     def _launch_gpu(self, name, extents, kinds, args, real) -> None:
         import cupy
 
-        planes, inner = extents if isinstance(extents, tuple) else (1, extents)
-        if planes <= 0 or inner <= 0:
+        if min(extents) <= 0:
             return
-        blocks = (min((inner + GPU_BLOCK - 1) // GPU_BLOCK, GPU_MAX_GRID_X), min(planes, GPU_MAX_GRID_Y))
+        blocks = grid_for(extents, GPU_BLOCK, GPU_MAX_GRID_X, GPU_MAX_GRID_Y)
         gpu_args = []
         for i, (kind, arg) in enumerate(zip(kinds, args)):
             if kind.endswith("*"):
@@ -216,26 +273,45 @@ class KernelFile:
         module.get_function(name)(blocks, (GPU_BLOCK,), tuple(gpu_args))
 
     # -- building ----------------------------------------------------------------------------
-    def _cpu_library(self, real: np.dtype) -> ctypes.CDLL:
+    def _cpu_library(self, real: np.dtype, race_check: bool = False) -> ctypes.CDLL:
         ctype = REAL_TYPES[real]
-        if ctype not in self._cpu_libs:
-            self._cpu_libs[ctype] = ctypes.CDLL(str(self.build_cpu(ctype)))
-        return self._cpu_libs[ctype]
+        key = "race-" + ctype if race_check else ctype
+        if key not in self._cpu_libs:
+            self._cpu_libs[key] = ctypes.CDLL(str(self.build_cpu(ctype, race_check)))
+        return self._cpu_libs[key]
 
-    def build_cpu(self, ctype: str) -> Path:
-        """Compile for the host (cached); returns the shared library's path."""
-        shim = (kernel_dir() / "shim.h").read_text()
-        flags = CPU_FLAGS + [f"-DMC_REAL={ctype}"]
+    def race_wrappers(self) -> str:
+        """C++ appended to the source for the race-check build: `mc_race_NAME(grid_x, grid_y, block_x,
+        args...)` launches kernel NAME through shim.h's mc_launch."""
+        c_types = {"int": "int", "uint": "unsigned", "real": "real", "real*": "real*", "int*": "int*"}
+        wrappers = []
+        for name, params in self.parameters.items():
+            declared = ", ".join(f"{c_types[kind]} {arg}" for kind, arg in params)
+            passed = ", ".join(arg for _, arg in params)
+            wrappers.append(f'extern "C" void mc_race_{name}(int grid_x, int grid_y, int block_x, '
+                            f"{declared}) {{ mc_launch({name}, grid_x, grid_y, block_x, {passed}); }}")
+        return "\n".join(wrappers) + "\n"
+
+    def build_cpu(self, ctype: str, race_check: bool = False) -> Path:
+        """Compile for the host (cached); returns the shared library's path. With `race_check`, the
+        race-check build (see `race_grid()`): GPU loops, one thread per GPU thread, ThreadSanitizer."""
+        shim = (self.path.parent / "shim.h").read_text()
+        wrappers = self.race_wrappers() if race_check else ""
+        flags = (RACE_FLAGS if race_check else CPU_FLAGS) + [f"-DMC_REAL={ctype}"]
         key = hashlib.sha256(
-            "\0".join([self.source, shim, " ".join(flags), _cpu_signature()]).encode()
+            "\0".join([self.source + wrappers, shim, " ".join(flags), _cpu_signature()]).encode()
         ).hexdigest()[:24]
-        target = cache_dir() / f"{self.path.stem}-{ctype}-{key}.so"
+        target = cache_dir() / f"{self.path.stem}-{'race-' if race_check else ''}{ctype}-{key}.so"
         if target.exists():
             return target
         compiler = host_compiler()
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
             tmp_lib = Path(tmp) / target.name
-            base = [compiler, *flags, "-I", str(kernel_dir()), "-x", "c++", str(self.path),
+            unit = self.path
+            if race_check:  # the source, then the wrappers (reports still name the .cu file's lines)
+                unit = Path(tmp) / f"{self.path.stem}-race.cpp"
+                unit.write_text(f'#include "{self.path}"\n' + wrappers)
+            base = [compiler, *flags, "-I", str(self.path.parent), "-x", "c++", str(unit),
                     "-o", str(tmp_lib)]
             # Link glibc's vector math library where there is one (vectorized exp/log/pow/tanh);
             # elsewhere build without it (MC_NO_MVEC), with scalar math calls.

@@ -9,10 +9,17 @@ CPU mode computes. They do not check CUDA itself: tests/test_kernels_nvrtc.py co
 
 The fake is on sys.path and in sys.modules only inside the `fake_cupy` fixture; afterwards it is gone,
 CPU mode is back, and no kernel keeps a module built by it.
+
+With MINICAFFE_REAL_CUPY=1 (benchmarks/gpu_check.sh, on a machine with a GPU) the same tests run on real
+CuPy and the real device instead: the fixture gives real CuPy (launches recorded as the fake records
+them), the tests of the fake itself are skipped, and GPU results are compared with CPU results within
+a tolerance (CUDA's math library and cuBLAS round differently from glibc and the host BLAS) instead of
+bit for bit.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -25,7 +32,7 @@ import pytest
 import minicaffe
 from minicaffe import backend, io
 from minicaffe.blob import Blob
-from minicaffe.kernel import KernelFile, gpu_options
+from minicaffe.kernel import KernelError, KernelFile, gpu_options
 from minicaffe.net import Net
 from minicaffe.proto import caffe_pb2
 from minicaffe.solver import Solver
@@ -33,6 +40,8 @@ from minicaffe.testing import layer_from_prototxt
 
 FAKE_PATH = str(Path(__file__).resolve().parent / "fake_cupy")
 DTYPES = [np.float32, np.float64]
+REAL_CUPY = os.environ.get("MINICAFFE_REAL_CUPY") == "1"
+fake_only = pytest.mark.skipif(REAL_CUPY, reason="tests the fake CuPy (MINICAFFE_REAL_CUPY=1 is set)")
 
 
 def _cupy_modules() -> list[str]:
@@ -47,9 +56,39 @@ def _clear_gpu_modules() -> None:
                 value._gpu_modules.clear()
 
 
+class RealCupy:
+    """Real CuPy, with the kernel launches recorded in `launches` as the fake records them."""
+
+    def __init__(self, module):
+        self.module, self.launches = module, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)
+
+
+class RecordedModule:
+    """A RawModule whose kernels append (name, grid, block) to `launches` when launched."""
+
+    def __init__(self, module, launches: list):
+        self.module, self.launches = module, launches
+
+    def get_function(self, name: str):
+        function = self.module.get_function(name)
+
+        def launch(grid, block, args, **kwargs):
+            self.launches.append((name, grid, block))
+            return function(grid, block, args, **kwargs)
+
+        return launch
+
+
 @pytest.fixture
-def fake_cupy():
-    """The fake CuPy importable as `cupy`, in CPU mode to start with; all undone afterwards."""
+def fake_cupy(monkeypatch):
+    """The fake CuPy importable as `cupy` (real CuPy with MINICAFFE_REAL_CUPY=1), in CPU mode to start
+    with; all undone afterwards."""
+    if REAL_CUPY:
+        yield from real_cupy(monkeypatch)
+        return
     saved_modules = {name: sys.modules.pop(name) for name in _cupy_modules()}  # a real CuPy, if any
     saved_state = dict(backend._state)
     _clear_gpu_modules()
@@ -70,6 +109,24 @@ def fake_cupy():
         _clear_gpu_modules()
 
 
+def real_cupy(monkeypatch):
+    import cupy
+
+    assert not getattr(cupy, "IS_FAKE", False), f"MINICAFFE_REAL_CUPY=1 but {cupy.__file__} is the fake"
+    saved_state = dict(backend._state)
+    _clear_gpu_modules()
+    real = RealCupy(cupy)
+    gpu_module = KernelFile._gpu_module
+    monkeypatch.setattr(KernelFile, "_gpu_module",
+                        lambda self, *args: RecordedModule(gpu_module(self, *args), real.launches))
+    try:
+        yield real
+    finally:
+        minicaffe.set_mode_cpu()
+        backend._state.update(saved_state)
+        _clear_gpu_modules()
+
+
 def set_mode(gpu: bool) -> None:
     minicaffe.set_mode_gpu() if gpu else minicaffe.set_mode_cpu()
 
@@ -78,14 +135,27 @@ def on_device(array) -> bool:
     return type(array).__module__.startswith("cupy")
 
 
+# GPU vs CPU on a real device (MINICAFFE_REAL_CUPY=1): rtol, atol per dtype
+REAL_TOLERANCE = {np.dtype(np.float32): (2e-4, 1e-5), np.dtype(np.float64): (1e-10, 1e-12)}
+
+
 def assert_same(gpu: dict, cpu: dict) -> None:
+    """Bit for bit through the fake (both sides run the same CPU build); within REAL_TOLERANCE on a real
+    GPU, where serialized bytes (e.g. a .caffemodel's) are not compared."""
     assert gpu.keys() == cpu.keys()
     for key in cpu:
-        np.testing.assert_allclose(gpu[key], cpu[key], rtol=1e-6, atol=0, err_msg=key)
+        if not REAL_CUPY:
+            np.testing.assert_array_equal(gpu[key], cpu[key], err_msg=key, strict=True)
+        elif cpu[key].dtype in REAL_TOLERANCE:
+            rtol, atol = REAL_TOLERANCE[cpu[key].dtype]
+            np.testing.assert_allclose(gpu[key], cpu[key], rtol=rtol, atol=atol, err_msg=key)
+        elif cpu[key].dtype != np.uint8:
+            np.testing.assert_array_equal(gpu[key], cpu[key], err_msg=key)
 
 
 # -- the fake itself: as strict as CuPy, no stricter ---------------------------------------------------
 
+@fake_only
 def test_fake_refuses_what_cupy_refuses(fake_cupy):
     cp = fake_cupy
     dev = cp.arange(6, dtype=np.float32).reshape(2, 3)
@@ -107,6 +177,7 @@ def test_fake_refuses_what_cupy_refuses(fake_cupy):
     assert not isinstance(dev, np.ndarray)
 
 
+@fake_only
 def test_fake_allows_what_cupy_allows(fake_cupy):
     cp = fake_cupy
     dev = cp.asarray(np.arange(6, dtype=np.float32).reshape(2, 3))  # explicit upload
@@ -126,6 +197,18 @@ def test_fake_allows_what_cupy_allows(fake_cupy):
         dev.set(np.zeros((2, 3)))  # float64 into float32
 
 
+@fake_only
+def test_fake_fresh_memory_is_garbage(fake_cupy):
+    """cupy.empty memory holds whatever was there: the fake makes reads of unwritten memory show."""
+    cp = fake_cupy
+    for fresh in (cp.empty((2, 3), np.float32), cp.empty_like(cp.zeros(4)), cp.ndarray((3,), np.float64)):
+        assert np.isnan(fresh.get()).all()
+    ints = cp.empty(64, np.int32).get()
+    assert (ints != 0).all() and len(set(ints.tolist())) > 1
+    assert (cp.zeros(3).get() == 0).all()
+
+
+@fake_only
 def test_fake_kernel_launch_checks(fake_cupy):
     relu = KernelFile("relu.cu")
     module = fake_cupy.RawModule(code=relu.source, options=gpu_options("float"))
@@ -138,6 +221,9 @@ def test_fake_kernel_launch_checks(fake_cupy):
            ((1, 1), (256,), (np.int32(2), x, y, 0.5)),
            ((1, 1), (256,), (np.int32(2), x, y, np.float64(0.5))),  # double into a float build
            ((1, 1), (256,), (np.int64(2), x, y, np.float32(0.5))),
+           ((1, 1), (256,), (np.int64(2**31), x, y, np.float32(0.5))),  # a 64-bit count
+           ((1, 1), (256,), (np.uint32(2), x, y, np.float32(0.5))),
+           ((2**31, 1), (256,), (np.int32(2), x, y, np.float32(0.5))),
            ((1, 1), (256,), (np.int32(2), x.get(), y, np.float32(0.5))),  # host array
            ((1, 1), (256,), (np.int32(2), x.astype(np.float64), y, np.float32(0.5))),
            ((1, 1), (256,), (np.int32(2), x, y)),
@@ -190,6 +276,7 @@ CASES = {
     "absval": Case('type: "AbsVal"', [X]),
     "power": Case('type: "Power" power_param { power: 2 scale: 0.5 shift: 1.5 }', [X]),
     "power_in_place": Case('type: "Power" power_param { power: 3 scale: -1 }', [X], in_place=True),
+    "power_linear": Case('type: "Power" power_param { power: 1 scale: 2 shift: -0.5 }', [X]),
     "power_constant": Case('type: "Power" power_param { power: 0.5 scale: 0 shift: 4 }', [X], kernels=False),
     "dropout_train": Case('type: "Dropout" dropout_param { dropout_ratio: 0.3 }', [X],
                           phase=minicaffe.TRAIN),
@@ -221,8 +308,12 @@ CASES = {
                             'filler { type: "gaussian" } bias_filler { type: "gaussian" } }', [X]),
     "scale_two_bottoms": Case('type: "Scale" scale_param { axis: 1 }', [X, (3, 5)]),
     "scale_in_place": Case('type: "Scale" scale_param { filler { type: "gaussian" } }', [X], in_place=True),
+    "scale_trailing_axes": Case('type: "Scale" scale_param { axis: 2 num_axes: 2 '
+                                'filler { type: "gaussian" } }', [X]),  # inner 1: the _rows kernels
     "bias": Case('type: "Bias" bias_param { filler { type: "gaussian" } }', [X]),
     "bias_two_bottoms": Case('type: "Bias" bias_param { axis: 0 }', [X, (2, 3)]),
+    "bias_trailing_axes": Case('type: "Bias" bias_param { axis: 2 num_axes: 2 filler { type: "gaussian" } }',
+                               [X]),
     "eltwise_sum": Case('type: "Eltwise" eltwise_param { operation: SUM coeff: 0.5 coeff: -2 coeff: 1 }',
                         [X, X, X]),
     "eltwise_prod": Case('type: "Eltwise" eltwise_param { operation: PROD }', [X, X, X]),
@@ -334,6 +425,37 @@ def test_launch_grids_stay_within_cuda_limits(fake_cupy):
         cpu = run_case(case, np.float32, gpu=False, cupy=fake_cupy)
         assert_same(run_case(case, np.float32, gpu=True, cupy=fake_cupy), cpu)
         assert (kernel, grid, (256,)) in fake_cupy.launches
+
+
+def test_counts_past_32_bits_are_refused_alike_on_both_devices(fake_cupy):
+    """ctypes would wrap 2^31 to a negative count (the CPU kernel would do nothing), np.int32 would raise
+    OverflowError on the GPU: the launcher refuses such counts first, with the same message for both."""
+    relu, dropout = KernelFile("relu.cu"), KernelFile("dropout.cu")
+    messages = []
+    for xp in (np, fake_cupy):
+        x, y, mask = (xp.zeros(4, np.float32) for _ in range(3))
+        errors = []
+        for kernel, args, extents in [(relu.relu_forward, (2**31, x, y, 0.0), 4),
+                                      (relu.relu_forward, (4, x, y, 0.0), (1, 2**31)),
+                                      (relu.relu_forward, (4, x, y, 0.0), (2**31, 4)),
+                                      (dropout.dropout_forward, (4, x, y, mask, 2**32, 0, 0.5, 2.0), 4),
+                                      (dropout.dropout_forward, (4, x, y, mask, -1, 0, 0.5, 2.0), 4)]:
+            with pytest.raises(KernelError) as error:
+                kernel(*args, extents=extents)
+            errors.append(str(error.value))
+        messages.append(errors)
+        assert fake_cupy.launches == []
+    assert messages[0] == messages[1]
+    assert messages[0][0].startswith("relu.cu:relu_forward argument 0 (count) = 2147483648 is outside the "
+                                     "kernel's int range -2147483648..2147483647")
+    assert "relu.cu:relu_forward extents[1] (inner) = 2147483648" in messages[0][1]
+    assert "relu.cu:relu_forward extents[0] (planes) = 2147483648" in messages[0][2]
+    assert "dropout.cu:dropout_forward argument 4 (key) = 4294967296 is outside the kernel's uint range" \
+        in messages[0][3]
+    assert "argument 4 (key) = -1" in messages[0][4]
+    # the largest counts that fit still launch
+    x, y = np.zeros(4, np.float32), np.zeros(4, np.float32)
+    relu.relu_forward(4, x, y, 0.0, extents=(2**31 - 1, 4))
 
 
 @pytest.mark.parametrize("text, labels, message", [
@@ -652,8 +774,9 @@ def test_train_resume_and_test_commands_on_gpu_match_cpu(fake_cupy, quickstart_w
                     "--watch", "prelu*"], capsys)
     assert "Using GPUs 0" in text and "Optimization Done" in text and backend.on_gpu()
     gpu_model = (tmp_path / "gpu_iter_20.caffemodel").read_bytes()
-    assert gpu_model == (tmp_path / "cpu_iter_20.caffemodel").read_bytes()
-    assert (tmp_path / "gpu_watch.csv").read_text() == (tmp_path / "cpu_watch.csv").read_text()
+    if not REAL_CUPY:  # a real GPU rounds differently: only the resumed run must match exactly
+        assert gpu_model == (tmp_path / "cpu_iter_20.caffemodel").read_bytes()
+        assert (tmp_path / "gpu_watch.csv").read_text() == (tmp_path / "cpu_watch.csv").read_text()
     # Resumed at iteration 10 on the GPU: bit for bit the uninterrupted run.
     run_cli(["train", "--solver", str(short_solver(tmp_path, quickstart_work, "resumed")), "--gpu", "0",
              "--snapshot", str(tmp_path / "gpu_iter_10.solverstate")], capsys)
@@ -665,19 +788,25 @@ def test_train_resume_and_test_commands_on_gpu_match_cpu(fake_cupy, quickstart_w
                         str(tmp_path / "gpu_iter_20.caffemodel"), "--iterations", "2"]
                        + (["--gpu", "0"] if device == "gpu" else []), capsys)
         scores[device] = [line.split("] ", 1)[1] for line in text.splitlines() if "accuracy = " in line]
-    assert scores["gpu"] == scores["cpu"] and scores["cpu"]
+    assert scores["cpu"] and len(scores["gpu"]) == len(scores["cpu"])
+    if not REAL_CUPY:
+        assert scores["gpu"] == scores["cpu"]
 
 
 def test_train_on_a_missing_gpu_is_an_error(fake_cupy, quickstart_work, tmp_path, capsys):
     from minicaffe import cli
 
-    code = cli.main(["train", "--solver", str(short_solver(tmp_path, quickstart_work, "x")), "--gpu", "1"])
-    assert code == 1 and "device 1 asked for, 1 present" in capsys.readouterr().err
+    count = fake_cupy.cuda.runtime.getDeviceCount()
+    code = cli.main(["train", "--solver", str(short_solver(tmp_path, quickstart_work, "x")), "--gpu",
+                     str(count)])
+    assert code == 1 and f"device {count} asked for, {count} present" in capsys.readouterr().err
     assert backend.mode() == "cpu"
 
 
 def test_device_query_and_time_commands_on_gpu(fake_cupy, quickstart_work, capsys):
-    assert "Fake CUDA Device" in run_cli(["device_query", "--gpu", "0"], capsys)
+    name = fake_cupy.cuda.runtime.getDeviceProperties(0)["name"]
+    assert (name.decode() if isinstance(name, bytes) else name) in run_cli(["device_query", "--gpu", "0"],
+                                                                         capsys)
     text = run_cli(["time", "--model", str(quickstart_work / "digits_train_test.prototxt"),
                     "--iterations", "1", "--gpu", "0"], capsys)
     assert "Average Forward-Backward" in text and "Copy bandwidth" in text

@@ -25,13 +25,15 @@ What it checks, as real CuPy would refuse it (messages follow CuPy's):
     error: CuPy would pass it as a 64-bit value and the kernel would read garbage.
     The kernel then runs: the CPU build of the same source (minicaffe.kernel.KernelFile.build_cpu for
     that MC_REAL), called through ctypes on the arrays' memory, so its real logic is executed, serially.
+  * fresh memory is not clean: ``empty``, ``empty_like`` and ``ndarray(shape)`` are filled with NaN
+    (floating types) or nonzero garbage (integers), so that a read of memory nothing wrote shows.
 
 What it cannot check: CUDA itself. Nothing is compiled by NVRTC here (tests/test_kernels_nvrtc.py does
-that), races between GPU threads, block/grid coverage of the data (the kernels' grid-stride loops cover
-any grid), out-of-bounds accesses, asynchrony (everything is synchronous), multiple devices (there is
-one), memory limits, and numerical differences of the GPU's math library (the CPU build is used; type
-promotion is numpy's, which CuPy follows). Functions CuPy has but this fake lacks raise AttributeError:
-add them here when minicaffe needs them.
+that), races between GPU threads (tests/test_race.py checks those, on a ThreadSanitizer build), block/grid
+coverage of the data (the kernels' grid-stride loops cover any grid), out-of-bounds accesses, asynchrony
+(everything is synchronous), multiple devices (there is one), memory limits, and numerical differences of
+the GPU's math library (the CPU build is used; type promotion is numpy's, which CuPy follows). Functions
+CuPy has but this fake lacks raise AttributeError: add them here when minicaffe needs them.
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ class ndarray:
     def __init__(self, shape, dtype=float, memptr=None, strides=None, order="C"):
         if memptr is not None or strides is not None:
             raise NotImplementedError("fake cupy: ndarray(memptr=..., strides=...)")
-        self._array = _np.empty(shape, dtype, order=order)
+        self._array = _garbage(_np.empty(shape, dtype, order=order))
 
     @classmethod
     def _wrap(cls, array: _np.ndarray) -> ndarray:
@@ -419,8 +421,24 @@ def copyto(dst, src, casting="same_kind", where=True) -> None:
 
 
 # creation: new device memory
+def _garbage(array: _np.ndarray) -> _np.ndarray:
+    """Fill fresh memory as CuPy's pool may hand it out, so that reading memory nothing wrote shows:
+    NaN for floating types, True for booleans, arbitrary nonzero bytes for the others."""
+    if array.dtype.kind in "fc":
+        array.fill(_np.nan)
+    elif array.dtype.kind == "b":
+        array.fill(True)
+    elif array.size:
+        array.view(_np.uint8).reshape(-1)[...] = _garbage_bytes(array.nbytes)
+    return array
+
+
+def _garbage_bytes(count: int) -> _np.ndarray:
+    return _np.random.default_rng(count).integers(1, 256, count, dtype=_np.uint8)
+
+
 def empty(shape, dtype=float, order="C") -> ndarray:
-    return ndarray._wrap(_np.empty(shape, dtype, order=order))
+    return ndarray._wrap(_garbage(_np.empty(shape, dtype, order=order)))
 
 
 def zeros(shape, dtype=float, order="C") -> ndarray:
@@ -445,8 +463,8 @@ def _like(function):
     return call
 
 
-empty_like, zeros_like, ones_like, full_like = (_like(f) for f in (_np.empty_like, _np.zeros_like,
-                                                                    _np.ones_like, _np.full_like))
+zeros_like, ones_like, full_like = (_like(f) for f in (_np.zeros_like, _np.ones_like, _np.full_like))
+empty_like = _like(lambda *args, **kwargs: _garbage(_np.empty_like(*args, **kwargs)))
 arange, linspace, eye, identity = (_device_function(f) for f in (_np.arange, _np.linspace, _np.eye,
                                                                  _np.identity))
 
