@@ -156,12 +156,13 @@ class KernelFile:
     One object per file (``KernelFile("loss.cu")`` is the same object in every layer that asks), so
     each file is read and built once."""
 
-    _files: dict[str, KernelFile] = {}
+    # Keyed by class too: a subclass (e.g. a test's copy of a file at another path) is its own object.
+    _files: dict[tuple[type, str], KernelFile] = {}
 
     def __new__(cls, filename: str) -> KernelFile:
-        self = cls._files.get(filename)
+        self = cls._files.get((cls, filename))
         if self is None:
-            self = cls._files[filename] = super().__new__(cls)
+            self = cls._files[(cls, filename)] = super().__new__(cls)
             self.filename = filename
             self._cpu_libs: dict[str, ctypes.CDLL] = {}
             self._gpu_modules: dict[tuple[str, int], Any] = {}
