@@ -89,6 +89,8 @@ def test_quickstart_verb(tmp_path, capsys):
     assert code == 0, err
     assert "Final test accuracy: " in out
     assert (tmp_path / "digits_train_test.prototxt").is_file()
+    (tmp_path / "train.log").write_text(err)
+    assert_loss_fell(tmp_path / "train.log")
 
 
 def test_train_logs_snapshots_and_flag_spellings(work, tmp_path, capsys):
