@@ -5,8 +5,11 @@
 
 Each bottom (and each parameter blob) element is moved by +-stepsize, the objective recomputed, and
 the centred difference compared with the layer's backward, within threshold * max(|a|, |b|, 1).
-Points within kink_range of kink (e.g. 0 for ReLU) are skipped where the function is not smooth.
-Works on any Layer, including a user's own. Use float64 blobs for tight thresholds.
+Bottom elements within kink_range of kink (e.g. 0 for ReLU) are skipped, where the layer's function is
+not smooth; parameters are always checked. The layer runs through run_forward / run_backward, as in a
+Net. Beyond Caffe's checker, a backward must overwrite the bottom diffs and add into the parameter
+diffs (see GradientChecker). Works on any Layer, including a user's own. Use float64 blobs (and a
+float64 layer, the default of layer_from_prototxt) for tight thresholds.
 """
 
 from __future__ import annotations
