@@ -65,12 +65,19 @@ def run_layer(text: str, *arrays, num_top: int = 1, dtype=np.float64, phase=mini
 
 
 def backward_layer(layer, bottom, top, top_diffs, propagate_down=None):
-    """Set the top diffs, clear param diffs, run backward; returns bottom diffs (copies)."""
+    """Set the top diffs, clear param diffs, run backward; returns bottom diffs (copies).
+
+    Propagated bottom diffs that are not a top's diff start as NaN, so a backward that adds into the
+    old gradient (instead of overwriting it, as Caffe's layers do) or skips elements shows."""
+    propagate_down = propagate_down or [True] * len(bottom)
+    for blob, down in zip(bottom, propagate_down):
+        if down and not any(np.shares_memory(blob.diff, t.diff) for t in top):
+            blob.diff[...] = np.nan
     for blob, diff in zip(top, top_diffs):
         blob.diff[...] = diff
     for blob in layer.blobs:
         blob.diff[...] = 0
-    layer.backward(top, propagate_down or [True] * len(bottom), bottom)
+    layer.backward(top, propagate_down, bottom)
     return [np.array(b.diff) for b in bottom]
 
 
