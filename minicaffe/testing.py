@@ -51,7 +51,8 @@ class GradientChecker:
     """Caffe's GradientChecker, stricter about what a backward writes: a bottom diff must be
     overwritten (the checker fills it with NaN first, so a backward that adds into the old gradient or
     skips elements fails), and a parameter diff must be accumulated into (the checker seeds it with
-    PARAM_DIFF_SEED and takes the gradient as the increase), as Caffe's solvers rely on both."""
+    PARAM_DIFF_SEED and takes the gradient as the increase). A Net relies on both: it never clears
+    bottom diffs, and a parameter shared by layers or trained with iter_size > 1 sums its gradients."""
 
     PARAM_DIFF_SEED = 0.5
 
@@ -137,15 +138,16 @@ class GradientChecker:
     def _check(self, layer, bottom, top, check_bottom, top_id, top_index, element_wise=False):
         propagate = [check_bottom is None or check_bottom == i for i in range(len(bottom))]
         params, bottoms = self._analytic(layer, bottom, top, propagate, top_id, top_index)
-        checked: list[tuple[str, Blob, np.ndarray]] = []
+        # (name, blob, analytic gradient, whether it is a bottom)
+        checked: list[tuple[str, Blob, np.ndarray, bool]] = []
         if not element_wise:
-            checked += [(f"param blob {i}", blob, params[i]) for i, blob in enumerate(layer.blobs)]
-        checked += [(f"bottom {i}", blob, bottoms[i]) for i, blob in enumerate(bottom) if propagate[i]]
+            checked += [(f"param blob {i}", blob, params[i], False) for i, blob in enumerate(layer.blobs)]
+        checked += [(f"bottom {i}", blob, bottoms[i], True) for i, blob in enumerate(bottom) if propagate[i]]
 
-        for what, blob, analytic in checked:
+        for what, blob, analytic, is_bottom in checked:
             # The kink is a point of the layer's input where its function is not smooth; a
             # parameter (a PReLU slope, a Scale factor) near that value is checked all the same.
-            skip_kinks = self.kink_range >= 0 and what.startswith("bottom")
+            skip_kinks = is_bottom and self.kink_range >= 0
             indices = [top_index] if element_wise else range(blob.count)
             for j in indices:
                 x = float(blob.data.flat[j])
