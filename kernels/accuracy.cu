@@ -1,5 +1,7 @@
 // Accuracy (top-k), Caffe's rule: a target is correct when fewer than top_k classes score strictly
-// higher than the true class (so ties count in the label's favour).
+// higher than the true class (so ties count in the label's favour). Unlike Caffe, a NaN among a
+// target's scores makes it wrong: every comparison with NaN is false, so otherwise nothing would score
+// higher than a NaN and a diverged net would report 100% accuracy.
 //
 // scores viewed as (outer, channels, inner); label as (outer, inner). Per target it writes
 // correct[i] (1 or 0) and cls[i]: the label for a counted target, `channels` for an ignored one (a
@@ -28,7 +30,8 @@ KERNEL void accuracy_forward(const int outer, const int channels, const int inne
     }
     for (int c = 0; c < channels; ++c) {
       const real* sc = sp + (size_t)c * inner;
-      INNER_LOOP(j, inner) { cp[j] += real(sc[j] > tp[j]); }
+      // A NaN score (the label's own included: c == label) adds `channels`, which no top_k reaches.
+      INNER_LOOP(j, inner) { cp[j] += sc[j] != sc[j] ? real(channels) : real(sc[j] > tp[j]); }
     }
     INNER_LOOP(j, inner) {
       const int l = clsp[j];

@@ -10,6 +10,7 @@ import pytest
 
 import minicaffe
 from minicaffe.blob import Blob
+from minicaffe.commands.parse_log import parse_log
 from minicaffe.testing import layer_from_prototxt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,10 +66,29 @@ def run_layer(text: str, *arrays, num_top: int = 1, dtype=np.float64, phase=mini
 
 
 def backward_layer(layer, bottom, top, top_diffs, propagate_down=None):
-    """Set the top diffs, clear param diffs, run backward; returns bottom diffs (copies)."""
+    """Set the top diffs, clear param diffs, run backward; returns bottom diffs (copies).
+
+    Propagated bottom diffs that are not a top's diff start as NaN, so a backward that adds into the
+    old gradient (instead of overwriting it, as Caffe's layers do) or skips elements shows."""
+    propagate_down = propagate_down or [True] * len(bottom)
+    for blob, down in zip(bottom, propagate_down):
+        if down and not any(np.shares_memory(blob.diff, t.diff) for t in top):
+            blob.diff[...] = np.nan
     for blob, diff in zip(top, top_diffs):
         blob.diff[...] = diff
     for blob in layer.blobs:
         blob.diff[...] = 0
-    layer.backward(top, propagate_down or [True] * len(bottom), bottom)
+    layer.backward(top, propagate_down, bottom)
     return [np.array(b.diff) for b in bottom]
+
+
+def assert_loss_fell(log: Path) -> None:
+    """The training log shows a net that learned: every train and test `loss` output is finite, and the
+    last is well below the first. Accuracy alone cannot tell: NaN scores count as correct in Caffe, and
+    a net whose loss sticks at 87.3365 (-log of the smallest float) once passed the accuracy tests."""
+    train, test = parse_log(log)
+    for kind, rows, factor in (("train", train, 0.25), ("test", test, 0.5)):
+        losses = [row["loss"] for row in rows if "loss" in row]
+        assert len(losses) >= 2, f"fewer than two {kind} losses in {log}"
+        assert all(np.isfinite(losses)), f"{kind} losses {losses}"
+        assert losses[-1] < factor * losses[0], f"{kind} loss did not fall: {losses}"

@@ -227,6 +227,25 @@ def test_relu_forward_hand_checked(dtype):
     np.testing.assert_array_equal(out["y"], [[-1.0, -0.25, 0.0, 3.0]])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("text, dx", [
+    ('type: "ReLU"', [0.0, 0.0, 0.0, 4.0]),
+    ('type: "ReLU" relu_param { negative_slope: 0.25 }', [1.0, 1.0, 1.0, 4.0]),
+])
+def test_relu_backward_at_zero_takes_the_negative_side(text, dx, in_place, dtype):
+    """Caffe: dx = dy * ((x > 0) + negative_slope * (x <= 0)), so x == 0 (and -0) gets the slope."""
+    layer = layer_from_prototxt(text, dtype=dtype)
+    bottom = Blob((4,), dtype)
+    bottom.data[...] = [-2.0, -0.0, 0.0, 3.0]
+    top = bottom if in_place else Blob((), dtype)
+    layer.setup([bottom], [top])
+    layer.run_forward([bottom], [top])
+    top.diff[...] = 4.0
+    layer.run_backward([top], [True], [bottom])
+    np.testing.assert_array_equal(bottom.diff, dx)
+
+
 @pytest.mark.parametrize("slope", [0.0, 0.1, -0.4])
 def test_relu_in_place_equals_not_in_place(slope):
     x = np.random.default_rng(3).normal(size=(2, 3, 5))

@@ -293,7 +293,7 @@ def test_data_float_datum(tmp_path, dtype):
 
 
 def test_data_encoded_png(tmp_path):
-    image_module = pytest.importorskip("PIL.Image")
+    from PIL import Image as image_module  # Pillow: matplotlib's dependency, so in the [test] extra
     rgb = np.random.default_rng(5).integers(0, 256, (4, 3, 3)).astype(np.uint8)  # H, W, RGB
     buffer = pyio.BytesIO()
     image_module.fromarray(rgb).save(buffer, format="PNG")
@@ -431,7 +431,7 @@ def test_net_resumed_reads_the_same_batches(tmp_path):
 # -- HDF5Data --------------------------------------------------------------------------------------
 
 def hdf5_files(tmp_path, rows=(3, 5)):
-    h5py = pytest.importorskip("h5py")
+    import h5py
     names, data, label = [], [], []
     start = 0
     for k, n in enumerate(rows):

@@ -153,8 +153,11 @@ def test_prod_gradient_with_a_zero_input():
     np.testing.assert_array_equal(db, [0.0, 2.0])
 
 
-@pytest.mark.parametrize("text", [SUM, sum_text([0.5, -2.0, 1.5]), PROD, PROD_UNSTABLE, MAX])
-def test_backward_matches_numpy(text):
+@pytest.mark.parametrize("text, coeffs", [
+    # SUM's expected coefficients are the prototxt's numbers (1 each by default), not the layer's.
+    (SUM, [1.0, 1.0, 1.0]), (sum_text([0.5, -2.0, 1.5]), [0.5, -2.0, 1.5]),
+    (PROD, None), (PROD_UNSTABLE, None), (MAX, None)])
+def test_backward_matches_numpy(text, coeffs):
     rng = np.random.default_rng(6)
     xs = [rng.uniform(0.5, 2.0, (2, 3, 4)) * rng.choice([-1, 1], (2, 3, 4)) for _ in range(3)]
     dy = rng.normal(size=xs[0].shape)
@@ -166,7 +169,6 @@ def test_backward_matches_numpy(text):
     elif "PROD" in text:
         want = [dy * np.prod([x for j, x in enumerate(xs) if j != i], axis=0) for i in range(3)]
     else:
-        coeffs = layer.coeffs
         want = [c * dy for c in coeffs]
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-15)

@@ -295,6 +295,20 @@ def test_accuracy_on_last_axis():
     np.testing.assert_allclose(top[0].data, accuracy_reference(scores, labels, axis=2)[0], rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_accuracy_nan_scores_are_never_correct(dtype, top_k):
+    # A diverged net: NaN compares false with everything, so "fewer than top_k scores beat the label"
+    # would hold for a NaN row (Caffe counts it as correct); here it never does.
+    nan = float("nan")
+    scores = [[nan, nan, nan], [0.1, nan, 0.2], [nan, 0.9, 0.1], [0.2, 0.7, 0.1]]
+    labels = [0, 2, 1, 1]  # all NaN; NaN elsewhere; NaN elsewhere; finite and right
+    _, _, top = run_layer(f'type: "Accuracy" accuracy_param {{ top_k: {top_k} }}', scores, labels,
+                          num_top=2, dtype=dtype)
+    assert float(top[0].data) == 1 / 4
+    np.testing.assert_array_equal(top[1].data, [0, 1 / 2, 0])
+
+
 def test_accuracy_everything_ignored_is_zero():
     _, _, top = run_layer('type: "Accuracy" accuracy_param { ignore_label: 1 }', SCORES, [1, 1, 1, 1],
                           num_top=2)

@@ -3,7 +3,8 @@
 `minicaffe convert-mnist` turns $MINICAFFE_SHARED/data/mnist's t10k set into a training LMDB (first 8,000
 images) and a test LMDB (last 2,000); then `minicaffe train` runs copies of models/lenet_prelu and
 models/lenet whose only changes are the data paths and snapshot_prefix (benchmarks/train_mnist.py does
-the same and records accuracy and wall time in BENCHMARKS.md). Slow: about a minute or two per model on
+the same and records accuracy and wall time in BENCHMARKS.md). The logged losses must be finite and
+fall: accuracy alone passed a net whose loss was stuck at 87.3365. Slow: about a minute or two per model on
 two cores. Skips when the shared data is absent (conftest.shared_data).
 """
 
@@ -13,6 +14,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import assert_loss_fell
 
 from minicaffe import io
 from minicaffe.proto import caffe_pb2
@@ -71,6 +73,7 @@ def test_lenet_reaches_98_percent(model, mnist_lmdbs):
         assert getattr(used, field) == getattr(shipped, field)
     assert result["iterations"] == 2000 == shipped.max_iter
     assert result["accuracy"] >= 0.98, result["log"].read_text()[-3000:]
+    assert_loss_fell(result["log"])
     assert (work / model / f"{model}_iter_2000.caffemodel").is_file()
     print(f"{model}: test accuracy {result['accuracy']:.4f} after {result['iterations']} iterations, "
           f"{result['wall_s']:.0f} s")

@@ -163,7 +163,7 @@ def test_save_and_reload_round_trip(mtcnn_dir, tmp_path):
 
 
 def test_det1_on_the_real_test_image(mtcnn_dir):
-    image = pytest.importorskip("PIL.Image")
+    from PIL import Image as image  # Pillow: matplotlib's dependency, so in the [test] extra
     pixels = np.asarray(image.open(mtcnn_dir / "test1.jpg").convert("RGB"), np.float64)
     patch = pixels[:120, :160]
     # MTCNN's MATLAB code fed images transposed (W and H swapped) and as BGR? It used RGB -> keep RGB.

@@ -169,6 +169,26 @@ def test_gradient_check_catches_a_wrong_slope_gradient():
         GradientChecker(stepsize=1e-3, threshold=1e-6, kink_range=1e-2).check_gradient(layer, bottom, top)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_slopes_at_zero_are_gradient_checked(shared):
+    """The checker's kink skip (bottoms near 0) must not skip a slope that is 0 or near it."""
+    rng = np.random.default_rng(10)
+    x = away_from_zero(rng, (2, 3, 2))
+    slopes = np.float64(0.0) if shared else [0.0, 1e-3, -1e-3]
+    checker = GradientChecker(stepsize=1e-3, threshold=1e-6, kink=0.0, kink_range=1e-2)
+    layer, bottom, top = make_layer(SHARED if shared else CHANNELWISE, x, slopes)
+    checker.check_gradient(layer, bottom, top)
+    original = layer.backward
+
+    def wrong(top_, propagate_down, bottom_):
+        original(top_, propagate_down, bottom_)
+        layer.blobs[0].diff[...] *= 1.01
+
+    layer.backward = wrong
+    with pytest.raises(AssertionError, match="param blob 0 element 0 \\(value 0\\)"):
+        checker.check_gradient(layer, bottom, top)
+
+
 def test_slope_gradient_accumulates_and_respects_param_propagate_down():
     rng = np.random.default_rng(9)
     x = away_from_zero(rng, (3, 2, 4))

@@ -266,7 +266,7 @@ def test_netspec_layers_and_params_are_exposed():
 # -- caffe.io ---------------------------------------------------------------------------------------
 
 def test_classification_script_with_transformer(model, tmp_path):
-    pil = pytest.importorskip("PIL.Image")
+    from PIL import Image as pil  # Pillow: matplotlib's dependency, so in the [test] extra
     rgb = (np.arange(4 * 4 * 3).reshape(4, 4, 3) * 5).astype(np.uint8)
     pil.fromarray(rgb).save(tmp_path / "cat.png")
 

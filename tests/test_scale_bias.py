@@ -13,7 +13,7 @@ from minicaffe.blob import Blob
 from minicaffe.layer import LayerError, create_layer
 from minicaffe.net import Net
 from minicaffe.proto import caffe_pb2
-from minicaffe.testing import blobs_from_arrays, check_layer, layer_from_prototxt
+from minicaffe.testing import GradientChecker, blobs_from_arrays, check_layer, layer_from_prototxt
 
 X_SHAPE = (2, 3, 4, 2)
 # (prototxt params, axis the learned blob starts at, its shape): covers num_axes 0 / 1 / 2 / -1,
@@ -142,6 +142,24 @@ def test_scale_gradient_two_bottoms(axis, shape, bias_term):
     layer = layer_from_prototxt(f'type: "Scale" scale_param {{ axis: {axis} bias_term: {bias} '
                                 'bias_filler { type: "uniform" min: -1 max: 1 } }')
     check_layer(layer, [rng.normal(size=(2, 3, 2, 2)), rng.normal(size=shape)], stepsize=1e-3, threshold=1e-6)
+
+
+def test_scale_factors_at_zero_are_gradient_checked():
+    """A checker told to skip inputs near 0 (kink_range) still checks scale factors that are 0."""
+    rng = np.random.default_rng(12)
+    layer, bottom, top = make('type: "Scale"', [rng.normal(size=(2, 3, 2))])
+    layer.blobs[0].data[...] = [0.0, 1e-3, -2.0]
+    checker = GradientChecker(stepsize=1e-3, threshold=1e-6, kink=0.0, kink_range=1e-2)
+    checker.check_gradient(layer, bottom, top)
+    original = layer.backward
+
+    def wrong(top_, propagate_down, bottom_):
+        original(top_, propagate_down, bottom_)
+        layer.blobs[0].diff[:2] *= 1.01  # only the factors at and near 0 are wrong
+
+    layer.backward = wrong
+    with pytest.raises(AssertionError, match="param blob 0 element 0 \\(value 0\\)"):
+        checker.check_gradient(layer, bottom, top)
 
 
 def test_scale_gradient_values():

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_loss_fell
 
 from minicaffe import cli, example, io
 from minicaffe.proto import caffe_pb2
@@ -67,6 +68,8 @@ def test_quickstart_trains_and_reports_accuracy(tmp_path, monkeypatch, capsys):
     last_test = re.findall(r"Test net output #0: accuracy = ([\d.]+)", err)[-1]
     assert float(last_test) * 100 == pytest.approx(accuracy, abs=0.051)
     assert lines[-1].endswith("] Optimization Done.")
+    (tmp_path / "train.log").write_text(err)
+    assert_loss_fell(tmp_path / "train.log")
 
     # `minicaffe test` on the trained model gives the same accuracy on the same 297 images.
     model = tmp_path / "qs" / "digits_iter_600.caffemodel"
@@ -85,6 +88,8 @@ def test_quickstart_verb(tmp_path, capsys):
     assert code == 0, err
     assert "Final test accuracy: " in out
     assert (tmp_path / "digits_train_test.prototxt").is_file()
+    (tmp_path / "train.log").write_text(err)
+    assert_loss_fell(tmp_path / "train.log")
 
 
 def test_train_logs_snapshots_and_flag_spellings(work, tmp_path, capsys):
@@ -300,3 +305,24 @@ layer { name: "same" type: "Power" bottom: "loss" top: "loss" power_param { powe
     mean = re.search(r"\] loss = ([\d.e+-]+) \(\* 1 = ([\d.e+-]+) loss\)$", err, re.M)
     assert len(batches) == 2 and mean, err
     assert float(mean.group(1)) == pytest.approx(sum(batches) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("losses, message", [
+    ([2.3, 1.1, 0.2], None),
+    ([87.3365, 87.3365, 87.3365], "train loss did not fall"),  # -log(FLT_MIN): every prediction wrong
+    ([2.3, float("nan"), float("nan")], "train losses"),
+])
+def test_assert_loss_fell_reads_the_log(losses, message, tmp_path):
+    stamp = "I1130 13:18:04.802437 19779 solver.cpp:259]"
+    lines = []
+    for i, loss in enumerate(losses):
+        lines += [f"{stamp} Iteration {100 * i}, Testing net (#0)",
+                  f"{stamp}     Test net output #0: loss = {2.3 / (i + 1)} (* 1 = {2.3 / (i + 1)} loss)",
+                  f"{stamp} Iteration {100 * i} (1 iter/s, 1s/100 iters), loss = {loss}",
+                  f"{stamp}     Train net output #0: loss = {loss} (* 1 = {loss} loss)"]
+    (tmp_path / "train.log").write_text("\n".join(lines) + "\n")
+    if message is None:
+        assert_loss_fell(tmp_path / "train.log")
+    else:
+        with pytest.raises(AssertionError, match=message):
+            assert_loss_fell(tmp_path / "train.log")
