@@ -97,7 +97,7 @@ def _quiet_log():
 # -- the pair and its files ------------------------------------------------------------------------
 
 def test_snapshot_writes_the_caffemodel_whole_before_the_solverstate(tmp_path, monkeypatch):
-    solver = Solver(write_solver(tmp_path))
+    solver = Solver(write_solver(tmp_path, snapshot=0))
     solver.step(2)
     events = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -125,9 +125,9 @@ def test_snapshot_writes_the_caffemodel_whole_before_the_solverstate(tmp_path, m
     assert pair.iter == 2 and pair.learned_net == str(tmp_path / model)
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=lambda mask: f"umask{mask:03o}")
 def test_written_files_respect_the_umask(umask, tmp_path):
-    solver = Solver(write_solver(tmp_path))
+    solver = Solver(write_solver(tmp_path, snapshot=0))
     previous = os.umask(umask)
     try:
         model, state = solver.snapshot()
@@ -143,12 +143,12 @@ def test_written_files_respect_the_umask(umask, tmp_path):
 
 
 def test_restore_detects_a_missing_or_mismatched_pair(tmp_path):
-    solver = Solver(write_solver(tmp_path))
+    solver = Solver(write_solver(tmp_path, snapshot=0))
     solver.step(2)
     model_2, state_2 = solver.snapshot()
     solver.step(1)
     model_3, state_3 = solver.snapshot()
-    other = Solver(write_solver(tmp_path))
+    other = Solver(write_solver(tmp_path, snapshot=0))
     # A .solverstate whose caffemodel is gone (deleted, or never written).
     os.unlink(model_3)
     with pytest.raises(SolverError, match=r"tiny_iter_3.solverstate: its learned_net '.*tiny_iter_3"
@@ -368,7 +368,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_snapshots(small_disk,
 def test_a_failed_write_names_the_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     """ENOSPC simulated where a real disk reports it late (at fsync, e.g. NFS or delayed allocation):
     for the solverstate, after its caffemodel was written."""
-    solver = Solver(write_solver(tmp_path))
+    solver = Solver(write_solver(tmp_path, snapshot=0))
     solver.step(1)
     model_1, state_1 = solver.snapshot()
     before = Path(model_1).read_bytes(), Path(state_1).read_bytes()
@@ -393,7 +393,7 @@ def test_a_failed_write_names_the_file_and_leaves_no_temporary_file(tmp_path, mo
     assert not (tmp_path / "tiny_iter_2.solverstate").exists()
     # The caffemodel written before the failure has no solverstate: the previous pair is the one to use.
     assert (tmp_path / "tiny_iter_2.caffemodel").is_file()
-    Solver(write_solver(tmp_path)).restore(state_1)
+    Solver(write_solver(tmp_path, snapshot=0)).restore(state_1)
 
 
 # -- item 8: one line, never a traceback -------------------------------------------------------------
