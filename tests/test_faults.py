@@ -255,7 +255,7 @@ def test_second_run_is_refused_and_sigterm_writes_a_snapshot(tmp_path):
 
 # -- SIGKILL at random moments of snapshotting -----------------------------------------------------
 
-def wait_for(predicate, process: subprocess.Popen, timeout: float = 30.0) -> None:
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 30.0, poll: float = 0.001) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if process.poll() is not None:
@@ -263,7 +263,7 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 30.0) -> Non
         if time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"nothing happened in {timeout}s: {process.stderr.read()}")
-        time.sleep(0.001)
+        time.sleep(poll)
 
 
 def test_sigkill_during_snapshotting_leaves_every_snapshot_loadable_and_resumable(tmp_path):
@@ -286,7 +286,7 @@ def test_sigkill_during_snapshotting_leaves_every_snapshot_loadable_and_resumabl
                      process)
             assert not left_before & set(temps(tmp_path)), "stale temporary files not cleaned at start"
             if round_ % 2:
-                wait_for(lambda: temps(tmp_path), process)
+                wait_for(lambda: temps(tmp_path), process, poll=0)  # a temporary file lives for ms or less
             else:
                 time.sleep(chance.uniform(0, 0.05))
             process.send_signal(signal.SIGKILL)
