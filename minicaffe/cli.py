@@ -3,13 +3,22 @@
 Each subcommand lives in its own module under minicaffe/commands/ with two functions:
 ``add_arguments(parser)`` and ``run(args) -> int``. Flags follow Caffe's tool: `--solver X`,
 `--solver=X` and Caffe's single-dash `-solver X` are all accepted.
+
+Errors never show a Python traceback: main() turns any exception of a command into one line,
+``minicaffe COMMAND: error: ...`` (the modules' messages name the file, line, layer or field), and exit
+status 1; `--debug` prints the traceback as well.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
+
+from .backend import BackendError
+from .kernel import KernelError
 
 # subcommand -> (module under minicaffe.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -41,6 +50,8 @@ def _caffe_style(argv: list[str]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minicaffe", description=__doc__.splitlines()[0])
+    debug_help = "on an error, print the Python traceback as well as the one-line message"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(f"minicaffe.commands.{module_name}")
@@ -48,17 +59,34 @@ def build_parser() -> argparse.ArgumentParser:
         aliases = [name.replace("_", "-")] if "_" in name else []
         command = sub.add_parser(name, help=help_text, description=help_text, aliases=aliases)
         module.add_arguments(command)
+        # Also after the command; SUPPRESS: not given there, it keeps the value of `minicaffe --debug`.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
         command.set_defaults(_run=module.run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .backend import BackendError
-    from .io import FormatError
-    from .kernel import KernelError
-    from .layer import LayerError
-    from .net import NetError
+# The errors of bad input or of the system (a file, a device, the kernel compiler): their message is
+# the report (FormatError, NetError, LayerError, SolverError, DBError, ... are ValueErrors). Any other
+# exception is a bug, reported as such, in one line too.
+EXPECTED_ERRORS = (ValueError, OSError, BackendError, KernelError)
 
+
+def error_line(error: BaseException) -> str:
+    """One line for `error`: its message, the file first for an OSError that names one."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        files = f"{error.filename} -> {error.filename2}" if error.filename2 is not None else error.filename
+        text = f"{files}: {error.strerror}"
+    elif isinstance(error, MemoryError):
+        text = f"out of memory{': ' + str(error) if str(error) else ''} (a size too large for this machine?)"
+    elif isinstance(error, EXPECTED_ERRORS):
+        text = str(error) or type(error).__name__
+    else:
+        text = f"internal error: {type(error).__name__}: {error} (run again with --debug for the traceback)"
+    text = " | ".join(part.strip() for part in text.splitlines() if part.strip())
+    return text if len(text) <= 2000 else text[:2000] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_caffe_style(list(sys.argv[1:] if argv is None else argv)))
     if not getattr(args, "_run", None):
@@ -66,12 +94,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (FormatError, NetError, LayerError, KernelError, BackendError, OSError, ValueError) as error:
-        print(f"minicaffe {args.command}: error: {error}", file=sys.stderr)
+    except BrokenPipeError:
+        # The reader of our output has gone (`minicaffe params ... | head`): nothing to tell it, and
+        # nothing left for Python to flush into the closed pipe at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
         print(f"minicaffe {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"minicaffe {args.command}: error: {error_line(error)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

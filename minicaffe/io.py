@@ -10,8 +10,9 @@ and ``from minicaffe.io import load_image`` all work as with pycaffe.
 
 from __future__ import annotations
 
+import errno
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 from google.protobuf import message, text_format
@@ -92,19 +93,61 @@ def read_solver_param(path) -> caffe_pb2.SolverParameter:
     return read_text(path, caffe_pb2.SolverParameter())
 
 
+TEMP_SUFFIX = ".tmp"  # write_atomic's temporary files: .<target name>.<random>.tmp
+
+
 def write_atomic(path, data: bytes) -> None:
-    """Write via a temporary file in the same folder, then rename over the target."""
+    """Write via a temporary file in the same folder, then rename over the target.
+
+    The data is fsync'd before the rename and the folder after it, so after a crash or a power cut the
+    target is the old file or the new one, whole. The file's mode is what a plain open() gives (0666
+    less the umask, which the kernel applies; mkstemp would make it 0600). An OSError (a full disk, ...)
+    names the target."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        _fsync_folder(path.parent)
+    except BaseException as error:
+        if tmp is not None and os.path.lexists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise OSError(error.errno, f"cannot write ({error.strerror or error})", str(path)) from None
         raise
+
+
+def temp_files(prefix) -> list[Path]:
+    """The temporary files write_atomic leaves behind when killed, for targets whose name starts with
+    the file name of `prefix` (e.g. a snapshot_prefix), in prefix's folder: ``.<name>...tmp``."""
+    prefix = Path(prefix)
+    folder, start = prefix.parent, f".{prefix.name}"
+    try:
+        names = [p for p in folder.iterdir() if p.name.startswith(start) and p.name.endswith(TEMP_SUFFIX)]
+    except OSError:  # no folder yet: nothing left behind
+        return []
+    return sorted(p for p in names if p.is_file() and not p.is_symlink())
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX: fsync the directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a folder we may write but not read: the rename stands, only less durable
+        return
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # a file system without it
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_binary(path, msg) -> None:

@@ -36,6 +36,7 @@ call BLAS. The solver does not change the CPU/GPU mode; ``minicaffe train`` does
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -598,8 +599,10 @@ class Solver:
         return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
 
     def snapshot(self) -> tuple[str, str]:
-        """Write <prefix>_iter_N.caffemodel and <prefix>_iter_N.solverstate; returns both paths.
-        Each file is written to a temporary name and renamed, so a crash leaves no half-written file."""
+        """Write <prefix>_iter_N.caffemodel, then <prefix>_iter_N.solverstate naming it; returns both paths.
+        Each file is written to a temporary name, fsync'd and renamed (io.write_atomic), and the
+        caffemodel is complete on disk before the solverstate exists: a kill or a full disk at any moment
+        leaves every .solverstate with its caffemodel, and the previous snapshots as they were."""
         model = self.snapshot_filename(".caffemodel")
         log.info(f"Snapshotting to binary proto file {model}", "solver.cpp:464")
         io.write_binary(model, self.net.to_proto(write_diff=self.param.snapshot_diff))
@@ -613,7 +616,9 @@ class Solver:
 
     def restore(self, state_file) -> None:
         """Continue from a .solverstate: iteration, schedule position, history and the weights of its
-        learned_net (looked up as written, else beside the .solverstate)."""
+        learned_net (looked up as written, else beside the .solverstate). A learned_net that is missing,
+        or whose _iter_N name is another iteration than the state's, is an error: the pair is not one
+        snapshot."""
         state_file = Path(state_file)
         if state_file.suffix == ".h5":
             raise SolverError(f"{state_file}: HDF5 solver states are not supported (use .solverstate)")
@@ -623,7 +628,15 @@ class Solver:
                 f"{state_file}: has {len(state.history)} history blobs, the {self.type} solver of this net "
                 f"needs {len(self.history)} (a state of another net or solver type?)")
         if state.HasField("learned_net"):
-            self.net.copy_from(learned_net_path(state_file, state.learned_net))
+            model = learned_net_path(state_file, state.learned_net)
+            if not model.is_file():
+                raise SolverError(f"{state_file}: its learned_net '{state.learned_net}' is missing (looked "
+                                  f"for it as written and beside the .solverstate)")
+            named = snapshot_iteration(model)
+            if named is not None and named != state.iter:
+                raise SolverError(f"{state_file}: is iteration {state.iter} but its learned_net '{model}' is "
+                                  f"iteration {named}: not one snapshot")
+            self.net.copy_from(model)
         for i, (blob, proto) in enumerate(zip(self.history, state.history)):
             try:
                 blob.from_proto(proto, reshape=False, where=f"{state_file}: history blob {i}")
@@ -632,6 +645,78 @@ class Solver:
         self.iter = state.iter
         self.current_step = state.current_step
         log.info("SGDSolver: restoring history", "sgd_solver.cpp:335")
+
+
+def snapshot_iteration(path) -> int | None:
+    """N of a snapshot file named <prefix>_iter_N.caffemodel / .solverstate, else None."""
+    _, marker, number = Path(path).stem.rpartition("_iter_")
+    return int(number) if marker and number.isdigit() else None
+
+
+class SnapshotLock:
+    """``<snapshot_prefix>.lock``, held while a run writes snapshots there, so that a second run on the
+    same prefix is refused (naming the first one's process) instead of interleaving its snapshots.
+
+    It is an flock: the kernel releases it when its holder dies, so the file a killed run leaves behind
+    blocks nothing. Once it is held, the temporary files a killed run left (io.write_atomic's, of this
+    prefix's snapshots) are removed: no other run can be writing them. Use as a context manager."""
+
+    def __init__(self, snapshot_prefix: str):
+        self.prefix = snapshot_prefix
+        self.path = Path(f"{snapshot_prefix}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl  # POSIX only, as flock
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 256).decode(errors="replace").strip() or "a process starting up"
+                os.close(fd)
+                raise SolverError(f"snapshot_prefix '{self.prefix}' is in use by another run ({holder}; "
+                                  f"lock file {self.path}): wait for it to end or use another "
+                                  "snapshot_prefix") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # Its previous holder removes the file on release: if that happened between our open and our
+            # flock, we hold a lock on a file nobody else will look at; open the current one again.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
+        self._fd = fd
+        for leftover in io.temp_files(f"{self.prefix}_iter_"):
+            log.info(f"Removing {leftover}, left by an interrupted snapshot", "solver.cpp:445")
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError as error:
+                log.warning(f"cannot remove {leftover}: {error.strerror}", "solver.cpp:447")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        # Removed while still held (see acquire), so that no run ever locks a file about to disappear.
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> SnapshotLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 # -- the update rules (Caffe's *_solver.cpp) -------------------------------------------------------

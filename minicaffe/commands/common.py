@@ -96,11 +96,12 @@ def stages(args: argparse.Namespace) -> list[str]:
 # -- signals ------------------------------------------------------------------------------------------
 
 class SignalHandler:
-    """Caffe's SignalHandler: SIGINT / SIGHUP become solver actions checked between iterations.
-    A second Ctrl-C while the first is pending (or after a stop) interrupts at once."""
+    """Caffe's SignalHandler: SIGINT / SIGHUP (and SIGTERM, which Caffe leaves to kill the process)
+    become solver actions checked between iterations. A second Ctrl-C, or a second signal whose effect
+    is stop, while the first is pending (or after a stop) interrupts at once."""
 
-    def __init__(self, sigint_effect: str, sighup_effect: str):
-        self.effects = {signal.SIGINT: EFFECTS[sigint_effect]}
+    def __init__(self, sigint_effect: str, sighup_effect: str, sigterm_effect: str = "stop"):
+        self.effects = {signal.SIGINT: EFFECTS[sigint_effect], signal.SIGTERM: EFFECTS[sigterm_effect]}
         if hasattr(signal, "SIGHUP"):
             self.effects[signal.SIGHUP] = EFFECTS[sighup_effect]
         self.pending: list[str] = []
@@ -108,10 +109,11 @@ class SignalHandler:
         self.previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and (self.stopping or STOP in self.pending or SNAPSHOT in self.pending):
+        effect = self.effects[signum]
+        busy = self.stopping or STOP in self.pending or SNAPSHOT in self.pending
+        if busy and (signum == signal.SIGINT or effect == STOP):
             raise KeyboardInterrupt
         # Only record it: the handler may interrupt the main thread anywhere (even inside a log write).
-        effect = self.effects[signum]
         if effect != NONE:
             self.pending.append(effect)
 
@@ -121,7 +123,8 @@ class SignalHandler:
         effect = self.pending.pop(0)
         if effect == STOP:
             self.stopping = True
-            log.info("Stopping: signal received (Ctrl-C again to quit at once)", "signal_handler.cpp:40")
+            log.info("Stopping: signal received (Ctrl-C or the signal again to quit at once)",
+                     "signal_handler.cpp:40")
         return effect
 
     def __enter__(self) -> SignalHandler:

@@ -3,8 +3,12 @@
 Trains the solver's net, logging in Caffe's format to stderr (plus a progress line on a terminal).
 `--snapshot` resumes from a .solverstate; `--weights` starts from (comma-separated) .caffemodel files.
 Without --gpu the solver's solver_mode decides, as in Caffe (CPU unless the file says GPU; when it
-says GPU and none is usable, minicaffe warns and trains on the CPU). Ctrl-C stops after the current
-iteration and writes a snapshot (Caffe's --sigint_effect stop); SIGHUP snapshots and goes on.
+says GPU and none is usable, minicaffe warns and trains on the CPU). Ctrl-C, and SIGTERM (what Slurm
+and Kubernetes send), stop after the current iteration and write a snapshot (Caffe's --sigint_effect
+stop); SIGHUP snapshots and goes on.
+
+Nothing already saved is lost: snapshots are written whole or not at all (see Solver.snapshot), and
+`<snapshot_prefix>.lock` refuses a second run on the same snapshot_prefix while this one runs.
 
 `--solver quickstart` trains the embedded example: a small conv net on scikit-learn's 8x8 digits,
 converted to LMDB on first use; it runs offline in well under a minute on a CPU.
@@ -19,7 +23,7 @@ from pathlib import Path
 from .. import log
 from ..example import default_work_dir, quickstart_solver, report
 from ..proto import caffe_pb2
-from ..solver import Solver, read_solver
+from ..solver import SnapshotLock, Solver, read_solver
 from ..watch import watch_solver
 from . import common
 
@@ -41,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", "--work_dir", dest="work_dir", default=None,
                         help=f"with --solver {QUICKSTART}: folder for its LMDBs and trained model "
                              f"(default {default_work_dir()})")
-    for name, default, what in (("sigint_effect", "stop", "Ctrl-C"), ("sighup_effect", "snapshot", "SIGHUP")):
+    for name, default, what in (("sigint_effect", "stop", "Ctrl-C"), ("sighup_effect", "snapshot", "SIGHUP"),
+                                ("sigterm_effect", "stop", "SIGTERM")):
         parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=default,
                             choices=sorted(common.EFFECTS), help=f"what {what} does (default {default})")
 
@@ -72,12 +77,20 @@ def run(args: argparse.Namespace) -> int:
     elif args.weights:
         param.ClearField("weights")
         param.weights.append(args.weights)
+    with SnapshotLock(param.snapshot_prefix):
+        solver = _solve(args, param, base_dir)
+    if quickstart:
+        report(solver, sys.stdout)
+    return 0
+
+
+def _solve(args: argparse.Namespace, param: caffe_pb2.SolverParameter, base_dir: Path) -> Solver:
     solver = Solver(param, base_dir=base_dir, source=args.solver)
     watcher = watch_solver(solver, args.watch) if args.watch else None
     if watcher is not None:
         log.info(f"Watching {', '.join(layer.name for layer in watcher.layers)} in {watcher.csv_path}",
                  "caffe.cpp:268")
-    with common.SignalHandler(args.sigint_effect, args.sighup_effect) as handler:
+    with common.SignalHandler(args.sigint_effect, args.sighup_effect, args.sigterm_effect) as handler:
         solver.set_action_function(handler.action)
         if args.snapshot:
             log.info(f"Resuming from {args.snapshot}", "caffe.cpp:258")
@@ -85,6 +98,4 @@ def run(args: argparse.Namespace) -> int:
         solver.solve(args.snapshot or None)
     if watcher is not None:
         watcher.log(solver.iter)  # the final weights (those of the last snapshot)
-    if quickstart:
-        report(solver, sys.stdout)
-    return 0
+    return solver
