@@ -5,6 +5,8 @@ Trains the solver's net, logging in Caffe's format to stderr (plus a progress li
 Without --gpu the solver's solver_mode decides, as in Caffe (CPU unless the file says GPU; when it
 says GPU and none is usable, minicaffe warns and trains on the CPU). Ctrl-C stops after the current
 iteration and writes a snapshot (Caffe's --sigint_effect stop); SIGHUP snapshots and goes on.
+A NaN or inf loss stops training with an error naming the first non-finite blob (the snapshots already
+written are kept); --allow-nan keeps training instead, as Caffe does.
 
 `--solver quickstart` trains the embedded example: a small conv net on scikit-learn's 8x8 digits,
 converted to LMDB on first use; it runs offline in well under a minute on a CPU.
@@ -41,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", "--work_dir", dest="work_dir", default=None,
                         help=f"with --solver {QUICKSTART}: folder for its LMDBs and trained model "
                              f"(default {default_work_dir()})")
+    parser.add_argument("--allow-nan", "--allow_nan", dest="allow_nan", action="store_true",
+                        help="keep training after a NaN or inf loss, warning once (Caffe's behaviour); "
+                             "by default training stops with an error naming the first non-finite blob")
     for name, default, what in (("sigint_effect", "stop", "Ctrl-C"), ("sighup_effect", "snapshot", "SIGHUP")):
         parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=default,
                             choices=sorted(common.EFFECTS), help=f"what {what} does (default {default})")
@@ -73,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         param.ClearField("weights")
         param.weights.append(args.weights)
     solver = Solver(param, base_dir=base_dir, source=args.solver)
+    solver.allow_nan = args.allow_nan
     watcher = watch_solver(solver, args.watch) if args.watch else None
     if watcher is not None:
         log.info(f"Watching {', '.join(layer.name for layer in watcher.layers)} in {watcher.csv_path}",
