@@ -16,6 +16,13 @@ What follows Caffe (solver.cpp, sgd_solver.cpp and the other *_solver.cpp), step
     AdaDelta and Adam append a second set (squared updates / second moments) after the first;
   * log lines are Caffe's (see minicaffe.log), so its log parsers work.
 
+Guards Caffe lacks: the fields are checked at start-up (a rule that would divide by zero, a schedule that
+overflows between iteration 0 and max_iter, a train net with no layers, no loss or nothing to learn are
+SolverErrors naming the field or the net). A NaN or inf loss stops training with NonFiniteLossError, naming
+the iteration and the first non-finite blob, and weights that went non-finite are not snapshotted, so the
+snapshots already written stay the last good ones; ``solver.allow_nan = True`` (``minicaffe train
+--allow-nan``) keeps Caffe's behaviour: warn once and go on.
+
 Paths in a solver file (net, train_net, test_net) are relative to the current folder, as in Caffe; when
 such a path does not exist there, it is also looked up relative to the solver file's own folder, so a
 solver and its net can travel together. snapshot_prefix stays relative to the current folder (as Caffe),
@@ -190,7 +197,8 @@ class Solver:
 
     Attributes: ``net`` (train net), ``test_nets``, ``iter``, ``param``, ``history`` (list of Blob, in
     Caffe's .solverstate order), ``smoothed_loss``, ``test_scores`` (per test net, the last test's
-    {output: mean}).
+    {output: mean}), ``allow_nan`` (False: a NaN or inf loss raises NonFiniteLossError; True: Caffe's
+    behaviour, a warning).
     """
 
     type = ""  # the registered type string of a rule subclass (register_solver)
@@ -293,14 +301,15 @@ class Solver:
         self._check_rate(_scheduled_rate(p, last, steps.get(p.lr_policy, 0)), last)
 
     def _check_rate(self, rate: float, iteration: int) -> None:
-        """Refuse a learning rate that is not a finite number of the solver's dtype."""
-        if math.isfinite(rate) and abs(rate) <= float(np.finfo(self.dtype).max):
+        """Refuse a learning rate that is not a finite number of the solver's dtype, or is negative (which
+        'inv' gives where 1 + gamma * iter < 0)."""
+        if math.isfinite(rate) and 0 <= rate <= float(np.finfo(self.dtype).max):
             return
         p = self.param
         fields = ", ".join(f"{name} {list(value) if name == 'stepvalue' else format(value, 'g')}"
                            for name, value in ((n, getattr(p, n)) for n in POLICY_FIELDS[p.lr_policy]))
         raise SolverError(f"{self._where()}: lr_policy '{p.lr_policy}' with {fields} gives learning rate "
-                          f"{rate:g} at iteration {iteration}, not a finite {self.dtype} number")
+                          f"{rate:g} at iteration {iteration}, not a finite {self.dtype} number >= 0")
 
     def _candidates(self, name: str) -> list[Path]:
         """Where a relative path of the solver file may be: from the CWD (Caffe), from the solver's
@@ -961,5 +970,6 @@ class OutputMeans:
         return out
 
 
-__all__ = ["AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "NesterovSolver", "RMSPropSolver", "SGDSolver",
-           "Solver", "SolverError", "get_solver", "learning_rate", "read_solver"]
+__all__ = ["AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "NesterovSolver", "NonFiniteLossError",
+           "RMSPropSolver", "SGDSolver", "Solver", "SolverError", "get_solver", "learning_rate",
+           "read_solver"]

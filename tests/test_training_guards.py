@@ -204,6 +204,8 @@ def test_cli_nan_is_a_one_line_error_and_allow_nan_trains(tmp_path, capsys, log_
     ('lr_policy: "inv" gamma: -0.5 power: 0.75', r"lr_policy 'inv' with base_lr 0.01, gamma -0.5, power 0.75 "
                                                  r"gives learning rate nan at iteration 9"),
     ('lr_policy: "inv" gamma: -0.125 power: 1 max_iter: 9', r"lr_policy 'inv' .* gives learning rate inf"),
+    ('lr_policy: "inv" gamma: -0.25 power: 1',
+     r"lr_policy 'inv' .* gives learning rate -0.008 at iteration 9, not a finite float32 number >= 0"),
     ('lr_policy: "poly" power: 1 max_iter: 0', r"lr_policy 'poly' needs max_iter > 0"),
     ('lr_policy: "step" stepsize: 0', r"lr_policy 'step' needs stepsize > 0"),
     ('max_iter: -1', r"max_iter must be >= 0, got -1"),
