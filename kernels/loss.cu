@@ -5,11 +5,13 @@
 // ever add into the same place.
 #include "shim.h"
 
-// FLT_MIN: Caffe clamps the probability here before the log (so float and double agree).
+// FLT_MIN: Caffe clamps the probability here before the log (so float and double agree). A NaN
+// probability is not clamped: it stays NaN, so a NaN in the data shows as a NaN loss (Caffe's
+// max(q, FLT_MIN) would log -log(FLT_MIN) = 87.3365 while the weights are already NaN).
 #define MC_FLT_MIN real(1.175494351e-38)
 
 // prob viewed as (outer, channels, inner); label as (outer, inner).
-// loss[i] = -log(max(prob[label], FLT_MIN)) and valid[i] = 1 for a counted target; both 0 for an
+// loss[i] = -log(max(prob[label], FLT_MIN)) (NaN for a NaN prob) and valid[i] = 1 for a counted target; both 0 for an
 // ignored one; valid[i] = -1 flags a label outside [0, channels) so the layer can report it.
 KERNEL void softmax_loss_forward(const int outer, const int channels, const int inner, const real* prob,
                                  const real* label, real* loss, real* valid, const int has_ignore,
@@ -29,7 +31,7 @@ KERNEL void softmax_loss_forward(const int outer, const int channels, const int 
         validp[j] = real(-1);
       } else {
         const real q = pp[(size_t)l * inner + j];
-        lossp[j] = -log(q > MC_FLT_MIN ? q : MC_FLT_MIN);
+        lossp[j] = -log(q > MC_FLT_MIN || q != q ? q : MC_FLT_MIN);
         validp[j] = real(1);
       }
     }

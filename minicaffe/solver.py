@@ -16,6 +16,13 @@ What follows Caffe (solver.cpp, sgd_solver.cpp and the other *_solver.cpp), step
     AdaDelta and Adam append a second set (squared updates / second moments) after the first;
   * log lines are Caffe's (see minicaffe.log), so its log parsers work.
 
+Guards Caffe lacks: the fields are checked at start-up (a rule that would divide by zero, a schedule that
+overflows between iteration 0 and max_iter, a train net with no layers, no loss or nothing to learn are
+SolverErrors naming the field or the net). A NaN or inf loss stops training with NonFiniteLossError, naming
+the iteration and the first non-finite blob, and weights that went non-finite are not snapshotted, so the
+snapshots already written stay the last good ones; ``solver.allow_nan = True`` (``minicaffe train
+--allow-nan``) keeps Caffe's behaviour: warn once and go on.
+
 Paths in a solver file (net, train_net, test_net) are relative to the current folder, as in Caffe; when
 such a path does not exist there, it is also looked up relative to the solver file's own folder, so a
 solver and its net can travel together. snapshot_prefix stays relative to the current folder (as Caffe),
@@ -52,6 +59,13 @@ from .proto import caffe_pb2
 SolverParameter = caffe_pb2.SolverParameter
 
 LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
+# The solver fields each lr_policy's rate depends on (named when the rate is not a finite number).
+POLICY_FIELDS = {"fixed": ("base_lr",), "step": ("base_lr", "gamma", "stepsize"), "exp": ("base_lr", "gamma"),
+                 "inv": ("base_lr", "gamma", "power"), "multistep": ("base_lr", "gamma", "stepvalue"),
+                 "poly": ("base_lr", "power", "max_iter"), "sigmoid": ("base_lr", "gamma", "stepsize")}
+# Real-valued solver fields: a NaN or inf in any of them makes every update NaN.
+FLOAT_FIELDS = ("base_lr", "gamma", "power", "momentum", "momentum2", "delta", "rms_decay", "weight_decay",
+                "clip_gradients")
 LEGACY_TYPES = {caffe_pb2.SolverParameter.SGD: "SGD", caffe_pb2.SolverParameter.NESTEROV: "Nesterov",
                 caffe_pb2.SolverParameter.ADAGRAD: "AdaGrad", caffe_pb2.SolverParameter.RMSPROP: "RMSProp",
                 caffe_pb2.SolverParameter.ADADELTA: "AdaDelta", caffe_pb2.SolverParameter.ADAM: "Adam"}
@@ -64,6 +78,12 @@ NONE, STOP, SNAPSHOT = "none", "stop", "snapshot"
 
 class SolverError(ValueError):
     """A solver definition or a solver state that cannot be used; the message says which field."""
+
+
+class NonFiniteLossError(SolverError):
+    """Training stopped at a NaN or inf loss, or at weights that became NaN or inf, because the solver's
+    ``allow_nan`` is False (the default): the message names the iteration and the first non-finite blob.
+    Nothing is written after it, so the snapshots already written are the last good ones."""
 
 
 # -- reading solver files ----------------------------------------------------------------------------
@@ -118,30 +138,49 @@ def learned_net_path(state_file, learned_net: str) -> Path:
 
 
 def learning_rate(param: SolverParameter, iteration: int, current_step: int = 0) -> tuple[float, int]:
-    """Caffe's GetLearningRate at `iteration`; returns (rate, current_step) (step/multistep move it)."""
-    policy, base_lr, gamma = param.lr_policy, param.base_lr, param.gamma
-    if policy == "fixed":
-        rate = base_lr
-    elif policy == "step":
+    """Caffe's GetLearningRate at `iteration`; returns (rate, current_step) (step/multistep move it).
+    Large numbers do not raise: a rate that overflows is inf, one with no real value (a negative base to
+    a fractional power) is NaN; the Solver refuses both, naming the fields."""
+    if param.lr_policy == "step":
         current_step = iteration // param.stepsize
-        rate = base_lr * gamma ** current_step
-    elif policy == "exp":
-        rate = base_lr * gamma ** iteration
-    elif policy == "inv":
-        rate = base_lr * (1.0 + gamma * iteration) ** (-param.power)
-    elif policy == "multistep":
+    elif param.lr_policy == "multistep":
         # One step per iteration at most, as Caffe's `if` (not `while`).
         if current_step < len(param.stepvalue) and iteration >= param.stepvalue[current_step]:
             current_step += 1
             log.info(f"MultiStep Status: Iteration {iteration}, step = {current_step}", "sgd_solver.cpp:60")
-        rate = base_lr * gamma ** current_step
-    elif policy == "poly":
-        rate = base_lr * (1.0 - iteration / param.max_iter) ** param.power
-    elif policy == "sigmoid":
-        rate = base_lr * (1.0 / (1.0 + math.exp(-gamma * (iteration - param.stepsize))))
-    else:
-        raise SolverError(f"unknown lr_policy '{policy}' (known: {', '.join(LR_POLICIES)})")
-    return rate, current_step
+    return _scheduled_rate(param, iteration, current_step), current_step
+
+
+def _scheduled_rate(param: SolverParameter, iteration: int, current_step: int) -> float:
+    """The rate of param's lr_policy at `iteration`, the step/multistep position being `current_step`."""
+    policy, base_lr, gamma = param.lr_policy, param.base_lr, param.gamma
+    try:
+        if policy == "fixed":
+            rate = base_lr
+        elif policy in ("step", "multistep"):
+            rate = base_lr * gamma ** current_step
+        elif policy == "exp":
+            rate = base_lr * gamma ** iteration
+        elif policy == "inv":
+            rate = base_lr * (1.0 + gamma * iteration) ** (-param.power)
+        elif policy == "poly":
+            rate = base_lr * (1.0 - iteration / param.max_iter) ** param.power
+        elif policy == "sigmoid":
+            # exp() overflowing means a rate of 0, as in Caffe's C++ (1 / (1 + inf)).
+            rate = base_lr * (1.0 / (1.0 + _exp(-gamma * (iteration - param.stepsize))))
+        else:
+            raise SolverError(f"unknown lr_policy '{policy}' (known: {', '.join(LR_POLICIES)})")
+    except (OverflowError, ZeroDivisionError):  # a power too large, or 0 to a negative power
+        return math.inf
+    return math.nan if isinstance(rate, complex) else float(rate)
+
+
+def _exp(x: float) -> float:
+    """math.exp, with inf where it would overflow (as C's exp)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 # -- the solver ---------------------------------------------------------------------------------------
@@ -159,12 +198,14 @@ class Solver:
 
     Attributes: ``net`` (train net), ``test_nets``, ``iter``, ``param``, ``history`` (list of Blob, in
     Caffe's .solverstate order), ``smoothed_loss``, ``test_scores`` (per test net, the last test's
-    {output: mean}).
+    {output: mean}), ``allow_nan`` (False: a NaN or inf loss raises NonFiniteLossError; True: Caffe's
+    behaviour, a warning).
     """
 
     type = ""  # the registered type string of a rule subclass (register_solver)
     history_blobs = 1  # history blobs per learnable parameter
     uses_momentum = True  # False: a nonzero momentum is an error (Caffe's AdaGrad and RMSProp)
+    uses_delta = False  # True: the rule divides by (... + delta), which must then be > 0
 
     def __new__(cls, param_or_path, dtype=np.float32, base_dir=None, source: str | None = None):
         # Solver(...) itself builds the rule the solver names (so the file is read twice, it is small).
@@ -200,6 +241,9 @@ class Solver:
         self._timer = time.monotonic()
         self.progress: log.Progress | None = None
         self._warned_non_finite = False
+        # False: a NaN or inf loss stops training with NonFiniteLossError (`minicaffe train` without
+        # --allow-nan); True: keep training after a warning, as Caffe does.
+        self.allow_nan = False
         # Caffe's layout: the first history blob of every parameter, then the second of every parameter.
         params = self.net.learnable_params
         self.history = [Blob(p.blob.shape, self.dtype) for _ in range(self.history_blobs) for p in params]
@@ -210,10 +254,22 @@ class Solver:
 
     def _check_param(self) -> None:
         p, where = self.param, self._where()
+        if not any(p.HasField(f) for f in ("net", "net_param", "train_net", "train_net_param")):
+            raise SolverError(f"{where}: no train net: give one of net, net_param, train_net, "
+                              "train_net_param")
         if not p.lr_policy:  # Caffe has no default either
             raise SolverError(f"{where}: lr_policy is not set (give one of {', '.join(LR_POLICIES)})")
         if p.lr_policy not in LR_POLICIES:
             raise SolverError(f"{where}: lr_policy {p.lr_policy!r} is not one of {', '.join(LR_POLICIES)}")
+        for name in FLOAT_FIELDS:
+            if not math.isfinite(getattr(p, name)):
+                raise SolverError(f"{where}: {name} must be a finite number, got {getattr(p, name)}")
+        if p.base_lr < 0:
+            raise SolverError(f"{where}: base_lr must be >= 0, got {p.base_lr:g}")
+        if p.max_iter < 0:
+            raise SolverError(f"{where}: max_iter must be >= 0, got {p.max_iter}")
+        if any(n < 0 for n in p.test_iter):
+            raise SolverError(f"{where}: test_iter must be >= 0, got {list(p.test_iter)}")
         if p.lr_policy in ("step", "sigmoid") and p.stepsize <= 0:
             raise SolverError(f"{where}: lr_policy '{p.lr_policy}' needs stepsize > 0")
         if p.lr_policy == "poly" and p.max_iter <= 0:
@@ -228,12 +284,33 @@ class Solver:
             raise SolverError(f"{where}: unknown regularization_type '{p.regularization_type}' (L1 or L2)")
         if not self.uses_momentum and p.momentum != 0:
             raise SolverError(f"{where}: momentum cannot be used with {self.type} (got {p.momentum})")
+        if self.uses_delta and p.delta <= 0:
+            raise SolverError(f"{where}: delta must be > 0 for {self.type} (it divides by sqrt(...) + "
+                              f"delta), got {p.delta:g}")
         if p.snapshot_format == SolverParameter.HDF5:
             raise SolverError(f"{where}: snapshot_format HDF5 is not supported; use BINARYPROTO "
                               "(the default, Caffe's .caffemodel / .solverstate)")
         if p.snapshot < 0 or p.display < 0 or p.test_interval < 0:
             raise SolverError(f"{where}: snapshot, display and test_interval must be >= 0")
         self.check_rule_param()
+        # The schedules are monotone in the iteration, so the first and the last rate that solve() uses
+        # bound them all: a schedule that overflows is refused now rather than at that iteration.
+        last = max(p.max_iter - 1, 0)
+        steps = {"step": last // p.stepsize if p.stepsize > 0 else 0,
+                 "multistep": sum(1 for value in p.stepvalue if value <= last)}
+        self._check_rate(_scheduled_rate(p, 0, 0), 0)
+        self._check_rate(_scheduled_rate(p, last, steps.get(p.lr_policy, 0)), last)
+
+    def _check_rate(self, rate: float, iteration: int) -> None:
+        """Refuse a learning rate that is not a finite number of the solver's dtype, or is negative (which
+        'inv' gives where 1 + gamma * iter < 0)."""
+        if math.isfinite(rate) and 0 <= rate <= float(np.finfo(self.dtype).max):
+            return
+        p = self.param
+        fields = ", ".join(f"{name} {list(value) if name == 'stepvalue' else format(value, 'g')}"
+                           for name, value in ((n, getattr(p, n)) for n in POLICY_FIELDS[p.lr_policy]))
+        raise SolverError(f"{self._where()}: lr_policy '{p.lr_policy}' with {fields} gives learning rate "
+                          f"{rate:g} at iteration {iteration}, not a finite {self.dtype} number >= 0")
 
     def _candidates(self, name: str) -> list[Path]:
         """Where a relative path of the solver file may be: from the CWD (Caffe), from the solver's
@@ -275,9 +352,6 @@ class Solver:
     def _init_train_net(self) -> Net:
         p = self.param
         fields = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
-        if not fields:
-            raise SolverError(f"{self._where()}: no train net: give one of net, net_param, train_net, "
-                              "train_net_param")
         if len(fields) > 1:
             raise SolverError(f"{self._where()}: give only one train net, got {', '.join(fields)}")
         if p.HasField("train_net_param"):
@@ -292,8 +366,24 @@ class Solver:
                  + (f" {getattr(p, fields[0])}" if not fields[0].endswith("param") else "."), "solver.cpp:87")
         state = caffe_pb2.NetState(phase=caffe_pb2.TRAIN)
         net = self._build_net(net_param, state, p.train_state if p.HasField("train_state") else None)
+        file = fields[0] in ("net", "train_net")
+        self._check_trainable(net, f"'{self._path(getattr(p, fields[0]))}'" if file else f"({fields[0]})")
         self._load_weights(net)
         return net
+
+    def _check_trainable(self, net: Net, what: str) -> None:
+        """Refuse a train net that would 'train' with loss 0: no layers, no loss, or nothing to learn.
+        `what` names the net: its file, or the solver field holding it."""
+        where = f"{self._where()}: the train net {what}"
+        if not net.layers:
+            raise SolverError(f"{where} has no layers in phase TRAIN (it is empty, or every "
+                              "layer is excluded by include/exclude rules): nothing to train")
+        if not any(net.blob_loss_weights.values()):
+            raise SolverError(f"{where} has no loss: no top has a nonzero loss_weight (loss "
+                              "layers such as SoftmaxWithLoss have 1 by default): nothing to train")
+        if not any(learnable.lr_mult for learnable in net.learnable_params):
+            raise SolverError(f"{where} has nothing to learn: no learnable parameter with a "
+                              "nonzero lr_mult")
 
     def _init_test_nets(self) -> list[Net]:
         p, where = self.param, self._where()
@@ -349,15 +439,56 @@ class Solver:
     def _requested_action(self) -> str:
         return self._action() if self._action is not None else NONE
 
-    def _warn_non_finite(self, loss: float) -> None:
-        """Warn once per solver when an iteration's loss is NaN or inf: from there on the parameters
-        and the smoothed loss are usually NaN too, so the first such iteration is the one to know."""
-        if math.isfinite(loss) or self._warned_non_finite:
+    def _check_finite_loss(self, loss: float) -> None:
+        """With allow_nan, warn once per solver when an iteration's loss is NaN or inf: from there on the
+        parameters and the smoothed loss are usually NaN too, so the first such iteration is the one to
+        know. Without it, stop: NonFiniteLossError names the first blob that is not finite."""
+        if math.isfinite(loss):
+            return
+        if not self.allow_nan:
+            raise NonFiniteLossError(
+                f"{self._where()}: iteration {self.iter}: loss = {log.fmt(loss)} is not finite; the first "
+                f"NaN or inf (in forward order) is in {self._first_non_finite()}. Training stopped, the "
+                "snapshots already written are kept (NaN or inf in the input data, or a diverging update: "
+                "try a lower base_lr or clip_gradients; --allow-nan keeps training as Caffe does)")
+        if self._warned_non_finite:
             return
         self._warned_non_finite = True
         log.warning(f"Iteration {self.iter}, loss = {log.fmt(loss)} is not finite (NaN or inf in the input "
                     "data, or a diverging update: try a lower base_lr or clip_gradients); "
                     "warning only once")
+
+    def _first_non_finite(self) -> str:
+        """Where the train net's first NaN or inf is: in forward order, each layer's parameters then its
+        tops, else the first parameter gradient. Run only once the loss is not finite (it reads all)."""
+        xp = backend.xp()
+        net = self.net
+        for layer, names, tops in zip(net.layers, net.top_names, net.top_vecs):
+            for index, blob in enumerate(layer.blobs):
+                if not bool(xp.isfinite(blob.get_data()).all()):
+                    return f"parameter {index} of layer '{layer.name}' ({layer.type})"
+            for name, blob in zip(names, tops):
+                if not bool(xp.isfinite(blob.get_data()).all()):
+                    return f"blob '{name}' (top of layer '{layer.name}', {layer.type})"
+        for learnable in net.learnable_params:
+            if not bool(xp.isfinite(learnable.blob.get_diff()).all()):
+                return f"the gradient of parameter {learnable.index} of layer '{learnable.layer_name}'"
+        return "no blob (every blob and gradient is finite)"
+
+    def _check_finite_weights(self) -> None:
+        """Before a snapshot: without allow_nan, weights that an update made NaN or inf (the loss being
+        still finite, e.g. an overflowing gradient) stop training instead of being saved."""
+        if self.allow_nan:
+            return
+        xp = backend.xp()
+        for learnable in self.net.learnable_params:
+            if not bool(xp.isfinite(learnable.blob.get_data()).all()):
+                raise NonFiniteLossError(
+                    f"{self._where()}: iteration {self.iter}: parameter {learnable.index} of layer "
+                    f"'{learnable.layer_name}' is not finite (NaN or inf) after the update, so it is not "
+                    "snapshotted. Training stopped, the snapshots already written are kept (a diverging "
+                    "update: try a lower base_lr or clip_gradients; --allow-nan keeps training as Caffe "
+                    "does)")
 
     def step(self, iters: int) -> None:
         """Run `iters` training iterations (Caffe's Solver::Step)."""
@@ -386,11 +517,13 @@ class Solver:
                 for k in range(p.iter_size):
                     self.net.forward_count = self.iter * p.iter_size + k
                     loss += self.net.forward_backward()
+                    if not (self.allow_nan or math.isfinite(loss)):
+                        break  # stop at the pass that went non-finite: its blobs are the ones to scan
                 loss /= p.iter_size
                 self._update_smoothed_loss(loss, start_iter)
-                self._warn_non_finite(loss)
-                if display:
-                    self._display()
+                if display or not (self.allow_nan or math.isfinite(loss)):
+                    self._display()  # a loss that stops training is logged (as nan or inf) first
+                self._check_finite_loss(loss)
                 for _, on_gradients in self._callbacks:
                     if on_gradients is not None:
                         on_gradients()
@@ -399,6 +532,7 @@ class Solver:
                 self.progress.update(self.iter, self.smoothed_loss)
                 request = self._requested_action()
                 if (p.snapshot and self.iter % p.snapshot == 0) or request == SNAPSHOT:
+                    self._check_finite_weights()
                     self.snapshot()
                 if request == STOP:
                     self.requested_early_exit = True
@@ -420,6 +554,7 @@ class Solver:
         start_iter = self.iter
         self.step(p.max_iter - self.iter)
         if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
+            self._check_finite_weights()
             self.snapshot()
         if self.requested_early_exit:
             log.info("Optimization stopped early.", "solver.cpp:315")
@@ -528,6 +663,7 @@ class Solver:
     def learning_rate(self) -> float:
         """The rate for the current iteration (advances current_step for step / multistep)."""
         rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
+        self._check_rate(rate, self.iter)  # past max_iter (step() may go on) a schedule can still overflow
         return rate
 
     def apply_update(self) -> None:
@@ -775,6 +911,7 @@ class AdaGradSolver(SGDSolver):
     """AdaGrad: history sums the squared gradients; step = local_rate * diff / (sqrt(history) + delta)."""
 
     uses_momentum = False
+    uses_delta = True
 
     def compute_update(self, index: int, rate: float) -> None:
         learnable = self.net.learnable_params[index]
@@ -791,6 +928,7 @@ class RMSPropSolver(SGDSolver):
     """RMSProp: history is a running mean (rms_decay) of squared gradients, used as AdaGrad's sum."""
 
     uses_momentum = False
+    uses_delta = True
 
     def check_rule_param(self) -> None:
         if not 0 <= self.param.rms_decay < 1:
@@ -813,6 +951,13 @@ class AdaDeltaSolver(SGDSolver):
     """AdaDelta: running means (momentum) of squared gradients and of squared updates."""
 
     history_blobs = 2
+    uses_delta = True
+
+    def check_rule_param(self) -> None:
+        # Outside [0, 1] a running mean of squares can turn negative, and its sqrt NaN.
+        if not 0 <= self.param.momentum <= 1:
+            raise SolverError(f"{self._where()}: momentum must be in [0, 1] for AdaDelta, "
+                              f"got {self.param.momentum:g}")
 
     def compute_update(self, index: int, rate: float) -> None:
         learnable = self.net.learnable_params[index]
@@ -832,6 +977,16 @@ class AdamSolver(SGDSolver):
     """Adam: first moment m (beta1 = momentum) and second moment v (beta2 = momentum2), bias-corrected."""
 
     history_blobs = 2
+    uses_delta = True
+
+    def check_rule_param(self) -> None:
+        # The bias correction sqrt(1 - beta2^t) / (1 - beta1^t): beta1 = 1 divides by zero, beta2 = 1
+        # never steps, and outside [0, 1) the moments are no running means.
+        for name in ("momentum", "momentum2"):
+            value = getattr(self.param, name)
+            if not 0 <= value < 1:
+                raise SolverError(f"{self._where()}: {name} must be in [0, 1) for Adam "
+                                  f"(beta{1 if name == 'momentum' else 2}), got {value:g}")
 
     def compute_update(self, index: int, rate: float) -> None:
         learnable = self.net.learnable_params[index]
@@ -900,5 +1055,6 @@ class OutputMeans:
         return out
 
 
-__all__ = ["AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "NesterovSolver", "RMSPropSolver", "SGDSolver",
-           "Solver", "SolverError", "get_solver", "learning_rate", "read_solver"]
+__all__ = ["AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "NesterovSolver", "NonFiniteLossError",
+           "RMSPropSolver", "SGDSolver", "Solver", "SolverError", "get_solver", "learning_rate",
+           "read_solver"]

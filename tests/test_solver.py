@@ -655,6 +655,7 @@ def test_non_finite_loss_is_warned_once(blob, value, shown, _data_and_quiet_log)
     # has a non-finite loss, and the parameters stay non-finite from then on; one warning only.
     DATA[blob][5, 1] = value
     solver = Solver(make_param('base_lr: 0.1 lr_policy: "fixed" display: 1', batch=4), dtype=np.float64)
+    solver.allow_nan = True  # Caffe's behaviour (without it training stops: tests/test_training_guards.py)
     solver.step(1)
     assert "W" not in [line[0] for line in _data_and_quiet_log.getvalue().splitlines()]
     solver.step(3)

@@ -9,6 +9,8 @@ stop); SIGHUP snapshots and goes on.
 
 Nothing already saved is lost: snapshots are written whole or not at all (see Solver.snapshot), and
 `<snapshot_prefix>.lock` refuses a second run on the same snapshot_prefix while this one runs.
+A NaN or inf loss stops training with an error naming the first non-finite blob (the snapshots already
+written are kept); --allow-nan keeps training instead, as Caffe does.
 
 `--solver quickstart` trains the embedded example: a small conv net on scikit-learn's 8x8 digits,
 converted to LMDB on first use; it runs offline in well under a minute on a CPU.
@@ -45,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", "--work_dir", dest="work_dir", default=None,
                         help=f"with --solver {QUICKSTART}: folder for its LMDBs and trained model "
                              f"(default {default_work_dir()})")
+    parser.add_argument("--allow-nan", "--allow_nan", dest="allow_nan", action="store_true",
+                        help="keep training after a NaN or inf loss, warning once (Caffe's behaviour); "
+                             "by default training stops with an error naming the first non-finite blob")
     for name, default, what in (("sigint_effect", "stop", "Ctrl-C"), ("sighup_effect", "snapshot", "SIGHUP"),
                                 ("sigterm_effect", "stop", "SIGTERM")):
         parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=default,
@@ -86,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _solve(args: argparse.Namespace, param: caffe_pb2.SolverParameter, base_dir: Path) -> Solver:
     solver = Solver(param, base_dir=base_dir, source=args.solver)
+    solver.allow_nan = args.allow_nan
     watcher = watch_solver(solver, args.watch) if args.watch else None
     if watcher is not None:
         log.info(f"Watching {', '.join(layer.name for layer in watcher.layers)} in {watcher.csv_path}",

@@ -4,6 +4,7 @@ As in Caffe the probabilities come from an internal Softmax layer; an optional s
 loss = -sum log(max(p[label], FLT_MIN)) / normalizer, where loss_param.normalization picks the
 normalizer (VALID: counted targets, default; BATCH_SIZE: outer count; FULL: all targets; NONE: 1) and
 the legacy loss_param.normalize (true: VALID, false: BATCH_SIZE) applies when normalization is unset.
+A NaN p is not clamped: the loss is NaN, so NaN data shows in the log (the solver then stops).
 """
 
 from __future__ import annotations
