@@ -75,8 +75,14 @@ def decode_image(data: bytes, force_color: bool = False, force_gray: bool = Fals
         raise DBError(f"{where}: the Datum holds an encoded image (encoded: true); decoding it needs "
                       "Pillow (`pip install pillow`), or convert the database to raw pixels") from None
     try:
-        image = Image.open(_io.BytesIO(data))
+        image = Image.open(_io.BytesIO(data))  # reads the header only
+        limit = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit (None: switched off)
+        if limit and image.width * image.height > limit:
+            raise DBError(f"{where}: the encoded image is {image.width}x{image.height} pixels, more than "
+                          f"Pillow's limit of {limit} (Image.MAX_IMAGE_PIXELS)")
         image.load()
+    except DBError:
+        raise
     except Exception as error:  # Pillow raises several types for corrupt data
         raise DBError(f"{where}: cannot decode the encoded image ({error})") from None
     if force_gray or (not force_color and image.mode in ("1", "L", "I;16", "I", "F")):

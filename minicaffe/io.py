@@ -3,6 +3,11 @@
 Errors name the file and, for text, the line and column; a file is written to a temporary name and
 renamed into place, so a crash or a full disk never leaves a half-written model over a good one.
 
+Every file the product reads goes through ``open_file``: it must be a regular file (a FIFO, a device
+such as /dev/zero or a folder is refused before anything is read, so a read neither blocks nor grows
+without end) of at most protobuf's 2 GB limit. Text prototxt is read as bytes, as Caffe does: bytes
+that are not UTF-8 are fine in comments.
+
 This is also pycaffe's ``caffe.io``: its image and blob helpers (Transformer, load_image, ...) are
 defined in minicaffe.caffe_io and imported here, so ``caffe.io.Transformer``, ``import minicaffe.io``
 and ``from minicaffe.io import load_image`` all work as with pycaffe.
@@ -11,8 +16,11 @@ and ``from minicaffe.io import load_image`` all work as with pycaffe.
 from __future__ import annotations
 
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from google.protobuf import message, text_format
 
@@ -36,7 +44,7 @@ __all__ = [
     "arraylist_to_blobprotovector_str", "blobprotovector_str_to_arraylist", "array_to_datum",
     "datum_to_array",
     # Caffe's files
-    "FormatError", "parse_text", "read_text", "read_binary", "read_net_param", "read_solver_param",
+    "FormatError", "PROTOBUF_LIMIT", "open_file", "read_file", "parse_text", "read_text", "read_binary", "read_net_param", "read_solver_param",
     "write_atomic", "write_binary", "write_text", "upgrade_net",
 ]
 
@@ -45,34 +53,90 @@ class FormatError(ValueError):
     """A file that is not what it should be; the message names the file (and line)."""
 
 
-def parse_text(text: str, msg, source: str = "<string>"):
+# Protobuf refuses a message of 2 GB or more (its sizes are 32-bit signed ints); no file the product
+# reads needs to be larger, and a cap keeps a wrong path from filling the memory.
+PROTOBUF_LIMIT = 2**31 - 1
+
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_file(path, limit: int | None = PROTOBUF_LIMIT) -> BinaryIO:
+    """Open `path` for reading in binary, checking first that it is a regular file of at most `limit`
+    bytes (None: any size); FormatError naming the file otherwise. The one way the product opens a file
+    to read."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; the fstat below then refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_BINARY", 0))
+    except OSError as error:
+        raise FormatError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a regular file")
+            raise FormatError(f"{path}: cannot read: it is {kind}, not a regular file")
+        if limit is not None and info.st_size > limit:
+            raise FormatError(f"{path}: cannot read: {info.st_size} bytes, more than the limit of {limit} "
+                              "bytes (protobuf's 2 GB)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_file(path, limit: int | None = PROTOBUF_LIMIT) -> bytes:
+    """The bytes of the regular file `path` (see open_file)."""
+    with open_file(path, limit) as f:
+        try:
+            data = f.read(-1 if limit is None else limit + 1)
+        except OSError as error:
+            raise FormatError(f"{path}: cannot read ({error.strerror or error})") from None
+    if limit is not None and len(data) > limit:  # it grew since it was checked
+        raise FormatError(f"{path}: cannot read: more than the limit of {limit} bytes (protobuf's 2 GB)")
+    return data
+
+
+def excerpt(text: str, limit: int = 32) -> str:
+    """A piece of a file's content fit for an error message: control and undecodable characters
+    escaped (a file must not write to the terminal), and cut to `limit` characters."""
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return escaped if len(escaped) <= limit else escaped[:limit] + "..."
+
+
+def _parse_error_detail(error: text_format.ParseError) -> str:
+    """Protobuf's message without its position, and with the tokens (or the whole line) it quotes
+    from the file cut short: an error names the file, line and column, it does not echo the file."""
+    detail = str(error).split(" : ", 1)[-1]
+    if "surrogates not allowed" in detail:
+        return "a string value holds bytes that are not UTF-8 (they are fine in comments)"
+    quoted = re.sub(r"""(["'])(.*?)\1(?=[\s.:,;)]|$)""", lambda m: m[1] + excerpt(m[2]) + m[1], detail)
+    return excerpt(quoted, 200)
+
+
+def parse_text(text: str | bytes, msg, source: str = "<string>"):
+    """Parse text-format protobuf into `msg`. Bytes that are not UTF-8 are kept as they are (Caffe
+    reads bytes): fine in comments, an error naming the line in a string value."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="surrogateescape")
     try:
         text_format.Parse(text, msg)
     except text_format.ParseError as error:
         line, column = error.GetLine(), error.GetColumn()
         where = f"{source}:{line}:{column}" if line is not None else source
-        detail = str(error).split(" : ", 1)[-1]
-        raise FormatError(f"{where}: {detail}") from None
+        raise FormatError(f"{where}: {_parse_error_detail(error)}") from None
     return msg
 
 
 def read_text(path, msg):
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise FormatError(f"{path}: cannot read ({error.strerror or error})") from None
-    except UnicodeDecodeError:
-        raise FormatError(f"{path}: not a text prototxt (is it a binary .caffemodel?)") from None
-    return parse_text(text, msg, str(path))
+    data = read_file(path)
+    if b"\0" in data:
+        raise FormatError(f"{path}: not a text prototxt (it holds NUL bytes: is it a binary .caffemodel?)")
+    return parse_text(data, msg, str(path))
 
 
 def read_binary(path, msg):
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise FormatError(f"{path}: cannot read ({error.strerror or error})") from None
+    data = read_file(path)
     try:
         msg.ParseFromString(data)
     except message.DecodeError as error:
