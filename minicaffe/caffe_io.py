@@ -12,6 +12,7 @@ import numpy as np
 
 from . import db
 from .blob import proto_shape, proto_values
+from .files import read_file
 from .proto import caffe_pb2
 
 __all__ = ["Transformer", "load_image", "resize_image", "oversample", "blobproto_to_array",
@@ -26,9 +27,7 @@ def load_image(filename: str, color: bool = True) -> np.ndarray:
         import PIL  # noqa: F401
     except ImportError:
         raise ImportError("caffe.io.load_image needs Pillow: pip install pillow") from None
-    from . import io  # minicaffe.io imports this module
-
-    chw = db.decode_image(io.read_file(filename), force_color=color, force_gray=not color,
+    chw = db.decode_image(read_file(filename), force_color=color, force_gray=not color,
                           where=str(filename))
     hwc = chw[::-1].transpose(1, 2, 0) if color else chw.transpose(1, 2, 0)  # BGR -> RGB
     return hwc.astype(np.float32) / 255.0

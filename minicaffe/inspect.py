@@ -19,7 +19,7 @@ import numpy as np
 from . import io
 from .blob import Blob, proto_shape, proto_values
 from .layer import TEST, LayerError, create_layer
-from .net import Net, filter_net
+from .net import Net, NetError, filter_net
 from .proto import caffe_pb2
 from .solver import learned_net_path
 
@@ -164,7 +164,12 @@ def prepare_net_param(model, phase: int, dummy_data: bool = False,
     state = caffe_pb2.NetState()
     state.CopyFrom(param.state)
     state.phase = phase
+    defined = len(param.layer)
     param = filter_net(param, state)
+    if not param.layer:
+        raise NetError(f"{model}: the net has no layers" if not defined else
+                       f"{model}: none of the net's {defined} layers is included in phase "
+                       f"{caffe_pb2.Phase.Name(phase)}")
     if force_backward:
         param.force_backward = True
     for layer in param.layer:

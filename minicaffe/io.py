@@ -3,10 +3,9 @@
 Errors name the file and, for text, the line and column; a file is written to a temporary name and
 renamed into place, so a crash or a full disk never leaves a half-written model over a good one.
 
-Every file the product reads goes through ``open_file``: it must be a regular file (a FIFO, a device
-such as /dev/zero or a folder is refused before anything is read, so a read neither blocks nor grows
-without end) of at most protobuf's 2 GB limit. Text prototxt is read as bytes, as Caffe does: bytes
-that are not UTF-8 are fine in comments.
+Every file the product reads goes through ``open_file`` (defined in minicaffe.files, which
+caffe_io can import too, and re-exported here): it must be a regular file of at most protobuf's 2 GB
+limit. Text prototxt is read as bytes, as Caffe does: bytes that are not UTF-8 are fine in comments.
 
 This is also pycaffe's ``caffe.io``: its image and blob helpers (Transformer, load_image, ...) are
 defined in minicaffe.caffe_io and imported here, so ``caffe.io.Transformer``, ``import minicaffe.io``
@@ -17,10 +16,8 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
 
 from google.protobuf import message, text_format
 
@@ -36,6 +33,7 @@ from .caffe_io import (
     oversample,
     resize_image,
 )
+from .files import PROTOBUF_LIMIT, FormatError, excerpt, open_file, read_file
 from .proto import caffe_pb2
 
 __all__ = [
@@ -44,64 +42,10 @@ __all__ = [
     "arraylist_to_blobprotovector_str", "blobprotovector_str_to_arraylist", "array_to_datum",
     "datum_to_array",
     # Caffe's files
-    "FormatError", "PROTOBUF_LIMIT", "open_file", "read_file", "parse_text", "read_text", "read_binary", "read_net_param", "read_solver_param",
+    "FormatError", "PROTOBUF_LIMIT", "open_file", "read_file", "excerpt", "parse_text", "read_text",
+    "read_binary", "read_net_param", "read_solver_param",
     "write_atomic", "write_binary", "write_text", "upgrade_net",
 ]
-
-
-class FormatError(ValueError):
-    """A file that is not what it should be; the message names the file (and line)."""
-
-
-# Protobuf refuses a message of 2 GB or more (its sizes are 32-bit signed ints); no file the product
-# reads needs to be larger, and a cap keeps a wrong path from filling the memory.
-PROTOBUF_LIMIT = 2**31 - 1
-
-_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def open_file(path, limit: int | None = PROTOBUF_LIMIT) -> BinaryIO:
-    """Open `path` for reading in binary, checking first that it is a regular file of at most `limit`
-    bytes (None: any size); FormatError naming the file otherwise. The one way the product opens a file
-    to read."""
-    try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; the fstat below then refuses it.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_BINARY", 0))
-    except OSError as error:
-        raise FormatError(f"{path}: cannot read ({error.strerror or error})") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a regular file")
-            raise FormatError(f"{path}: cannot read: it is {kind}, not a regular file")
-        if limit is not None and info.st_size > limit:
-            raise FormatError(f"{path}: cannot read: {info.st_size} bytes, more than the limit of {limit} "
-                              "bytes (protobuf's 2 GB)")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def read_file(path, limit: int | None = PROTOBUF_LIMIT) -> bytes:
-    """The bytes of the regular file `path` (see open_file)."""
-    with open_file(path, limit) as f:
-        try:
-            data = f.read(-1 if limit is None else limit + 1)
-        except OSError as error:
-            raise FormatError(f"{path}: cannot read ({error.strerror or error})") from None
-    if limit is not None and len(data) > limit:  # it grew since it was checked
-        raise FormatError(f"{path}: cannot read: more than the limit of {limit} bytes (protobuf's 2 GB)")
-    return data
-
-
-def excerpt(text: str, limit: int = 32) -> str:
-    """A piece of a file's content fit for an error message: control and undecodable characters
-    escaped (a file must not write to the terminal), and cut to `limit` characters."""
-    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return escaped if len(escaped) <= limit else escaped[:limit] + "..."
 
 
 def _parse_error_detail(error: text_format.ParseError) -> str:

@@ -19,7 +19,6 @@ from .. import rng
 from ..io import FormatError, open_file, read_file
 from ..layer import Layer, register
 
-
 INT_MAX = 2**31 - 1
 
 
@@ -52,7 +51,7 @@ class HDF5DataLayer(Layer):
             self.fail("hdf5_data_param.batch_size must be positive")
         self.shuffle = bool(param.shuffle)
         try:
-            h5py = _h5py()
+            _h5py()  # fail here, with the layer named, when h5py is missing
         except ImportError as error:
             self.fail(str(error))
         self.files = self._list_files(param.source)
@@ -86,9 +85,9 @@ class HDF5DataLayer(Layer):
                 continue
             path = Path(line)
             # Caffe resolves names against the working directory; also accept names relative to the list.
-            if not path.is_file() and (Path(source).parent / path).is_file():
+            if not path.exists() and (Path(source).parent / path).exists():
                 path = Path(source).parent / path
-            if not path.is_file():
+            if not path.exists():  # anything else there (a folder, a FIFO) is refused when opened
                 self.fail(f"HDF5 file {line} listed in {source} does not exist")
             files.append(path)
         if not files:
