@@ -32,19 +32,21 @@ def open_file(path, limit: int | None = PROTOBUF_LIMIT) -> BinaryIO:
     """Open `path` for reading in binary, checking first that it is a regular file of at most `limit`
     bytes (None: any size); FormatError naming the file otherwise. The one way the product opens a file
     to read."""
+    name = _name(path)
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; the fstat below then refuses it.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_BINARY", 0))
     except OSError as error:
-        raise FormatError(f"{path}: cannot read ({error.strerror or error})") from None
+        raise FormatError(f"{name}: cannot read ({error.strerror or error})") from None
+    except ValueError:  # a NUL byte in the name
+        raise FormatError(f"{name}: cannot read (a file name cannot hold a NUL byte)") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a regular file")
-            raise FormatError(f"{path}: cannot read: it is {kind}, not a regular file")
+            kind = next((kind for test, kind in _FILE_KINDS if test(info.st_mode)), "not a regular file")
+            raise FormatError(f"{name}: cannot read: it is {kind}, not a regular file")
         if limit is not None and info.st_size > limit:
-            raise FormatError(f"{path}: cannot read: {info.st_size} bytes, more than the limit of {limit} "
-                              "bytes (protobuf's 2 GB)")
+            raise FormatError(f"{name}: cannot read: {info.st_size} bytes, more than {_limit_text(limit)}")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -58,14 +60,23 @@ def read_file(path, limit: int | None = PROTOBUF_LIMIT) -> bytes:
         try:
             data = f.read(-1 if limit is None else limit + 1)
         except OSError as error:
-            raise FormatError(f"{path}: cannot read ({error.strerror or error})") from None
+            raise FormatError(f"{_name(path)}: cannot read ({error.strerror or error})") from None
     if limit is not None and len(data) > limit:  # it grew since it was checked
-        raise FormatError(f"{path}: cannot read: more than the limit of {limit} bytes (protobuf's 2 GB)")
+        raise FormatError(f"{_name(path)}: cannot read: more than {_limit_text(limit)}")
     return data
 
 
-def excerpt(text: str, limit: int = 32) -> str:
-    """A piece of a file's content fit for an error message: control and undecodable characters
-    escaped (a file must not write to the terminal), and cut to `limit` characters."""
+def _name(path) -> str:
+    """A file name for an error message (a name from a prototxt must not write to the terminal)."""
+    return excerpt(os.fsdecode(path), None)
+
+
+def _limit_text(limit: int) -> str:
+    return f"the limit of {limit} bytes" + (" (protobuf's 2 GB)" if limit == PROTOBUF_LIMIT else "")
+
+
+def excerpt(text: str, limit: int | None = 32) -> str:
+    """A piece of a file's content (or a name) fit for an error message: control and undecodable
+    characters escaped (a file must not write to the terminal), and cut to `limit` characters."""
     escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return escaped if len(escaped) <= limit else escaped[:limit] + "..."
+    return escaped if limit is None or len(escaped) <= limit else escaped[:limit] + "..."

@@ -55,7 +55,7 @@ def weights_file(path: str | Path) -> Path:
         raise io.FormatError(f"{path}: this solver state names no learned_net; give the .caffemodel "
                              "snapshot written with it")
     model = learned_net_path(path, state.learned_net)
-    if not model.is_file():
+    if not model.exists():
         raise io.FormatError(f"{path}: its weights are in '{state.learned_net}', which is not there "
                              f"(nor beside the .solverstate); give that .caffemodel")
     return model

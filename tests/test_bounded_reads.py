@@ -101,6 +101,14 @@ def test_missing_file_names_the_file_and_errno(tmp_path):
         io.read_binary(tmp_path / "missing.caffemodel", caffe_pb2.NetParameter())
 
 
+def test_file_names_are_escaped_in_errors(tmp_path):
+    with pytest.raises(io.FormatError, match=r"a\\x00b: cannot read \(a file name cannot hold a NUL byte\)$"):
+        read_file(str(tmp_path / "a\0b"))
+    with pytest.raises(io.FormatError) as error:
+        read_file(tmp_path / "\x1b[2Jname")
+    assert "\x1b" not in str(error.value) and "\\x1b[2Jname: cannot read (No such file" in str(error.value)
+
+
 def test_size_limit(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"x" * 11)
