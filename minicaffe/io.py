@@ -74,9 +74,10 @@ def parse_text(text: str | bytes, msg, source: str = "<string>"):
 
 def read_text(path, msg):
     data = read_file(path)
+    name = excerpt(os.fsdecode(path), None)
     if b"\0" in data:
-        raise FormatError(f"{path}: not a text prototxt (it holds NUL bytes: is it a binary .caffemodel?)")
-    return parse_text(data, msg, str(path))
+        raise FormatError(f"{name}: not a text prototxt (it holds NUL bytes: is it a binary .caffemodel?)")
+    return parse_text(data, msg, name)
 
 
 def read_binary(path, msg):
@@ -84,7 +85,8 @@ def read_binary(path, msg):
     try:
         msg.ParseFromString(data)
     except message.DecodeError as error:
-        raise FormatError(f"{path}: not a binary {msg.DESCRIPTOR.name} ({error})") from None
+        name = excerpt(os.fsdecode(path), None)
+        raise FormatError(f"{name}: not a binary {msg.DESCRIPTOR.name} ({error})") from None
     return msg
 
 
