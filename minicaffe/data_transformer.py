@@ -33,7 +33,7 @@ def read_mean_file(path) -> np.ndarray:
     values = np.asarray(proto.double_data or proto.data, dtype=np.float64)
     if len(shape) == 4 and shape[0] == 1:
         shape = shape[1:]
-    if len(shape) != 3 or values.size != math.prod(shape):
+    if len(shape) != 3 or min(shape) < 0 or values.size != math.prod(shape):
         raise io.FormatError(f"{path}: a mean file holds one (1, C, H, W) image, got shape {list(shape)} "
                              f"with {values.size} values")
     return values.reshape(shape)

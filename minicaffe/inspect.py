@@ -10,6 +10,7 @@ net trains: minicaffe.watch.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -74,7 +75,7 @@ def caffemodel_params(path: str | Path) -> list[LayerParams]:
         for i, blob in enumerate(layer.blobs):
             shape = proto_shape(blob)
             array = proto_values(blob)
-            if int(np.prod(shape, dtype=np.int64)) != array.size:
+            if min(shape, default=0) < 0 or math.prod(shape) != array.size:  # Python ints: no wrap
                 raise io.FormatError(f"{path}: layer '{layer.name}' blob {i} has {array.size} values "
                                      f"for shape {list(shape)}")
             arrays.append(array.reshape(shape))

@@ -452,3 +452,31 @@ def test_matching_weights_still_load_with_the_cli(capsys, tmp_path):
     net.save(weights)
     code, err = cli(capsys, "params", "--model", tmp_path / "net.prototxt", "--weights", weights)
     assert code == 0, err
+
+
+# -- shapes in files are checked with Python ints ----------------------------------------------------
+
+def test_int64_dims_that_wrap_in_a_caffemodel(capsys, tmp_path):
+    model = caffe_pb2.NetParameter()
+    blob = model.layer.add(name="ip", type="InnerProduct").blobs.add()
+    blob.shape.dim.extend([2**32, 2**32])  # the product wraps to 0 in int64
+    weights = tmp_path / "wrap.caffemodel"
+    io.write_binary(weights, model)
+    code, err = cli(capsys, "params", "--weights", weights)
+    assert code == 1 and "layer 'ip' blob 0 has 0 values for shape [4294967296, 4294967296]" in err
+    blob.shape.ClearField("dim")
+    blob.shape.dim.extend([-1, -2])
+    blob.data.extend([1.0, 2.0])
+    io.write_binary(weights, model)
+    code, err = cli(capsys, "params", "--weights", weights)
+    assert code == 1 and "layer 'ip' blob 0 has 2 values for shape [-1, -2]" in err
+
+
+def test_mean_file_dims_that_wrap(tmp_path):
+    mean = caffe_pb2.BlobProto()
+    mean.shape.dim.extend([1, 2**32, 2**32, 1])
+    path = tmp_path / "mean.binaryproto"
+    io.write_binary(path, mean)
+    with pytest.raises(io.FormatError, match=r"mean\.binaryproto: a mean file holds one \(1, C, H, W\) "
+                                             r"image, got shape \[4294967296, 4294967296, 1\] with 0 values"):
+        DataTransformer(caffe_pb2.TransformationParameter(mean_file=str(path)), minicaffe.TRAIN)
