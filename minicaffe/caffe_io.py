@@ -12,6 +12,7 @@ import numpy as np
 
 from . import db
 from .blob import proto_shape, proto_values
+from .files import read_file
 from .proto import caffe_pb2
 
 __all__ = ["Transformer", "load_image", "resize_image", "oversample", "blobproto_to_array",
@@ -21,15 +22,15 @@ __all__ = ["Transformer", "load_image", "resize_image", "oversample", "blobproto
 
 def load_image(filename: str, color: bool = True) -> np.ndarray:
     """An image as float32 H x W x 3 (RGB) in [0, 1], or H x W x 1 with color=False (pycaffe's
-    caffe.io.load_image; reads with Pillow)."""
+    caffe.io.load_image; reads with Pillow, refusing images over Pillow's pixel limit)."""
     try:
-        from PIL import Image
+        import PIL  # noqa: F401
     except ImportError:
         raise ImportError("caffe.io.load_image needs Pillow: pip install pillow") from None
-    with Image.open(filename) as image:
-        image = image.convert("RGB" if color else "L")
-        array = np.asarray(image, dtype=np.float32) / 255.0
-    return array if color else array[:, :, None]
+    chw = db.decode_image(read_file(filename), force_color=color, force_gray=not color,
+                          where=str(filename))
+    hwc = chw[::-1].transpose(1, 2, 0) if color else chw.transpose(1, 2, 0)  # BGR -> RGB
+    return hwc.astype(np.float32) / 255.0
 
 
 def _linear_axis(size: int, new: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

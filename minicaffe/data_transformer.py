@@ -11,6 +11,7 @@ a coin flip per image in either phase (Caffe's ``do_mirror = mirror && Rand(2)``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,7 +33,7 @@ def read_mean_file(path) -> np.ndarray:
     values = np.asarray(proto.double_data or proto.data, dtype=np.float64)
     if len(shape) == 4 and shape[0] == 1:
         shape = shape[1:]
-    if len(shape) != 3 or values.size != int(np.prod(shape)):
+    if len(shape) != 3 or min(shape) < 0 or values.size != math.prod(shape):
         raise io.FormatError(f"{path}: a mean file holds one (1, C, H, W) image, got shape {list(shape)} "
                              f"with {values.size} values")
     return values.reshape(shape)

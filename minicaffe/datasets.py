@@ -8,12 +8,15 @@ LMDBs of 1x8x8 Datum records: the first 1500 images for training, the other 297 
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 
 from .db import DBError, LMDBReader, write_datum_lmdb
-from .io import FormatError
+from .io import PROTOBUF_LIMIT, FormatError, read_file
 
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 DIGITS_TRAIN = 1500
@@ -21,18 +24,12 @@ DIGITS_TOTAL = 1797
 
 
 def read_idx(path, expected_magic: int | None = None) -> np.ndarray:
-    """An unsigned-byte IDX array (MNIST's format), from a raw or gzipped file."""
+    """An unsigned-byte IDX array (MNIST's format), from a raw or gzipped file. The header is checked
+    against the file's length, with Python ints so that no product of dimensions wraps around."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as error:
-        raise FormatError(f"{path}: cannot read ({error.strerror or error})") from None
+    raw = read_file(path)
     if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as error:
-            raise FormatError(f"{path}: broken gzip file ({error})") from None
+        raw = _gunzip(path, raw)
     if len(raw) < 4:
         raise FormatError(f"{path}: too short for an IDX file ({len(raw)} bytes)")
     magic = int.from_bytes(raw[:4], "big")
@@ -44,14 +41,32 @@ def read_idx(path, expected_magic: int | None = None) -> np.ndarray:
         raise FormatError(f"{path}: not an unsigned-byte IDX file (magic number {magic})")
     ndim = raw[3]
     header = 4 + 4 * ndim
+    if ndim == 0:
+        raise FormatError(f"{path}: IDX header gives no dimensions")
     if len(raw) < header:
-        raise FormatError(f"{path}: IDX header cut short")
+        raise FormatError(f"{path}: IDX header cut short ({ndim} dimensions need {header} bytes, the file "
+                          f"has {len(raw)})")
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    size = int(np.prod(shape, dtype=np.int64))
+    if 0 in shape:
+        raise FormatError(f"{path}: IDX header says {list(shape)}: a dimension of 0, no data")
+    size = math.prod(shape)
     if len(raw) - header != size:
         raise FormatError(f"{path}: IDX header says {list(shape)} ({size} bytes) but the file holds "
                           f"{len(raw) - header} bytes of data")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _gunzip(path: Path, raw: bytes) -> bytes:
+    """The decompressed content, refused beyond protobuf's limit as the files themselves are (a small
+    gzip file can expand to any size)."""
+    try:
+        with gzip.GzipFile(fileobj=BytesIO(raw)) as f:
+            data = f.read(PROTOBUF_LIMIT + 1)
+    except (OSError, EOFError, zlib.error) as error:
+        raise FormatError(f"{path}: broken gzip file ({error})") from None
+    if len(data) > PROTOBUF_LIMIT:
+        raise FormatError(f"{path}: more than {PROTOBUF_LIMIT} bytes once decompressed")
+    return data
 
 
 def read_mnist_images(path) -> np.ndarray:

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -74,9 +75,17 @@ def decode_image(data: bytes, force_color: bool = False, force_gray: bool = Fals
     except ImportError:
         raise DBError(f"{where}: the Datum holds an encoded image (encoded: true); decoding it needs "
                       "Pillow (`pip install pillow`), or convert the database to raw pixels") from None
+    # The pixel cap below is an error; Pillow's warning at the same limit would only add a line to it.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
-        image = Image.open(_io.BytesIO(data))
+        image = Image.open(_io.BytesIO(data))  # reads the header only
+        limit = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit (None: switched off)
+        if limit and image.width * image.height > limit:
+            raise DBError(f"{where}: the encoded image is {image.width}x{image.height} pixels, more than "
+                          f"Pillow's limit of {limit} (Image.MAX_IMAGE_PIXELS)")
         image.load()
+    except DBError:
+        raise
     except Exception as error:  # Pillow raises several types for corrupt data
         raise DBError(f"{where}: cannot decode the encoded image ({error})") from None
     if force_gray or (not force_color and image.mode in ("1", "L", "I;16", "I", "F")):

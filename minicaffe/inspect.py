@@ -10,6 +10,7 @@ net trains: minicaffe.watch.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 from . import io
 from .blob import Blob, proto_shape, proto_values
 from .layer import TEST, LayerError, create_layer
-from .net import Net, filter_net
+from .net import Net, NetError, filter_net
 from .proto import caffe_pb2
 from .solver import learned_net_path
 
@@ -55,7 +56,7 @@ def weights_file(path: str | Path) -> Path:
         raise io.FormatError(f"{path}: this solver state names no learned_net; give the .caffemodel "
                              "snapshot written with it")
     model = learned_net_path(path, state.learned_net)
-    if not model.is_file():
+    if not model.exists():
         raise io.FormatError(f"{path}: its weights are in '{state.learned_net}', which is not there "
                              f"(nor beside the .solverstate); give that .caffemodel")
     return model
@@ -74,7 +75,7 @@ def caffemodel_params(path: str | Path) -> list[LayerParams]:
         for i, blob in enumerate(layer.blobs):
             shape = proto_shape(blob)
             array = proto_values(blob)
-            if int(np.prod(shape, dtype=np.int64)) != array.size:
+            if min(shape, default=0) < 0 or math.prod(shape) != array.size:  # Python ints: no wrap
                 raise io.FormatError(f"{path}: layer '{layer.name}' blob {i} has {array.size} values "
                                      f"for shape {list(shape)}")
             arrays.append(array.reshape(shape))
@@ -164,7 +165,12 @@ def prepare_net_param(model, phase: int, dummy_data: bool = False,
     state = caffe_pb2.NetState()
     state.CopyFrom(param.state)
     state.phase = phase
+    defined = len(param.layer)
     param = filter_net(param, state)
+    if not param.layer:
+        raise NetError(f"{model}: the net has no layers" if not defined else
+                       f"{model}: none of the net's {defined} layers is included in phase "
+                       f"{caffe_pb2.Phase.Name(phase)}")
     if force_backward:
         param.force_backward = True
     for layer in param.layer:

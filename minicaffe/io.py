@@ -3,6 +3,10 @@
 Errors name the file and, for text, the line and column; a file is written to a temporary name and
 renamed into place, so a crash or a full disk never leaves a half-written model over a good one.
 
+Every file the product reads goes through ``open_file`` (defined in minicaffe.files, which
+caffe_io can import too, and re-exported here): it must be a regular file of at most protobuf's 2 GB
+limit. Text prototxt is read as bytes, as Caffe does: bytes that are not UTF-8 are fine in comments.
+
 This is also pycaffe's ``caffe.io``: its image and blob helpers (Transformer, load_image, ...) are
 defined in minicaffe.caffe_io and imported here, so ``caffe.io.Transformer``, ``import minicaffe.io``
 and ``from minicaffe.io import load_image`` all work as with pycaffe.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -29,6 +34,7 @@ from .caffe_io import (
     oversample,
     resize_image,
 )
+from .files import PROTOBUF_LIMIT, FormatError, excerpt, open_file, read_file
 from .proto import caffe_pb2
 
 __all__ = [
@@ -37,47 +43,51 @@ __all__ = [
     "arraylist_to_blobprotovector_str", "blobprotovector_str_to_arraylist", "array_to_datum",
     "datum_to_array",
     # Caffe's files
-    "FormatError", "parse_text", "read_text", "read_binary", "read_net_param", "read_solver_param",
+    "FormatError", "PROTOBUF_LIMIT", "open_file", "read_file", "excerpt", "parse_text", "read_text",
+    "read_binary", "read_net_param", "read_solver_param",
     "write_atomic", "write_binary", "write_text", "upgrade_net",
 ]
 
 
-class FormatError(ValueError):
-    """A file that is not what it should be; the message names the file (and line)."""
+def _parse_error_detail(error: text_format.ParseError) -> str:
+    """Protobuf's message without its position, and with the tokens (or the whole line) it quotes
+    from the file cut short: an error names the file, line and column, it does not echo the file."""
+    detail = str(error).split(" : ", 1)[-1]
+    if "surrogates not allowed" in detail:
+        return "a string value holds bytes that are not UTF-8 (they are fine in comments)"
+    quoted = re.sub(r"""(["'])(.*?)\1(?=[\s.:,;)]|$)""", lambda m: m[1] + excerpt(m[2]) + m[1], detail)
+    return excerpt(quoted, 200)
 
 
-def parse_text(text: str, msg, source: str = "<string>"):
+def parse_text(text: str | bytes, msg, source: str = "<string>"):
+    """Parse text-format protobuf into `msg`. Bytes that are not UTF-8 are kept as they are (Caffe
+    reads bytes): fine in comments, an error naming the line in a string value."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="surrogateescape")
     try:
         text_format.Parse(text, msg)
     except text_format.ParseError as error:
         line, column = error.GetLine(), error.GetColumn()
         where = f"{source}:{line}:{column}" if line is not None else source
-        detail = str(error).split(" : ", 1)[-1]
-        raise FormatError(f"{where}: {detail}") from None
+        raise FormatError(f"{where}: {_parse_error_detail(error)}") from None
     return msg
 
 
 def read_text(path, msg):
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise FormatError(f"{path}: cannot read ({error.strerror or error})") from None
-    except UnicodeDecodeError:
-        raise FormatError(f"{path}: not a text prototxt (is it a binary .caffemodel?)") from None
-    return parse_text(text, msg, str(path))
+    data = read_file(path)
+    name = excerpt(os.fsdecode(path), None)
+    if b"\0" in data:
+        raise FormatError(f"{name}: not a text prototxt (it holds NUL bytes: is it a binary .caffemodel?)")
+    return parse_text(data, msg, name)
 
 
 def read_binary(path, msg):
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise FormatError(f"{path}: cannot read ({error.strerror or error})") from None
+    data = read_file(path)
     try:
         msg.ParseFromString(data)
     except message.DecodeError as error:
-        raise FormatError(f"{path}: not a binary {msg.DESCRIPTOR.name} ({error})") from None
+        name = excerpt(os.fsdecode(path), None)
+        raise FormatError(f"{name}: not a binary {msg.DESCRIPTOR.name} ({error})") from None
     return msg
 
 

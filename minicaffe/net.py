@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend, io
+from . import backend, io, log
 from .blob import Blob
 from .layer import TEST, TRAIN, Layer, LayerError, create_layer
 from .proto import caffe_pb2
@@ -37,34 +37,35 @@ class LearnableParam:
 class ByLayer(list):
     """A per-layer list (``net.top_names[i]``) that pycaffe code can also read as its dict by layer name:
     ``net.top_names['conv1']``, ``'conv1' in net.top_names``, ``.keys()``, ``.values()``, ``.items()``.
-    (Iterating gives the values, as a list does; pycaffe's OrderedDict would give the names.)"""
+    (Iterating gives the values, as a list does; pycaffe's OrderedDict would give the names.)
+    `layer_ids` maps each layer name to its position (shared with the Net, so lookups take O(1))."""
 
-    def __init__(self, layer_names: list[str]):
+    def __init__(self, layer_ids: dict[str, int]):
         super().__init__()
-        self._names = layer_names
+        self._ids = layer_ids
 
     def __getitem__(self, key):
         if isinstance(key, str):
             try:
-                key = self._names.index(key)
-            except ValueError:
+                key = self._ids[key]
+            except KeyError:
                 raise KeyError(key) from None
         return super().__getitem__(key)
 
     def __contains__(self, key) -> bool:
-        return key in self._names if isinstance(key, str) else super().__contains__(key)
+        return key in self._ids if isinstance(key, str) else super().__contains__(key)
 
     def get(self, key: str, default=None):
-        return self[key] if key in self._names else default
+        return self[key] if key in self._ids else default
 
     def keys(self) -> list[str]:
-        return list(self._names)
+        return list(self._ids)
 
     def values(self) -> list:
         return list(self)
 
     def items(self) -> list:
-        return list(zip(self._names, self))
+        return list(zip(self._ids, self))
 
 
 # -- net state filtering (Caffe's FilterNet / StateMeetsRule) -------------------------------------
@@ -203,11 +204,12 @@ class Net:
         blobs they copy."""
         self.layers: list[Layer] = []
         self._layer_names: list[str] = []
+        self._layer_ids: dict[str, int] = {}  # name -> position: lookups by name must not scan the list
         self.blobs: OrderedDict[str, Blob] = OrderedDict()
         self.bottom_vecs: list[list[Blob]] = []
         self.top_vecs: list[list[Blob]] = []
-        self.bottom_names: ByLayer = ByLayer(self._layer_names)
-        self.top_names: ByLayer = ByLayer(self._layer_names)
+        self.bottom_names: ByLayer = ByLayer(self._layer_ids)
+        self.top_names: ByLayer = ByLayer(self._layer_ids)
         self.inputs: list[str] = []
         self.learnable_params: list[LearnableParam] = []
         self._param_owner: dict[str, tuple[Blob, caffe_pb2.ParamSpec]] = {}
@@ -223,7 +225,7 @@ class Net:
         for layer_param in param.layer:
             layer_param.phase = self.phase
             where = f"{self.source}: layer '{layer_param.name}' ({layer_param.type})"
-            if layer_param.name in self._layer_names:
+            if layer_param.name in self._layer_ids:
                 raise NetError(f"{where}: duplicate layer name")
             if layer_param.propagate_down and len(layer_param.propagate_down) != len(layer_param.bottom):
                 raise NetError(f"{where}: propagate_down has {len(layer_param.propagate_down)} values for "
@@ -263,6 +265,7 @@ class Net:
             except (ValueError, IndexError) as error:
                 raise NetError(f"{where}: {error}; bottom shapes "
                                f"{[list(b.shape) for b in bottoms]}") from None
+            self._layer_ids[layer_param.name] = len(self.layers)
             self.layers.append(layer)
             self._layer_names.append(layer_param.name)
             self.bottom_vecs.append(bottoms)
@@ -352,8 +355,8 @@ class Net:
         if name is None:
             return default
         try:
-            return self._layer_names.index(name)
-        except ValueError:
+            return self._layer_ids[name]
+        except KeyError:
             raise NetError(f"net '{self.name}' has no layer '{name}'") from None
 
     def reshape(self) -> None:
@@ -419,16 +422,24 @@ class Net:
     # -- weights -------------------------------------------------------------------------------
     def copy_from(self, weights) -> None:
         """Load parameters from a .caffemodel (binary NetParameter, V2 or V1): layers are matched by
-        name, layers the net does not have are skipped, as in Caffe."""
+        name, and layers the net does not have are skipped and logged, as in Caffe. Unlike Caffe, a
+        file none of whose layers the net has is an error (it would load nothing, silently)."""
         path = Path(weights)
         trained = io.read_binary(path, caffe_pb2.NetParameter())
         self.copy_from_proto(trained, str(path))
 
     def copy_from_proto(self, trained: caffe_pb2.NetParameter, source: str = "<NetParameter>") -> None:
-        by_name = {layer.name: layer for layer in self.layers}
+        """Copy the blobs of `trained`'s layers into the net's layers of the same names (see copy_from);
+        a NetError when no layer of `trained` is in the net."""
+        matched = 0
         for layer_param in list(trained.layer) + list(trained.layers):
-            layer = by_name.get(layer_param.name)
-            if layer is None or not layer_param.blobs:
+            index = self._layer_ids.get(layer_param.name)
+            if index is None:
+                log.info(f"Ignoring source layer {layer_param.name}", "net.cpp:1051")
+                continue
+            matched += 1
+            layer = self.layers[index]
+            if not layer_param.blobs:
                 continue
             if len(layer_param.blobs) != len(layer.blobs):
                 raise NetError(f"{source}: layer '{layer.name}' has {len(layer_param.blobs)} blobs in the "
@@ -438,6 +449,12 @@ class Net:
                     blob.from_proto(proto, reshape=False, where=f"{source}: layer '{layer.name}' blob {i}")
                 except ValueError as error:
                     raise NetError(str(error)) from None
+        if not matched:
+            names = [layer.name for layer in list(trained.layer) + list(trained.layers)]
+            shown = ", ".join(f"'{io.excerpt(name)}'" for name in names[:5])
+            shown += ", ..." if len(names) > 5 else ""
+            raise NetError(f"{source}: none of its {len(names)} layers ({shown or 'none'}) is a layer of net "
+                           f"'{self.name}': no weights would be loaded (is it the model of another net?)")
 
     def to_proto(self, write_diff: bool = False) -> caffe_pb2.NetParameter:
         """The net's definition with its parameters (auto-inserted Split layers left out)."""

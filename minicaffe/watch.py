@@ -4,11 +4,12 @@ with the mean, min and max of each watched parameter blob, e.g. the PReLU slopes
 from __future__ import annotations
 
 import csv
+from io import TextIOWrapper
 from pathlib import Path
 
 import numpy as np
 
-from . import log
+from . import io, log
 from .inspect import matches
 
 
@@ -70,7 +71,7 @@ class ParamWatcher:
 
 def read_watch_csv(path: str | Path) -> list[dict]:
     """The rows a ParamWatcher wrote, numbers converted."""
-    with open(path, newline="") as f:
+    with io.open_file(path) as raw, TextIOWrapper(raw, newline="") as f:
         return [{"iteration": int(r["iteration"]), "layer": r["layer"], "blob": int(r["blob"]),
                  "mean": float(r["mean"]), "min": float(r["min"]), "max": float(r["max"])}
                 for r in csv.DictReader(f)]

@@ -22,6 +22,8 @@ import math
 import re
 from pathlib import Path
 
+from .. import io
+
 _ITERATION = re.compile(r"Iteration (\d+)")
 _TRAIN = re.compile(r"Train net output #(\d+): (\S+) = ([-+.\deEinfa]+)")
 _TEST = re.compile(r"Test net output #(\d+): (\S+) = ([-+.\deEinfa]+)")
@@ -51,7 +53,7 @@ def line_time(line: str, year: int) -> dt.datetime | None:
 
 def parse_log(path: str | Path) -> tuple[list[dict], list[dict]]:
     """(train rows, test rows); each row a dict NumIters, Seconds, LearningRate, outputs..."""
-    lines = Path(path).read_text(errors="replace").splitlines()
+    lines = io.read_file(path).decode(errors="replace").splitlines()
     year = dt.date.today().year
     for line in lines[:5]:
         created = _CREATED.search(line)
@@ -70,7 +72,7 @@ def parse_log(path: str | Path) -> tuple[list[dict], list[dict]]:
     pending: dict[str, dict | None] = {"train": None, "test": None}
     iteration, seconds = None, math.nan
     last = start
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         stamp = line_time(line, year)
         if stamp is not None and last is not None and stamp < last - dt.timedelta(days=1):
             year += 1  # the log crossed new year (glog lines carry no year)
@@ -92,7 +94,11 @@ def parse_log(path: str | Path) -> tuple[list[dict], list[dict]]:
                 if row is not None:
                     rows[kind].append(row)
                 row = pending[kind] = {"NumIters": iteration, "Seconds": seconds, "LearningRate": math.nan}
-            row[match.group(2)] = float(match.group(3))
+            try:
+                row[match.group(2)] = float(match.group(3))
+            except ValueError:
+                raise io.FormatError(f"{path}:{number}: {kind} net output '{io.excerpt(match.group(2))}' "
+                                     f"has the value '{io.excerpt(match.group(3))}', not a number") from None
     for kind in rows:
         if pending[kind] is not None:
             rows[kind].append(pending[kind])
@@ -139,8 +145,6 @@ def _number(value):
 
 def run(args: argparse.Namespace) -> int:
     log = Path(args.log)
-    if not log.is_file():
-        raise FileNotFoundError(f"{log}: no such log file")
     train, test = parse_log(log)
     out_dir = Path(args.output_dir) if args.output_dir else log.parent
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
     weights = [w for w in args.weights.split(",") if w]
     for path in [args.model, *weights]:
-        if not Path(path).is_file():
+        if not Path(path).exists():  # anything else there (a folder, a FIFO) is refused when read
             raise FileNotFoundError(f"'{path}' not found")
     use_device(args.gpu)
     net = Net(args.model, phase=TEST, level=args.level, stages=stages(args))

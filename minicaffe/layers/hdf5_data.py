@@ -9,12 +9,17 @@ function of f (a resumed run reads the same batches). Files are loaded whole, on
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from .. import rng
+from ..io import FormatError, open_file, read_file
 from ..layer import Layer, register
+
+INT_MAX = 2**31 - 1
 
 
 def _h5py():
@@ -24,6 +29,14 @@ def _h5py():
         raise ImportError("the HDF5Data layer needs h5py: `pip install minicaffe[hdf5]` "
                           "(or `pip install h5py`)") from None
     return h5py
+
+
+@contextmanager
+def _open_hdf5(path: Path):
+    """An HDF5 file open for reading, through io.open_file (a regular file; HDF5 files may exceed
+    protobuf's 2 GB, so no size limit)."""
+    with open_file(path, limit=None) as raw, _h5py().File(raw, "r") as f:
+        yield f
 
 
 @register("HDF5Data")
@@ -38,7 +51,7 @@ class HDF5DataLayer(Layer):
             self.fail("hdf5_data_param.batch_size must be positive")
         self.shuffle = bool(param.shuffle)
         try:
-            h5py = _h5py()
+            _h5py()  # fail here, with the layer named, when h5py is missing
         except ImportError as error:
             self.fail(str(error))
         self.files = self._list_files(param.source)
@@ -47,9 +60,9 @@ class HDF5DataLayer(Layer):
         self.row_shapes: dict[str, tuple[int, ...]] = {}
         for path in self.files:
             try:
-                with h5py.File(path, "r") as f:
+                with _open_hdf5(path) as f:
                     self.rows.append(self._check_file(f, path))
-            except OSError as error:
+            except (OSError, FormatError) as error:
                 self.fail(f"cannot read HDF5 file {path} ({error})")
         self.total = sum(self.rows)
         if self.total == 0:
@@ -61,18 +74,20 @@ class HDF5DataLayer(Layer):
         if not source:
             self.fail("hdf5_data_param.source is not set")
         try:
-            lines = Path(source).read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as error:
-            self.fail(f"cannot read source list {source} ({getattr(error, 'strerror', None) or error})")
+            lines = read_file(source).decode().splitlines()
+        except FormatError as error:
+            self.fail(f"cannot read source list: {error}")
+        except UnicodeDecodeError:
+            self.fail(f"cannot read source list {source}: it is not UTF-8 text")
         files = []
         for line in (line.strip() for line in lines):
             if not line:
                 continue
             path = Path(line)
             # Caffe resolves names against the working directory; also accept names relative to the list.
-            if not path.is_file() and (Path(source).parent / path).is_file():
+            if not path.exists() and (Path(source).parent / path).exists():
                 path = Path(source).parent / path
-            if not path.is_file():
+            if not path.exists():  # anything else there (a folder, a FIFO) is refused when opened
                 self.fail(f"HDF5 file {line} listed in {source} does not exist")
             files.append(path)
         if not files:
@@ -92,6 +107,9 @@ class HDF5DataLayer(Layer):
             if rows is not None and shape[0] != rows:
                 self.fail(f"datasets in {path} have different row counts ({rows} and {shape[0]} in '{name}')")
             rows = shape[0]
+            if math.prod(shape) > INT_MAX:
+                self.fail(f"dataset '{name}' in {path} has shape {list(shape)}: more than {INT_MAX} values "
+                          "(Caffe's limit for one blob)")
             if self.row_shapes.setdefault(name, shape[1:]) != shape[1:]:
                 self.fail(f"dataset '{name}' has rows of shape {list(shape[1:])} in {path}, "
                           f"{list(self.row_shapes[name])} in an earlier file")
@@ -129,7 +147,7 @@ class HDF5DataLayer(Layer):
     def _read_file(self, j: int) -> dict[str, np.ndarray]:
         if j in self._loaded:
             return self._loaded[j]
-        with _h5py().File(self.files[j], "r") as f:
+        with _open_hdf5(self.files[j]) as f:
             return {name: np.asarray(f[name][()], dtype=self.dtype) for name in self.names}
 
     def forward(self, bottom, top):
