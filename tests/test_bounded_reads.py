@@ -192,6 +192,11 @@ def test_weights_folder_is_not_reported_as_not_found(capsys, tmp_path):
         assert code == 1 and f"{tmp_path}: cannot read: it is a folder" in err and "not found" not in err
 
 
+def test_solver_folder_is_not_reported_as_not_found(capsys, tmp_path):
+    code, err = cli(capsys, "train", "--solver", tmp_path)
+    assert code == 1 and f"{tmp_path}: cannot read: it is a folder" in err and "not found" not in err
+
+
 def test_params_weights_fifo_does_not_block(fifo):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "minicaffe.cli", "params", "--weights", str(fifo)],

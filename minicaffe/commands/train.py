@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--work-dir is for --solver {QUICKSTART}; a solver file says where its data and "
                          "snapshots are")
     else:
-        if not Path(args.solver).is_file():
+        if not Path(args.solver).exists():  # a folder or FIFO gets the reader's own error
             raise FileNotFoundError(f"solver file '{args.solver}' not found")
         param, base_dir = read_solver(args.solver), Path(args.solver).parent
     param.train_state.level = args.level
