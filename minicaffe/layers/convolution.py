@@ -154,6 +154,7 @@ class ConvolutionLayer(Layer):
         if self.num_output % self.group:
             self.fail(f"num_output ({self.num_output}) must be a multiple of group ({self.group})")
 
+        self._output_size(bottom[0].shape)  # a kernel that does not fit fails before the weights exist
         kh, kw = self.geometry.kernel
         weight_shape = (self.num_output, self.channels // self.group, kh, kw)
         shapes = [weight_shape] + ([(self.num_output,)] if self.bias_term else [])
@@ -173,11 +174,7 @@ class ConvolutionLayer(Layer):
             if t is b:
                 self.fail("cannot run in place (top and bottom are the same blob)")
         self.height, self.width = shape[-2:]
-        self.out_size = self.geometry.output_size(self.height, self.width)
-        if min(self.out_size) <= 0:
-            g = self.geometry
-            self.fail(f"kernel {list(g.kernel)} (dilation {list(g.dilation)}) is larger than the padded "
-                      f"input: bottom shape {list(shape)}, pad {list(g.pad)}")
+        self.out_size = self._output_size(shape)
         self.num = bottom[0].count_range(0, self.channel_axis)
         # Images per GEMM: the whole batch unless its column buffer would exceed COL_BUFFER_LIMIT.
         col_per_image = self.channels * self.geometry.kernel[0] * self.geometry.kernel[1] * \
@@ -188,6 +185,15 @@ class ConvolutionLayer(Layer):
             t.reshape(top_shape)
 
     # -- helpers -----------------------------------------------------------------------------
+    def _output_size(self, shape) -> tuple[int, int]:
+        """(oh, ow) for a bottom of `shape`; fails when the kernel is larger than the padded input."""
+        out_size = self.geometry.output_size(*shape[-2:])
+        if min(out_size) <= 0:
+            g = self.geometry
+            self.fail(f"kernel {list(g.kernel)} (dilation {list(g.dilation)}) is larger than the padded "
+                      f"input: bottom shape {list(shape)}, pad {list(g.pad)}, stride {list(g.stride)}")
+        return out_size
+
     def _chunks(self) -> Iterator[tuple[int, int]]:
         """(first image, number of images) chunks of at most self.chunk_images images."""
         for start in range(0, self.num, self.chunk_images):
