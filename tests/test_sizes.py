@@ -97,8 +97,9 @@ HUGE = {
         ["layer 'conv' (Convolution)", "kernel [4294967295, 4294967295]", "bottom shape [1, 1, 12, 12]"]),
     "conv_pad_4294967295": (
         conv("kernel_size: 3 pad: 4294967295"),
-        ["layer 'conv' (Convolution)", "[1, 2, 8589934600, 8589934600]", "590295811458217280000 bytes",
-         "bottom shapes [[1, 1, 12, 12]]"]),
+        ["layer 'conv' (Convolution)", "top (bottom shape [1, 1, 12, 12], kernel [3, 3], pad [4294967295, "
+         "4294967295], stride [1, 1], dilation [1, 1]) of shape [1, 2, 8589934600, 8589934600] needs "
+         "590295811458217280000 bytes"]),
     "pool_pad_4294967295": (pool("kernel_size: 3 pad: 4294967295"),
                             ["layer 'pool' (Pooling)", "pad must be less than kernel"]),
     "pool_kernel_and_pad_huge": (
@@ -151,11 +152,14 @@ def test_huge_sizes_fail_before_allocation_naming_layer_shape_bytes(name, memory
     assert all(np.prod(shape, dtype=object) < 1000 for shape in created), created
 
 
-def test_geometry_is_checked_before_the_weights_are_made(monkeypatch):
-    """kernel_size 100000 on a 12x12 input: Convolution fails in layer_setup, setup_params never runs."""
+@pytest.mark.parametrize("name", ["conv_kernel_100000_on_12x12", "conv_kernel_4294967295_xavier",
+                                  "conv_pad_4294967295"])
+def test_geometry_is_checked_before_the_weights_are_made(name, monkeypatch):
+    """A kernel that does not fit, or a top too large: Convolution fails in layer_setup before
+    setup_params runs (it used to allocate and fill the weights first)."""
     monkeypatch.setattr(Layer, "setup_params", lambda *args: pytest.fail("weights made before the check"))
     with pytest.raises(NetError, match="kernel"):
-        build(conv("kernel_size: 100000"))
+        build(HUGE[name][0])
 
 
 # -- Blob ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ and are usable by other layers that take one (e.g. Deconvolution).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -154,7 +155,13 @@ class ConvolutionLayer(Layer):
         if self.num_output % self.group:
             self.fail(f"num_output ({self.num_output}) must be a multiple of group ({self.group})")
 
-        self._output_size(bottom[0].shape)  # a kernel that does not fit fails before the weights exist
+        # The top must fit before the weights are made and filled: a kernel larger than the padded input
+        # fails here, so does a top too large for the memory (pad 4294967295 asks for 2^67 values).
+        shape, g = bottom[0].shape, self.geometry
+        top_shape = (*shape[:self.channel_axis], self.num_output, *self._output_size(shape))
+        self.check_memory(f"top (bottom shape {list(shape)}, kernel {list(g.kernel)}, pad {list(g.pad)}, "
+                          f"stride {list(g.stride)}, dilation {list(g.dilation)})", top_shape,
+                          math.prod(top_shape) * self.dtype.itemsize)
         kh, kw = self.geometry.kernel
         weight_shape = (self.num_output, self.channels // self.group, kh, kw)
         shapes = [weight_shape] + ([(self.num_output,)] if self.bias_term else [])
