@@ -130,19 +130,21 @@ def _memavailable() -> int | None:
         return None
 
 
-def _cgroup_headroom() -> int | None:
+def _cgroup_headroom(root: str = "/sys/fs/cgroup") -> int | None:
     """limit - (usage - inactive file cache) of this container's memory cgroup (v2, else v1), as the
-    kubelet counts it: the page cache of files read long ago is reclaimed before the limit bites."""
-    for limit_file, usage_file, stat_key in (
-            ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "inactive_file"),
-            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+    kubelet counts it: the page cache of files read long ago is reclaimed before the limit bites.
+    None without a limit."""
+    for folder, limit_name, usage_name, stat_key in (
+            (root, "memory.max", "memory.current", "inactive_file"),
+            (os.path.join(root, "memory"), "memory.limit_in_bytes", "memory.usage_in_bytes",
              "total_inactive_file")):
-        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        limit = _read_int(os.path.join(folder, limit_name))
+        usage = _read_int(os.path.join(folder, usage_name))
         if limit is None or usage is None:
             continue
         inactive = 0
         try:
-            with open(os.path.join(os.path.dirname(limit_file), "memory.stat")) as file:
+            with open(os.path.join(folder, "memory.stat")) as file:
                 for line in file:
                     key, _, value = line.partition(" ")
                     if key == stat_key:

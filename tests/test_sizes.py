@@ -217,11 +217,31 @@ def test_gpu_mode_checks_the_gpu_memory(monkeypatch):
         Blob((32 << 20,))
 
 
-def test_free_memory_helpers_report_something_sane():
-    host = backend.host_free_memory()
+def test_free_memory_is_the_hosts_in_cpu_mode(monkeypatch):
     if os.path.exists("/proc/meminfo"):
-        assert host is not None and 0 < host
-    assert backend.free_memory() == pytest.approx(host, rel=0.5)  # CPU mode: the host's
+        assert backend.host_free_memory() > 0
+    monkeypatch.setattr(backend, "host_free_memory", lambda: 12345)
+    monkeypatch.setattr(backend, "device_free_memory", lambda: pytest.fail("CPU mode asked the GPU"))
+    assert backend.free_memory() == 12345
+
+
+@pytest.mark.parametrize("layout", ["v2", "v1", "v2 without a limit"])
+def test_cgroup_limit_counts_as_free_memory(layout, tmp_path):
+    """A container's MemAvailable is the host's; its cgroup's limit less the usage (less the file cache
+    that can be dropped) is what it may still take."""
+    if layout == "v1":
+        folder = tmp_path / "memory"
+        files = {"memory.limit_in_bytes": "1000000", "memory.usage_in_bytes": "600000",
+                 "memory.stat": "cache 7\ntotal_inactive_file 100000"}
+    else:
+        folder = tmp_path
+        files = {"memory.max": "max" if "without" in layout else "1000000", "memory.current": "600000",
+                 "memory.stat": "anon 5\ninactive_file 100000"}
+    folder.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text + "\n")
+    expected = None if "without" in layout else 1000000 - (600000 - 100000)
+    assert backend._cgroup_headroom(str(tmp_path)) == expected
 
 
 @linux_only
