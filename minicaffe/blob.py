@@ -251,7 +251,10 @@ class Blob:
         """Load a BlobProto; with reshape=False the shapes must agree (legacy 4-d shapes by count)."""
         shape = proto_shape(proto)
         if reshape:
-            self.reshape(shape)
+            try:
+                self.reshape(shape)
+            except BlobSizeError as error:  # int64 dims from a file: name where they came from
+                raise BlobSizeError(f"{where}: {error}") from None
         elif tuple(shape) != self.shape and not _legacy_match(shape, self.shape):
             raise ValueError(
                 f"{where}: shape mismatch, file has {list(shape)} but the net expects {list(self.shape)}"

@@ -187,8 +187,21 @@ def test_wrapping_dims_in_a_blobproto(memory_cap):
     """A caffemodel's BlobShape dims are int64: a product that wraps is refused, naming the bytes."""
     proto = caffe_pb2.BlobProto()
     proto.shape.dim.extend([2 ** 32, 2 ** 32])
-    with pytest.raises(BlobSizeError, match=r"\[4294967296, 4294967296\] needs 73786976294838206464 bytes"):
+    with pytest.raises(BlobSizeError, match=r"^layer 'ip' blob 0: blob of shape \[4294967296, 4294967296\] "
+                                            r"needs 73786976294838206464 bytes"):
+        Blob().from_proto(proto, where="layer 'ip' blob 0")
+    proto.shape.dim[:] = [3, -2]
+    with pytest.raises(BlobSizeError, match=r"^blob: blob shape \[3, -2\] has a negative dimension"):
         Blob().from_proto(proto)
+
+
+def test_wrapping_dims_of_blobs_given_in_the_prototxt(memory_cap):
+    text = input_layer(1, 3) + ('layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+                                'inner_product_param { num_output: 2 } '
+                                'blobs { shape { dim: 4294967296 dim: 4294967296 } } }')
+    with pytest.raises(ValueError, match=r"layer 'ip' blob 0: blob of shape \[4294967296, 4294967296\] needs "
+                                         r"73786976294838206464 bytes"):
+        build(text)
 
 
 def test_memory_check_threshold_and_message(monkeypatch):
