@@ -124,10 +124,11 @@ HUGE = {
         'layer { name: "dummy" type: "DummyData" top: "x" dummy_data_param { '
         'shape { dim: 1000000 dim: 1000000 } data_filler { type: "gaussian" } } }',
         ["layer 'dummy' (DummyData)", "top 0 of shape [1000000, 1000000]", "12000000000000 bytes"]),
-    "concat_huge": (
-        input_layer(1, 1, 1, 1) + input_layer(100000, 100000, 100, 1, name="big") +
-        'layer { name: "cat" type: "Concat" bottom: "data" bottom: "big" top: "cat" }',
-        ["layer 'big' (Input)", "[100000, 100000, 100, 1]", "4000000000000 bytes"]),
+    # Under the 1 GiB cap each 600 MB input fits, their concatenation does not.
+    "concat_of_inputs_that_fit": (
+        input_layer(1, 150000000, name="a") + input_layer(1, 150000000, name="b") +
+        'layer { name: "cat" type: "Concat" bottom: "a" bottom: "b" top: "cat" }',
+        ["layer 'cat' (Concat)", "[1, 300000000]", "1200000000 bytes", "bottom shapes [[1, 150000000], "]),
 }
 
 
