@@ -8,6 +8,8 @@ the next GPU layer that reads the blob copies it up. Layers use ``get_data()`` /
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +17,67 @@ import numpy as np
 from . import backend
 
 _UNINIT, _HOST, _DEVICE, _SYNCED = "uninit", "host", "device", "synced"
+
+# Allocations from this size up are checked against the free memory first. Reading it costs about
+# 0.2 ms, nothing next to filling 64 MiB, but too much for every small reshape.
+CHECK_MEMORY_FROM_BYTES = 64 << 20
+
+
+class BlobSizeError(ValueError):
+    """A blob shape that is invalid, or that needs more memory than there is; names the shape and bytes."""
+
+
+def describe_bytes(count: int) -> str:
+    """'576000000000 bytes (536.4 GiB)': exact for tests and scripts, readable for people."""
+    size, unit = float(count), "bytes"
+    for bigger in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{count} bytes" if unit == "bytes" else f"{count} bytes ({size:.1f} {unit})"
+
+
+def checked_shape(shape: Sequence[int], what: str = "blob") -> tuple[tuple[int, ...], int]:
+    """The shape as Python ints and its exact count. Counting with Python ints, never int64, means a
+    product that wraps (dims from protobuf's int64, e.g. 2^32 x 2^32) cannot pass as a small count;
+    check_memory then refuses a count too large."""
+    dims = []
+    for d in shape:
+        if not isinstance(d, (int, np.integer)) or isinstance(d, bool):
+            raise BlobSizeError(f"{what} shape {list(shape)} has a dimension that is not an integer: {d!r}")
+        dims.append(int(d))
+    if any(d < 0 for d in dims):
+        raise BlobSizeError(f"{what} shape {dims} has a negative dimension")
+    if any(d > sys.maxsize for d in dims):
+        raise BlobSizeError(f"{what} shape {dims} has a dimension above 2^63 - 1")
+    return tuple(dims), math.prod(dims)
+
+
+def check_memory(what: str, shape: Sequence[int], nbytes: int, on_host: bool = False) -> None:
+    """Refuse `nbytes` for `what` of `shape` when they exceed the free memory of the current mode (the
+    host's if `on_host`): a clear error now rather than a MemoryError, or the OOM killer, later.
+    Sizes below CHECK_MEMORY_FROM_BYTES are not checked; where the free memory is unknown, only sizes
+    beyond any address space are refused."""
+    if nbytes < CHECK_MEMORY_FROM_BYTES:
+        return
+    gpu = backend.on_gpu() and not on_host
+    free = backend.device_free_memory() if gpu else backend.host_free_memory()
+    limit = sys.maxsize if free is None else min(free, sys.maxsize)
+    if nbytes > limit:
+        available = (f"the {describe_bytes(free)} of {'GPU' if gpu else 'host'} memory available"
+                     if free is not None else "any address space")
+        raise BlobSizeError(f"{what} of shape {list(shape)} needs {describe_bytes(nbytes)}, more than "
+                            f"{available}")
+
+
+def _allocate(make, count: int, dtype: np.dtype, where: str):
+    """make(count, dtype) (numpy's or cupy's zeros / empty), an out-of-memory error as BlobSizeError:
+    the check at reshape cannot see what other blobs take before this one is first touched."""
+    try:
+        return make(count, dtype)
+    except MemoryError:  # cupy's OutOfMemoryError is one too
+        raise BlobSizeError(f"out of {where} memory: cannot allocate {count} {dtype} values, "
+                            f"{describe_bytes(count * dtype.itemsize)}") from None
 
 
 class SyncedArray:
@@ -29,11 +92,11 @@ class SyncedArray:
 
     def host(self, write: bool) -> np.ndarray:
         if self._head == _UNINIT:
-            self._host = np.zeros(self.count, self.dtype)
+            self._host = _allocate(np.zeros, self.count, self.dtype, "host")
             self._head = _HOST
         elif self._head == _DEVICE:
             if self._host is None:
-                self._host = np.empty(self.count, self.dtype)
+                self._host = _allocate(np.empty, self.count, self.dtype, "host")
             self._device.get(out=self._host)
             self._head = _SYNCED
         if write:
@@ -43,11 +106,11 @@ class SyncedArray:
     def device(self, write: bool):
         cupy = backend.xp()
         if self._head == _UNINIT:
-            self._device = cupy.zeros(self.count, self.dtype)
+            self._device = _allocate(cupy.zeros, self.count, self.dtype, "GPU")
             self._head = _DEVICE
         elif self._head == _HOST:
             if self._device is None:
-                self._device = cupy.empty(self.count, self.dtype)
+                self._device = _allocate(cupy.empty, self.count, self.dtype, "GPU")
             self._device.set(self._host)
             self._head = _SYNCED
         if write:
@@ -64,6 +127,7 @@ class Blob:
     def __init__(self, shape: Sequence[int] = (), dtype=np.float32):
         self.dtype = np.dtype(dtype)
         self._shape: tuple[int, ...] = ()
+        self._count = 1
         self._data = self._diff = SyncedArray(0, self.dtype)
         self.reshape(shape)
 
@@ -74,24 +138,25 @@ class Blob:
 
     @property
     def count(self) -> int:
-        return int(np.prod(self._shape, dtype=np.int64))
+        return self._count
 
     @property
     def num_axes(self) -> int:
         return len(self._shape)
 
     def reshape(self, *shape) -> None:
-        """Reshape (``blob.reshape(2, 3)`` or ``blob.reshape((2, 3))``); new memory when count changes."""
+        """Reshape (``blob.reshape(2, 3)`` or ``blob.reshape((2, 3))``); new memory when count changes.
+
+        Memory is taken when first used, but a shape that cannot fit in the free memory is refused here
+        (BlobSizeError), so that the layer asking for it is named."""
         if len(shape) == 1 and not isinstance(shape[0], (int, np.integer)):
             shape = tuple(shape[0])
-        shape = tuple(int(d) for d in shape)
-        if any(d < 0 for d in shape):
-            raise ValueError(f"blob shape {shape} has a negative dimension")
-        old_count = self.count
-        self._shape = shape
-        if self.count != old_count or self._data.count != self.count:
-            self._data = SyncedArray(self.count, self.dtype)
-            self._diff = SyncedArray(self.count, self.dtype)
+        shape, count = checked_shape(shape)
+        if count != self._data.count or count != self._diff.count:
+            check_memory("blob", shape, count * self.dtype.itemsize)
+            self._data = SyncedArray(count, self.dtype)
+            self._diff = SyncedArray(count, self.dtype)
+        self._shape, self._count = shape, count
 
     def reshape_like(self, other: Blob) -> None:
         self.reshape(other.shape)
@@ -103,7 +168,7 @@ class Blob:
         return axis % self.num_axes if self.num_axes else 0
 
     def count_range(self, start: int, end: int | None = None) -> int:
-        return int(np.prod(self._shape[start:end], dtype=np.int64))
+        return math.prod(self._shape[start:end])
 
     def _legacy(self, index: int) -> int:
         if self.num_axes > 4:
@@ -186,7 +251,10 @@ class Blob:
         """Load a BlobProto; with reshape=False the shapes must agree (legacy 4-d shapes by count)."""
         shape = proto_shape(proto)
         if reshape:
-            self.reshape(shape)
+            try:
+                self.reshape(shape)
+            except BlobSizeError as error:  # int64 dims from a file: name where they came from
+                raise BlobSizeError(f"{where}: {error}") from None
         elif tuple(shape) != self.shape and not _legacy_match(shape, self.shape):
             raise ValueError(
                 f"{where}: shape mismatch, file has {list(shape)} but the net expects {list(self.shape)}"

@@ -11,8 +11,8 @@ from typing import NoReturn
 import numpy as np
 
 from . import backend
-from .blob import Blob
-from .filler import fill
+from .blob import Blob, BlobSizeError, check_memory, checked_shape
+from .filler import FillerError, fill
 from .proto import caffe_pb2
 from .rng import stream
 
@@ -145,7 +145,10 @@ class Layer:
         self._kept = None
         if self.keeps == "input" and top and bottom and top[0] is bottom[0]:
             self._kept = self._keep(bottom[0].get_data())
-        self.forward(bottom, top)
+        try:
+            self.forward(bottom, top)
+        except BlobSizeError as error:  # blobs take their memory when first used: name the layer
+            self.fail(str(error))
         if self.keeps == "output":
             self._kept = self._keep(top[0].get_data())
         loss = 0.0
@@ -157,7 +160,10 @@ class Layer:
 
     def run_backward(self, top: list[Blob], propagate_down: Sequence[bool], bottom: list[Blob]) -> None:
         """Caffe's Layer::Backward, the one way to run a layer backward (after run_forward)."""
-        self.backward(top, propagate_down, bottom)
+        try:
+            self.backward(top, propagate_down, bottom)
+        except BlobSizeError as error:  # e.g. the first use of a diff
+            self.fail(str(error))
 
     def kept_input(self, bottom: list[Blob]):
         """x as forward saw it (for a layer with keeps = "input"): the kept copy when run in place."""
@@ -181,18 +187,26 @@ class Layer:
         values there for backward, and no call pays for fresh memory (which costs more in page faults
         than the kernels that fill it). dtype defaults to the layer's. The name "kept" is the copy that
         ``keeps`` asks for."""
-        array = backend.reuse(self.buffers.get(name), shape, self.dtype if dtype is None else dtype)
+        dtype = self.dtype if dtype is None else np.dtype(dtype)
+        shape, count = self.checked_size(f"buffer '{name}'", shape)
+        old = self.buffers.get(name)
+        if old is None or old.size != count or old.dtype != dtype:  # new memory: check it fits
+            self.check_memory(f"buffer '{name}'", shape, count * dtype.itemsize)
+        array = backend.reuse(old, shape, dtype)
         self.buffers[name] = array
         return array
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         self.check_blob_counts(bottom, top)
-        self.layer_setup(bottom, top)
-        if self.keeps not in (None, "input", "output"):
-            self.fail(f"keeps must be None, 'input' or 'output', got {self.keeps!r}")
-        if not self.param_propagate_down or len(self.param_propagate_down) != len(self.blobs):
-            self.param_propagate_down = [True] * len(self.blobs)
-        self.reshape(bottom, top)
+        try:
+            self.layer_setup(bottom, top)
+            if self.keeps not in (None, "input", "output"):
+                self.fail(f"keeps must be None, 'input' or 'output', got {self.keeps!r}")
+            if not self.param_propagate_down or len(self.param_propagate_down) != len(self.blobs):
+                self.param_propagate_down = [True] * len(self.blobs)
+            self.reshape(bottom, top)
+        except BlobSizeError as error:  # a top or parameter shape refused by Blob: name the layer
+            self.fail(f"{error}; bottom shapes {[list(b.shape) for b in bottom]}")
         self.set_loss_weights(top)
 
     def check_blob_counts(self, bottom: list[Blob], top: list[Blob]) -> None:
@@ -220,14 +234,40 @@ class Layer:
     def fail(self, message: str) -> NoReturn:
         raise LayerError(f"layer '{self.name}' ({self.type}): {message}")
 
+    def checked_size(self, what: str, shape: Sequence[int]) -> tuple[tuple[int, ...], int]:
+        """`shape` as Python ints and its exact count; a negative, non-integer or absurd dim fails,
+        naming this layer and `what`."""
+        try:
+            return checked_shape(shape, what)
+        except BlobSizeError as error:
+            self.fail(str(error))
+
+    def check_memory(self, what: str, shape, nbytes: int, on_host: bool = False) -> None:
+        """Fail, naming this layer, `what`, its shape and bytes, when `nbytes` exceed the free memory of
+        the current mode (of the host if `on_host`). Call before allocating, as blob.check_memory."""
+        try:
+            check_memory(what, shape, nbytes, on_host)
+        except BlobSizeError as error:
+            self.fail(str(error))
+
     def setup_params(self, shapes: Sequence[Sequence[int]], fillers: Sequence) -> None:
         """Create parameter blob i of shapes[i], filled by the FillerParameter fillers[i]; blobs that
-        already exist (given in the prototxt) must have those shapes."""
+        already exist (given in the prototxt) must have those shapes.
+
+        The size of every new blob is checked before the first one is created. A filler works on the
+        host in float64, so a blob takes 8 bytes per value there, besides its own, while filled."""
         if self.blobs and len(self.blobs) != len(shapes):
             self.fail(f"has {len(self.blobs)} parameter blobs, expected {len(shapes)}")
-        for i, (shape, filler_param) in enumerate(zip(shapes, fillers)):  # fillers may be longer
-            if not self.check_param_blob(i, shape):
-                fill(self.add_param_blob(shape), filler_param, stream("filler", self.name, i))
+        new = [i for i, shape in enumerate(shapes) if not self.check_param_blob(i, shape)]
+        for i in new:
+            shape, count = self.checked_size(f"parameter blob {i}", shapes[i])
+            self.check_memory(f"parameter blob {i}", shape, count * (self.dtype.itemsize + 8), on_host=True)
+        for i in new:
+            blob = self.add_param_blob(shapes[i])
+            try:
+                fill(blob, fillers[i], stream("filler", self.name, i))
+            except FillerError as error:
+                self.fail(f"parameter blob {i}: {error}")
 
     def add_param_blob(self, shape: Sequence[int]) -> Blob:
         blob = Blob(shape, self.dtype)

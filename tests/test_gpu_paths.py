@@ -33,7 +33,7 @@ import minicaffe
 from minicaffe import backend, io
 from minicaffe.blob import Blob
 from minicaffe.kernel import KernelError, KernelFile, gpu_options
-from minicaffe.net import Net
+from minicaffe.net import Net, NetError
 from minicaffe.proto import caffe_pb2
 from minicaffe.solver import Solver
 from minicaffe.testing import layer_from_prototxt
@@ -515,6 +515,25 @@ def test_blob_host_writes_reach_the_device_and_back(fake_cupy):
     blob.reshape(4, 5)
     assert blob.get_data().shape == (4, 5) and np.all(blob.data == 0)
     assert blob.to_proto().shape.dim == [4, 5]
+
+
+def test_blob_larger_than_the_gpu_memory_is_refused(fake_cupy):
+    """In GPU mode a blob is checked against the device's free memory (cupy's memGetInfo) before
+    anything is allocated; the error names the layer, the shape and the bytes (issue #9)."""
+    minicaffe.set_mode_gpu()
+    text = ('layer { name: "data" type: "Input" top: "data" '
+            'input_param { shape { dim: 1000 dim: 1000 dim: 1000 dim: 1000 } } }')
+    with pytest.raises(NetError, match=r"layer 'data' \(Input\): blob of shape \[1000, 1000, 1000, 1000\] "
+                                       r"needs 4000000000000 bytes .* of GPU memory available"):
+        Net(io.parse_text(text, caffe_pb2.NetParameter()), minicaffe.TEST)
+    if not REAL_CUPY:  # the fake's free memory can be lowered: 128 MiB no longer fits in 100 MiB
+        fake_cupy._current["free_memory"] = 100 << 20
+        try:
+            with pytest.raises(ValueError, match=r"134217728 bytes \(128.0 MiB\), more than the 104857600 "
+                                                 r"bytes \(100.0 MiB\) of GPU memory"):
+                Blob((32 << 20,), np.float32)
+        finally:
+            fake_cupy._current["free_memory"] = 80 << 30
 
 
 def test_layer_chain_sees_python_edits_between_gpu_layers(fake_cupy):

@@ -11,6 +11,7 @@ and are usable by other layers that take one (e.g. Deconvolution).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -154,6 +155,13 @@ class ConvolutionLayer(Layer):
         if self.num_output % self.group:
             self.fail(f"num_output ({self.num_output}) must be a multiple of group ({self.group})")
 
+        # The top must fit before the weights are made and filled: a kernel larger than the padded input
+        # fails here, so does a top too large for the memory (pad 4294967295 asks for 2^67 values).
+        shape, g = bottom[0].shape, self.geometry
+        top_shape = (*shape[:self.channel_axis], self.num_output, *self._output_size(shape))
+        self.check_memory(f"top (bottom shape {list(shape)}, kernel {list(g.kernel)}, pad {list(g.pad)}, "
+                          f"stride {list(g.stride)}, dilation {list(g.dilation)})", top_shape,
+                          math.prod(top_shape) * self.dtype.itemsize)
         kh, kw = self.geometry.kernel
         weight_shape = (self.num_output, self.channels // self.group, kh, kw)
         shapes = [weight_shape] + ([(self.num_output,)] if self.bias_term else [])
@@ -173,11 +181,7 @@ class ConvolutionLayer(Layer):
             if t is b:
                 self.fail("cannot run in place (top and bottom are the same blob)")
         self.height, self.width = shape[-2:]
-        self.out_size = self.geometry.output_size(self.height, self.width)
-        if min(self.out_size) <= 0:
-            g = self.geometry
-            self.fail(f"kernel {list(g.kernel)} (dilation {list(g.dilation)}) is larger than the padded "
-                      f"input: bottom shape {list(shape)}, pad {list(g.pad)}")
+        self.out_size = self._output_size(shape)
         self.num = bottom[0].count_range(0, self.channel_axis)
         # Images per GEMM: the whole batch unless its column buffer would exceed COL_BUFFER_LIMIT.
         col_per_image = self.channels * self.geometry.kernel[0] * self.geometry.kernel[1] * \
@@ -188,6 +192,15 @@ class ConvolutionLayer(Layer):
             t.reshape(top_shape)
 
     # -- helpers -----------------------------------------------------------------------------
+    def _output_size(self, shape) -> tuple[int, int]:
+        """(oh, ow) for a bottom of `shape`; fails when the kernel is larger than the padded input."""
+        out_size = self.geometry.output_size(*shape[-2:])
+        if min(out_size) <= 0:
+            g = self.geometry
+            self.fail(f"kernel {list(g.kernel)} (dilation {list(g.dilation)}) is larger than the padded "
+                      f"input: bottom shape {list(shape)}, pad {list(g.pad)}, stride {list(g.stride)}")
+        return out_size
+
     def _chunks(self) -> Iterator[tuple[int, int]]:
         """(first image, number of images) chunks of at most self.chunk_images images."""
         for start in range(0, self.num, self.chunk_images):

@@ -40,7 +40,10 @@ class DummyDataLayer(Layer):
         self.fillers = [fillers[i if len(fillers) > 1 else 0] for i in range(n)]
         self.refill = [f.type != "constant" for f in self.fillers]
         for i, blob in enumerate(top):
-            blob.reshape(self.shapes[i])
+            # The filler makes the values on the host in float64 before they go into the top.
+            shape, count = self.checked_size(f"top {i}", self.shapes[i])
+            self.check_memory(f"top {i}", shape, count * (self.dtype.itemsize + 8), on_host=True)
+            blob.reshape(shape)
             # Filling every top now also rejects an unknown filler type at setup, as Caffe does.
             self._fill(blob, i, rng.stream("data", self.name, self.forward_index, i))
 

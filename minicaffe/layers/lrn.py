@@ -48,15 +48,21 @@ class LRNLayer(Layer):
         """out = sum over each position's window of values (or of their squares)."""
         n, c, h, w = values.shape
         before, after = (self.post, self.pre) if mirrored else (self.pre, self.post)
+
+        def within(length: int) -> tuple[int, int]:
+            # Taps farther than the axis is long see only padding: cutting them changes no sum, and
+            # keeps the kernels' int loops (l + after, d <= after) from overflowing for a huge local_size.
+            return min(before, length), min(after, length)
+
         if self.region == ACROSS_CHANNELS:
-            KERNELS.lrn_window_sum(n * c, c, h * w, before, after, int(squared), values, out,
+            KERNELS.lrn_window_sum(n * c, c, h * w, *within(c), int(squared), values, out,
                                    extents=(n * c, h * w))
             return
         # Spatial box = sum along rows, then along columns.
         rows = self.buffer("rows", values.shape)
-        KERNELS.lrn_row_window_sum(n * c * h, w, before, after, int(squared), values, rows,
+        KERNELS.lrn_row_window_sum(n * c * h, w, *within(w), int(squared), values, rows,
                                    extents=(n * c * h, w))
-        KERNELS.lrn_window_sum(n * c * h, h, w, before, after, 0, rows, out, extents=(n * c * h, w))
+        KERNELS.lrn_window_sum(n * c * h, h, w, *within(h), 0, rows, out, extents=(n * c * h, w))
 
     def forward(self, bottom, top):
         x = bottom[0].get_data()

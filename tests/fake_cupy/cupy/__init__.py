@@ -31,9 +31,10 @@ What it checks, as real CuPy would refuse it (messages follow CuPy's):
 What it cannot check: CUDA itself. Nothing is compiled by NVRTC here (tests/test_kernels_nvrtc.py does
 that), races between GPU threads (tests/test_race.py checks those, on a ThreadSanitizer build), block/grid
 coverage of the data (the kernels' grid-stride loops cover any grid), out-of-bounds accesses, asynchrony
-(everything is synchronous), multiple devices (there is one), memory limits, and numerical differences of
-the GPU's math library (the CPU build is used; type promotion is numpy's, which CuPy follows). Functions
-CuPy has but this fake lacks raise AttributeError: add them here when minicaffe needs them.
+(everything is synchronous), multiple devices (there is one), memory limits (memGetInfo reports a
+fixed figure), and numerical differences of the GPU's math library (the CPU build is used; type
+promotion is numpy's, which CuPy follows). Functions CuPy has but this fake lacks raise AttributeError:
+add them here when minicaffe needs them.
 """
 
 from __future__ import annotations
@@ -545,6 +546,23 @@ runtime.getDeviceProperties = _properties
 runtime.deviceSynchronize = lambda: None
 runtime.runtimeGetVersion = lambda: 13000
 runtime.driverGetVersion = lambda: 13000
+# Free memory: a fixed figure (the arrays live in host memory), which a test may lower.
+_current["free_memory"] = 80 << 30
+runtime.memGetInfo = lambda: (_current["free_memory"], 80 << 30)
+
+
+class _MemoryPool:
+    """CuPy's pool of freed blocks; the fake keeps none."""
+
+    def free_bytes(self) -> int:
+        return 0
+
+
+_memory_pool = _MemoryPool()
+
+
+def get_default_memory_pool() -> _MemoryPool:
+    return _memory_pool
 
 
 class Device:
