@@ -232,7 +232,7 @@ class Net:
                                f"{len(layer_param.bottom)} bottoms")
             try:
                 layer = create_layer(layer_param, self.phase, self.dtype)
-            except LayerError as error:
+            except ValueError as error:  # LayerError, or a bad blob given in the prototxt
                 raise NetError(f"{self.source}: {error}") from None
             bottoms, tops = [], []
             for name in layer_param.bottom:

@@ -395,3 +395,16 @@ def test_cli_one_line_error_under_a_memory_limit(command, name, tmp_path):
     assert result.stderr.startswith(f"minicaffe {command}: error: ")
     for part in expected:
         assert part in result.stderr, (part, result.stderr)
+
+
+def test_huge_blob_given_in_the_prototxt_is_a_net_error():
+    """A parameter blob written into the prototxt itself (LayerParameter.blobs) too large for memory: a
+    NetError naming the net and the layer, as for every other bad layer definition."""
+    from minicaffe import io
+    from minicaffe.net import Net, NetError
+    from minicaffe.proto import caffe_pb2
+
+    text = ('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
+            'layer { name: "p" type: "PReLU" bottom: "x" top: "y" blobs { shape { dim: 100000000000 } } }')
+    with pytest.raises(NetError, match=r"layer 'p' blob 0: blob of shape \[100000000000\] needs"):
+        Net(io.parse_text(text, caffe_pb2.NetParameter(), "<t>"), 1)
