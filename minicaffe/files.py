@@ -58,7 +58,21 @@ def read_file(path, limit: int | None = PROTOBUF_LIMIT) -> bytes:
     """The bytes of the regular file `path` (see open_file)."""
     with open_file(path, limit) as f:
         try:
-            data = f.read(-1 if limit is None else limit + 1)
+            if limit is None:
+                data = f.read()
+            else:
+                # Ask for the size fstat gave (+1 to see growth), never for `limit`: read(n) allocates n
+                # bytes up front, and 2 GB for a small file fails under a memory limit.
+                size = os.fstat(f.fileno()).st_size
+                chunks = [f.read(min(size, limit) + 1)]
+                total = len(chunks[0])
+                while size < total <= limit:  # it grew since fstat: read on, in bounded pieces
+                    chunk = f.read(1 << 20)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    total += len(chunk)
+                data = b"".join(chunks)
         except OSError as error:
             raise FormatError(f"{_name(path)}: cannot read ({error.strerror or error})") from None
     if limit is not None and len(data) > limit:  # it grew since it was checked
