@@ -37,8 +37,10 @@ class DBError(ValueError):
 
 
 def key_name(key: bytes) -> str:
-    """A record key as text for messages (Caffe's keys are ASCII; anything else is escaped)."""
-    return key.decode("ascii", errors="backslashreplace")
+    """A record key as one line of text for messages: Caffe's keys are ASCII and show as they are, other
+    bytes are escaped as in Python's bytes literals, and a long key is cut."""
+    shown = repr(key[:80])[2:-1]
+    return shown if len(key) <= 80 else f"{shown}... ({len(key)} bytes)"
 
 
 @contextmanager
@@ -158,6 +160,8 @@ def _acquire_env(path: Path) -> _Env:
         stat = data_file.stat()
     except OSError as error:
         raise DBError(f"{data_file}: cannot open the LMDB ({error.strerror})") from None
+    if stat.st_size == 0:  # LMDB's own message for this is "Bad file descriptor"
+        raise DBError(f"{data_file}: truncated LMDB: the file is empty")
     identity = (stat.st_dev, stat.st_ino)
     with _OPEN_LOCK:
         shared = _OPEN.get(identity)
@@ -223,7 +227,9 @@ def _check_tree(data_file: Path, last_pgno: int, psize: int) -> None:
         metas = [page(i) for i in (0, 1)]
         meta = max(metas, key=lambda m: struct.unpack_from("=Q", m, 144)[0])
         depth, entries, root = struct.unpack_from("=H", meta, 94)[0], *struct.unpack_from("=QQ", meta, 120)
-        if root == _P_INVALID:
+        if root == _P_INVALID:  # an empty database
+            if entries:
+                raise corrupt(f"its header counts {entries} records, its tree is empty")
             return
         seen: set[int] = set()
         found = 0
@@ -298,6 +304,10 @@ class LMDBReader:
 
     def read(self, start: int, count: int) -> list[tuple[bytes, bytes]]:
         """`count` (key, value) pairs from position `start` on, wrapping around at the end."""
+        if count <= 0:
+            return []
+        if not self.keys:
+            raise DBError(f"{self.path}: the database is empty")
         out = []
         position = start % len(self.keys)
         key = self.keys[position]
