@@ -218,7 +218,10 @@ def _check_tree(data_file: Path, last_pgno: int, psize: int) -> None:
         return
     with open(data_file, "rb") as file:
         def page(pgno: int) -> bytes:
-            return os.pread(file.fileno(), psize, pgno * psize)
+            data = os.pread(file.fileno(), psize, pgno * psize)
+            if len(data) < psize:  # the file changed since its size was checked
+                raise DBError(f"{data_file}: truncated LMDB: page {pgno} is past the end of the file")
+            return data
 
         def corrupt(what: str) -> DBError:
             return DBError(f"{data_file}: corrupt LMDB: {what}")
