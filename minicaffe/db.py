@@ -8,11 +8,13 @@ Reading is thread-safe: the environment is opened read-only without the lock fil
 opens its own short read transaction, so a prefetch thread and the main thread never share one.
 
 Faults are errors, not crashes: every lmdb call is wrapped so that its error becomes a DBError naming
-the database and the key. LMDB maps data.mdb into memory, and touching a page beyond the end of a
-truncated file kills the process with SIGBUS; so at open the file must hold every page the
-environment says it uses ((last_pgno + 1) * page size), and LMDB itself refuses page numbers past
-last_pgno. What is not caught: a file truncated by another process while it is open, and bit flips
-inside a page that LMDB does not validate (a node's offset or size), which may still crash it.
+the database and the record key. LMDB trusts the file it maps into memory: touching a page beyond the
+end of a truncated data.mdb kills the process with SIGBUS, a page of the wrong type aborts it on an
+assertion, a node size that reaches past its page makes it read beyond the map. So at open, before LMDB
+walks it, data.mdb must hold every page the environment says it uses ((last_pgno + 1) * page size), and
+its B-tree is walked once with plain reads checking each page header, node and value size (_check_tree).
+Not guarded against: a file truncated or rewritten by another process while it is open (LMDB's own
+checks still turn some of that into errors, as a read of a page of the wrong type).
 """
 
 from __future__ import annotations
@@ -203,6 +205,8 @@ _PAGE_HEADER, _NODE_HEADER = 16, 8
 _P_BRANCH, _P_LEAF, _P_OVERFLOW, _P_META, _P_LEAF2 = 0x01, 0x02, 0x04, 0x08, 0x20
 _F_BIGDATA = 0x01
 _P_INVALID = 2**64 - 1
+_MIN_PAGE_SIZE, _MAX_PAGE_SIZE = 256, 0x10000  # what LMDB accepts (MDB_MINPAGESIZE.. MAX_PAGESIZE)
+_MAX_DEPTH = 32  # LMDB's cursor stack (CURSOR_STACK): no tree it can read is deeper
 
 
 def _check_tree(data_file: Path, last_pgno: int, psize: int) -> None:
@@ -216,6 +220,8 @@ def _check_tree(data_file: Path, last_pgno: int, psize: int) -> None:
 
     if struct.calcsize("P") != 8:  # the layout below is that of 64-bit builds
         return
+    if not _MIN_PAGE_SIZE <= psize <= _MAX_PAGE_SIZE:
+        raise DBError(f"{data_file}: corrupt LMDB: its page size is {psize} bytes")
     with open(data_file, "rb") as file:
         def page(pgno: int) -> bytes:
             data = os.pread(file.fileno(), psize, pgno * psize)
@@ -234,6 +240,8 @@ def _check_tree(data_file: Path, last_pgno: int, psize: int) -> None:
             if entries:
                 raise corrupt(f"its header counts {entries} records, its tree is empty")
             return
+        if not 1 <= depth <= _MAX_DEPTH:
+            raise corrupt(f"its tree depth is {depth}")
         seen: set[int] = set()
         found = 0
 
@@ -392,7 +400,8 @@ def write_lmdb(path, records: Iterable[tuple[bytes, bytes]], overwrite: bool = F
             with lmdb_errors(path, "write the LMDB to disk"):
                 env.sync()
         finally:
-            env.close()
+            with lmdb_errors(path, "close the LMDB"):
+                env.close()
         _replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -161,16 +161,20 @@ def test_leaf_page_of_the_wrong_type_is_an_error(tmp_path):
     assert f"corrupt LMDB: page {leaf} has a wrong header" in message
 
 
+# Fields of LMDB's meta page (MDB_meta after the 16-byte page header; the main tree is mm_dbs[1]).
 @pytest.mark.parametrize("field, offset, value, expected", [
-    ("last page", 136, 10**6, "truncated or corrupt LMDB: the file has"),
-    ("record count", 120, 999, "corrupt LMDB: its header counts 999 records, 20 were found"),
-    ("root page", 128, 10**6, "corrupt LMDB: page 1000000 is beyond the last page"),
+    ("last page", 136, struct.pack("=Q", 10**6), "truncated or corrupt LMDB: the file has"),
+    ("record count", 120, struct.pack("=Q", 999), "its header counts 999 records, 20 were found"),
+    ("root page", 128, struct.pack("=Q", 10**6), "corrupt LMDB: page 1000000 is beyond the last page"),
+    ("tree depth", 94, struct.pack("=H", 40000), "corrupt LMDB: its tree depth is 40000"),
+    ("tree depth", 94, struct.pack("=H", 3), "has a wrong header"),
+    ("page size", 40, struct.pack("=I", 100), "MDB_INVALID"),  # LMDB checks this one itself
 ])
 def test_corrupt_meta_page_is_an_error(tmp_path, field, offset, value, expected):
     db = build_db(tmp_path / "db")
     for meta in (0, PAGE):  # both meta pages, whichever LMDB picks
-        poke(db / "data.mdb", meta + offset, struct.pack("=Q", value))
-    assert expected in assert_one_line_error(python(NET_READS, db), db / "data.mdb")
+        poke(db / "data.mdb", meta + offset, value)
+    assert expected in assert_one_line_error(python(NET_READS, db), db)
 
 
 def test_value_size_beyond_the_file_is_an_error(tmp_path):
