@@ -385,7 +385,9 @@ def test_data_bad_record_later_in_the_db_names_the_db_and_key(tmp_path):
         txn.put(b"00000003\n", b"\x0a\xff\xff\xff\xff junk")
         txn.put(b"00000004", caffe_pb2.Datum(data=b"not a PNG", encoded=True).SerializeToString())
     env.close()
-    layer, top = data_layer(tmp_path / "db", batch_size=2)  # records 0 and 1 are fine
+    layer, top = data_layer(tmp_path / "db", batch_size=2)
+    run(layer, top, 0)  # records 0 and 1 are fine; the forward starts reading batch 1 in the background
+    assert layer._pending is not None and layer._pending.key[0] == 1
     with pytest.raises(LayerError, match=rf"layer 'data' \(Data\): {tmp_path / 'db'} record 00000003\\n "
                                          r"is not a Datum \("):
         run(layer, top, 1)
