@@ -22,6 +22,7 @@ from __future__ import annotations
 import io as _io
 import os
 import shutil
+import struct
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -183,11 +184,14 @@ def _open_env(path: Path, data_file: Path, identity) -> _Env:
     try:
         with lmdb_errors(path, "read the LMDB header"):
             info, stat = env.info(), env.stat()
-        size, needed = os.stat(data_file).st_size, (info["last_pgno"] + 1) * stat["psize"]
-        if size < needed:
-            raise DBError(f"{data_file}: truncated or corrupt LMDB: the file has {size} bytes, its "
-                          f"{info['last_pgno'] + 1} pages of {stat['psize']} bytes need {needed}")
-        _check_tree(data_file, info["last_pgno"], stat["psize"])
+        try:
+            size, needed = os.stat(data_file).st_size, (info["last_pgno"] + 1) * stat["psize"]
+            if size < needed:
+                raise DBError(f"{data_file}: truncated or corrupt LMDB: the file has {size} bytes, its "
+                              f"{info['last_pgno'] + 1} pages of {stat['psize']} bytes need {needed}")
+            _check_tree(data_file, info["last_pgno"], stat["psize"])
+        except OSError as error:
+            raise DBError(f"{data_file}: cannot read the LMDB ({error.strerror})") from None
         keys: list[bytes] = []
         with lmdb_errors(path, "list the keys of the LMDB"), env.begin() as txn:
             for key in txn.cursor().iternext(keys=True, values=False):
@@ -216,8 +220,6 @@ def _check_tree(data_file: Path, last_pgno: int, psize: int) -> None:
 
     This reads the branch and leaf pages once, as listing the keys does anyway; overflow pages (large
     values) are not read, only their range checked."""
-    import struct
-
     if struct.calcsize("P") != 8:  # the layout below is that of 64-bit builds
         return
     if not _MIN_PAGE_SIZE <= psize <= _MAX_PAGE_SIZE:
