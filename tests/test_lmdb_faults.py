@@ -189,15 +189,19 @@ def test_value_size_beyond_the_file_is_an_error(tmp_path):
         assert where in assert_one_line_error(python(NET_READS, db), db / "data.mdb")
 
 
-FLIP_READS = """
+# Reads copies of argv[1]/data.mdb, each damaged by one "position:mask" argument (the hex mask is
+# XORed in at the position), and prints one line per copy: "<damage> read" or "<damage> error <message>".
+DAMAGED_READS = """
 import sys
 from minicaffe.db import DBError, datum_to_array, read_datums
 source, target = sys.argv[1], sys.argv[2]
 original = open(source + "/data.mdb", "rb").read()
 for flip in sys.argv[3:]:
-    position, bit = map(int, flip.split(":"))
+    position, mask = flip.split(":")
+    position, mask = int(position), bytes.fromhex(mask)
     damaged = bytearray(original)
-    damaged[position] ^= 1 << bit
+    for i, byte in enumerate(mask[:len(damaged) - position]):
+        damaged[position + i] ^= byte
     with open(target + "/data.mdb", "wb") as file:
         file.write(damaged)
     try:
@@ -225,22 +229,27 @@ def structural_bytes(data: bytes) -> list[int]:
     return offsets
 
 
+@pytest.mark.parametrize("damage", ["bit flips", "garbage"])
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 24, 24), (3, 40, 40)])
-def test_bit_flips_are_errors_not_crashes(tmp_path, shape):
-    """Single-bit flips in the bytes LMDB interprets: each one reads (a flip LMDB does not use, or one
-    in pixel data) or ends in a DBError naming the file; none crashes."""
+def test_damaged_pages_are_errors_not_crashes(tmp_path, shape, damage):
+    """Single-bit flips, or runs of 2 to 4096 random bytes, in the bytes LMDB interprets: each copy reads
+    (damage LMDB does not use, or in pixel data) or ends in a DBError naming the file; none crashes."""
     source = build_db(tmp_path / "source", count=40, shape=shape)
     (tmp_path / "damaged").mkdir()
     data = (source / "data.mdb").read_bytes()
     rng = random.Random(9)
-    flips = [f"{position}:{rng.randrange(8)}" for position in rng.sample(structural_bytes(data), 400)]
-    result = python(FLIP_READS, source, tmp_path / "damaged", *flips, timeout=300)
+    positions = rng.sample(structural_bytes(data), 400)
+    if damage == "bit flips":
+        flips = [f"{position}:{1 << rng.randrange(8):02x}" for position in positions]
+    else:
+        flips = [f"{position}:{rng.randbytes(rng.choice([2, 8, 64, PAGE])).hex()}" for position in positions]
+    result = python(DAMAGED_READS, source, tmp_path / "damaged", *flips, timeout=300)
     lines = result.stdout.splitlines()
     assert result.returncode == 0 and len(lines) == len(flips), \
-        f"flip {flips[len(lines)] if len(lines) < len(flips) else '?'}: {describe(result)}"
+        f"damage {flips[len(lines)][:80] if len(lines) < len(flips) else '?'}: {describe(result)}"
     errors = [line for line in lines if line.split()[1] == "error"]
     assert all(str(tmp_path / "damaged") in line for line in errors), errors[:3]
-    assert len(errors) > 20  # the flips do hit what LMDB checks
+    assert len(errors) > 20  # the damage does hit what LMDB checks
 
 
 # -- read-time faults and values that are not Datums -----------------------------------------------
