@@ -173,3 +173,64 @@ def test_digits_lmdb(tmp_path):
     stamp = (train_path / "data.mdb").stat().st_mtime_ns
     assert digits_lmdb(tmp_path / "data") == (train_path, test_path)
     assert (train_path / "data.mdb").stat().st_mtime_ns == stamp
+
+
+# -- --overwrite replaces only an existing LMDB (issue #9) -----------------------------------------
+
+def small_idx(tmp_path, count=3):
+    write_idx(tmp_path / "img", np.arange(count * 4).reshape(count, 2, 2))
+    write_idx(tmp_path / "lab", np.arange(count) % 10)
+    return [str(tmp_path / "img"), str(tmp_path / "lab")]
+
+
+def test_overwrite_refuses_a_folder_of_user_files(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "photos").mkdir(parents=True)
+    (out / "thesis.tex").write_text("years of work")
+    (out / "photos" / "cat.jpg").write_bytes(b"\xff\xd8")
+    (out / "data.mdb").write_bytes(b"")  # an LMDB's name among other files does not make it one
+    err = cli_error(capsys, *small_idx(tmp_path), out, "--overwrite")
+    assert f"{out} is a folder holding files other than an LMDB's data.mdb and lock.mdb" in err
+    assert "photos, thesis.tex" in err and "nothing was deleted" in err
+    assert (out / "thesis.tex").read_text() == "years of work"
+    assert (out / "photos" / "cat.jpg").read_bytes() == b"\xff\xd8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img", "lab", "out"]  # no temporary folder left
+
+
+def test_overwrite_refuses_other_things(tmp_path, capsys):
+    args = small_idx(tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert "is a folder without an LMDB's data.mdb" in cli_error(capsys, *args, tmp_path / "empty",
+                                                                 "--overwrite")
+    assert (tmp_path / "empty").is_dir()
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert "is a file that is not an LMDB" in cli_error(capsys, *args, tmp_path / "notes.txt", "--overwrite")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    (tmp_path / "lmdb_dir").mkdir()
+    (tmp_path / "lmdb_dir" / "data.mdb").mkdir()
+    assert "not a regular file" in cli_error(capsys, *args, tmp_path / "lmdb_dir", "--overwrite")
+    assert (tmp_path / "lmdb_dir" / "data.mdb").is_dir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    assert "is a symbolic link" in cli_error(capsys, *args, tmp_path / "link", "--overwrite")
+    assert (tmp_path / "link").is_symlink()
+
+
+def test_overwrite_replaces_an_existing_lmdb(tmp_path, capsys):
+    args = small_idx(tmp_path, count=5)
+    out = tmp_path / "out"
+    assert main(["convert-mnist", *args, str(out), "--count", "2"]) == 0
+    read_db(out)  # opening it with the lock file leaves lock.mdb beside data.mdb, as any LMDB user would
+    assert sorted(p.name for p in out.iterdir()) == ["data.mdb", "lock.mdb"]
+    assert main(["convert-mnist", *args, str(out), "--overwrite"]) == 0
+    assert len(read_db(out)) == 5
+
+    # An LMDB written as a single file (subdir=False) is an LMDB too.
+    single = tmp_path / "single.mdb"
+    env = lmdb.open(str(single), subdir=False, map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        txn.put(b"old", b"record")
+    env.close()
+    assert main(["convert-mnist", *args, str(single), "--overwrite"]) == 0
+    assert [key for key, _ in read_db(single)] == [b"%08d" % i for i in range(5)]
+    capsys.readouterr()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no backup left behind

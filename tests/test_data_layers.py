@@ -374,6 +374,28 @@ def test_data_bad_records(tmp_path):
         data_layer(tmp_path / "mixed", batch_size=2)
 
 
+def test_data_bad_record_later_in_the_db_names_the_db_and_key(tmp_path):
+    """A value that is not a Datum (or an encoded Datum that is not an image) fails the batch that reads
+    it, naming the database and the record, from the prefetch thread as from a direct read."""
+    good = raw_datum(np.zeros((1, 2, 2)), 0).SerializeToString()
+    env = lmdb.open(str(tmp_path / "db"), map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        for key in (b"00000000", b"00000001", b"00000002"):
+            txn.put(key, good)
+        txn.put(b"00000003\n", b"\x0a\xff\xff\xff\xff junk")
+        txn.put(b"00000004", caffe_pb2.Datum(data=b"not a PNG", encoded=True).SerializeToString())
+    env.close()
+    layer, top = data_layer(tmp_path / "db", batch_size=2)
+    run(layer, top, 0)  # records 0 and 1 are fine; the forward starts reading batch 1 in the background
+    assert layer._pending is not None and layer._pending.key[0] == 1
+    with pytest.raises(LayerError, match=rf"layer 'data' \(Data\): {tmp_path / 'db'} record 00000003\\n "
+                                         r"is not a Datum \("):
+        run(layer, top, 1)
+    layer, top = data_layer(tmp_path / "db", batch_size=1)
+    with pytest.raises(LayerError, match=rf"{tmp_path / 'db'} record 00000004: cannot decode the encoded "):
+        run(layer, top, 4)
+
+
 def test_data_mean_file_shape_mismatch(tmp_path):
     path, _, _ = images_db(tmp_path, n=1, shape=(1, 4, 4))
     proto = caffe_pb2.BlobProto()

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import minicaffe.commands.summary
@@ -140,6 +141,18 @@ def test_written_files_respect_the_umask(umask, tmp_path):
     assert (plain.stat().st_mode & 0o777) == want
     for path in (model, state, tmp_path / "out.prototxt"):
         assert (Path(path).stat().st_mode & 0o777) == want, path
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=lambda mask: f"umask{mask:03o}")
+def test_lmdb_folder_respects_the_umask(umask, tmp_path):
+    from minicaffe.db import write_datum_lmdb
+
+    previous = os.umask(umask)
+    try:
+        write_datum_lmdb(tmp_path / "db", [np.zeros((1, 2, 2), np.uint8)], [0])
+    finally:
+        os.umask(previous)
+    assert ((tmp_path / "db").stat().st_mode & 0o777) == 0o777 & ~umask
 
 
 def test_restore_detects_a_missing_or_mismatched_pair(tmp_path):

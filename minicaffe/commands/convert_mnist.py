@@ -4,7 +4,9 @@ convert_mnist_data.
 Each record is a Datum with channels 1, height/width from the IDX header, the raw pixel bytes and the
 label, under the key "%08d" of the item's index in the IDX files (keys sort in insertion order).
 --start/--count convert a slice (e.g. a train/test split of one file). The database is built beside
-OUT_DB and renamed into place; an existing OUT_DB is kept unless --overwrite is given.
+OUT_DB and renamed into place; an existing OUT_DB is kept unless --overwrite is given, and --overwrite
+replaces only an existing LMDB (a folder holding just data.mdb and lock.mdb, or an LMDB data file):
+anything else there, such as a folder of the user's files, is refused and nothing is deleted.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=None, help="how many items (default: all from --start)")
     parser.add_argument("--backend", default="lmdb", choices=["lmdb", "leveldb"],
                         help="database type; only lmdb is supported (the default)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DB if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DB if it is an existing LMDB (anything else is refused)")
 
 
 def run(args: argparse.Namespace) -> int:

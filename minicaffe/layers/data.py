@@ -18,11 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from .. import rng
 from ..data_transformer import DataTransformer, TransformError, legacy_transform_param
-from ..db import DBError, LMDBReader, datum_to_array, looks_like_leveldb
+from ..db import DBError, LMDBReader, datum_to_array, key_name, looks_like_leveldb, parse_datum
 from ..io import FormatError
 from ..layer import Layer, register
 from ..proto import caffe_pb2
@@ -123,20 +122,16 @@ class DataLayer(PrefetchingDataLayer):
 
     def load_batch(self, index: int) -> list[np.ndarray]:
         start = (self.skip + index * self.batch_size) % len(self.reader)
-        records = self.reader.read(start, self.batch_size)
         images, labels = [], np.empty(self.batch_size, dtype=self.dtype)
         param = self.transformer.param
-        for i, (key, value) in enumerate(records):
-            where = f"{self.reader.path} record {key.decode(errors='replace')}"
-            try:
-                datum = caffe_pb2.Datum.FromString(value)
-            except DecodeError as error:
-                self.fail(f"{where} is not a Datum ({error})")
-            try:
+        try:
+            for i, (key, value) in enumerate(self.reader.read(start, self.batch_size)):
+                where = f"{self.reader.path} record {key_name(key)}"
+                datum = parse_datum(value, where)
                 images.append(datum_to_array(datum, param.force_color, param.force_gray, where))
-            except DBError as error:
-                self.fail(str(error))
-            labels[i] = datum.label
+                labels[i] = datum.label
+        except DBError as error:
+            self.fail(str(error))
         try:
             data = self.transformer.transform(images, rng.stream("data", self.name, index))
         except TransformError as error:
