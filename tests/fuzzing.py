@@ -68,6 +68,7 @@ class Result:
     killed: str = ""  # how the runner died, when it did
     runner_log: str = ""  # the runner's own fd 2 (faulthandler's dump) when it died
     seconds: float = 0.0
+    lost: list[str] = field(default_factory=list)  # of the case's must_exist, right after it ran
 
 
 # -- the verdict --------------------------------------------------------------------------------------
@@ -83,9 +84,8 @@ def verdict(case: Case, result: Result) -> str | None:
     if "Traceback (most recent call last)" in result.stderr:
         last = result.stderr.strip().splitlines()[-1]
         return f"traceback: {last[:200]}"
-    missing = [path for path in case.must_exist if not os.path.lexists(path)]
-    if missing:
-        return f"data lost: {', '.join(missing)} removed (exit {result.code})"
+    if result.lost:
+        return f"data lost: {', '.join(result.lost)} removed (exit {result.code})"
     if result.code == 0:
         return "accepted: exit 0 for an input that must be refused" if case.expect == "error" else None
     if one_line_error(result.code, result.stderr, log_lines=True):
@@ -163,7 +163,7 @@ def _run_runner(cases: list[Case], cases_file: Path, start: int, results: dict[i
                     deadline = time.monotonic() + cases[current].timeout + slack
                 else:
                     results[message["done"]] = Result(message["code"], message["stderr"], message["hang"],
-                                                      seconds=message["seconds"])
+                                                      seconds=message["seconds"], lost=message["lost"])
                     current = None
     finally:
         reader.close()
@@ -278,8 +278,9 @@ def runner_main(cases_file: str, fd: str, start: str) -> None:
             report.flush()
             began = time.monotonic()
             code, stderr, hang = _run_one(cases[index])
+            lost = [path for path in cases[index]["must_exist"] if not os.path.lexists(path)]
             report.write(json.dumps({"done": index, "code": code, "stderr": stderr[-4000:], "hang": hang,
-                                     "seconds": time.monotonic() - began}) + "\n")
+                                     "seconds": time.monotonic() - began, "lost": lost}) + "\n")
             report.flush()
             gc.collect()
             if hang:  # a case stopped mid-way may leave locks or threads behind: go on in a fresh runner
