@@ -173,7 +173,7 @@ def _run_runner(cases: list[Case], cases_file: Path, start: int, results: dict[i
         if not done:
             raise RuntimeError(f"the fuzz runner failed (exit {code}): {_tail(log_path)}")
         return max(done) + 1
-    results[current] = Result(code, "", killed=_signal_name(code), runner_log=_tail(log_path))
+    results[current] = Result(code, "", killed=_signal_name(code), runner_log=_fatal_error(log_path))
     return current + 1
 
 
@@ -186,6 +186,14 @@ def _signal_name(code: int) -> str:
 
 def _tail(path: Path, chars: int = 600) -> str:
     return path.read_text(errors="replace")[-chars:]
+
+
+def _fatal_error(path: Path) -> str:
+    """faulthandler's report of the signal, and the innermost frames it lists."""
+    text = path.read_text(errors="replace")
+    lines = text[text.rfind("Fatal Python error"):].splitlines()
+    frames = [line.strip() for line in lines if line.strip().startswith("File ")]
+    return "\n".join(lines[:1] + frames[:3])
 
 
 # -- the runner's side --------------------------------------------------------------------------------
@@ -254,8 +262,14 @@ def _run_one(case: dict) -> tuple[int, str, bool]:
                 code = exit.code or 0
             else:
                 print(exit.code, file=sys.stderr)
-        except CaseTimeout:
+        except CaseTimeout as timeout:
             hang = True
+            import traceback
+
+            where = traceback.extract_tb(timeout.__traceback__)[-2:]
+            print("fuzz runner: timed out in " + " <- ".join(f"{Path(frame.filename).name}:{frame.lineno} "
+                                                             f"{frame.name}" for frame in reversed(where)),
+                  file=sys.stderr)
         except BaseException:  # what the interpreter would print for an uncaught exception
             import traceback
 
