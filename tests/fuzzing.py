@@ -1,5 +1,5 @@
-"""The fuzz harness of tests/test_fuzz.py: malformed inputs for the `minicaffe` command, and a runner that
-runs many of them in one process.
+"""The fuzz harness of tests/test_fuzz.py: a runner that runs many `minicaffe` commands in one process, the
+verdict on each, and helpers to make malformed inputs.
 
 Starting Python and importing minicaffe costs about a second, so one runner process (this file run as a
 script) runs case after case, each exactly as `python -m minicaffe.cli ARGS` would (runpy, with
@@ -10,7 +10,8 @@ on a pipe of its own, "start" before each case and the result after it, so when 
 which case it was, records it, and starts a fresh runner on the cases after it.
 
 The verdict on each case (`verdict`): exit 0, or exit 1 with one error line on stderr after any glog
-lines; never a traceback, a signal, a hang or a MemoryError.
+lines; never a traceback, a signal, a hang or a MemoryError. What a standalone process would show and
+this one does not: bytes C code writes straight to file descriptor 2 (they go to the runner's log).
 """
 
 from __future__ import annotations
@@ -191,6 +192,8 @@ def _tail(path: Path, chars: int = 600) -> str:
 def _fatal_error(path: Path) -> str:
     """faulthandler's report of the signal, and the innermost frames it lists."""
     text = path.read_text(errors="replace")
+    if "Fatal Python error" not in text:
+        return _tail(path)
     lines = text[text.rfind("Fatal Python error"):].splitlines()
     frames = [line.strip() for line in lines if line.strip().startswith("File ")]
     return "\n".join(lines[:1] + frames[:3])
@@ -266,7 +269,7 @@ def _run_one(case: dict) -> tuple[int, str, bool]:
             hang = True
             import traceback
 
-            where = traceback.extract_tb(timeout.__traceback__)[-2:]
+            where = traceback.extract_tb(timeout.__traceback__)[-4:-1]  # not _on_alarm itself
             print("fuzz runner: timed out in " + " <- ".join(f"{Path(frame.filename).name}:{frame.lineno} "
                                                              f"{frame.name}" for frame in reversed(where)),
                   file=sys.stderr)
@@ -304,8 +307,9 @@ def runner_main(cases_file: str, fd: str, start: str) -> None:
 # -- making inputs ------------------------------------------------------------------------------------
 
 def hypothesis_examples(strategy, count: int) -> list:
-    """`count` examples of a hypothesis strategy, the same on every run (derandomize): the cases are
-    generated first and then run in one batch, since a process per example would be too slow."""
+    """`count` examples of a hypothesis strategy, the same on every run of the same source (derandomize
+    seeds from the test function's source): the cases are generated first and then run in one batch,
+    since a process per example would be too slow."""
     from hypothesis import HealthCheck, Phase, given, settings
 
     found: list = []

@@ -485,6 +485,18 @@ def idx_cases(inputs: Inputs) -> None:
                expect="error", must_exist=[str(user_folder / "thesis.tex")])
 
 
+def add_solver_case(inputs: Inputs, base: str, rule_name: str, policy_name: str, field_name: str,
+                    value: str) -> None:
+    """`train` with the solver `base` under an update rule and a learning rate policy, one field set."""
+    text = re.sub(r'type: ".*"', f'type: "{rule_name}"', base) + RULE_FIELDS.get(rule_name, "")
+    text = re.sub(r'lr_policy: ".*"', f'lr_policy: "{policy_name}"', text)
+    text = re.sub(rf"^{field_name}: .*$", "", text, flags=re.M) + f"{field_name}: {value}\n"
+    if policy_name == "multistep":
+        text += "stepvalue: 1\nstepvalue: 2\n"
+    inputs.add("solver", f"{rule_name} {policy_name} {field_name}: {value}",
+               ["train", "--solver", inputs.solver_file(text)])
+
+
 def solver_cases(inputs: Inputs) -> None:
     """Solver fields set to 0, negative, huge, nan, with each update rule and learning-rate policy."""
     base = canonical(SOLVER.replace("NET", inputs.net_train), caffe_pb2.SolverParameter())
@@ -508,20 +520,18 @@ def solver_cases(inputs: Inputs) -> None:
     rule = st.sampled_from(list(RULE_FIELDS))
     policy = st.sampled_from(["fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid"])
     examples += hypothesis_examples(st.tuples(rule, policy, field_value), 110)
-    # The issue's examples, and what no update rule can run.
-    examples += [("Adam", "fixed", ("momentum", "1.0")), ("SGD", "exp", ("gamma", "1e10")),
-                 ("SGD", "sigmoid", ("gamma", "-10000")), ("SGD", "step", ("max_iter", "-1")),
-                 ("AdaDelta", "fixed", ("delta", "0")), ("RMSProp", "fixed", ("rms_decay", "1.0")),
-                 ("NoSuchRule", "fixed", ("base_lr", "0.01")), ("SGD", "no_such_policy", ("base_lr", "0.01")),
-                 ("", "fixed", ("base_lr", "0.01")), ("SGD", "", ("base_lr", "0.01"))]
     for rule_name, policy_name, (field_name, value) in examples:
-        text = re.sub(r'type: ".*"', f'type: "{rule_name}"', base) + RULE_FIELDS.get(rule_name, "")
-        text = re.sub(r'lr_policy: ".*"', f'lr_policy: "{policy_name}"', text)
-        text = re.sub(rf"^{field_name}: .*$", "", text, flags=re.M) + f"{field_name}: {value}\n"
-        if policy_name == "multistep":
-            text += "stepvalue: 1\nstepvalue: 2\n"
-        inputs.add("solver", f"{rule_name} {policy_name} {field_name}: {value}",
-                   ["train", "--solver", inputs.solver_file(text)])
+        add_solver_case(inputs, base, rule_name, policy_name, field_name, value)
+    # The issue's examples, with iterations enough for a learning rate to overflow; and what no update rule
+    # can run.
+    for rule_name, policy_name, (field_name, value) in [
+            ("Adam", "fixed", ("momentum", "1.0")), ("SGD", "exp", ("gamma", "1e10")),
+            ("SGD", "sigmoid", ("gamma", "-10000")), ("SGD", "step", ("max_iter", "-1")),
+            ("AdaDelta", "fixed", ("delta", "0")), ("RMSProp", "fixed", ("rms_decay", "1.0")),
+            ("NoSuchRule", "fixed", ("base_lr", "0.01")), ("SGD", "no_such_policy", ("base_lr", "0.01")),
+            ("", "fixed", ("base_lr", "0.01")), ("SGD", "", ("base_lr", "0.01"))]:
+        longer = re.sub(r"^max_iter: .*$", "max_iter: 40", base, flags=re.M)
+        add_solver_case(inputs, longer, rule_name, policy_name, field_name, value)
     no_net = re.sub(r"^net: .*$", "", base, flags=re.M)
     inputs.add("solver", "no net", ["train", "--solver", inputs.solver_file(no_net)], expect="error")
     missing_net = base.replace(inputs.net_train, str(inputs.files / "missing.prototxt"))
@@ -660,5 +670,6 @@ def test_harness_names_each_outcome(tmp_path):
     assert causes == [*expected, ("refused", "accepted")]
     # Where it hung and where it crashed is told too.
     assert "timed out in fuzzing.py" in results[7].stderr and "probe" in results[7].stderr
+    assert "_on_alarm" not in results[7].stderr
     assert "Fatal Python error: Segmentation fault" in results[5].runner_log
     assert "error: bad input" in results[1].stderr and results[2].code == 1
