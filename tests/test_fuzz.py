@@ -253,6 +253,14 @@ def numbers_cases(inputs: Inputs) -> None:
             ("small_train", canonical(NET_TRAIN.replace("DATA_LAYER", DUMMY_DATA)),
              ["time", "--iterations", 1]),
             ("lenet_prelu", lenet_prelu_dummy(), ["summary", "--phase", "TRAIN"])]
+    # Every number of the small net with every edge value,
+    name, text, command = nets[0]
+    for index in numeric_sites(text):
+        for number in dict.fromkeys(SPECIAL_INTS + SPECIAL_FLOATS):
+            path = inputs.file(f"number{len(inputs.cases)}.prototxt", set_value(text, index, number))
+            inputs.add("numbers", f"{name}: `{text.splitlines()[index].strip()}` -> {number}",
+                       [command[0], "--model", path, *command[1:]])
+    # and what hypothesis draws for the numbers of all three.
     sites = [(net, index) for net, (_, text, _) in enumerate(nets) for index in numeric_sites(text)]
     # Integers small or far too big, not in between: a 2 GB layer is no malformed input, only a slow one.
     value = st.one_of(st.sampled_from(SPECIAL_INTS + SPECIAL_FLOATS),
