@@ -258,7 +258,7 @@ def numbers_cases(inputs: Inputs) -> None:
     for index in numeric_sites(text):
         for number in dict.fromkeys(SPECIAL_INTS + SPECIAL_FLOATS):
             path = inputs.file(f"number{len(inputs.cases)}.prototxt", set_value(text, index, number))
-            inputs.add("numbers", f"{name}: `{text.splitlines()[index].strip()}` -> {number}",
+            inputs.add("numbers", f"{name} line {index}: `{text.splitlines()[index].strip()}` -> {number}",
                        [command[0], "--model", path, *command[1:]])
     # and what hypothesis draws for the numbers of all three.
     sites = [(net, index) for net, (_, text, _) in enumerate(nets) for index in numeric_sites(text)]
@@ -273,7 +273,7 @@ def numbers_cases(inputs: Inputs) -> None:
         line = text.splitlines()[index].strip()
         path = inputs.file(f"number{len(inputs.cases)}.prototxt", set_value(text, index, number))
         model_args = [command[0], "--model", path, *command[1:]]
-        inputs.add("numbers", f"{name}: `{line}` -> {number}", model_args)
+        inputs.add("numbers", f"{name} line {index}: `{line}` -> {number}", model_args)
 
 
 def huge_cases(inputs: Inputs) -> None:
