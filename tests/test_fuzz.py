@@ -109,6 +109,12 @@ RULE_FIELDS = {"SGD": "momentum: 0.9\n", "Nesterov": "momentum: 0.9\n", "AdaGrad
                "Adam": "momentum: 0.9\nmomentum2: 0.999\n"}
 
 
+def swap(text: str, old: str, new: str) -> str:
+    """`text` with `old` replaced by `new`; `old` must be there (else the case would test nothing new)."""
+    assert old in text, f"{old!r} is not in the net"
+    return text.replace(old, new)
+
+
 def canonical(text: str, message=None) -> str:
     """The prototxt as protobuf prints it: one field per line, so lines can be mutated one by one."""
     from google.protobuf import text_format
@@ -121,8 +127,8 @@ def lenet_prelu_dummy() -> str:
     net = mc_io.read_net_param(REPO / "models" / "lenet_prelu" / "train_test.prototxt")
     layers = [layer for layer in net.layer if layer.type != "Data"]
     del net.layer[:]
-    text = DUMMY_DATA.replace("dim: 4 dim: 1 dim: 8 dim: 8", "dim: 2 dim: 1 dim: 28 dim: 28")
-    dummy = mc_io.parse_text(text.replace("shape { dim: 4 }", "shape { dim: 2 }"), caffe_pb2.NetParameter())
+    text = swap(DUMMY_DATA, "dim: 4 dim: 1 dim: 8 dim: 8", "dim: 2 dim: 1 dim: 28 dim: 28")
+    dummy = mc_io.parse_text(swap(text, "shape { dim: 4 }", "shape { dim: 2 }"), caffe_pb2.NetParameter())
     net.layer.extend([*dummy.layer, *layers])
     return canonical(str(net))
 
@@ -163,7 +169,7 @@ class Inputs:
 
 # -- the cases ------------------------------------------------------------------------------------------
 
-def prototxt_cases(inputs: Inputs) -> None:
+def prototxt_cases(inputs: FuzzInputs) -> None:
     """Fields deleted or repeated, layer types swapped, bottoms renamed, cycles, empty nets, non-prototxt."""
     deploy = canonical(NET_DEPLOY)
     lines = deploy.splitlines()
@@ -192,25 +198,25 @@ def prototxt_cases(inputs: Inputs) -> None:
             path = inputs.file(f"{how.replace(' ', '_')}{index}.prototxt", str(changed))
             inputs.add("prototxt", f"layer {layer.name} {how}", ["summary", "--model", path])
     graph = {
-        "cycle conv1 <- prob": NET_DEPLOY.replace('bottom: "data" top: "conv1"',
+        "cycle conv1 <- prob": swap(NET_DEPLOY, 'bottom: "data" top: "conv1"',
                                                   'bottom: "prob" top: "conv1"'),
-        "a layer reading its own top": NET_DEPLOY.replace('bottom: "pool1" top: "norm1"',
+        "a layer reading its own top": swap(NET_DEPLOY, 'bottom: "pool1" top: "norm1"',
                                                           'bottom: "norm1" top: "norm1"'),
-        "two layers writing one top": NET_DEPLOY.replace('top: "ip1" inner', 'top: "pool1" inner'),
+        "two layers writing one top": swap(NET_DEPLOY, 'top: "ip1"\n', 'top: "pool1"\n'),
         "no layers at all": 'name: "empty"',
         "an empty file": "",
         "only a comment": "# nothing here\n",
         "a latin-1 byte in a comment (valid)": NET_DEPLOY + "# caf\xe9\n",
         "an unterminated brace": NET_DEPLOY + "layer { name: 'x'",
-        "an unterminated string": NET_DEPLOY.replace('"small"', '"small'),
-        "an unknown field": NET_DEPLOY.replace('name: "small"', 'name: "small" color: "red"'),
-        "an unknown enum value": NET_DEPLOY.replace("pool: MAX", "pool: MEDIAN"),
-        "a number for a string": NET_DEPLOY.replace('name: "small"', "name: 12"),
-        "a string for a number": NET_DEPLOY.replace("num_output: 10", 'num_output: "ten"'),
-        "a message for a number": NET_DEPLOY.replace("num_output: 10", "num_output { }"),
-        "the input layer excluded": NET_DEPLOY.replace('top: "data" input',
+        "an unterminated string": swap(NET_DEPLOY, '"small"', '"small'),
+        "an unknown field": swap(NET_DEPLOY, 'name: "small"', 'name: "small" color: "red"'),
+        "an unknown enum value": swap(NET_DEPLOY, "pool: MAX", "pool: MEDIAN"),
+        "a number for a string": swap(NET_DEPLOY, 'name: "small"', "name: 12"),
+        "a string for a number": swap(NET_DEPLOY, "num_output: 10", 'num_output: "ten"'),
+        "a message for a number": swap(NET_DEPLOY, "num_output: 10", "num_output { }"),
+        "the input layer excluded": swap(NET_DEPLOY, 'top: "data" input',
                                                        'top: "data" exclude { phase: TEST } input'),
-        "a 1 MB layer name": NET_DEPLOY.replace('name: "prob"', f'name: "{"p" * (1 << 20)}"'),
+        "a 1 MB layer name": swap(NET_DEPLOY, 'name: "prob"', f'name: "{"p" * (1 << 20)}"'),
         "20000 layers": NET_DEPLOY + "".join(
             f'layer {{ name: "r{i}" type: "ReLU" bottom: "prob" top: "prob" }}\n' for i in range(20000)),
     }
@@ -279,7 +285,7 @@ def numbers_cases(inputs: Inputs) -> None:
 def huge_cases(inputs: Inputs) -> None:
     """Sizes beyond memory or beyond 32 and 64 bits (the issue's examples among them)."""
     def input_shape(*dims) -> str:
-        return NET_DEPLOY.replace("dim: 2 dim: 1 dim: 12 dim: 12", " ".join(f"dim: {d}" for d in dims))
+        return swap(NET_DEPLOY, "dim: 2 dim: 1 dim: 12 dim: 12", " ".join(f"dim: {d}" for d in dims))
 
     # (net, what `time` must do: "error" where it cannot run in memory or is invalid for Caffe too).
     nets = {
@@ -290,19 +296,19 @@ def huge_cases(inputs: Inputs) -> None:
         "Input dim -1": (input_shape(-1, 1, 12, 12), "error"),
         "Input dim 0": (input_shape(0, 1, 12, 12), "any"),
         "Input 0 channels (xavier fan-in 0)": (input_shape(2, 0, 12, 12), "error"),
-        "InnerProduct num_output 1e9": (NET_DEPLOY.replace("output: 10", "output: 1000000000"), "error"),
-        "Convolution num_output 2^31": (NET_DEPLOY.replace("output: 4", "output: 2147483648"), "error"),
-        "kernel_size 100000 on 12x12": (NET_DEPLOY.replace("kernel_size: 3", "kernel_size: 100000"), "error"),
-        "kernel_size 4294967295": (NET_DEPLOY.replace("kernel_size: 3", "kernel_size: 4294967295"), "error"),
-        "pad 4294967295": (NET_DEPLOY.replace("pad: 1", "pad: 4294967295"), "error"),
-        "pad 100000": (NET_DEPLOY.replace("pad: 1", "pad: 100000"), "error"),
-        "stride 0": (NET_DEPLOY.replace("stride: 1", "stride: 0"), "error"),
-        "pooling kernel 0": (NET_DEPLOY.replace("kernel_size: 2", "kernel_size: 0"), "error"),
-        "pooling stride 4294967295": (NET_DEPLOY.replace("stride: 2", "stride: 4294967295"), "any"),
-        "LRN local_size 2^31-1": (NET_DEPLOY.replace("local_size: 3", "local_size: 2147483647"), "any"),
+        "InnerProduct num_output 1e9": (swap(NET_DEPLOY, "output: 10", "output: 1000000000"), "error"),
+        "Convolution num_output 2^31": (swap(NET_DEPLOY, "output: 4", "output: 2147483648"), "error"),
+        "kernel_size 100000 on 12x12": (swap(NET_DEPLOY, "kernel_size: 3", "kernel_size: 100000"), "error"),
+        "kernel_size 4294967295": (swap(NET_DEPLOY, "kernel_size: 3", "kernel_size: 4294967295"), "error"),
+        "pad 4294967295": (swap(NET_DEPLOY, "pad: 1", "pad: 4294967295"), "error"),
+        "pad 100000": (swap(NET_DEPLOY, "pad: 1", "pad: 100000"), "error"),
+        "stride 0": (swap(NET_DEPLOY, "stride: 1", "stride: 0"), "error"),
+        "pooling kernel 0": (swap(NET_DEPLOY, "kernel_size: 2", "kernel_size: 0"), "error"),
+        "pooling stride 4294967295": (swap(NET_DEPLOY, "stride: 2", "stride: 4294967295"), "any"),
+        "LRN local_size 2^31-1": (swap(NET_DEPLOY, "local_size: 3", "local_size: 2147483647"), "any"),
         "Input 65536 x 65536 images": (input_shape(1, 1, 65536, 65536), "error"),
         "Input 46341 x 46341 (2^31 + elements)": (input_shape(1, 1, 46341, 46341), "error"),
-        "DummyData 2^40 elements": (NET_TRAIN.replace("DATA_LAYER", DUMMY_DATA.replace(
+        "DummyData 2^40 elements": (NET_TRAIN.replace("DATA_LAYER", swap(DUMMY_DATA,
             "dim: 4 dim: 1 dim: 8 dim: 8", "dim: 1048576 dim: 1 dim: 1024 dim: 1024")), "error"),
     }
     for name, (text, expect) in nets.items():
@@ -311,7 +317,7 @@ def huge_cases(inputs: Inputs) -> None:
         inputs.add("huge", name, ["time", "--model", path, "--iterations", 1], expect=expect)
 
 
-def caffemodel_cases(inputs: Inputs) -> None:
+def caffemodel_cases(inputs: FuzzInputs) -> None:
     model = Path(inputs.model).read_bytes()
     net = inputs.net_train
     variants = [(f"cut to {n} of {len(model)} bytes", model[:n]) for n in truncations(model)]
@@ -339,7 +345,7 @@ def caffemodel_cases(inputs: Inputs) -> None:
                 inputs.file("half.caffemodel", model[: len(model) // 2])])
 
 
-def solverstate_cases(inputs: Inputs) -> None:
+def solverstate_cases(inputs: FuzzInputs) -> None:
     state_bytes = Path(inputs.state).read_bytes()
     variants = [(f"cut to {n} of {len(state_bytes)} bytes", state_bytes[:n])
                 for n in truncations(state_bytes)]
@@ -367,7 +373,7 @@ def solverstate_cases(inputs: Inputs) -> None:
                    expect="error")
 
 
-def lmdb_cases(inputs: Inputs) -> None:
+def lmdb_cases(inputs: FuzzInputs) -> None:
     """A small LMDB of Datum, truncated, bit-flipped, missing parts, or holding what is no Datum."""
     data_file = Path(inputs.lmdb) / "data.mdb"
     original = data_file.read_bytes()
@@ -429,7 +435,7 @@ def shutil_copytree(source: str, target: Path) -> None:
     shutil.copytree(source, target)
 
 
-def idx_cases(inputs: Inputs) -> None:
+def idx_cases(inputs: FuzzInputs) -> None:
     """IDX files for convert-mnist: wrong magic, types, dimensions, sizes, truncated or bad gzip."""
     rng = np.random.default_rng(4)
     pixels = rng.integers(0, 256, 10 * 28 * 28, dtype=np.uint8).tobytes()
@@ -493,7 +499,7 @@ def idx_cases(inputs: Inputs) -> None:
                expect="error", must_exist=[str(user_folder / "thesis.tex")])
 
 
-def add_solver_case(inputs: Inputs, base: str, rule_name: str, policy_name: str, field_name: str,
+def add_solver_case(inputs: FuzzInputs, base: str, rule_name: str, policy_name: str, field_name: str,
                     value: str) -> None:
     """`train` with the solver `base` under an update rule and a learning rate policy, one field set."""
     text = re.sub(r'type: ".*"', f'type: "{rule_name}"', base) + RULE_FIELDS.get(rule_name, "")
@@ -505,7 +511,7 @@ def add_solver_case(inputs: Inputs, base: str, rule_name: str, policy_name: str,
                ["train", "--solver", inputs.solver_file(text)])
 
 
-def solver_cases(inputs: Inputs) -> None:
+def solver_cases(inputs: FuzzInputs) -> None:
     """Solver fields set to 0, negative, huge, nan, with each update rule and learning-rate policy."""
     base = canonical(SOLVER.replace("NET", inputs.net_train), caffe_pb2.SolverParameter())
     floats = ["base_lr", "gamma", "power", "momentum", "weight_decay", "clip_gradients", "delta", "momentum2",
