@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from minicaffe.testing import layer_from_prototxt
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_VARIABLE = "MINICAFFE_SHARED"
+GLOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ \S+:\d+\] ")
 
 
 def shared_data(relative: str, needed_file: str) -> Path:
@@ -27,6 +29,17 @@ def shared_data(relative: str, needed_file: str) -> Path:
         pytest.skip(f"no {relative}/{needed_file} in {root}: set {SHARED_VARIABLE} to the folder holding "
                     "data/mnist and models/ (README: The full test suite)")
     return path
+
+
+def one_line_error(code: int, err: str, log_lines: bool = False) -> bool:
+    """The command failed as a CLI should: exit 1, one line on stderr, no traceback. With log_lines, glog
+    lines (what a command logged before it failed) may come before that line."""
+    lines = err.strip().splitlines()
+    if log_lines:
+        lines = [line for line in lines if not GLOG_LINE.match(line)]
+        if lines and not err.strip().endswith(lines[-1]):
+            return False  # the error must be the last line
+    return code == 1 and len(lines) == 1 and "Traceback" not in err
 
 
 @pytest.fixture

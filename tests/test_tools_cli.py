@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
 
 import minicaffe as caffe
 from minicaffe.cli import main
@@ -44,10 +45,6 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def one_line_error(code: int, err: str) -> bool:
-    return code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 @pytest.fixture
