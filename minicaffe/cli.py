@@ -16,7 +16,12 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
+from pathlib import Path
 
+import numpy as np
+
+from . import log
 from .backend import BackendError
 from .kernel import KernelError
 
@@ -86,6 +91,10 @@ def error_line(error: BaseException) -> str:
     return text if len(text) <= 2000 else text[:2000] + "..."
 
 
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    log.warning(f"{category.__name__}: {message}", f"{Path(filename).name}:{lineno}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_caffe_style(list(sys.argv[1:] if argv is None else argv)))
@@ -93,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        # Overflow to inf and NaN are the training guards' to report (they name the iteration and the
+        # blob); numpy's own warnings would only add lines that are neither log lines nor the error.
+        # Other Python warnings become glog WARNING lines.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"), \
+                warnings.catch_warnings():
+            warnings.showwarning = _log_warning
+            return int(args._run(args) or 0)
     except BrokenPipeError:
         # The reader of our output has gone (`minicaffe params ... | head`): nothing to tell it, and
         # nothing left for Python to flush into the closed pipe at exit.
