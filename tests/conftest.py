@@ -105,3 +105,17 @@ def assert_loss_fell(log: Path) -> None:
         assert len(losses) >= 2, f"fewer than two {kind} losses in {log}"
         assert all(np.isfinite(losses)), f"{kind} losses {losses}"
         assert losses[-1] < factor * losses[0], f"{kind} loss did not fall: {losses}"
+
+
+@pytest.fixture
+def log_text():
+    """minicaffe's log lines, captured in a StringIO (instead of stderr) for the test's duration."""
+    import io as _io
+
+    from minicaffe import log
+
+    stream = _io.StringIO()
+    log.set_stream(stream)
+    yield stream
+    log.set_stream(None)
+

@@ -8,7 +8,6 @@ the umask, leftover temporary files and snapshot pairs that do not belong togeth
 from __future__ import annotations
 
 import errno
-import io as _io
 import os
 import random
 import re
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 
 import minicaffe.commands.summary
-from minicaffe import cli, io, log
+from minicaffe import cli, io
 from minicaffe.commands.common import SignalHandler
 from minicaffe.proto import caffe_pb2
 from minicaffe.solver import NONE, SNAPSHOT, STOP, SnapshotLock, Solver, SolverError
@@ -87,12 +86,7 @@ def assert_one_line_error(stderr: str, command: str = "train") -> str:
     return lines[-1]
 
 
-@pytest.fixture(autouse=True)
-def _quiet_log():
-    stream = _io.StringIO()
-    log.set_stream(stream)
-    yield stream
-    log.set_stream(None)
+pytestmark = pytest.mark.usefixtures("log_text")  # log lines captured (conftest)
 
 
 # -- the pair and its files ------------------------------------------------------------------------

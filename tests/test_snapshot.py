@@ -7,14 +7,13 @@ the solver history) must be equal bit for bit.
 
 from __future__ import annotations
 
-import io as _io
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import minicaffe
-from minicaffe import io, log
+from minicaffe import io
 from minicaffe.datasets import digits_lmdb
 from minicaffe.proto import caffe_pb2
 from minicaffe.solver import Solver, SolverError
@@ -55,12 +54,7 @@ def digits(tmp_path_factory) -> tuple[Path, Path]:
     return digits_lmdb(tmp_path_factory.mktemp("digits"))
 
 
-@pytest.fixture(autouse=True)
-def _quiet_log():
-    stream = _io.StringIO()
-    log.set_stream(stream)
-    yield stream
-    log.set_stream(None)
+pytestmark = pytest.mark.usefixtures("log_text")  # log lines captured (conftest)
 
 
 def solver_param(digits, tmp_path, rule="SGD", extra="") -> caffe_pb2.SolverParameter:

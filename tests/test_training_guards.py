@@ -7,7 +7,6 @@ holds one NaN, so iteration 0 updates and snapshots, and iteration 1 meets the N
 
 from __future__ import annotations
 
-import io as _io
 import math
 import re
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 from conftest import run_layer
 
 import minicaffe
-from minicaffe import cli, log
+from minicaffe import cli
 from minicaffe.db import write_datum_lmdb
 from minicaffe.io import parse_text, write_text
 from minicaffe.proto import caffe_pb2
@@ -48,12 +47,7 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "
 """
 
 
-@pytest.fixture(autouse=True)
-def log_text():
-    stream = _io.StringIO()
-    log.set_stream(stream)
-    yield stream
-    log.set_stream(None)
+pytestmark = pytest.mark.usefixtures("log_text")  # log lines captured (conftest)
 
 
 def with_fields(text: str, extra: str) -> caffe_pb2.SolverParameter:
