@@ -42,6 +42,7 @@ BEGIN, END = markers("benchmarks/kernels.py")
 # the L2 caches, though a large L3 may hold them; the copy bandwidth is measured at both that size and
 # at 256 MB (main memory) for comparison.
 ACT = (32, 64, 32, 32)
+LOGITS = (2048, 1000)  # (N, C) class scores, also 8 MB: softmax with inner == 1
 CASES = [
     ("ReLU", 'type: "ReLU"', [ACT], TEST),
     ("PReLU", 'type: "PReLU"', [ACT], TEST),
@@ -60,8 +61,10 @@ CASES = [
     ("Pooling MAX 2x2", 'type: "Pooling" pooling_param { pool: MAX kernel_size: 2 stride: 2 }', [ACT], TEST),
     ("Pooling AVE 3x3/2", 'type: "Pooling" pooling_param { pool: AVE kernel_size: 3 stride: 2 }', [ACT],
      TEST),
+    ("Softmax (N,C)", 'type: "Softmax"', [LOGITS], TEST),
+    ("LRN", 'type: "LRN" lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }', [ACT], TEST),
 ]
-QUICK_SHAPES = {ACT: (2, 8, 16, 16), (8, 32, 32, 32): (2, 4, 8, 8)}
+QUICK_SHAPES = {ACT: (2, 8, 16, 16), (8, 32, 32, 32): (2, 4, 8, 8), LOGITS: (16, 10)}
 
 
 def median_time(fn, min_runs: int, min_seconds: float) -> float:
@@ -139,6 +142,8 @@ def torch_ops():
         "BatchNorm": lambda x: F.batch_norm(x, None, None, training=True),
         "Pooling MAX 2x2": lambda x: F.max_pool2d(x, 2, 2),
         "Pooling AVE 3x3/2": lambda x: F.avg_pool2d(x, 3, 2, ceil_mode=True),
+        "Softmax (N,C)": lambda x: F.softmax(x, 1),
+        "LRN": lambda x: F.local_response_norm(x, 5, alpha=0.0001, beta=0.75, k=1.0),
     }
     two = {"Eltwise SUM": lambda a, b: a - b, "Eltwise PROD": lambda a, b: a * b}
     return torch, F, ops, two
