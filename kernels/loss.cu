@@ -45,6 +45,17 @@ KERNEL void softmax_loss_backward(const int outer, const int channels, const int
                                   const real* normalizer, real* dx, const int has_ignore,
                                   const int ignore_label) {
   const real scale = top_diff[0] / normalizer[0];
+  if (inner == 1) {  // rows of contiguous channels: the channel loop is the inner one (the layer's
+                     // extents are then (outer, channels))
+    PLANE_LOOP(p, outer) {
+      const int l = (int)label[p];
+      const real s = (has_ignore && l == ignore_label) ? real(0) : scale;
+      const real* pp = prob + (size_t)p * channels;
+      real* dxp = dx + (size_t)p * channels;
+      INNER_LOOP(c, channels) { dxp[c] = (pp[c] - real(c == l)) * s; }
+    }
+    return;
+  }
   PLANE_LOOP(p, outer) {
     const real* lp = label + (size_t)p * inner;
     // Channels outside, the contiguous inner index inside: vectorizes (the label is re-read per

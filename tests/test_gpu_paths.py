@@ -322,6 +322,7 @@ CASES = {
     "eltwise_max": Case('type: "Eltwise" eltwise_param { operation: MAX }', [X, X, X]),
     "softmax": Case('type: "Softmax"', [X]),
     "softmax_axis_2": Case('type: "Softmax" softmax_param { axis: 2 }', [X]),
+    "softmax_rows_in_place": Case('type: "Softmax"', [(6, 37)], in_place=True),  # inner 1: a row per thread
     "softmax_loss": Case('type: "SoftmaxWithLoss"', [X, ("label", (2, 5, 4), 3)], num_top=2,
                          propagate=[True, False]),
     "softmax_loss_ignore": Case('type: "SoftmaxWithLoss" loss_param { ignore_label: 1 }',

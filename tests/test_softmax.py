@@ -28,7 +28,8 @@ def softmax_reference(x: np.ndarray, axis: int) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, axis", [((2, 3, 4, 5), 1), ((2, 3, 4, 5), 2), ((2, 3, 4, 5), -1),
-                                         ((2, 3, 4, 5), 0), ((5, 7), 1), ((6,), 0), ((3, 1, 2), 1)])
+                                         ((2, 3, 4, 5), 0), ((5, 7), 1), ((6,), 0), ((3, 1, 2), 1),
+                                         ((4, 1000), 1), ((3, 37, 1), 1)])  # rows: SIMD lanes + a tail
 def test_forward_matches_reference(dtype, shape, axis):
     x = np.random.default_rng(0).normal(scale=3, size=shape)
     _, _, top = run_layer(f'type: "Softmax" softmax_param {{ axis: {axis} }}', x, dtype=dtype)
@@ -66,7 +67,8 @@ def test_backward_hand_values():
     np.testing.assert_allclose(dx, [[3 / 16, -3 / 16]], rtol=1e-12)
 
 
-@pytest.mark.parametrize("shape, axis", [((2, 3, 2, 3), 1), ((2, 3, 4), 2), ((3, 4), 1), ((2, 3, 2), 0)])
+@pytest.mark.parametrize("shape, axis", [((2, 3, 2, 3), 1), ((2, 3, 4), 2), ((3, 4), 1), ((2, 3, 2), 0),
+                                         ((2, 37), 1)])
 def test_gradient(shape, axis):
     x = np.random.default_rng(1).normal(size=shape)
     layer = layer_from_prototxt(f'type: "Softmax" softmax_param {{ axis: {axis} }}')
@@ -74,8 +76,9 @@ def test_gradient(shape, axis):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_in_place_matches_out_of_place(dtype):
-    x = np.random.default_rng(2).normal(size=(2, 4, 3))
+@pytest.mark.parametrize("shape", [(2, 4, 3), (3, 37)])
+def test_in_place_matches_out_of_place(dtype, shape):
+    x = np.random.default_rng(2).normal(size=shape)
     dy = np.random.default_rng(3).normal(size=x.shape)
     layer, bottom, top = run_layer('type: "Softmax"', x, dtype=dtype)
     (dx,) = backward_layer(layer, bottom, top, [dy])

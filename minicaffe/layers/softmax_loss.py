@@ -107,7 +107,7 @@ class SoftmaxWithLossLayer(Layer):
         KERNELS.softmax_loss_backward(self.outer, self.channels, self.inner, self.prob.get_data(),
                                       bottom[1].get_data(), top[0].get_diff(), self.normalizer,
                                       bottom[0].mutable_diff(), int(self.has_ignore), self.ignore_label,
-                                      extents=(self.outer, self.inner))
+                                      extents=(self.outer, self.channels if self.inner == 1 else self.inner))
 
     def allow_force_backward(self, bottom_index: int) -> bool:
         return bottom_index != 1
