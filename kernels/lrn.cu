@@ -52,6 +52,18 @@ KERNEL void lrn_row_window_sum(const int rows, const int width, const int before
   }
 }
 
+// scale^-beta without pow: glibc's vector powf is about 3x slower than its exp and log together.
+// beta = 0.75 (Caffe's default, AlexNet's) is 1 / (sqrt(s) * sqrt(sqrt(s))): square roots only, at
+// memory speed. Both forms are within a few ulps of pow. The test on beta is the same for every
+// element, so the compiler moves it out of the loop (one vectorized loop per case).
+DEVICE real lrn_power(const real scale, const real beta) {
+  if (beta == real(0.75)) {
+    const real root = sqrt(scale);
+    return real(1) / (root * sqrt(root));
+  }
+  return exp(-beta * log(scale));
+}
+
 // scale = shift + mult * sum (in place on `sum` allowed), y = x * scale^-beta.
 KERNEL void lrn_forward_output(const int count, const real* x, const real* sum, real* scale, real* y,
                                const real shift, const real mult, const real beta) {
@@ -59,7 +71,7 @@ KERNEL void lrn_forward_output(const int count, const real* x, const real* sum, 
     INNER_LOOP(i, count) {
       const real s = shift + mult * sum[i];
       scale[i] = s;
-      y[i] = x[i] * pow(s, -beta);
+      y[i] = x[i] * lrn_power(s, beta);
     }
   }
 }
@@ -70,7 +82,7 @@ KERNEL void lrn_backward_ratio(const int count, const real* x, const real* dy, c
                                real* ratio, real* dx, const real beta) {
   PLANE_LOOP(p, 1) {
     INNER_LOOP(i, count) {
-      const real power = pow(scale[i], -beta);
+      const real power = lrn_power(scale[i], beta);
       dx[i] = dy[i] * power;
       ratio[i] = dy[i] * x[i] * power / scale[i];
     }

@@ -96,10 +96,10 @@ def test_forward_property_any_shape(n, c, h, w, size, within):
 
 
 @pytest.mark.parametrize("region", ["ACROSS_CHANNELS", "WITHIN_CHANNEL"])
-@pytest.mark.parametrize("size", [3, 5])
-def test_gradient(region, size):
+@pytest.mark.parametrize("size, beta", [(3, 0.75), (5, 0.75), (3, 0.6)])  # the kernel's two power forms
+def test_gradient(region, size, beta):
     x = np.random.default_rng(2).normal(size=(2, 6, 3, 4))
-    layer = layer_from_prototxt(lrn_text(size, alpha=2.0, beta=0.75, k=1.5, region=region))
+    layer = layer_from_prototxt(lrn_text(size, alpha=2.0, beta=beta, k=1.5, region=region))
     check_layer(layer, [x], stepsize=1e-3, threshold=1e-4)
 
 
@@ -112,11 +112,12 @@ def test_gradient_exhaustive(region):
     GradientChecker(stepsize=1e-3, threshold=1e-4).check_gradient_exhaustive(layer, bottom, top)
 
 
-def test_backward_matches_caffe_formula():
+@pytest.mark.parametrize("beta", [0.75, 1.3])  # the kernel's two power forms (square roots, exp/log)
+def test_backward_matches_caffe_formula(beta):
     """Caffe's closed form: dx = dy * scale^-beta - 2 alpha beta / n * x * sum_window(dy * y / scale)."""
     rng = np.random.default_rng(4)
     x, dy = rng.normal(size=(2, 5, 2, 3)), rng.normal(size=(2, 5, 2, 3))
-    size, alpha, beta, k = 3, 2.0, 0.75, 1.5
+    size, alpha, k = 3, 2.0, 1.5
     layer, bottom, top = run_layer(lrn_text(size, alpha, beta, k), x)
     (dx,) = backward_layer(layer, bottom, top, [dy])
     padded = np.pad(x**2, ((0, 0), (1, 1), (0, 0), (0, 0)))
