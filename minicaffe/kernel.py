@@ -41,15 +41,17 @@ import numpy as np
 REAL_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 CPU_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
              "-march=native", "-std=c++14"]
-GPU_BLOCK = 256
+# Threads per GPU block: a power of two that covers a plane's inner extent, at least a warp (a smaller
+# block would leave the rest of its warp idle anyway) and at most 256 (see `launch_geometry`).
+GPU_BLOCKS = (32, 256)
 GPU_MAX_GRID_X = 4096
 GPU_MAX_GRID_Y = 65535
 INT_RANGES = {"int": (-2**31, 2**31 - 1), "uint": (0, 2**32 - 1)}
-# The race-check build's emulated GPU: the GPU's grid formula (`grid_for`) with a smaller block and,
+# The race-check build's emulated GPU: the GPU's geometry (`launch_geometry`) with smaller blocks and,
 # for MINICAFFE_RACECHECK=1, small caps, so that a launch is at most 256 OS threads and the grid-stride
 # loops stride; for =spread, no caps: every (plane, inner) iteration is a thread of its own, so no two
 # iterations share a thread and escape the check (for small test shapes only).
-RACE_BLOCK = 4
+RACE_BLOCKS = (1, 4)
 RACE_MAX_GRID = {"1": (4, 16), "spread": (2**31 - 1, 65535)}
 RACE_FLAGS = ["-O1", "-g", "-fPIC", "-shared", "-fsanitize=thread", "-std=c++14", "-DMC_RACECHECK",
               "-DMC_NO_MVEC"]
@@ -134,11 +136,19 @@ def parse_signatures(source: str) -> dict[str, list[str]]:
     return {name: [kind for kind, _ in params] for name, params in parse_parameters(source).items()}
 
 
-def grid_for(extents: tuple[int, int], block: int, max_x: int, max_y: int) -> tuple[int, int]:
-    """The launch grid for loop extents (planes, inner): grid.x covers inner in blocks of `block`
-    threads, grid.y the planes, each capped (the kernels' grid-stride loops do the rest)."""
+def launch_geometry(extents: tuple[int, int], blocks: tuple[int, int], max_x: int,
+                    max_y: int) -> tuple[tuple[int, int], int]:
+    """The launch (grid, block) for loop extents (planes, inner), both > 0.
+
+    The kernels' PLANE_LOOP runs over grid.y and their INNER_LOOP over a plane's grid.x * block
+    threads. So the block is the smallest power of two >= inner within `blocks` (min, max): a plane
+    with a short inner loop, e.g. a row of an (N, C) blob (inner 1), takes a warp instead of 256
+    threads that have nothing to do. grid.x covers inner in such blocks, grid.y the planes, each
+    capped at max_x, max_y (the kernels' grid-stride loops do the rest)."""
     planes, inner = extents
-    return min((inner + block - 1) // block, max_x), min(planes, max_y)
+    smallest, largest = blocks
+    block = min(max(1 << (inner - 1).bit_length(), smallest), largest)
+    return (min((inner + block - 1) // block, max_x), min(planes, max_y)), block
 
 
 def race_grid() -> tuple[int, int] | None:
@@ -250,15 +260,15 @@ class KernelFile:
         if caps is None:
             getattr(self._cpu_library(real), name)(*c_args)
         elif min(extents) > 0:
-            grid = grid_for(extents, RACE_BLOCK, *caps)
-            getattr(self._cpu_library(real, race_check=True), "mc_race_" + name)(*grid, RACE_BLOCK, *c_args)
+            grid, block = launch_geometry(extents, RACE_BLOCKS, *caps)
+            getattr(self._cpu_library(real, race_check=True), "mc_race_" + name)(*grid, block, *c_args)
 
     def _launch_gpu(self, name, extents, kinds, args, real) -> None:
         import cupy
 
         if min(extents) <= 0:
             return
-        blocks = grid_for(extents, GPU_BLOCK, GPU_MAX_GRID_X, GPU_MAX_GRID_Y)
+        grid, block = launch_geometry(extents, GPU_BLOCKS, GPU_MAX_GRID_X, GPU_MAX_GRID_Y)
         gpu_args = []
         for i, (kind, arg) in enumerate(zip(kinds, args)):
             if kind.endswith("*"):
@@ -271,7 +281,7 @@ class KernelFile:
             else:
                 gpu_args.append(real.type(arg))
         module = self._gpu_module(real, cupy.cuda.Device().id)
-        module.get_function(name)(blocks, (GPU_BLOCK,), tuple(gpu_args))
+        module.get_function(name)(grid, (block,), tuple(gpu_args))
 
     # -- building ----------------------------------------------------------------------------
     def _cpu_library(self, real: np.dtype, race_check: bool = False) -> ctypes.CDLL:

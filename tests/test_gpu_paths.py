@@ -32,7 +32,16 @@ import pytest
 import minicaffe
 from minicaffe import backend, io
 from minicaffe.blob import Blob
-from minicaffe.kernel import KernelError, KernelFile, gpu_options
+from minicaffe.kernel import (
+    GPU_BLOCKS,
+    GPU_MAX_GRID_X,
+    GPU_MAX_GRID_Y,
+    RACE_BLOCKS,
+    KernelError,
+    KernelFile,
+    gpu_options,
+    launch_geometry,
+)
 from minicaffe.net import Net, NetError
 from minicaffe.proto import caffe_pb2
 from minicaffe.solver import Solver
@@ -421,11 +430,38 @@ def test_layer_survives_a_mode_switch_between_passes(fake_cupy, name, modes):
 def test_launch_grids_stay_within_cuda_limits(fake_cupy):
     """More planes than grid.y allows, and more inner elements than grid.x covers: the launcher caps the
     grid (the fake refuses an oversized one) and the kernels' grid-stride loops cover the rest."""
-    for case, kernel, grid in [(Case('type: "Softmax"', [(70000, 2)]), "softmax_forward", (1, 65535)),
-                               (Case('type: "ReLU"', [(1100000,)]), "relu_forward", (4096, 1))]:
+    for case, kernel, grid, block in [
+            (Case('type: "Softmax"', [(70000, 2)]), "softmax_forward", (1, 65535), (32,)),  # rows: inner 1
+            (Case('type: "ReLU"', [(1100000,)]), "relu_forward", (4096, 1), (256,))]:
         cpu = run_case(case, np.float32, gpu=False, cupy=fake_cupy)
         assert_same(run_case(case, np.float32, gpu=True, cupy=fake_cupy), cpu)
-        assert (kernel, grid, (256,)) in fake_cupy.launches
+        assert (kernel, grid, block) in fake_cupy.launches
+
+
+def test_launch_geometry_follows_the_plane_shape():
+    """A block covers a plane's inner extent (a power of two, a warp at least, 256 at most), so that the
+    rows of an (N, C) blob (inner 1) do not each hold a 256-thread block."""
+    geometry = {extents: launch_geometry(extents, GPU_BLOCKS, GPU_MAX_GRID_X, GPU_MAX_GRID_Y)
+                for extents in [(64, 1), (64, 10), (8, 33), (8, 100), (8, 256), (8, 257), (1, 10**9),
+                                (10**6, 1)]}
+    assert geometry == {(64, 1): ((1, 64), 32), (64, 10): ((1, 64), 32), (8, 33): ((1, 8), 64),
+                        (8, 100): ((1, 8), 128), (8, 256): ((1, 8), 256), (8, 257): ((2, 8), 256),
+                        (1, 10**9): ((4096, 1), 256), (10**6, 1): ((1, 65535), 32)}
+    # the race check's emulated GPU: the same function, with blocks of 1 to 4 threads
+    assert launch_geometry((64, 1), RACE_BLOCKS, 4, 16) == ((1, 16), 1)
+    assert launch_geometry((3, 3), RACE_BLOCKS, 4, 16) == ((1, 3), 4)
+    assert launch_geometry((3, 100), RACE_BLOCKS, 4, 16) == ((4, 3), 4)
+
+
+def test_class_score_rows_launch_a_warp_per_row(fake_cupy):
+    """Softmax and SoftmaxWithLoss on (N, C) scores: each row is one plane of a warp-sized block."""
+    case = Case('type: "SoftmaxWithLoss"', [(64, 10), ("label", (64,), 10)], propagate=[True, False])
+    assert_same(run_case(case, np.float32, gpu=True, cupy=fake_cupy),
+                run_case(case, np.float32, gpu=False, cupy=fake_cupy))
+    geometry = {name: (grid, block) for name, grid, block in fake_cupy.launches}
+    assert geometry["softmax_forward"] == ((1, 64), (32,))  # one row per plane, one thread per row
+    assert geometry["softmax_loss_forward"] == ((1, 64), (32,))
+    assert geometry["softmax_loss_backward"] == ((1, 64), (32,))  # a row's 10 channels in one warp
 
 
 def test_counts_past_32_bits_are_refused_alike_on_both_devices(fake_cupy):
