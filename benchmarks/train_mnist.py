@@ -1,6 +1,7 @@
 """Train models/lenet and models/lenet_prelu on MNIST with `minicaffe train` and record the results.
 
     python benchmarks/train_mnist.py [--mnist ../shared/data/mnist] [--work DIR] [--no-write]
+    python benchmarks/train_mnist.py --gpu 0 --models lenet_prelu --no-quickstart --no-write  # on a GPU
 
 The MNIST set at hand is the 10,000-image t10k set: its first 8,000 images become the training LMDB and
 the last 2,000 the test LMDB (`minicaffe convert-mnist --start/--count`). Each model's solver and net
@@ -72,13 +73,15 @@ def adjusted_copy(model: str, work: Path, dbs: dict[str, Path], max_iter: int | 
     solver.snapshot_prefix = str(folder / model)
     if max_iter is not None:
         solver.max_iter = max_iter
+        solver.test_interval = min(solver.test_interval, max_iter)  # so that the last iteration is tested
     io.write_text(folder / solver_file.name, solver)
     return folder / solver_file.name
 
 
-def train(model: str, work: Path, dbs: dict[str, Path], max_iter: int | None = None) -> dict:
-    """Run `minicaffe train` on the adjusted copy; returns the final test accuracy, iterations, wall time
-    and the log's path."""
+def train(model: str, work: Path, dbs: dict[str, Path], max_iter: int | None = None,
+          gpu: str | None = None) -> dict:
+    """Run `minicaffe train` on the adjusted copy (with `--gpu gpu` if given); returns the final test
+    accuracy, iterations, wall time and the log's path."""
     solver = adjusted_copy(model, work, dbs, max_iter)
     log_path = solver.parent / "train.log"
     start = time.perf_counter()
@@ -87,7 +90,8 @@ def train(model: str, work: Path, dbs: dict[str, Path], max_iter: int | None = N
     env = dict(os.environ)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
     with open(log_path, "w") as log:
-        result = subprocess.run(minicaffe_command("train", "--solver", str(solver)), stderr=log,
+        device = ["--gpu", gpu] if gpu is not None else []
+        result = subprocess.run(minicaffe_command("train", "--solver", str(solver), *device), stderr=log,
                                 stdout=subprocess.PIPE, text=True, env=env)
     wall = time.perf_counter() - start
     text = log_path.read_text()
@@ -101,7 +105,7 @@ def train(model: str, work: Path, dbs: dict[str, Path], max_iter: int | None = N
             "accuracies": tests}
 
 
-def quickstart(work: Path) -> dict:
+def quickstart(work: Path, gpu: str | None = None) -> dict:
     """`minicaffe quickstart` (the README's example), timed once its LMDBs are written."""
     folder = work / "quickstart"
     from minicaffe.example import quickstart_solver
@@ -110,7 +114,8 @@ def quickstart(work: Path) -> dict:
     log_path = folder / "train.log"
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        subprocess.run(minicaffe_command("quickstart", "--work-dir", str(folder)), stderr=log,
+        device = ["--gpu", gpu] if gpu is not None else []
+        subprocess.run(minicaffe_command("quickstart", "--work-dir", str(folder), *device), stderr=log,
                        stdout=subprocess.PIPE, check=True)
     wall = time.perf_counter() - start
     tests = test_accuracies(log_path.read_text())
@@ -132,13 +137,21 @@ def test_accuracies(log_text: str) -> list[tuple[int, float]]:
     return found
 
 
-def machine() -> str:
+def machine(gpu: str | None = None) -> str:
     import numpy
 
     from minicaffe.timing import cpu_model, usable_cores
 
+    mode = "CPU mode" if gpu is None else f"GPU mode ({gpu_name(int(gpu.split(',')[0]))})"
     return (f"{cpu_model()}, {usable_cores()} cores, {platform.system()} {platform.machine()}, "
-            f"numpy {numpy.__version__}, CPU mode")
+            f"numpy {numpy.__version__}, {mode}")
+
+
+def gpu_name(device: int) -> str:
+    import cupy
+
+    name = cupy.cuda.runtime.getDeviceProperties(device)["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def table(results: list[dict], where: str) -> list[str]:
@@ -174,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder with t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--gpu", default=None, metavar="ID", help="train on this GPU (minicaffe train --gpu)")
+    parser.add_argument("--max-iter", type=int, default=None,
+                        help="stop after this many iterations (a smoke test; default: the solver's)")
+    parser.add_argument("--no-quickstart", action="store_true", help="do not time `minicaffe quickstart`")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args(argv)
     if not (args.mnist / "t10k-images-idx3-ubyte.gz").is_file():
@@ -185,13 +202,15 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for model in args.models:
             print(f"training {model} ...", file=sys.stderr, flush=True)
-            results.append(train(model, work, dbs))
-        print("training the quickstart ...", file=sys.stderr, flush=True)
-        results.append(quickstart(work))
-    where = machine()
+            results.append(train(model, work, dbs, args.max_iter, args.gpu))
+        if not args.no_quickstart:
+            print("training the quickstart ...", file=sys.stderr, flush=True)
+            results.append(quickstart(work, args.gpu))
+    where = machine(args.gpu)
     print("\n".join(table(results, where)))
     if not args.no_write:
-        section = markdown(results, "python benchmarks/train_mnist.py", where)
+        command = "python benchmarks/train_mnist.py" + (f" --gpu {args.gpu}" if args.gpu is not None else "")
+        section = markdown(results, command, where)
         update_section(REPO / "BENCHMARKS.md", "benchmarks/train_mnist.py", section)
     return 0
 
