@@ -105,30 +105,35 @@ if [ "$quick" = 1 ]; then
            tests/test_gpu_paths.py::test_launch_grids_stay_within_cuda_limits
            "tests/test_gpu_paths.py::test_layer_gpu_equals_cpu[softmax_rows_in_place-float32]"
            tests/test_dropout.py::test_gpu_mask_matches_cpu)
-else  # every test file but this script's own test (it runs this script)
-  mapfile -t targets < <(ls tests/test_*.py | grep -v '^tests/test_gpu_check.py$')
+else  # every test file but this script's own test (it runs this script): the GPU table first, then the
+  # largest files first, so that a long one does not start last
+  mapfile -t targets < <(echo tests/test_gpu_paths.py; ls -S tests/test_*.py |
+    grep -v -e '^tests/test_gpu_check.py$' -e '^tests/test_gpu_paths.py$')
 fi
 cores="$(nproc 2>/dev/null || echo 2)"
 export GPU_CHECK_JOBS="${GPU_CHECK_JOBS:-$((cores < 8 ? cores : 8))}"
-step tests 300 bash -c 'printf "%s\n" "$@" | xargs -P "$GPU_CHECK_JOBS" -I{} bash -c "test_one \"\$1\"" _ {}' \
-  _ "${targets[@]}"
-passed_targets=$(awk '$1 == 0' "$out/tests/status.txt" | wc -l)
-note "tests: ${passed_targets} of ${#targets[@]} targets passed; totals: $(cat "$out"/tests/*.txt |
-  grep -Eo '[0-9]+ (passed|failed|skipped|errors?)' | awk '{n[$2] += $1} END {for (k in n) printf "%d %s ", n[k], k}')"
+run_tests='printf "%s\n" "$@" | xargs -P "$GPU_CHECK_JOBS" -I{} bash -c "test_one \"\$1\"" _ {}'
+step tests 270 bash -c "$run_tests" _ "${targets[@]}"
+passed=$(awk '$1 == 0' "$out/tests/status.txt" | wc -l)
+unfinished=$((${#targets[@]} - $(wc -l <"$out/tests/status.txt")))
+totals=$(cat "$out"/tests/*.txt | grep -Eo '[0-9]+ (passed|failed|skipped|errors?)' |
+  awk '{n[$2] += $1} END {for (k in n) printf "%d %s ", n[k], k}')
+note "tests: ${passed} of ${#targets[@]} targets passed, ${unfinished} did not finish; totals: ${totals}"
 awk '$1 != 0 {print "  failed: " $2 " (exit " $1 ")"}' "$out/tests/status.txt" | tee -a "$summary"
 
 # -- 3. kernel benchmark -------------------------------------------------------------------------------
 cp BENCHMARKS.md "$out/BENCHMARKS.md"  # the benchmark updates this copy, not the checkout
 benchmark=("$python" benchmarks/kernels.py --device gpu --output "$out/BENCHMARKS.md")
 [ "$quick" = 1 ] && benchmark+=(--quick)
-if step benchmark 100 "${benchmark[@]}"; then
+if step benchmark 80 "${benchmark[@]}"; then
   sed -n '/^GPU$/,$p' "$out/benchmark.txt" | grep -v '^updated' | tee -a "$summary"
 fi
 
 # -- 4. LeNet-PReLU on MNIST, CPU then GPU ---------------------------------------------------------------
 mnist="${MINICAFFE_SHARED:-$PWD/../shared}/data/mnist"
 if [ -f "$mnist/t10k-images-idx3-ubyte.gz" ]; then
-  train=("$python" benchmarks/train_mnist.py --mnist "$mnist" --models lenet_prelu --no-quickstart --no-write)
+  train=("$python" benchmarks/train_mnist.py --mnist "$mnist" --models lenet_prelu --no-quickstart
+         --no-write)
   [ "$quick" = 1 ] && train+=(--max-iter 10)
   for device in cpu gpu; do
     device_args=()
@@ -142,14 +147,19 @@ fi
 
 # -- 5. compute-sanitizer --------------------------------------------------------------------------------
 sanitizer=""
-[ "$fake" = 1 ] || sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)"
+if [ "$fake" != 1 ]; then
+  sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null |
+    head -n 1)"
+fi
 if [ -n "$sanitizer" ]; then
   for tool in memcheck initcheck racecheck; do
     step "sanitizer-$tool" 70 "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 \
-      "$python" -m pytest -q -p no:cacheprovider -x tests/test_gpu_paths.py -k "test_layer_gpu_equals_cpu and float32"
+      "$python" -m pytest -q -p no:cacheprovider -x tests/test_gpu_paths.py \
+      -k "test_layer_gpu_equals_cpu and float32"
   done
 else
-  note "compute-sanitizer: $([ "$fake" = 1 ] && echo "not with the fake CuPy" || echo "not installed"), skipped"
+  note "compute-sanitizer: $([ "$fake" = 1 ] && echo "not with the fake CuPy" || echo "not installed"),"\
+" skipped"
 fi
 
 echo "== summary ($out, ${SECONDS} s)"
