@@ -86,14 +86,22 @@ fi
   2>&1 | tail -n 1 | tee -a "$summary"
 
 # -- 2. tests ------------------------------------------------------------------------------------------
-# One pytest per target (a file, or a node id with --quick), GPU_CHECK_JOBS at a time; each target's
-# output in $out/tests/, its exit status in $out/tests/status.txt (5, nothing collected, counts as passed).
+# One pytest per target (a file, or a node id with --quick), GPU_CHECK_JOBS at a time, each job pinned to
+# its own share of the usable cores (taskset), so that the jobs' kernel and BLAS threads, which follow
+# the cores a process may use, do not oversubscribe them. Each target's output is in $out/tests/, its
+# exit status in $out/tests/status.txt (5, nothing collected, counts as passed).
 mkdir -p "$out/tests"
 : >"$out/tests/status.txt"
 export GPU_CHECK_TESTS="$out/tests" GPU_CHECK_PYTHON="$python"
 test_one() {
-  local log="$GPU_CHECK_TESTS/${1//[^A-Za-z0-9_.-]/_}.txt"
-  "$GPU_CHECK_PYTHON" -m pytest -q -p no:cacheprovider -p no:randomly "$1" >"$log" 2>&1
+  local log="$GPU_CHECK_TESTS/${1//[^A-Za-z0-9_.-]/_}.txt" cpus pin=()
+  read -ra cpus <<<"$GPU_CHECK_CPU_LIST"
+  local share=$((${#cpus[@]} / GPU_CHECK_JOBS))
+  if [ "$share" -gt 0 ] && command -v taskset >/dev/null; then
+    local mine="${cpus[*]:$((GPU_CHECK_SLOT * share)):$share}"
+    pin=(taskset -c "${mine// /,}")
+  fi
+  "${pin[@]}" "$GPU_CHECK_PYTHON" -m pytest -q -p no:cacheprovider -p no:randomly "$1" >"$log" 2>&1
   local rc=$?
   [ "$rc" -eq 5 ] && rc=0
   echo "$rc $1" >>"$GPU_CHECK_TESTS/status.txt"
@@ -112,7 +120,10 @@ else  # every test file but this script's own test (it runs this script): the GP
 fi
 cores="$(nproc 2>/dev/null || echo 2)"
 export GPU_CHECK_JOBS="${GPU_CHECK_JOBS:-$((cores < 8 ? cores : 8))}"
-run_tests='printf "%s\n" "$@" | xargs -P "$GPU_CHECK_JOBS" -I{} bash -c "test_one \"\$1\"" _ {}'
+GPU_CHECK_CPU_LIST="$("$python" -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
+export GPU_CHECK_CPU_LIST
+run_tests='printf "%s\n" "$@" | xargs -P "$GPU_CHECK_JOBS" --process-slot-var=GPU_CHECK_SLOT -I{} \
+  bash -c "test_one \"\$1\"" _ {}'
 step tests 270 bash -c "$run_tests" _ "${targets[@]}"
 passed=$(awk '$1 == 0' "$out/tests/status.txt" | wc -l)
 unfinished=$((${#targets[@]} - $(wc -l <"$out/tests/status.txt")))
