@@ -5,10 +5,10 @@
 //
 // inner > 1: the channel loop runs outside a contiguous loop over the inner (spatial) index j, so each
 // pass is a plain vectorizable loop on the CPU and a coalesced one on the GPU. Per-j running values
-// (max, sum, dot) live in `scratch` (2 * outer * inner values). The INNER_LOOP maps each j to the same GPU thread in
-// every pass, so a thread only ever reads the scratch values and the elements that it wrote itself:
-// race-free without synchronization. Each element is read before it is written at the same place, so
-// both kernels are also correct in place (x == y, or dy == dx).
+// (max, sum, dot) live in `scratch` (2 * outer * inner values). The INNER_LOOP maps each j to the same
+// GPU thread in every pass, so a thread only ever reads the scratch values and the elements that it
+// wrote itself: race-free without synchronization. Each element is read before it is written at the
+// same place, so both kernels are also correct in place (x == y, or dy == dx).
 #include "shim.h"
 
 // ROW_THREAD: the statement after it runs once per plane: on the GPU in one thread (the plane's
