@@ -111,6 +111,8 @@ CASES = {
     "depthwise group": ("kernel_size: 3 group: 3", (1, 3, 4, 5), 3, dict(group=3)),
     "dilation 2": ("kernel_size: 3 dilation: 2 pad: 1", (2, 2, 7, 8), 3, dict(dilation=(2, 2), pad=(1, 1))),
     "1x1": ("kernel_size: 1", (2, 5, 3, 4), 3, {}),
+    "1x1 group 2 dilation 2": ("kernel_size: 1 group: 2 dilation: 2", (3, 4, 3, 2), 6, dict(group=2)),
+    "1x1 stride 2 (im2col)": ("kernel_size: 1 stride: 2", (2, 3, 5, 4), 2, dict(stride=(2, 2))),
     "no bias": ("kernel_size: 2 bias_term: false", (2, 3, 4, 4), 2, {}),
     "big pad": ("kernel_size: 2 pad: 3 stride: 3", (1, 1, 3, 3), 2, dict(pad=(3, 3), stride=(3, 3))),
 }
@@ -199,6 +201,7 @@ GRADIENT_CASES = {
     "stride 2": ("kernel_size: 3 stride: 2", (2, 2, 5, 6), 3),
     "dilation 2": ("kernel_size: 2 dilation: 2 pad: 1", (1, 2, 5, 5), 3),
     "1x1": ("kernel_size: 1", (2, 3, 3, 3), 2),
+    "1x1 group 2": ("kernel_size: 1 group: 2", (2, 4, 2, 3), 4),
     "rect stride pad": ("kernel_h: 2 kernel_w: 3 stride_h: 2 stride_w: 1 pad_w: 2", (1, 2, 5, 4), 2),
 }
 
