@@ -242,6 +242,10 @@ class ConvolutionLayer(Layer):
         g = self.geometry
         return g.kernel == (1, 1) and g.stride == (1, 1) and g.pad == (0, 0)
 
+    def _is_depthwise(self) -> bool:
+        """One input and one output channel per group: the direct depthwise kernels, no GEMM."""
+        return self.group == self.channels == self.num_output
+
     def _grouped(self, array, channels: int):
         """(num, channels, ...) data as (num, group, channels/group, positions), a view."""
         return array.reshape(self.num, self.group, channels // self.group, -1)
@@ -253,6 +257,9 @@ class ConvolutionLayer(Layer):
         bias = self.blobs[1].get_data()[:, None] if self.bias_term else None
         positions = self.out_size[0] * self.out_size[1]
         for b, t in zip(bottom, top):
+            if self._is_depthwise():
+                self._forward_depthwise(b, t)
+                continue
             if self._is_pointwise():  # y[n, g] = W_g @ x[n, g], one GEMM per image and group
                 y = t.mutable_data()
                 xp.matmul(weights, self._grouped(b.get_data(), self.channels),
@@ -288,6 +295,9 @@ class ConvolutionLayer(Layer):
                 self.blobs[1].mutable_diff()[...] += dy.sum(axis=(0, 2))
             if not (weight_grad or propagate_down[i]):
                 continue
+            if self._is_depthwise():
+                self._backward_depthwise(t.get_diff(), b, weight_grad, propagate_down[i])
+                continue
             if self._is_pointwise():
                 self._backward_pointwise(dy, b, weight_diff, propagate_down[i])
                 continue
@@ -318,3 +328,33 @@ class ConvolutionLayer(Layer):
         if propagate:
             backend.xp().matmul(self._weights().transpose(0, 2, 1), dy,
                                 out=self._grouped(bottom.mutable_diff(), self.channels))
+
+    # -- depthwise (kernels/convolution.cu, depthwise_*) ---------------------------------------
+    def _depthwise_args(self) -> tuple[int, ...]:
+        return (self.channels, self.height, self.width, *self.geometry.kernel_args(), *self.out_size)
+
+    def _forward_depthwise(self, bottom, top) -> None:
+        planes = self.num * self.channels
+        weights = self.blobs[0].get_data()
+        bias = self.blobs[1].get_data() if self.bias_term else weights  # not read without a bias
+        KERNELS.depthwise_forward(planes, bottom.get_data(), weights, bias, int(self.bias_term),
+                                  top.mutable_data(), *self._depthwise_args(),
+                                  extents=(planes, self.out_size[1]))
+
+    def _backward_depthwise(self, dy, bottom, weight_grad: bool, propagate: bool) -> None:
+        planes = self.num * self.channels
+        out_w = self.out_size[1]
+        kh, kw = self.geometry.kernel
+        if weight_grad:  # per-plane partial sums, then one fixed-order sum per weight
+            weights = self.channels * kh * kw
+            terms = self.buffer("weight_terms", (self.num * weights * out_w,))
+            KERNELS.depthwise_weight_terms(planes * kh * kw, dy, bottom.get_data(), terms,
+                                           *self._depthwise_args(), extents=(planes * kh * kw, out_w))
+            KERNELS.depthwise_weight_sum(1, terms, self.blobs[0].mutable_diff(), weights, self.num, out_w,
+                                         extents=(1, weights))
+        if propagate:
+            dx = bottom.mutable_diff()
+            dx.fill(0)
+            for kj in range(kw):  # one launch per kernel column offset keeps the GPU race-free
+                KERNELS.depthwise_backward_data_add(planes, dy, self.blobs[0].get_data(), dx,
+                                                    *self._depthwise_args(), kj, extents=(planes, out_w))
