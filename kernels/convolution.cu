@@ -116,22 +116,28 @@ KERNEL void depthwise_forward(const int planes, const real* x, const real* weigh
   PLANE_LOOP(p, planes) {
     const int c = p % channels;
     const real* src_plane = x + (size_t)p * height * width;
+    real* dst_plane = y + (size_t)p * out_h * out_w;
     const real* filter = weights + (size_t)c * kernel_h * kernel_w;
     const real start = bias_term ? bias[c] : real(0);
     for (int oh = 0; oh < out_h; ++oh) {
-      real* dst = y + ((size_t)p * out_h + oh) * out_w;
+      real* dst = dst_plane + (size_t)oh * out_w;
       INNER_LOOP(ow, out_w) { dst[ow] = start; }
-      for (int ki = 0; ki < kernel_h; ++ki) {
-        const int h = oh * stride_h - pad_h + ki * dilation_h;
-        if (h < 0 || h >= height) continue;  // this tap row is padding for the whole output row
-        const real* src = src_plane + (size_t)h * width;
-        for (int kj = 0; kj < kernel_w; ++kj) {
-          const int w0 = kj * dilation_w - pad_w;  // input column of ow = 0
-          const int lo = first_output_at_or_after(0, w0, stride_w, out_w);
-          const int hi = first_output_at_or_after(width, w0, stride_w, out_w);
-          const real tap = filter[ki * kernel_w + kj];
+    }
+    // Taps outermost: the range of output columns a tap reads inside the image is worked out once
+    // per tap and plane, not per row (the plane's output stays in the L1 cache meanwhile).
+    for (int ki = 0; ki < kernel_h; ++ki) {
+      for (int kj = 0; kj < kernel_w; ++kj) {
+        const int w0 = kj * dilation_w - pad_w;  // input column of ow = 0
+        const int lo = first_output_at_or_after(0, w0, stride_w, out_w);
+        const int hi = first_output_at_or_after(width, w0, stride_w, out_w);
+        const real tap = filter[ki * kernel_w + kj];
+        for (int oh = 0; oh < out_h; ++oh) {
+          const int h = oh * stride_h - pad_h + ki * dilation_h;
+          if (h < 0 || h >= height) continue;  // this tap reads padding for the whole output row
+          real* dst = dst_plane + (size_t)oh * out_w;
+          const real* from = src_plane + (size_t)h * width + w0;  // from[ow * stride_w]: column ow's input
           INNER_LOOP(ow, out_w) {
-            if (ow >= lo && ow < hi) dst[ow] += tap * src[w0 + ow * stride_w];
+            if (ow >= lo && ow < hi) dst[ow] += tap * from[ow * stride_w];
           }
         }
       }
@@ -194,8 +200,9 @@ KERNEL void depthwise_weight_terms(const int planes, const real* dy, const real*
       if (h < 0 || h >= height) continue;
       const real* src = x_plane + (size_t)h * width;
       const real* grad = dy_plane + (size_t)oh * out_w;
+      const real* from = src + w0;
       INNER_LOOP(ow, out_w) {
-        if (ow >= lo && ow < hi) dst[ow] += grad[ow] * src[w0 + ow * stride_w];
+        if (ow >= lo && ow < hi) dst[ow] += grad[ow] * from[ow * stride_w];
       }
     }
   }
