@@ -22,21 +22,12 @@ def gemm_accumulate(a, b, c) -> None:
         raise ValueError("gemm_accumulate: the output must be C-contiguous (it is written in place)")
     if isinstance(c, np.ndarray):
         cpu_gemm(1.0, a, b, 1.0, c)
-    else:
+    else:  # cuBLAS through CuPy, which takes C- or F-ordered operands (transposed views) without copies
         import cupy
 
-        transa, a = _cupy_operand(a)
-        transb, b = _cupy_operand(b)
-        cupy.cublas.gemm(transa, transb, a, b, out=c, alpha=1.0, beta=1.0)
-
-
-def _cupy_operand(matrix) -> tuple[str, object]:
-    """('T', matrix.T) for a transposed view of a C-contiguous array, else ('N', C-contiguous matrix)."""
-    if not matrix.flags.c_contiguous and matrix.T.flags.c_contiguous:
-        return "T", matrix.T
-    import cupy
-
-    return "N", cupy.ascontiguousarray(matrix)
+        operands = [m if m.flags.c_contiguous or m.flags.f_contiguous else cupy.ascontiguousarray(m)
+                    for m in (a, b)]
+        cupy.cublas.gemm("N", "N", *operands, out=c, alpha=1.0, beta=1.0)
 
 
 def cpu_gemm(alpha: float, a, b, beta: float, c: np.ndarray) -> None:

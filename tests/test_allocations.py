@@ -20,6 +20,7 @@ import pytest
 
 import minicaffe
 from minicaffe import backend
+from minicaffe.blas import gemm_accumulate
 from minicaffe.io import parse_text
 from minicaffe.net import Net
 from minicaffe.proto import caffe_pb2
@@ -71,3 +72,27 @@ def test_training_steps_allocate_nothing_parameter_sized(dtype):
         f"a training step allocated up to {max(rises)} bytes at once (per step: {rises}); the smallest "
         f"large parameter is {smallest} bytes: some layer makes a parameter-sized temporary")
 
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_gemm_accumulate_adds_in_place_without_copies(dtype, transpose_a, transpose_b):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((7, 5) if transpose_a else (5, 7)).astype(dtype)
+    b = rng.standard_normal((6, 7) if transpose_b else (7, 6)).astype(dtype)
+    a, b = (a.T if transpose_a else a), (b.T if transpose_b else b)
+    c = rng.standard_normal((5, 6)).astype(dtype)
+    expected = c.astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64)
+    address = c.ctypes.data
+    gemm_accumulate(a, b, c)
+    assert c.ctypes.data == address
+    np.testing.assert_allclose(c, expected, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_gemm_accumulate_refuses_a_non_contiguous_output_and_wrong_shapes():
+    a, b = np.ones((3, 4)), np.ones((4, 2))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        gemm_accumulate(a, b, np.ones((2, 3)).T)
+    with pytest.raises(ValueError, match="shapes"):
+        gemm_accumulate(a, b, np.ones((3, 3)))
