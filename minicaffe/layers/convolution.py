@@ -6,7 +6,8 @@ layer's docstring for why); the chunk size only bounds the column buffer.
 Backward: dW_g += dy_g @ col_g^T (col recomputed, as Caffe does; added in place by BLAS with beta = 1,
 minicaffe/blas.py), dcol_g = W_g^T @ dy_g then col2im. The GEMMs write into reused buffers.
 A 1x1 stride-1 unpadded convolution skips im2col: the input is its own column matrix (as in Caffe),
-one GEMM per image and group.
+one GEMM per image and group. A depthwise convolution (group == channels == num_output) runs the direct
+depthwise_* kernels instead of one 1-row GEMM per channel.
 
 The geometry helpers (conv_geometry, im2col, col2im) read a ConvolutionParameter the way Caffe does
 and are usable by other layers that take one (e.g. Deconvolution).
