@@ -8,6 +8,8 @@ scipy's BLAS wrappers (the BLAS numpy uses is not exposed), on the GPU cuBLAS th
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 
 
@@ -30,10 +32,19 @@ def gemm_accumulate(a, b, c) -> None:
         cupy.cublas.gemm("N", "N", *operands, out=c, alpha=1.0, beta=1.0)
 
 
-def cpu_gemm(alpha: float, a, b, beta: float, c: np.ndarray) -> None:
-    """c = alpha * a @ b + beta * c in place, by scipy's BLAS (also what tests/fake_cupy's cuBLAS runs)."""
+def load_cpu_blas() -> ModuleType:
+    """scipy's BLAS wrappers, imported on first use (scipy.linalg takes a few tenths of a second).
+
+    scipy ships its own OpenBLAS, a second library beside numpy's with its own thread pool: whoever sets
+    BLAS thread counts (threadpoolctl limits only the libraries already loaded) calls this first."""
     from scipy.linalg import blas
 
+    return blas
+
+
+def cpu_gemm(alpha: float, a, b, beta: float, c: np.ndarray) -> None:
+    """c = alpha * a @ b + beta * c in place, by scipy's BLAS (also what tests/fake_cupy's cuBLAS runs)."""
+    blas = load_cpu_blas()
     gemm = {np.dtype(np.float32): blas.sgemm, np.dtype(np.float64): blas.dgemm}[c.dtype]
     # BLAS is column-major: a C-contiguous c is the Fortran-ordered c.T, and c.T += b.T @ a.T.
     # Each operand goes in as a Fortran-ordered array, transposed by flag when that is what is stored.
