@@ -109,8 +109,14 @@ CASES = {
                           (2, 2, 6, 6), 2, dict(pad=(0, 2), stride=(2, 1), dilation=(1, 2))),
     "group 2": ("kernel_size: 3 pad: 1 group: 2", (2, 4, 5, 5), 6, dict(pad=(1, 1), group=2)),
     "depthwise group": ("kernel_size: 3 group: 3", (1, 3, 4, 5), 3, dict(group=3)),
+    "depthwise pad stride dilation": ("kernel_h: 3 kernel_w: 2 pad: 2 stride_h: 2 stride_w: 3 dilation: 2 "
+                                      "group: 4", (2, 4, 7, 9), 4, dict(group=4, pad=(2, 2), stride=(2, 3),
+                                                                        dilation=(2, 2))),
+    "depthwise no bias": ("kernel_size: 2 group: 2 bias_term: false", (2, 2, 3, 4), 2, dict(group=2)),
     "dilation 2": ("kernel_size: 3 dilation: 2 pad: 1", (2, 2, 7, 8), 3, dict(dilation=(2, 2), pad=(1, 1))),
     "1x1": ("kernel_size: 1", (2, 5, 3, 4), 3, {}),
+    "1x1 group 2 dilation 2": ("kernel_size: 1 group: 2 dilation: 2", (3, 4, 3, 2), 6, dict(group=2)),
+    "1x1 stride 2 (im2col)": ("kernel_size: 1 stride: 2", (2, 3, 5, 4), 2, dict(stride=(2, 2))),
     "no bias": ("kernel_size: 2 bias_term: false", (2, 3, 4, 4), 2, {}),
     "big pad": ("kernel_size: 2 pad: 3 stride: 3", (1, 1, 3, 3), 2, dict(pad=(3, 3), stride=(3, 3))),
 }
@@ -199,6 +205,10 @@ GRADIENT_CASES = {
     "stride 2": ("kernel_size: 3 stride: 2", (2, 2, 5, 6), 3),
     "dilation 2": ("kernel_size: 2 dilation: 2 pad: 1", (1, 2, 5, 5), 3),
     "1x1": ("kernel_size: 1", (2, 3, 3, 3), 2),
+    "1x1 group 2": ("kernel_size: 1 group: 2", (2, 4, 2, 3), 4),
+    "depthwise": ("kernel_size: 3 pad: 1 group: 3", (2, 3, 4, 5), 3),
+    "depthwise rect stride dilation": ("kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2 pad_w: 2 dilation: 2 "
+                                       "group: 2", (2, 2, 5, 6), 2),
     "rect stride pad": ("kernel_h: 2 kernel_w: 3 stride_h: 2 stride_w: 1 pad_w: 2", (1, 2, 5, 4), 2),
 }
 

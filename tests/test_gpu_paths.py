@@ -298,6 +298,13 @@ CASES = {
         f'dilation: 2 bias_term: false {FILL} }}', [(2, 4, 7, 8)]),
     "convolution_two_bottoms": Case(f'type: "Convolution" convolution_param {{ num_output: 2 kernel_size: 2 '
                                     f'{FILL} }}', [X, X], num_top=2),
+    "convolution_depthwise": Case(f'type: "Convolution" convolution_param {{ num_output: 3 group: 3 '
+                                  f'kernel_h: 3 kernel_w: 2 pad: 1 stride_h: 1 stride_w: 2 dilation: 2 '
+                                  f'{FILL} }}', [X]),
+    "convolution_depthwise_no_bias": Case(f'type: "Convolution" convolution_param {{ num_output: 3 group: 3 '
+                                          f'kernel_size: 2 bias_term: false {FILL} }}', [X]),
+    "convolution_1x1": Case(f'type: "Convolution" convolution_param {{ num_output: 2 kernel_size: 1 '
+                            f'{FILL} }}', [X], kernels=False),
     "inner_product": Case(f'type: "InnerProduct" inner_product_param {{ num_output: 5 {FILL} }}', [X],
                           kernels=False),
     "inner_product_transpose": Case(f'type: "InnerProduct" inner_product_param {{ num_output: 3 axis: 2 '

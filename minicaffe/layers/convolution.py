@@ -3,7 +3,11 @@
 Forward, per chunk of images: col = im2col(x) with rows (c, ki, kj) and columns (n, oh, ow), then
 one GEMM per group, y = W_g @ col_g, over the whole chunk at once rather than one per image (see the
 layer's docstring for why); the chunk size only bounds the column buffer.
-Backward: dW_g += dy_g @ col_g^T (col recomputed, as Caffe does), dcol_g = W_g^T @ dy_g then col2im.
+Backward: dW_g += dy_g @ col_g^T (col recomputed, as Caffe does; added in place by BLAS with beta = 1,
+minicaffe/blas.py), dcol_g = W_g^T @ dy_g then col2im. The GEMMs write into reused buffers.
+A 1x1 stride-1 unpadded convolution skips im2col: the input is its own column matrix (as in Caffe),
+one GEMM per image and group. A depthwise convolution (group == channels == num_output) runs the direct
+depthwise_* kernels instead of one 1-row GEMM per channel.
 
 The geometry helpers (conv_geometry, im2col, col2im) read a ConvolutionParameter the way Caffe does
 and are usable by other layers that take one (e.g. Deconvolution).
@@ -16,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .. import backend
+from ..blas import gemm_accumulate
 from ..kernel import KernelFile
 from ..layer import Layer, register
 
@@ -208,12 +213,23 @@ class ConvolutionLayer(Layer):
 
     def _columns(self, x):
         """im2col of the images x (nb, C, H, W), as (group, K/group, nb * positions)."""
+        col = self._column_buffer(x.shape[0])
+        im2col(x, col, self.geometry, self.out_size)
+        return col
+
+    def _column_buffer(self, count: int):
+        """The column buffer for `count` images, as (group, K/group, count * positions)."""
         positions = self.out_size[0] * self.out_size[1]
         rows = self.channels * self.geometry.kernel[0] * self.geometry.kernel[1]
         col = self.buffer("columns", (rows * self.chunk_images * positions,))
-        col = col[:rows * x.shape[0] * positions]
-        im2col(x, col, self.geometry, self.out_size)
-        return col.reshape(self.group, rows // self.group, x.shape[0] * positions)
+        return col[:rows * count * positions].reshape(self.group, rows // self.group, count * positions)
+
+    def _top_columns(self, count: int):
+        """Scratch for a top (or top diff) chunk in the GEMM's layout (group, M/group, count * positions)."""
+        positions = self.out_size[0] * self.out_size[1]
+        buffer = self.buffer("top_columns", (self.num_output * self.chunk_images * positions,))
+        return buffer[:self.num_output * count * positions].reshape(
+            self.group, self.num_output // self.group, count * positions)
 
     def _images(self, array):
         """A bottom's data or diff as (num, C, H, W): the batch axes before `axis` flattened."""
@@ -222,6 +238,19 @@ class ConvolutionLayer(Layer):
     def _weights(self):
         return self.blobs[0].get_data().reshape(self.group, self.num_output // self.group, -1)
 
+    def _is_pointwise(self) -> bool:
+        """1x1 kernel, stride 1, no padding: the input is its own column buffer, as in Caffe."""
+        g = self.geometry
+        return g.kernel == (1, 1) and g.stride == (1, 1) and g.pad == (0, 0)
+
+    def _is_depthwise(self) -> bool:
+        """One input and one output channel per group: the direct depthwise kernels, no GEMM."""
+        return self.group == self.channels == self.num_output
+
+    def _grouped(self, array, channels: int):
+        """(num, channels, ...) data as (num, group, channels/group, positions), a view."""
+        return array.reshape(self.num, self.group, channels // self.group, -1)
+
     # -- forward / backward ------------------------------------------------------------------
     def forward(self, bottom, top):
         xp = backend.xp()
@@ -229,11 +258,23 @@ class ConvolutionLayer(Layer):
         bias = self.blobs[1].get_data()[:, None] if self.bias_term else None
         positions = self.out_size[0] * self.out_size[1]
         for b, t in zip(bottom, top):
+            if self._is_depthwise():
+                self._forward_depthwise(b, t)
+                continue
+            if self._is_pointwise():  # y[n, g] = W_g @ x[n, g], one GEMM per image and group
+                y = t.mutable_data()
+                xp.matmul(weights, self._grouped(b.get_data(), self.channels),
+                          out=self._grouped(y, self.num_output))
+                if bias is not None:
+                    y = y.reshape(self.num, self.num_output, positions)
+                    y += bias
+                continue
             x = self._images(b.get_data())
             y = t.mutable_data().reshape(self.num, self.num_output, positions)
             for start, count in self._chunks():
                 col = self._columns(x[start:start + count])
-                out = weights @ col  # (group, M / group, count * positions)
+                out = self._top_columns(count)
+                xp.matmul(weights, col, out=out)
                 out = out.reshape(self.num_output, count, positions).transpose(1, 0, 2)
                 chunk = y[start:start + count]
                 if bias is None:
@@ -246,6 +287,8 @@ class ConvolutionLayer(Layer):
         weight_grad = self.param_propagate_down[0]
         bias_grad = self.bias_term and self.param_propagate_down[1]
         weights = self._weights()
+        # The weight gradient is added in place by BLAS (beta = 1): no weight-sized temporary.
+        weight_diff = self.blobs[0].mutable_diff().reshape(weights.shape) if weight_grad else None
         positions = self.out_size[0] * self.out_size[1]
         for i, (b, t) in enumerate(zip(bottom, top)):
             dy = t.get_diff().reshape(self.num, self.num_output, positions)
@@ -253,16 +296,66 @@ class ConvolutionLayer(Layer):
                 self.blobs[1].mutable_diff()[...] += dy.sum(axis=(0, 2))
             if not (weight_grad or propagate_down[i]):
                 continue
+            if self._is_depthwise():
+                self._backward_depthwise(t.get_diff(), b, weight_grad, propagate_down[i])
+                continue
+            if self._is_pointwise():
+                self._backward_pointwise(dy, b, weight_diff, propagate_down[i])
+                continue
             x = self._images(b.get_data())
             dx = self._images(b.mutable_diff()) if propagate_down[i] else None
             for start, count in self._chunks():
                 # dy of the chunk as (group, M / group, count * positions), matching the columns.
-                dy_chunk = xp.ascontiguousarray(dy[start:start + count].transpose(1, 0, 2)).reshape(
-                    self.group, self.num_output // self.group, count * positions)
+                dy_chunk = self._top_columns(count)
+                dy_chunk.reshape(self.num_output, count, positions)[...] = \
+                    dy[start:start + count].transpose(1, 0, 2)
                 if weight_grad:
                     col = self._columns(x[start:start + count])
-                    weight_diff = self.blobs[0].mutable_diff().reshape(weights.shape)
-                    weight_diff += dy_chunk @ col.transpose(0, 2, 1)
-                if dx is not None:
-                    dcol = weights.transpose(0, 2, 1) @ dy_chunk  # (group, K / group, count * positions)
-                    col2im(xp.ascontiguousarray(dcol), dx[start:start + count], self.geometry, self.out_size)
+                    for g in range(self.group):
+                        gemm_accumulate(dy_chunk[g], col[g].T, weight_diff[g])
+                if dx is not None:  # the column buffer is free again: it takes dcol
+                    dcol = self._column_buffer(count)  # (group, K / group, count * positions)
+                    xp.matmul(weights.transpose(0, 2, 1), dy_chunk, out=dcol)
+                    col2im(dcol, dx[start:start + count], self.geometry, self.out_size)
+
+    def _backward_pointwise(self, dy, bottom, weight_diff, propagate) -> None:
+        """Backward of a 1x1 stride-1 unpadded convolution: the input is the column buffer."""
+        dy = self._grouped(dy, self.num_output)
+        if weight_diff is not None:
+            x = self._grouped(bottom.get_data(), self.channels)
+            for n in range(self.num):
+                for g in range(self.group):
+                    gemm_accumulate(dy[n, g], x[n, g].T, weight_diff[g])
+        if propagate:
+            backend.xp().matmul(self._weights().transpose(0, 2, 1), dy,
+                                out=self._grouped(bottom.mutable_diff(), self.channels))
+
+    # -- depthwise (kernels/convolution.cu, depthwise_*) ---------------------------------------
+    def _depthwise_args(self) -> tuple[int, ...]:
+        return (self.channels, self.height, self.width, *self.geometry.kernel_args(), *self.out_size)
+
+    def _forward_depthwise(self, bottom, top) -> None:
+        planes = self.num * self.channels
+        weights = self.blobs[0].get_data()
+        bias = self.blobs[1].get_data() if self.bias_term else weights  # not read without a bias
+        KERNELS.depthwise_forward(planes, bottom.get_data(), weights, bias, int(self.bias_term),
+                                  top.mutable_data(), *self._depthwise_args(),
+                                  extents=(planes, self.out_size[1]))
+
+    def _backward_depthwise(self, dy, bottom, weight_grad: bool, propagate: bool) -> None:
+        planes = self.num * self.channels
+        out_w = self.out_size[1]
+        kh, kw = self.geometry.kernel
+        if weight_grad:  # per-plane partial sums, then one fixed-order sum per weight
+            weights = self.channels * kh * kw
+            terms = self.buffer("weight_terms", (self.num * weights * out_w,))
+            KERNELS.depthwise_weight_terms(planes * kh * kw, dy, bottom.get_data(), terms,
+                                           *self._depthwise_args(), extents=(planes * kh * kw, out_w))
+            KERNELS.depthwise_weight_sum(1, terms, self.blobs[0].mutable_diff(), weights, self.num, out_w,
+                                         extents=(1, weights))
+        if propagate:
+            dx = bottom.mutable_diff()
+            dx.fill(0)
+            for kj in range(kw):  # one launch per kernel column offset keeps the GPU race-free
+                KERNELS.depthwise_backward_data_add(planes, dy, self.blobs[0].get_data(), dx,
+                                                    *self._depthwise_args(), kj, extents=(planes, out_w))

@@ -4,10 +4,14 @@ The input's axes from `axis` on are flattened into one vector of K values (e.g. 
 (N, C*H*W) for axis 1); the axes before it are the batch M. The weights are (num_output, K), or
 (K, num_output) with transpose. There is no element-wise work that needs a kernel: the bias add and
 the bias gradient (a sum over the batch) are array-module operations, as Caffe does them with BLAS.
+The GEMMs write into the top, the bottom diff and (adding, beta = 1) the weight diff, so no step
+allocates an array of the weights' size.
 """
 
 from __future__ import annotations
 
+from .. import backend
+from ..blas import gemm_accumulate
 from ..layer import Layer, register
 
 
@@ -51,7 +55,7 @@ class InnerProductLayer(Layer):
     def forward(self, bottom, top):
         x = bottom[0].get_data().reshape(self.batch, self.inputs)
         y = top[0].mutable_data().reshape(self.batch, self.num_output)
-        y[...] = x @ self._weights().T
+        backend.xp().matmul(x, self._weights().T, out=y)
         if self.bias_term:
             y += self.blobs[1].get_data()
 
@@ -61,12 +65,12 @@ class InnerProductLayer(Layer):
             x = bottom[0].get_data().reshape(self.batch, self.inputs)
             weight_diff = self.blobs[0].mutable_diff()
             if self.transpose:
-                weight_diff += x.T @ dy
+                gemm_accumulate(x.T, dy, weight_diff)
             else:
-                weight_diff += dy.T @ x
+                gemm_accumulate(dy.T, x, weight_diff)
         if self.bias_term and self.param_propagate_down[1]:
             bias_diff = self.blobs[1].mutable_diff()
             bias_diff += dy.sum(axis=0)
         if propagate_down[0]:
             dx = bottom[0].mutable_diff().reshape(self.batch, self.inputs)
-            dx[...] = dy @ self._weights()
+            backend.xp().matmul(dy, self._weights(), out=dx)

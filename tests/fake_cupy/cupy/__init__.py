@@ -731,3 +731,32 @@ def _library(path: Path, ctype: str) -> ctypes.CDLL:
             raise KernelLaunchError(f"{path} is not in minicaffe's kernel folder {kernel_dir()}")
         _libraries[key] = ctypes.CDLL(str(KernelFile(path.name).build_cpu(ctype)))
     return _libraries[key]
+
+
+# -- cupy.cublas: gemm, on the host by the same BLAS call as minicaffe's CPU path (bit-exact with it) -----
+
+cublas = types.ModuleType("cupy.cublas")
+
+
+def _cublas_gemm(transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
+    """out = alpha * op(a) @ op(b) + beta * out (op: 'N' or 'T'), as cupy.cublas.gemm; out in place."""
+    for value in (a, b) + (() if out is None else (out,)):
+        if not isinstance(value, ndarray):
+            raise _unsupported(value)
+    ops = {"N": lambda m: m, "T": lambda m: m.T, 0: lambda m: m, 1: lambda m: m.T}
+    if transa not in ops or transb not in ops:
+        raise ValueError(f"fake cupy: cublas.gemm trans must be 'N' or 'T', got {transa!r}, {transb!r}")
+    left, right = ops[transa](a._array), ops[transb](b._array)
+    if out is None:
+        out, beta = zeros((left.shape[0], right.shape[1]), a.dtype), 0.0
+    if out.shape != (left.shape[0], right.shape[1]) or not out._array.flags.c_contiguous:
+        raise ValueError(f"fake cupy: cublas.gemm out {out.shape} (C-contiguous "
+                         f"{out._array.flags.c_contiguous}) does not fit {left.shape} @ {right.shape}")
+    from minicaffe.blas import cpu_gemm
+
+    cpu_gemm(alpha, left, right, beta, out._array)
+    return out
+
+
+cublas.gemm = _cublas_gemm
+sys.modules["cupy.cublas"] = cublas

@@ -1,0 +1,65 @@
+"""GEMM that accumulates into its output in place: c += a @ b, with BLAS's beta = 1.
+
+Parameter gradients add into the parameter's diff (``diff += dy.T @ x``). Written with numpy, that first
+makes a temporary the size of the parameter (150 MB for AlexNet's fc6) on every step and pays its page
+faults; BLAS's gemm computes ``c = alpha * a @ b + beta * c`` straight into c. On the CPU this calls
+scipy's BLAS wrappers (the BLAS numpy uses is not exposed), on the GPU cuBLAS through CuPy.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+
+
+def gemm_accumulate(a, b, c) -> None:
+    """c += a @ b for 2-d arrays; c must be C-contiguous and is written in place.
+
+    a and b may be transposed views (e.g. ``x.T``): the transposes go to BLAS as flags, not copies."""
+    if a.ndim != 2 or b.ndim != 2 or c.ndim != 2 or c.shape != (a.shape[0], b.shape[1]) \
+            or a.shape[1] != b.shape[0]:
+        raise ValueError(f"gemm_accumulate: shapes {a.shape} @ {b.shape} do not give {c.shape}")
+    if not c.flags.c_contiguous:
+        raise ValueError("gemm_accumulate: the output must be C-contiguous (it is written in place)")
+    if isinstance(c, np.ndarray):
+        cpu_gemm(1.0, a, b, 1.0, c)
+    else:  # cuBLAS through CuPy, which takes C- or F-ordered operands (transposed views) without copies
+        import cupy
+
+        operands = [m if m.flags.c_contiguous or m.flags.f_contiguous else cupy.ascontiguousarray(m)
+                    for m in (a, b)]
+        cupy.cublas.gemm("N", "N", *operands, out=c, alpha=1.0, beta=1.0)
+
+
+def load_cpu_blas() -> ModuleType:
+    """scipy's BLAS wrappers, imported on first use (scipy.linalg takes a few tenths of a second).
+
+    scipy ships its own OpenBLAS, a second library beside numpy's with its own thread pool: whoever sets
+    BLAS thread counts (threadpoolctl limits only the libraries already loaded) calls this first."""
+    from scipy.linalg import blas
+
+    return blas
+
+
+def cpu_gemm(alpha: float, a, b, beta: float, c: np.ndarray) -> None:
+    """c = alpha * a @ b + beta * c in place, by scipy's BLAS (also what tests/fake_cupy's cuBLAS runs)."""
+    blas = load_cpu_blas()
+    gemm = {np.dtype(np.float32): blas.sgemm, np.dtype(np.float64): blas.dgemm}[c.dtype]
+    # BLAS is column-major: a C-contiguous c is the Fortran-ordered c.T, and c.T += b.T @ a.T.
+    # Each operand goes in as a Fortran-ordered array, transposed by flag when that is what is stored.
+    first, trans_first = _fortran_operand(b.T)
+    second, trans_second = _fortran_operand(a.T)
+    out = gemm(alpha, first, second, beta=beta, c=c.T, trans_a=trans_first, trans_b=trans_second,
+               overwrite_c=True)
+    if not np.shares_memory(out, c):  # scipy copies c when it cannot write into it; never silently
+        raise RuntimeError("scipy's gemm did not write in place")
+
+
+def _fortran_operand(matrix) -> tuple[np.ndarray, int]:
+    """(array, trans) with array Fortran-ordered and op(array) == matrix, without a copy if possible."""
+    if matrix.flags.f_contiguous:
+        return matrix, 0
+    if matrix.flags.c_contiguous:
+        return matrix.T, 1
+    return np.asfortranarray(matrix), 0
