@@ -1,0 +1,85 @@
+"""The one owner of minicaffe's CPU threads: the kernels' (OpenMP plane loops, kernels/shim.h) and
+BLAS's (numpy's GEMMs, set through threadpoolctl).
+
+The count is the cores this process may run on (its CPU affinity: taskset, a container's cpuset),
+unless $MINICAFFE_THREADS or `minicaffe --threads N` asks for fewer; it is never more than the usable
+cores. `minicaffe device_query` shows it.
+
+Policy. A kernel launch and a GEMM never run at the same time (both are synchronous calls from the
+one thread that runs the net), so each may use all the cores without the two adding up:
+kernel threads + BLAS threads busy at any moment <= usable cores. What does add up is waiting: a
+thread that spins while it waits for its next piece of work keeps a core busy. OpenMP's threads are
+therefore told to sleep at once (OMP_WAIT_POLICY=passive unless the environment says otherwise; it is
+read when libgomp loads, before the first kernel library). BLAS gets TODO
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "MINICAFFE_THREADS"
+
+_threads: int | None = None  # the configured count, None until configure() runs
+
+# libgomp reads its wait policy once, when the first kernel library loads it; set before that.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask on Linux, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def requested_threads() -> int | None:
+    """$MINICAFFE_THREADS as a positive int, or None when unset or empty; ValueError when malformed."""
+    text = os.environ.get(ENV, "").strip()
+    if not text:
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"{ENV}={text!r}: expected a positive number of threads")
+    return count
+
+
+def configure(count: int | None = None) -> int:
+    """Set the number of threads: `count`, else $MINICAFFE_THREADS, else the usable cores, at most the
+    usable cores. Applies it to BLAS now and to the kernels from their next launch. Returns it."""
+    global _threads
+    if count is not None and count < 1:
+        raise ValueError(f"threads: expected a positive number, got {count}")
+    wanted = count if count is not None else requested_threads()
+    cores = usable_cores()
+    _threads = min(wanted, cores) if wanted is not None else cores
+    _limit_blas(blas_threads())
+    return _threads
+
+
+def kernel_threads() -> int:
+    """Threads for a kernel launch's plane loops (configures with the defaults on first use)."""
+    return _threads if _threads is not None else configure()
+
+
+def blas_threads() -> int:
+    """Threads for BLAS (numpy's GEMMs) under the policy above."""
+    return kernel_threads()
+
+
+def _limit_blas(count: int) -> None:
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=count, user_api="blas")
+
+
+def blas_pool_threads() -> str:
+    """The BLAS libraries loaded and their thread counts as they are now, e.g. 'openblas 1'."""
+    from threadpoolctl import threadpool_info
+
+    pools = [f"{pool['internal_api']} {pool['num_threads']}" for pool in threadpool_info()
+             if pool["user_api"] == "blas"]
+    return ", ".join(pools) or "none loaded"
