@@ -5,12 +5,18 @@ The count is the cores this process may run on (its CPU affinity: taskset, a con
 unless $MINICAFFE_THREADS or `minicaffe --threads N` asks for fewer; it is never more than the usable
 cores. `minicaffe device_query` shows it.
 
-Policy. A kernel launch and a GEMM never run at the same time (both are synchronous calls from the
-one thread that runs the net), so each may use all the cores without the two adding up:
-kernel threads + BLAS threads busy at any moment <= usable cores. What does add up is waiting: a
-thread that spins while it waits for its next piece of work keeps a core busy. OpenMP's threads are
-therefore told to sleep at once (OMP_WAIT_POLICY=passive unless the environment says otherwise; it is
-read when libgomp loads, before the first kernel library). BLAS gets TODO
+Policy: the kernels use all the threads, BLAS one. Threads that compute at the same moment never
+exceed the usable cores: a kernel launch and a GEMM never overlap (both are synchronous calls from
+the thread that runs the net), and idle threads sleep rather than spin:
+  * OpenMP's threads wait passively (OMP_WAIT_POLICY=passive unless the environment says otherwise;
+    libgomp reads it when the first kernel library loads it). Spinning, they thrash with any other
+    busy process: the quickstart took 24-54 s instead of 3.5-6.6 s on a loaded 2-core machine.
+  * OpenBLAS's threads busy-wait (the caller for its workers, and idle workers for ~0.1 s), which no
+    call can turn off once numpy has loaded it. With one core taken by another process, every
+    threaded GEMM then waits for a worker that is not running: the quickstart took 55-90 s with 2
+    BLAS threads against 5-13 s with one (and its GEMMs are small, so one thread loses little).
+So BLAS runs on the calling thread only, set through threadpoolctl (whatever OPENBLAS_NUM_THREADS
+says). Results are the same bits for every kernel thread count (kernels/shim.h's PLANE_LOOP).
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ def kernel_threads() -> int:
 
 def blas_threads() -> int:
     """Threads for BLAS (numpy's GEMMs) under the policy above."""
-    return kernel_threads()
+    return 1
 
 
 def _limit_blas(count: int) -> None:

@@ -1,8 +1,9 @@
 """`minicaffe device_query [--gpu N]` (also device-query): what runs the kernels.
 
-Without --gpu: the CPU (model, cores, the threads the kernels and BLAS use), numpy's BLAS (used for GEMM), the host compiler and flags that
-build the kernels and where they are cached, and whether CuPy and a GPU are usable. With --gpu N: the
-GPU's properties, as Caffe's device_query prints them (needs CuPy); with a list or 'all', of each."""
+Without --gpu: the CPU (model, cores, the threads the kernels and BLAS use), numpy's BLAS (used for
+GEMM), the host compiler and flags that build the kernels and where they are cached, and whether CuPy
+and a GPU are usable. With --gpu N: the GPU's properties, as Caffe's device_query prints them (needs
+CuPy); with a list or 'all', of each."""
 
 from __future__ import annotations
 
