@@ -18,6 +18,10 @@ Integer arguments and loop extents must fit the kernels' 32-bit ints: a launch w
 more is refused on both devices (KernelError naming the file, kernel, argument and value) rather than
 wrapped to a negative count by ctypes or refused later by CuPy.
 
+On the CPU a launch of at least PARALLEL_MIN_WORK elements (planes * inner) over more than one plane
+runs its plane loops on minicaffe.threads.kernel_threads() OpenMP threads, through the wrapper
+mc_cpu_NAME(threads, args...) built with each kernel; the results are the same bits for any count.
+
 With MINICAFFE_RACECHECK=1 (or =spread) the CPU launches run the race-check build instead (see
 `race_grid`).
 """
@@ -255,8 +259,8 @@ class KernelFile:
         caps = race_grid()
         if caps is None:
             planes, inner = extents
-            use = threads.kernel_threads() if planes > 1 and planes * inner >= PARALLEL_MIN_WORK else 1
-            getattr(self._cpu_library(real), "mc_cpu_" + name)(use, *c_args)
+            count = threads.kernel_threads() if planes > 1 and planes * inner >= PARALLEL_MIN_WORK else 1
+            getattr(self._cpu_library(real), "mc_cpu_" + name)(count, *c_args)
         elif min(extents) > 0:
             grid = grid_for(extents, RACE_BLOCK, *caps)
             getattr(self._cpu_library(real, race_check=True), "mc_race_" + name)(*grid, RACE_BLOCK, *c_args)
@@ -328,11 +332,17 @@ class KernelFile:
             base = [compiler, *flags, "-I", str(self.path.parent), "-x", "c++", str(unit),
                     "-o", str(tmp_lib)]
             # Link glibc's vector math library where there is one (vectorized exp/log/pow/tanh);
-            # elsewhere build without it (MC_NO_MVEC), with scalar math calls.
-            result = subprocess.run(base + ["-lmvec"], capture_output=True, text=True)
-            if result.returncode != 0:
-                result = subprocess.run(base + ["-DMC_NO_MVEC"], capture_output=True, text=True)
-            if result.returncode != 0:
+            # elsewhere build without it (MC_NO_MVEC), with scalar math calls; and with a compiler
+            # that has no OpenMP runtime (Apple's clang), with serial plane loops (-fopenmp-simd).
+            attempts = [base + ["-lmvec"], base + ["-DMC_NO_MVEC"]]
+            if "-fopenmp" in base:
+                serial = ["-fopenmp-simd" if word == "-fopenmp" else word for word in base]
+                attempts.append(serial + ["-DMC_NO_MVEC"])
+            for command in attempts:
+                result = subprocess.run(command, capture_output=True, text=True)
+                if result.returncode == 0:
+                    break
+            else:
                 raise KernelError(f"building {self.path} for the CPU failed:\n{' '.join(base)}\n"
                                   f"{result.stderr}")
             os.replace(tmp_lib, target)  # atomic: parallel test workers may race here
