@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import minicaffe
-from minicaffe import backend
+from minicaffe import backend, threads
 from minicaffe.blob import Blob
 from minicaffe.layer import TEST, TRAIN
 from minicaffe.testing import layer_from_prototxt
@@ -236,7 +236,8 @@ def format_row(row: dict) -> str:
 
 
 def machine() -> str:
-    return (f"{cpu_model()}, {usable_cores()} cores usable, {platform.system()} {platform.machine()}; "
+    return (f"{cpu_model()}, {usable_cores()} cores usable ({threads.kernel_threads()} kernel threads, "
+            f"{threads.blas_threads()} BLAS), {platform.system()} {platform.machine()}; "
             f"numpy {np.__version__} with {blas_info().split(' (')[0]}; minicaffe {minicaffe.__version__}")
 
 

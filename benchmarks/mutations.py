@@ -143,7 +143,7 @@ def apply(mutation: Mutation, root: Path) -> str | None:
 
 def run_tests(root: Path, tests: tuple[str, ...], cache: Path, timeout: float) -> tuple[str, float, str]:
     """(outcome of the selection: passed / failed / timeout / no tests / error, seconds, output tail)."""
-    env = dict(os.environ, PYTHONPATH=str(root), MINICAFFE_CACHE_DIR=str(cache), OPENBLAS_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(root), MINICAFFE_CACHE_DIR=str(cache))
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     start = time.perf_counter()
     try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import platform
 import re
 import subprocess
@@ -85,14 +84,11 @@ def train(model: str, work: Path, dbs: dict[str, Path], max_iter: int | None = N
     solver = adjusted_copy(model, work, dbs, max_iter)
     log_path = solver.parent / "train.log"
     start = time.perf_counter()
-    # One BLAS thread unless the caller says otherwise: for LeNet's small GEMMs it is as fast as two on
-    # a 2-core machine, and it does not collapse when other jobs share the cores (busy-waiting threads).
-    env = dict(os.environ)
-    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # Threads as minicaffe sets them (minicaffe.threads): the README's command is what is measured.
     with open(log_path, "w") as log:
         device = ["--gpu", gpu] if gpu is not None else []
         result = subprocess.run(minicaffe_command("train", "--solver", str(solver), *device), stderr=log,
-                                stdout=subprocess.PIPE, text=True, env=env)
+                                stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
     text = log_path.read_text()
     if result.returncode != 0:
@@ -169,7 +165,8 @@ def markdown(results: list[dict], command: str, where: str) -> str:
              "0.9, weight_decay 5e-4, inv policy, batch 64, 2,000 iterations, fixed seed), on the MNIST "
              f"t10k images: the first {TRAIN_COUNT:,} for training, the last {TEST_COUNT:,} for testing "
              "(the last 5,000 of t10k are the harder half). Wall time is the whole `minicaffe train` run: "
-             "start-up, five tests of the 2,000 test images, snapshots; OPENBLAS_NUM_THREADS=1 unless set. "
+             "start-up, five tests of the 2,000 test images, snapshots; threads as minicaffe sets them "
+             "(README, Training). "
              "The last row is `minicaffe quickstart` (= `minicaffe train --solver quickstart`, the README's "
              "example: 1,500 training and 297 test images of scikit-learn's 8x8 digits), timed once its "
              "LMDBs exist and the kernels are built (a first run on a fresh machine adds their build).",

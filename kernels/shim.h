@@ -3,7 +3,8 @@
 // Kernels are written as a loop over "planes" (outer, e.g. n*c) around a loop over a contiguous
 // inner index (e.g. h*w). On the GPU the planes map to grid.y and the inner index to grid.x *
 // threads, each with a grid-stride loop. On the CPU the same macros become two plain for-loops whose
-// inner loop is marked `omp simd`, so the compiler vectorizes it without per-element integer division.
+// inner loop is marked `omp simd`, so the compiler vectorizes it without per-element integer division,
+// and whose plane loop is split over OpenMP threads when the launch is large enough (see PLANE_LOOP).
 // (Built with -fno-trapping-math so that branches become vector selects; results are unchanged.)
 //
 // The element type is `real`: the loader compiles each source twice, with MC_REAL=float and =double.
@@ -90,7 +91,20 @@ static void mc_launch(void (*kernel)(Params...), const int grid_x, const int gri
 }
 #define MC_GPU_LOOPS
 #else
-#define PLANE_LOOP(p, n) for (int p = 0; p < (n); ++p)
+// Threads for the plane loops of this launch: 1 unless the launcher says otherwise. minicaffe.kernel
+// calls each kernel NAME through a wrapper mc_cpu_NAME(threads, args...) that sets it for the call; it
+// passes 1 for a launch too small to repay waking the other threads (see kernel.PARALLEL_MIN_WORK), so
+// the macro needs no argument beyond the planes. thread_local: two Python threads may launch at once.
+static thread_local int mc_threads = 1;
+// Planes are split over the threads in contiguous blocks (static schedule). This is race-free and
+// deterministic for every kernel because of the contract that tests/test_race.py checks on the GPU:
+// no two iterations (plane, j) of one launch write the same element (or one writes what another
+// reads). Each plane, all its inner loops included, runs on one thread exactly as in the serial
+// loop, so results are the same bits for every thread count. (A plane loop body must not `break`
+// or `return`: OpenMP forbids leaving the loop early.)
+#define PLANE_LOOP(p, n)                                                                    \
+  _Pragma("omp parallel for schedule(static) num_threads(mc_threads) if(mc_threads > 1)") \
+  for (int p = 0; p < (n); ++p)
 #define INNER_LOOP(j, n) _Pragma("omp simd") for (int j = 0; j < (n); ++j)
 #endif
 #endif

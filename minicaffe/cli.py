@@ -7,6 +7,9 @@ Each subcommand lives in its own module under minicaffe/commands/ with two funct
 Errors never show a Python traceback: main() turns any exception of a command into one line,
 ``minicaffe COMMAND: error: ...`` (the modules' messages name the file, line, layer or field), and exit
 status 1; `--debug` prints the traceback as well.
+
+`--threads N` (before or after the command) sets the CPU threads of every command, kernels and BLAS
+(see minicaffe.threads); without it, $MINICAFFE_THREADS, else the cores this process may use.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import log
+from . import log, threads
 from .backend import BackendError
 from .kernel import KernelError
 
@@ -53,10 +56,23 @@ def _caffe_style(argv: list[str]) -> list[str]:
     return out
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+positive_int.__name__ = "positive number"  # argparse names the type in its error message
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minicaffe", description=__doc__.splitlines()[0])
     debug_help = "on an error, print the Python traceback as well as the one-line message"
+    threads_help = (f"CPU threads for kernels and BLAS (default: ${threads.ENV}, else the cores this "
+                    "process may use; never more than those)")
     parser.add_argument("--debug", action="store_true", help=debug_help)
+    parser.add_argument("--threads", type=positive_int, metavar="N", help=threads_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(f"minicaffe.commands.{module_name}")
@@ -66,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(command)
         # Also after the command; SUPPRESS: not given there, it keeps the value of `minicaffe --debug`.
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+        command.add_argument("--threads", type=positive_int, metavar="N", default=argparse.SUPPRESS,
+                             help=threads_help)
         command.set_defaults(_run=module.run)
     return parser
 
@@ -108,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"), \
                 warnings.catch_warnings():
             warnings.showwarning = _log_warning
+            threads.configure(args.threads)
             return int(args._run(args) or 0)
     except BrokenPipeError:
         # The reader of our output has gone (`minicaffe params ... | head`): nothing to tell it, and

@@ -18,6 +18,10 @@ Integer arguments and loop extents must fit the kernels' 32-bit ints: a launch w
 more is refused on both devices (KernelError naming the file, kernel, argument and value) rather than
 wrapped to a negative count by ctypes or refused later by CuPy.
 
+On the CPU a launch of at least PARALLEL_MIN_WORK elements (planes * inner) over more than one plane
+runs its plane loops on minicaffe.threads.kernel_threads() OpenMP threads, through the wrapper
+mc_cpu_NAME(threads, args...) built with each kernel; the results are the same bits for any count.
+
 With MINICAFFE_RACECHECK=1 (or =spread) the CPU launches run the race-check build instead (see
 `race_grid`).
 """
@@ -38,9 +42,15 @@ from typing import Any
 
 import numpy as np
 
+from . import threads
+
 REAL_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-CPU_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
+# -fopenmp: the plane loops run on threads (and `omp simd` still vectorizes the inner loops); links libgomp.
+CPU_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
              "-march=native", "-std=c++14"]
+# A CPU launch of fewer elements (planes * inner) runs on one thread: waking the others and joining
+# them costs more than they save on small planes (e.g. LeNet's 10-wide inner product rows).
+PARALLEL_MIN_WORK = 1 << 15
 # Threads per GPU block: a power of two that covers a plane's inner extent, at least a warp (a smaller
 # block would leave the rest of its warp idle anyway) and at most 256 (see `launch_geometry`).
 GPU_BLOCKS = (32, 256)
@@ -258,7 +268,9 @@ class KernelFile:
                 c_args.append(ctypes.c_float(arg) if real == np.float32 else ctypes.c_double(arg))
         caps = race_grid()
         if caps is None:
-            getattr(self._cpu_library(real), name)(*c_args)
+            planes, inner = extents
+            count = threads.kernel_threads() if planes > 1 and planes * inner >= PARALLEL_MIN_WORK else 1
+            getattr(self._cpu_library(real), "mc_cpu_" + name)(count, *c_args)
         elif min(extents) > 0:
             grid, block = launch_geometry(extents, RACE_BLOCKS, *caps)
             getattr(self._cpu_library(real, race_check=True), "mc_race_" + name)(*grid, block, *c_args)
@@ -291,23 +303,29 @@ class KernelFile:
             self._cpu_libs[key] = ctypes.CDLL(str(self.build_cpu(ctype, race_check)))
         return self._cpu_libs[key]
 
-    def race_wrappers(self) -> str:
-        """C++ appended to the source for the race-check build: `mc_race_NAME(grid_x, grid_y, block_x,
-        args...)` launches kernel NAME through shim.h's mc_launch."""
+    def wrappers(self, race_check: bool = False) -> str:
+        """C++ appended to the source, one entry point per kernel NAME that the launcher calls:
+        `mc_cpu_NAME(threads, args...)` runs NAME with its plane loops on `threads` threads (shim.h's
+        mc_threads); for the race-check build, `mc_race_NAME(grid_x, grid_y, block_x, args...)`
+        launches NAME through shim.h's mc_launch. (NAME itself stays exported: serial on the CPU.)"""
         c_types = {"int": "int", "uint": "unsigned", "real": "real", "real*": "real*", "int*": "int*"}
         wrappers = []
         for name, params in self.parameters.items():
             declared = ", ".join(f"{c_types[kind]} {arg}" for kind, arg in params)
             passed = ", ".join(arg for _, arg in params)
-            wrappers.append(f'extern "C" void mc_race_{name}(int grid_x, int grid_y, int block_x, '
-                            f"{declared}) {{ mc_launch({name}, grid_x, grid_y, block_x, {passed}); }}")
+            if race_check:
+                wrappers.append(f'extern "C" void mc_race_{name}(int grid_x, int grid_y, int block_x, '
+                                f"{declared}) {{ mc_launch({name}, grid_x, grid_y, block_x, {passed}); }}")
+            else:
+                wrappers.append(f'extern "C" void mc_cpu_{name}(int threads, {declared}) '
+                                f"{{ mc_threads = threads; {name}({passed}); mc_threads = 1; }}")
         return "\n".join(wrappers) + "\n"
 
     def build_cpu(self, ctype: str, race_check: bool = False) -> Path:
         """Compile for the host (cached); returns the shared library's path. With `race_check`, the
         race-check build (see `race_grid()`): GPU loops, one thread per GPU thread, ThreadSanitizer."""
         shim = (self.path.parent / "shim.h").read_text()
-        wrappers = self.race_wrappers() if race_check else ""
+        wrappers = self.wrappers(race_check)
         flags = (RACE_FLAGS if race_check else CPU_FLAGS) + [f"-DMC_REAL={ctype}"]
         key = hashlib.sha256(
             "\0".join([self.source + wrappers, shim, " ".join(flags), _cpu_signature()]).encode()
@@ -318,18 +336,23 @@ class KernelFile:
         compiler = host_compiler()
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
             tmp_lib = Path(tmp) / target.name
-            unit = self.path
-            if race_check:  # the source, then the wrappers (reports still name the .cu file's lines)
-                unit = Path(tmp) / f"{self.path.stem}-race.cpp"
-                unit.write_text(f'#include "{self.path}"\n' + wrappers)
+            # The source, then the wrappers (compiler and race reports still name the .cu file's lines).
+            unit = Path(tmp) / f"{self.path.stem}-{'race' if race_check else 'cpu'}.cpp"
+            unit.write_text(f'#include "{self.path}"\n' + wrappers)
             base = [compiler, *flags, "-I", str(self.path.parent), "-x", "c++", str(unit),
                     "-o", str(tmp_lib)]
             # Link glibc's vector math library where there is one (vectorized exp/log/pow/tanh);
-            # elsewhere build without it (MC_NO_MVEC), with scalar math calls.
-            result = subprocess.run(base + ["-lmvec"], capture_output=True, text=True)
-            if result.returncode != 0:
-                result = subprocess.run(base + ["-DMC_NO_MVEC"], capture_output=True, text=True)
-            if result.returncode != 0:
+            # elsewhere build without it (MC_NO_MVEC), with scalar math calls; and with a compiler
+            # that has no OpenMP runtime (Apple's clang), with serial plane loops (-fopenmp-simd).
+            attempts = [base + ["-lmvec"], base + ["-DMC_NO_MVEC"]]
+            if "-fopenmp" in base:
+                serial = ["-fopenmp-simd" if word == "-fopenmp" else word for word in base]
+                attempts.append(serial + ["-DMC_NO_MVEC"])
+            for command in attempts:
+                result = subprocess.run(command, capture_output=True, text=True)
+                if result.returncode == 0:
+                    break
+            else:
                 raise KernelError(f"building {self.path} for the CPU failed:\n{' '.join(base)}\n"
                                   f"{result.stderr}")
             os.replace(tmp_lib, target)  # atomic: parallel test workers may race here

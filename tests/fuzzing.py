@@ -131,7 +131,7 @@ def _run_runner(cases: list[Case], cases_file: Path, start: int, results: dict[i
                 log_path: Path, slack: float) -> int:
     """One runner from case `start` on; returns the index to go on from."""
     read_fd, write_fd = os.pipe()
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1",
+    env = dict(os.environ, PYTHONFAULTHANDLER="1",
                PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(

@@ -54,15 +54,13 @@ def write_solver(folder: Path, name: str = "solver", prefix: str = "tiny", **fie
 
 
 def start(args: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "minicaffe.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True)
 
 
 def run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "minicaffe.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+                          timeout=timeout)
 
 
 def iteration(path: Path) -> int:

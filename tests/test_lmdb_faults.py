@@ -25,7 +25,6 @@ from minicaffe.db import DBError, LMDBReader, read_datums, write_datum_lmdb, wri
 from minicaffe.proto import caffe_pb2
 
 PAGE = 4096
-ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1")
 
 
 def build_db(path: Path, count: int = 20, shape=(3, 24, 24)) -> Path:
@@ -40,7 +39,7 @@ def build_db(path: Path, count: int = 20, shape=(3, 24, 24)) -> Path:
 
 def python(code: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=timeout)
+                          timeout=timeout)
 
 
 def describe(result: subprocess.CompletedProcess) -> str:
@@ -125,7 +124,7 @@ def train(tmp_path: Path, db: Path) -> subprocess.CompletedProcess:
     (tmp_path / "solver.prototxt").write_text(SOLVER.format(net=tmp_path / "net.prototxt",
                                                             prefix=tmp_path / "snap"))
     return subprocess.run([sys.executable, "-m", "minicaffe.cli", "train", "--solver",
-                           str(tmp_path / "solver.prototxt")], capture_output=True, text=True, env=ENV,
+                           str(tmp_path / "solver.prototxt")], capture_output=True, text=True,
                           timeout=300)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -48,9 +47,8 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 def minicaffe_process(args: list[str], **kwargs):
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "minicaffe.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300, **kwargs)
+                          timeout=300, **kwargs)
 
 
 def test_quickstart_trains_and_reports_accuracy(tmp_path, monkeypatch, capsys):
@@ -149,9 +147,8 @@ def test_weights_start_a_finetuning_run(work, tmp_path, capsys):
 
 def test_sigint_snapshots_and_stops(work, tmp_path):
     solver = write_solver(tmp_path, work, "long", max_iter=100000, snapshot=0, display=5, test_interval=0)
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     process = subprocess.Popen([sys.executable, "-m", "minicaffe.cli", "train", "--solver", str(solver)],
-                               stderr=subprocess.PIPE, text=True, env=env)
+                               stderr=subprocess.PIPE, text=True)
     lines = []
     try:
         for line in process.stderr:

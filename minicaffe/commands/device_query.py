@@ -1,8 +1,9 @@
 """`minicaffe device_query [--gpu N]` (also device-query): what runs the kernels.
 
-Without --gpu: the CPU (model, cores), numpy's BLAS (used for GEMM), the host compiler and flags that
-build the kernels and where they are cached, and whether CuPy and a GPU are usable. With --gpu N: the
-GPU's properties, as Caffe's device_query prints them (needs CuPy); with a list or 'all', of each."""
+Without --gpu: the CPU (model, cores, the threads the kernels and BLAS use), numpy's BLAS (used for
+GEMM), the host compiler and flags that build the kernels and where they are cached, and whether CuPy
+and a GPU are usable. With --gpu N: the GPU's properties, as Caffe's device_query prints them (needs
+CuPy); with a list or 'all', of each."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import subprocess
 
 import numpy as np
 
-from .. import kernel
-from ..timing import blas_info, cpu_model, usable_cores
+from .. import kernel, threads
+from ..timing import blas_info, cpu_model
 from .common import add_gpu_argument, parse_gpu
 
 
@@ -93,7 +94,9 @@ def cpu_fields() -> list[tuple[str, object]]:
         ("Name", cpu_model()),
         ("Machine", f"{platform.system()} {platform.machine()}"),
         ("Cores (logical)", os.cpu_count()),
-        ("Cores usable by this process", usable_cores()),
+        ("Cores usable by this process", threads.usable_cores()),
+        ("Kernel threads", threads.kernel_threads()),
+        ("BLAS threads", threads.blas_pool_threads()),
         ("numpy", np.__version__),
         ("BLAS (GEMM)", blas_info()),
         ("Kernel compiler", compiler),

@@ -1,0 +1,94 @@
+"""The one owner of minicaffe's CPU threads: the kernels' (OpenMP plane loops, kernels/shim.h) and
+BLAS's (numpy's GEMMs, set through threadpoolctl).
+
+The count is the cores this process may run on (its CPU affinity: taskset, a container's cpuset),
+unless $MINICAFFE_THREADS or `minicaffe --threads N` asks for fewer; it is never more than the usable
+cores. `minicaffe device_query` shows it.
+
+Policy: the kernels use all the threads, BLAS one. Threads that compute at the same moment never
+exceed the usable cores: a kernel launch and a GEMM never overlap (both are synchronous calls from
+the thread that runs the net), and idle threads sleep rather than spin:
+  * OpenMP's threads wait passively (OMP_WAIT_POLICY=passive unless the environment says otherwise;
+    libgomp reads it when the first kernel library loads it). Spinning, they thrash with any other
+    busy process: the quickstart took 24-54 s instead of 3.5-6.6 s on a loaded 2-core machine.
+  * OpenBLAS's threads busy-wait (the caller for its workers, and idle workers for ~0.1 s), which no
+    call can turn off once numpy has loaded it. With one core taken by another process, every
+    threaded GEMM then waits for a worker that is not running: the quickstart took 55-90 s with 2
+    BLAS threads against 5-13 s with one (and its GEMMs are small, so one thread loses little).
+So BLAS runs on the calling thread only, set through threadpoolctl (whatever OPENBLAS_NUM_THREADS
+says). Results are the same bits for every kernel thread count (kernels/shim.h's PLANE_LOOP).
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "MINICAFFE_THREADS"
+
+_threads: int | None = None  # the configured count, None until configure() runs
+
+# libgomp reads its wait policy once, when the first kernel library loads it; set before that.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask on Linux, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def requested_threads() -> int | None:
+    """$MINICAFFE_THREADS as a positive int, or None when unset or empty; ValueError when malformed."""
+    text = os.environ.get(ENV, "").strip()
+    if not text:
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"{ENV}={text!r}: expected a positive number of threads")
+    return count
+
+
+def configure(count: int | None = None) -> int:
+    """Set the number of threads: `count`, else $MINICAFFE_THREADS, else the usable cores, at most the
+    usable cores. Applies it to BLAS now and to the kernels from their next launch. Returns it."""
+    global _threads
+    if count is not None and count < 1:
+        raise ValueError(f"threads: expected a positive number, got {count}")
+    wanted = count if count is not None else requested_threads()
+    cores = usable_cores()
+    _threads = min(wanted, cores) if wanted is not None else cores
+    _limit_blas(blas_threads())
+    return _threads
+
+
+def kernel_threads() -> int:
+    """Threads for a kernel launch's plane loops (configures with the defaults on first use)."""
+    return _threads if _threads is not None else configure()
+
+
+def blas_threads() -> int:
+    """Threads for BLAS (numpy's GEMMs) under the policy above."""
+    return 1
+
+
+def _limit_blas(count: int) -> None:
+    from threadpoolctl import threadpool_limits
+
+    from .blas import load_cpu_blas
+
+    load_cpu_blas()  # scipy's own OpenBLAS (the gradient GEMMs) must be loaded to be limited too
+    threadpool_limits(limits=count, user_api="blas")
+
+
+def blas_pool_threads() -> str:
+    """The BLAS libraries loaded and their thread counts as they are now, e.g. 'openblas 1'."""
+    from threadpoolctl import threadpool_info
+
+    pools = [f"{pool['internal_api']} {pool['num_threads']}" for pool in threadpool_info()
+             if pool["user_api"] == "blas"]
+    return ", ".join(pools) or "none loaded"

@@ -1,0 +1,188 @@
+"""CPU threads: the kernels' plane loops on OpenMP threads and minicaffe.threads, the one owner of the
+kernel and BLAS thread counts (--threads, $MINICAFFE_THREADS, the usable cores)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import backward_layer, run_layer
+
+import minicaffe
+from minicaffe import kernel, threads
+from minicaffe.cli import main
+from minicaffe.kernel import KernelFile
+
+PROBE = """#include "shim.h"
+#include <omp.h>
+// Each plane records the OpenMP thread that ran it.
+KERNEL void plane_threads(const int planes, const int inner, real* out) {
+  PLANE_LOOP(p, planes) {
+    const int thread = omp_get_thread_num();
+    INNER_LOOP(j, inner) { out[(size_t)p * inner + j] = real(thread); }
+  }
+}
+"""
+
+
+@pytest.fixture
+def four_threads(monkeypatch):
+    """Kernels on 4 threads whatever this machine has (more threads than cores is only slower), and
+    every launch of more than one plane large enough for them. The thread count is restored after."""
+    monkeypatch.setattr(threads, "_threads", None)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    monkeypatch.setattr(kernel, "PARALLEL_MIN_WORK", 0)
+    threads.configure(4)
+
+
+@pytest.fixture
+def probe(tmp_path, monkeypatch) -> KernelFile:
+    monkeypatch.setenv("MINICAFFE_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "probe.cu").write_text(PROBE)
+    shutil.copy(kernel.kernel_dir() / "shim.h", tmp_path / "shim.h")
+
+    class Probe(KernelFile):
+        path = tmp_path / "probe.cu"
+
+    return Probe("probe.cu")
+
+
+def plane_threads(probe: KernelFile, planes: int, inner: int = 3) -> list[int]:
+    out = np.full((planes, inner), -1, np.float32)
+    probe.plane_threads(planes, inner, out, extents=(planes, inner))
+    assert (out == out[:, :1]).all()
+    return out[:, 0].astype(int).tolist()
+
+
+def test_plane_loop_runs_on_the_configured_threads(four_threads, probe, monkeypatch):
+    # Contiguous blocks of planes per thread (static schedule).
+    assert plane_threads(probe, 8) == [0, 0, 1, 1, 2, 2, 3, 3]
+    threads.configure(2)
+    assert plane_threads(probe, 8) == [0] * 4 + [1] * 4
+    threads.configure(1)
+    assert plane_threads(probe, 8) == [0] * 8
+
+
+def test_small_launches_stay_on_one_thread(four_threads, probe, monkeypatch):
+    monkeypatch.setattr(kernel, "PARALLEL_MIN_WORK", 8 * 3 + 1)
+    assert plane_threads(probe, 8) == [0] * 8  # 24 elements: below the threshold
+    assert plane_threads(probe, 9) == [0, 0, 0, 1, 1, 2, 2, 3, 3]  # 27: above
+    monkeypatch.setattr(kernel, "PARALLEL_MIN_WORK", 0)
+    assert plane_threads(probe, 1, inner=1000) == [0]  # one plane: nothing to split
+
+
+LAYERS = {
+    "convolution": ('type: "Convolution" convolution_param { num_output: 5 kernel_size: 3 stride: 2 pad: 1 '
+                    'weight_filler { type: "gaussian" std: 1 } bias_filler { type: "gaussian" std: 1 } }',
+                    (3, 4, 11, 9)),
+    "max pooling": ('type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 }', (3, 4, 11, 9)),
+    "average pooling": ('type: "Pooling" pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }',
+                        (3, 4, 11, 9)),
+    "prelu": ('type: "PReLU" prelu_param { filler { type: "gaussian" std: 0.5 } }', (3, 4, 5, 7)),
+    "lrn": ('type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 }', (3, 6, 5, 7)),
+    "softmax": ('type: "Softmax"', (3, 6, 5, 7)),
+    "batch norm": ('type: "BatchNorm"', (3, 4, 5, 7)),
+}
+
+
+def forward_backward(text: str, shape: tuple[int, ...]) -> list[np.ndarray]:
+    rng = np.random.default_rng(5)
+    layer, bottom, top = run_layer(text, rng.normal(size=shape), dtype=np.float32,
+                                   phase=minicaffe.TRAIN)
+    diffs = backward_layer(layer, bottom, top, [rng.normal(size=top[0].shape)])
+    return [np.array(top[0].data), *diffs, *(np.array(blob.diff) for blob in layer.blobs)]
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_results_are_the_same_bits_on_one_and_on_four_threads(name, four_threads):
+    """Each plane runs on one thread exactly as in the serial loop (kernels/shim.h's PLANE_LOOP), so
+    the thread count cannot change a bit."""
+    text, shape = LAYERS[name]
+    parallel = forward_backward(text, shape)
+    threads.configure(1)
+    serial = forward_backward(text, shape)
+    for a, b in zip(parallel, serial):
+        assert a.tobytes() == b.tobytes()
+
+
+# -- the thread owner --------------------------------------------------------------------------------
+
+def device_query_threads(*args: str, env: dict | None = None) -> tuple[int, str]:
+    """(kernel threads, BLAS threads line) that `minicaffe device_query` prints in a new process."""
+    result = subprocess.run([sys.executable, "-m", "minicaffe.cli", *args, "device_query"],
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, **(env or {})))
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    return int(fields["Kernel threads"]), fields["BLAS threads"].strip()
+
+
+@pytest.mark.skipif(threads.usable_cores() < 2, reason="needs 2 usable cores to see a count below them")
+def test_threads_flag_and_environment_variable_are_honoured():
+    cores = threads.usable_cores()
+    assert device_query_threads(env={threads.ENV: ""})[0] == cores
+    assert device_query_threads(env={threads.ENV: "1"})[0] == 1
+    assert device_query_threads("--threads", "1", env={threads.ENV: ""})[0] == 1
+    # The flag wins over the environment variable.
+    assert device_query_threads("--threads", "1", env={threads.ENV: str(cores)})[0] == 1
+
+
+def test_threads_flag_after_the_command_and_bad_values(capsys, monkeypatch):
+    monkeypatch.setattr(threads, "_threads", None)
+    assert main(["device_query", "--threads", "1"]) == 0
+    assert re.search(r"^Kernel threads: +1$", capsys.readouterr().out, re.M)
+    monkeypatch.setenv(threads.ENV, "many")
+    assert main(["device_query"]) == 1
+    assert "MINICAFFE_THREADS='many'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["device_query", "--threads", "0"])
+
+
+def test_never_more_threads_than_usable_cores():
+    """Asked for more threads than the process may use (its affinity set to one core), the owner
+    configures one kernel thread and one BLAS thread."""
+    code = ("import os, sys\n"
+            "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+            "from minicaffe import threads\n"
+            "from threadpoolctl import threadpool_info\n"
+            "kernel = threads.configure(64)\n"
+            "blas = [p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas']\n"
+            "print(threads.usable_cores(), kernel, max(blas))\n")
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "1", "1"]
+
+
+def test_blas_threads_set_by_the_owner_not_the_environment(monkeypatch):
+    """OPENBLAS_NUM_THREADS in the environment does not decide: the owner sets BLAS's threads."""
+    code = ("from minicaffe import threads\n"
+            "from threadpoolctl import threadpool_info\n"
+            "threads.configure()\n"
+            "print(max(p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas'),"
+            " threads.blas_threads())\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, OPENBLAS_NUM_THREADS="3"))
+    assert result.returncode == 0, result.stderr
+    configured, policy = result.stdout.split()
+    assert configured == policy and int(policy) <= threads.usable_cores()
+
+
+def test_every_blas_library_is_limited_scipys_too():
+    """The gradient GEMMs go through scipy's BLAS (minicaffe.blas), a second OpenBLAS beside numpy's
+    with its own pool: configuring threads loads and limits it too."""
+    code = ("from minicaffe import threads\n"
+            "from threadpoolctl import threadpool_info\n"
+            "threads.configure()\n"
+            "pools = [p for p in threadpool_info() if p['user_api'] == 'blas']\n"
+            "print(len({p['filepath'] for p in pools}), max(p['num_threads'] for p in pools))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    libraries, most = map(int, result.stdout.split())
+    assert libraries >= 2 and most == threads.blas_threads()
