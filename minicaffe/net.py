@@ -298,6 +298,11 @@ class Net:
 
         self.outputs = list(available)
         self._prune_backward(param.force_backward)
+        # A layer's output is still in its top at backward time when no later layer writes that blob
+        # (in place): then Layer.lean_keep may keep less than a copy of x.
+        last_writer = {id(blob): i for i, tops in enumerate(self.top_vecs) for blob in tops}
+        for i, layer in enumerate(self.layers):
+            layer.top_data_survives = bool(self.top_vecs[i]) and last_writer[id(self.top_vecs[i][0])] == i
         self.params: OrderedDict[str, list[Blob]] = OrderedDict(
             (name, layer.blobs) for name, layer in zip(self._layer_names, self.layers) if layer.blobs
         )
