@@ -108,7 +108,8 @@ def _cpu_signature() -> str:
 # Signatures: parsed from `KERNEL void name(type arg, ...)` declarations.
 
 _DECL = re.compile(r"KERNEL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
-_SCALARS = {"int": "int", "unsigned": "uint", "unsigned int": "uint", "real": "real", "unsigned char": "uchar"}
+_SCALARS = {"int": "int", "unsigned": "uint", "unsigned int": "uint", "real": "real",
+            "unsigned char": "uchar"}
 # The element type of each pointer kind that is not real* (real* arrays have the build's real type).
 POINTER_DTYPES = {"int*": np.dtype(np.int32), "uchar*": np.dtype(np.uint8)}
 
@@ -127,7 +128,8 @@ def parse_parameters(source: str) -> dict[str, list[tuple[str, str]]]:
                 raise KernelError(f"kernel {name}: unsupported parameter type in '{param.strip()}'")
             kind = _SCALARS[base]
             if kind == "uchar" and not pointer:
-                raise KernelError(f"kernel {name}: unsigned char is supported as a pointer only ('{param.strip()}')")
+                raise KernelError(f"kernel {name}: unsigned char is supported as a pointer only "
+                                  f"('{param.strip()}')")
             kinds.append((kind + "*" if pointer else kind, words[-1]))
         parameters[name] = kinds
     return parameters

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..layer import register
 from .broadcast import BroadcastLayer
+from .reduce import KERNELS as REDUCE
 
 
 @register("Bias")
@@ -31,6 +32,6 @@ class BiasLayer(BroadcastLayer):
             bottom[0].mutable_diff()[...] = dy  # in place the diff is already dy
         if len(bottom) > 1:
             if propagate_down[1]:
-                bottom[1].mutable_diff()[...] = self.reduce_to_operand(dy, bottom[1].shape)
+                self.reduce_to_operand(REDUCE.sum_partials, (dy,), bottom[1].mutable_diff(), accumulate=False)
         elif self.param_propagate_down[0]:
-            self.blobs[0].mutable_diff()[...] += self.reduce_to_operand(dy, self.blobs[0].shape)
+            self.reduce_to_operand(REDUCE.sum_partials, (dy,), self.blobs[0].mutable_diff(), accumulate=True)
