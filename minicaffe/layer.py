@@ -177,7 +177,8 @@ class Layer:
     def lean_keep(self, bottom: list[Blob], top: list[Blob]) -> bool:
         """Asked by run_forward before an in-place forward of a layer with keeps = "input": True when this
         forward keeps less than a copy of x -- what backward needs instead (e.g. a byte mask of x > 0),
-        written by forward itself into buffers taken with ``kept=True``. run_forward then copies nothing
+        written by forward itself into buffers taken with ``kept=True``, a byte per element at most
+        (`planned_kept_bytes` counts one). run_forward then copies nothing
         and sets ``self.kept_lean``, which forward and backward read; kept_input is not available.
         A layer whose backward also reads its output back from top[0] may answer True only when
         ``self.top_data_survives``. Default: False (a full copy)."""
@@ -185,8 +186,18 @@ class Layer:
 
     def kept_bytes(self) -> int:
         """The bytes the last forward kept for backward: the copy `keeps` asked for and the buffers taken
-        with ``kept=True`` (`minicaffe summary` reports them)."""
+        with ``kept=True``."""
         return sum(self.buffers[name].nbytes for name in self._kept_names)
+
+    def planned_kept_bytes(self, bottom: list[Blob], top: list[Blob]) -> int:
+        """What `kept_bytes` will be after a forward on these blobs, from their shapes alone (for
+        `minicaffe summary`, which runs nothing): a copy of x or y as `keeps` says, or in place a byte
+        per element when `lean_keep`. A layer that keeps other buffers adds their bytes."""
+        if self.keeps == "input" and top and bottom and top[0] is bottom[0]:
+            return bottom[0].count * (1 if self.lean_keep(bottom, top) else bottom[0].dtype.itemsize)
+        if self.keeps == "output":
+            return top[0].count * top[0].dtype.itemsize
+        return 0
 
     def kept_input(self, bottom: list[Blob]):
         """x as forward saw it (for a layer with keeps = "input"): the kept copy when run in place."""

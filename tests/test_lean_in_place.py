@@ -144,3 +144,33 @@ def test_reductions_give_the_same_bits_every_run():
     runs = [run("name: 'p' type: 'PReLU'", x, np.float32, False, np.linspace(-1, 1, 6))[3][0]
             for _ in range(3)]
     assert_same_bits(runs[1:], runs[:1] * 2)
+
+
+KEEPERS = """
+force_backward: true
+layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 4 } } }
+layer { name: "relu" type: "ReLU" bottom: "x" top: "x" }
+layer { name: "prelu" type: "PReLU" bottom: "x" top: "x" }
+layer { name: "scale" type: "Scale" bottom: "x" top: "x" }
+layer { name: "bn" type: "BatchNorm" bottom: "x" top: "bn" }
+layer { name: "abs" type: "AbsVal" bottom: "bn" top: "bn" }
+layer { name: "sig" type: "Sigmoid" bottom: "bn" top: "sig" }
+"""
+
+
+def test_summary_reports_what_each_layer_keeps_as_a_forward_keeps_it():
+    from minicaffe.commands.summary import format_summary, summarize
+
+    net = Net(io.parse_text(KEEPERS, caffe_pb2.NetParameter()), minicaffe.TRAIN)
+    info = summarize(net)
+    count = 2 * 3 * 4 * 4
+    kept = {row["name"]: row["kept_bytes"] for row in info["rows"]}
+    # ReLU: a mask; PReLU: a full copy, as Scale overwrites its top later; Scale: a copy of x; BatchNorm:
+    # its output (not in place) and inv_std; AbsVal: signs; Sigmoid: its output.
+    assert kept == {"in": 0, "relu": count, "prelu": 4 * count, "scale": 4 * count, "bn": 4 * count + 4 * 3,
+                    "abs": count, "sig": 4 * count}
+    assert info["kept_bytes"] == sum(kept.values())
+    text = format_summary(net, info)
+    assert "Kept for backward" in text and f"Kept for backward: {(18 * count + 12) / 1024:.1f} KB" in text
+    net.forward(x=np.random.default_rng(0).normal(size=(2, 3, 4, 4)))
+    assert {name: layer.kept_bytes() for name, layer in zip(net._layer_names, net.layers)} == kept

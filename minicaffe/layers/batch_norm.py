@@ -52,6 +52,9 @@ class BatchNormLayer(NeuronLayer):
                       "the layer was set up with")
         super().reshape(bottom, top)
 
+    def planned_kept_bytes(self, bottom, top):
+        return super().planned_kept_bytes(bottom, top) + self.channels * self.dtype.itemsize  # inv_std
+
     def _dims(self, blob) -> tuple[int, int, int]:
         num, channels = blob.shape[0], self.channels
         return num, channels, blob.count // max(num * channels, 1)
