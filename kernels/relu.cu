@@ -7,6 +7,9 @@ DEVICE real relu_value(const real v, const real negative_slope) {
   return rmax(v, real(0)) + negative_slope * rmin(v, real(0));
 }
 
+// Which side of the kink x is on, for backward: the one comparison of both backward paths.
+DEVICE bool relu_positive(const real v) { return v > real(0); }
+
 DEVICE real relu_dx(const bool positive, const real g, const real negative_slope) {
   return positive ? g : negative_slope * g;
 }
@@ -23,7 +26,7 @@ KERNEL void relu_forward_masked(const int count, const real* x, real* y, const r
   PLANE_LOOP(p, 1) {
     INNER_LOOP(i, count) {
       const real v = x[i];
-      positive[i] = v > real(0);
+      positive[i] = relu_positive(v);
       y[i] = relu_value(v, negative_slope);
     }
   }
@@ -33,7 +36,7 @@ KERNEL void relu_forward_masked(const int count, const real* x, real* y, const r
 KERNEL void relu_backward(const int count, const real* x, const real* dy, real* dx,
                           const real negative_slope) {
   PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { dx[i] = relu_dx(x[i] > real(0), dy[i], negative_slope); }
+    INNER_LOOP(i, count) { dx[i] = relu_dx(relu_positive(x[i]), dy[i], negative_slope); }
   }
 }
 
