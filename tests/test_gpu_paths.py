@@ -309,6 +309,9 @@ CASES = {
                        [X]),
     "batch_norm_train": Case('type: "BatchNorm"', [X], phase=minicaffe.TRAIN),
     "batch_norm_train_in_place": Case('type: "BatchNorm"', [X], phase=minicaffe.TRAIN, in_place=True),
+    # Planes of 63: the sums' stage-1 kernels (for planes of at most 32, stage 2 sums the values directly).
+    "batch_norm_train_big_planes": Case('type: "BatchNorm"', [(2, 3, 7, 9)], phase=minicaffe.TRAIN),
+    "bias_big_planes": Case('type: "Bias" bias_param { filler { type: "gaussian" } }', [(2, 3, 7, 9)]),
     "batch_norm_global": Case('type: "BatchNorm" batch_norm_param { use_global_stats: true }', [X]),
     "scale_bias_term": Case('type: "Scale" scale_param { axis: 1 num_axes: 1 bias_term: true '
                             'filler { type: "gaussian" } bias_filler { type: "gaussian" } }', [X]),

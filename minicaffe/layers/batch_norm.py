@@ -14,7 +14,7 @@ from .. import backend
 from ..kernel import KernelFile
 from ..layer import TEST, NeuronLayer, register
 from .reduce import KERNELS as REDUCE
-from .reduce import channel_sums
+from .reduce import channel_sums, channel_sums_of
 
 KERNELS = KernelFile("batch_norm.cu")
 
@@ -59,13 +59,18 @@ class BatchNormLayer(NeuronLayer):
         num, channels = blob.shape[0], self.channels
         return num, channels, blob.count // max(num * channels, 1)
 
-    def _channel_mean(self, bottom, stage1, args: tuple, name: str):
-        """The buffer `name` set to the mean over num and spatial per channel of stage1's terms (a
-        reduce.h stage-1 kernel over the (n, c) planes): Caffe's gemv sums, here deterministic kernels."""
+    def _channel_mean(self, bottom, name: str, values=None, stage1=None, args: tuple = ()):
+        """The buffer `name` set to the mean over num and spatial per channel of `values` or of stage1's
+        terms (a reduce.h stage-1 kernel over the (n, c) planes): Caffe's gemv sums, here deterministic
+        kernels (layers/reduce.py)."""
         num, channels, spatial = self._dims(bottom)
         mean = self.buffer(name, (channels,))
-        channel_sums(self, (num, channels, spatial), stage1, args, mean, accumulate=False,
-                     divisor=num * spatial)
+        if values is not None:
+            channel_sums_of(self, (num, channels, spatial), values, mean, accumulate=False,
+                            divisor=num * spatial)
+        else:
+            channel_sums(self, (num, channels, spatial), stage1, args, mean, accumulate=False,
+                         divisor=num * spatial)
         return mean
 
     def forward(self, bottom, top):
@@ -81,9 +86,9 @@ class BatchNormLayer(NeuronLayer):
                                      self.eps, mean, inv_std, extents=channels)
         else:
             m = num * spatial
-            batch_mean = self._channel_mean(bottom[0], REDUCE.sum_partials, (x,), "batch_mean")
-            batch_var = self._channel_mean(bottom[0], KERNELS.bn_variance_partials, (channels, x, batch_mean),
-                                           "batch_var")
+            batch_mean = self._channel_mean(bottom[0], "batch_mean", values=x)
+            batch_var = self._channel_mean(bottom[0], "batch_var", stage1=KERNELS.bn_variance_partials,
+                                           args=(channels, x, batch_mean))
             KERNELS.bn_channel_stats(channels, batch_mean, batch_var, 1.0, self.eps, mean, inv_std,
                                      extents=channels)
             self._update_running_stats(batch_mean, batch_var, m)
@@ -116,8 +121,9 @@ class BatchNormLayer(NeuronLayer):
             KERNELS.bn_normalize(planes, spatial, channels, dy, zero, inv_std, dx, extents=(planes, spatial))
             return
         y = self.kept_output(top)
-        mean_dy = self._channel_mean(bottom[0], REDUCE.sum_partials, (dy,), "mean_dy")
-        mean_dy_y = self._channel_mean(bottom[0], REDUCE.product_sum_partials, (dy, y), "mean_dy_y")
+        mean_dy = self._channel_mean(bottom[0], "mean_dy", values=dy)
+        mean_dy_y = self._channel_mean(bottom[0], "mean_dy_y", stage1=REDUCE.product_sum_partials,
+                                       args=(dy, y))
         KERNELS.bn_backward(planes, spatial, channels, dy, y, mean_dy, mean_dy_y, inv_std, dx,
                             extents=(planes, spatial))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..layer import register
 from .broadcast import BroadcastLayer
-from .reduce import KERNELS as REDUCE
+from .reduce import channel_sums_of
 
 
 @register("Bias")
@@ -30,8 +30,9 @@ class BiasLayer(BroadcastLayer):
         dy = top[0].get_diff()
         if propagate_down[0] and bottom[0] is not top[0]:
             bottom[0].mutable_diff()[...] = dy  # in place the diff is already dy
+        # The bias gradient: dy summed over outer and inner (the learned one accumulates).
         if len(bottom) > 1:
             if propagate_down[1]:
-                self.reduce_to_operand(REDUCE.sum_partials, (dy,), bottom[1].mutable_diff(), accumulate=False)
+                channel_sums_of(self, self.dims, dy, bottom[1].mutable_diff(), accumulate=False)
         elif self.param_propagate_down[0]:
-            self.reduce_to_operand(REDUCE.sum_partials, (dy,), self.blobs[0].mutable_diff(), accumulate=True)
+            channel_sums_of(self, self.dims, dy, self.blobs[0].mutable_diff(), accumulate=True)

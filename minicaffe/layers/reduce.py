@@ -35,3 +35,14 @@ def channel_sums(layer: Layer, dims: tuple[int, int, int], stage1, args: tuple, 
     stage1(planes, inner, lanes, *args, partial, extents=(planes, lanes))
     if out is not None:
         KERNELS.channel_total(outer, dim, lanes, partial, out, int(accumulate), divisor, extents=dim)
+
+
+def channel_sums_of(layer: Layer, dims: tuple[int, int, int], values, out, accumulate: bool = True,
+                    divisor: float = 1.0) -> None:
+    """channel_sums of the elements of `values` (of shape dims). For inner <= LANES stage 1 would copy
+    them (one term per lane), so stage 2 sums `values` itself: the same bits, and no partials buffer."""
+    outer, dim, inner = dims
+    if plane_lanes(inner) == inner:
+        KERNELS.channel_total(outer, dim, inner, values, out, int(accumulate), divisor, extents=dim)
+    else:
+        channel_sums(layer, dims, KERNELS.sum_partials, (values,), out, accumulate, divisor)
