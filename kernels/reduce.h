@@ -14,7 +14,8 @@
 //
 // lanes = min(MC_LANES, inner) (at least 1; the launcher's `plane_lanes`), so the partials take
 // planes * lanes values: count / (inner / 32) for big planes, but as many as the elements for inner < 32
-// (e.g. an (N, C) blob: one partial per element).
+// (e.g. an (N, C) blob: one partial per element). A plain sum of an array skips stage 1 there (the
+// partials would be the array itself); a fused or product term (PReLU, Scale, BatchNorm) needs them.
 #pragma once
 #include "shim.h"
 
