@@ -178,8 +178,8 @@ class Layer:
         """Asked by run_forward before an in-place forward of a layer with keeps = "input": True when this
         forward keeps less than a copy of x -- what backward needs instead (e.g. a byte mask of x > 0),
         written by forward itself into buffers taken with ``kept=True``, a byte per element at most
-        (`planned_kept_bytes` counts one). run_forward then copies nothing
-        and sets ``self.kept_lean``, which forward and backward read; kept_input is not available.
+        (`planned_kept_bytes` counts one). run_forward then copies nothing and sets ``self.kept_lean``,
+        which forward and backward read; kept_input is not available.
         A layer whose backward also reads its output back from top[0] may answer True only when
         ``self.top_data_survives``. Default: False (a full copy)."""
         return False

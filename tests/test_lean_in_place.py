@@ -139,6 +139,36 @@ def test_net_tells_in_place_layers_whether_their_top_survives(later):
         np.testing.assert_allclose(net.blobs["x"].diff, want, rtol=1e-6)
 
 
+VIEWS = """
+force_backward: true
+layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 4 } } }
+layer { name: "act" type: "PReLU" bottom: "x" top: "%s" prelu_param { filler { type: "gaussian" } } }
+layer { name: "flat" type: "Flatten" bottom: "%s" top: "flat" }
+layer { name: "flip" type: "Power" bottom: "flat" top: "%s" power_param { scale: -1 shift: 0.5 } }
+layer { name: "split_a" type: "ReLU" bottom: "flat" top: "a" }
+layer { name: "split_b" type: "AbsVal" bottom: "flat" top: "b" }
+"""
+
+
+@pytest.mark.parametrize("flip_in_place", [False, True])
+def test_a_later_in_place_layer_on_a_view_of_the_top_counts_as_a_writer(flip_in_place):
+    """Flatten's top (and the automatic Split's) share PReLU's output: an in-place Power on it overwrites
+    that output, so PReLU must keep a full copy; its gradients match the not-in-place net's."""
+    results = []
+    x = np.random.default_rng(4).normal(size=(2, 3, 4, 4))
+    for act_top in ("y", "x"):
+        text = VIEWS % (act_top, act_top, "flat" if flip_in_place else "flipped")
+        net = Net(io.parse_text(text, caffe_pb2.NetParameter()), minicaffe.TRAIN, dtype=np.float64)
+        net.forward(x=x)
+        act = net.layers[net._layer_ids["act"]]
+        assert act.kept_lean == (act_top == "x" and not flip_in_place)
+        for name in net.outputs:
+            net.blobs[name].diff[...] = 1
+        net.backward()
+        results.append([np.array(net.blobs["x"].diff), np.array(net.params["act"][0].diff)])
+    assert_same_bits(results[1], results[0])
+
+
 def test_reductions_give_the_same_bits_every_run():
     x = np.random.default_rng(2).normal(size=(4, 6, 33, 17)).astype(np.float32)
     runs = [run("name: 'p' type: 'PReLU'", x, np.float32, False, np.linspace(-1, 1, 6))[3][0]
