@@ -76,7 +76,7 @@ MUTATIONS = (
                    "for kj in range(1):")),
              ("tests/test_race.py",)),
     Mutation("relu-backward-at-zero", "ReLU backward `x > 0` -> `x >= 0` (slope side lost at x == 0)",
-             (edit("kernels/relu.cu", r"x\[i\] > 0 \?", "x[i] >= 0 ?"),),
+             (edit("kernels/relu.cu", r"return v > real\(0\);", "return v >= real(0);"),),
              ("tests/test_core.py", "-k", "relu")),
     Mutation("decay-mult-on-off", "decay_mult used as an on/off flag (weight_decay * bool(decay_mult))",
              # weight_decay * <object>.decay_mult, or the factors the other way round.

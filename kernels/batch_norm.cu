@@ -1,19 +1,18 @@
 // Batch normalisation (Caffe's BatchNormLayer): y = (x - mean[c]) / sqrt(var[c] + eps).
 // Blobs are viewed as (num, channels, spatial); planes are (n, c) pairs, the inner loop runs over the
-// contiguous spatial positions. Sums over n and spatial (the channel statistics) are done by the
-// array module, as Caffe does them with BLAS.
-#include "shim.h"
+// contiguous spatial positions. Sums over n and spatial (the channel statistics) are reduce.h's
+// deterministic two-stage sums: reduce.cu's kernels, and bn_variance_partials here.
+#include "reduce.h"
 
-// sq = (x - mean[c])^2: the batch variance is the mean of sq over n and spatial.
-KERNEL void bn_squared_deviation(const int planes, const int spatial, const int channels, const real* x,
-                                 const real* mean, real* sq) {
+// Stage-1 partial sums (reduce.h) of (x - mean[c])^2: the batch variance is their mean.
+KERNEL void bn_variance_partials(const int planes, const int spatial, const int lanes, const int channels,
+                                 const real* x, const real* mean, real* partial) {
   PLANE_LOOP(p, planes) {
     const real m = mean[p % channels];
-    const size_t offset = (size_t)p * spatial;
-    INNER_LOOP(j, spatial) {
-      const real v = x[offset + j] - m;
-      sq[offset + j] = v * v;
-    }
+    mc_plane_partials(p, spatial, lanes, [=](size_t j) {
+      const real v = x[j] - m;
+      return v * v;
+    }, partial);
   }
 }
 
@@ -45,13 +44,6 @@ KERNEL void bn_update_stat(const int count, const real* batch, real* stat, const
                            const real weight) {
   PLANE_LOOP(p, 1) {
     INNER_LOOP(i, count) { stat[i] = stat[i] * decay + weight * batch[i]; }
-  }
-}
-
-// prod = a * b element-wise (dy * y, summed per channel by the caller).
-KERNEL void bn_product(const int count, const real* a, const real* b, real* prod) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { prod[i] = a[i] * b[i]; }
   }
 }
 

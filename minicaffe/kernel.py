@@ -120,7 +120,10 @@ def _cpu_signature() -> str:
 # Signatures: parsed from `KERNEL void name(type arg, ...)` declarations.
 
 _DECL = re.compile(r"KERNEL\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
-_SCALARS = {"int": "int", "unsigned": "uint", "unsigned int": "uint", "real": "real"}
+_SCALARS = {"int": "int", "unsigned": "uint", "unsigned int": "uint", "real": "real",
+            "unsigned char": "uchar"}
+# The element type of each pointer kind that is not real* (real* arrays have the build's real type).
+POINTER_DTYPES = {"int*": np.dtype(np.int32), "uchar*": np.dtype(np.uint8)}
 
 
 def parse_parameters(source: str) -> dict[str, list[tuple[str, str]]]:
@@ -136,13 +139,16 @@ def parse_parameters(source: str) -> dict[str, list[tuple[str, str]]]:
             if base not in _SCALARS:
                 raise KernelError(f"kernel {name}: unsupported parameter type in '{param.strip()}'")
             kind = _SCALARS[base]
+            if kind == "uchar" and not pointer:
+                raise KernelError(f"kernel {name}: unsigned char is supported as a pointer only "
+                                  f"('{param.strip()}')")
             kinds.append((kind + "*" if pointer else kind, words[-1]))
         parameters[name] = kinds
     return parameters
 
 
 def parse_signatures(source: str) -> dict[str, list[str]]:
-    """Map kernel name -> list of argument kinds: 'int', 'uint', 'real', 'real*', 'int*'."""
+    """Map kernel name -> list of argument kinds: 'int', 'uint', 'real', 'real*', 'int*', 'uchar*'."""
     return {name: [kind for kind, _ in params] for name, params in parse_parameters(source).items()}
 
 
@@ -247,7 +253,7 @@ class KernelFile:
         return dtypes.pop()
 
     def _check_array(self, name: str, index: int, kind: str, arg, real: np.dtype) -> None:
-        want = real if kind == "real*" else np.dtype(np.int32)
+        want = real if kind == "real*" else POINTER_DTYPES[kind]
         if getattr(arg, "dtype", None) != want or not arg.flags.c_contiguous:
             raise KernelError(
                 f"{self.filename}:{name} argument {index} must be a C-contiguous {want} array, "
@@ -308,7 +314,8 @@ class KernelFile:
         `mc_cpu_NAME(threads, args...)` runs NAME with its plane loops on `threads` threads (shim.h's
         mc_threads); for the race-check build, `mc_race_NAME(grid_x, grid_y, block_x, args...)`
         launches NAME through shim.h's mc_launch. (NAME itself stays exported: serial on the CPU.)"""
-        c_types = {"int": "int", "uint": "unsigned", "real": "real", "real*": "real*", "int*": "int*"}
+        c_types = {"int": "int", "uint": "unsigned", "real": "real", "real*": "real*", "int*": "int*",
+                   "uchar*": "unsigned char*"}
         wrappers = []
         for name, params in self.parameters.items():
             declared = ", ".join(f"{c_types[kind]} {arg}" for kind, arg in params)
@@ -324,11 +331,12 @@ class KernelFile:
     def build_cpu(self, ctype: str, race_check: bool = False) -> Path:
         """Compile for the host (cached); returns the shared library's path. With `race_check`, the
         race-check build (see `race_grid()`): GPU loops, one thread per GPU thread, ThreadSanitizer."""
-        shim = (self.path.parent / "shim.h").read_text()
+        # Every header (shim.h, reduce.h, ...) goes into the cache key: a kernel may include any of them.
+        headers = "".join(path.read_text() for path in sorted(self.path.parent.glob("*.h")))
         wrappers = self.wrappers(race_check)
         flags = (RACE_FLAGS if race_check else CPU_FLAGS) + [f"-DMC_REAL={ctype}"]
         key = hashlib.sha256(
-            "\0".join([self.source + wrappers, shim, " ".join(flags), _cpu_signature()]).encode()
+            "\0".join([self.source + wrappers, headers, " ".join(flags), _cpu_signature()]).encode()
         ).hexdigest()[:24]
         target = cache_dir() / f"{self.path.stem}-{'race-' if race_check else ''}{ctype}-{key}.so"
         if target.exists():

@@ -94,7 +94,8 @@ class Layer:
     # What backward reads of bottom[0] / top[0] that another layer may overwrite first; run_forward then
     # keeps a copy. "input": x, copied before forward when in place (forward overwrites it). "output":
     # y, copied after every forward (later in-place layers may change it, in place or not). None: nothing.
-    # An instance may set it in layer_setup when it depends on the parameters.
+    # An instance may set it in layer_setup when it depends on the parameters. With "input", a layer may
+    # keep less than x in place (see `lean_keep`).
     keeps: str | None = None
 
     def __init__(self, param, phase: int = TEST, dtype=np.float32):
@@ -110,6 +111,11 @@ class Layer:
         self.forward_index = 0
         self.buffers: dict[str, object] = {}  # what buffer() gave out, by name (to inspect)
         self._kept = None  # the copy `keeps` asked for, from the last run_forward; None: not taken
+        # Set by the Net: no later layer writes top[0]'s data, so backward may read this layer's output
+        # back from the top (what `lean_keep` may rely on). False outside a Net: nothing is known then.
+        self.top_data_survives = False
+        self.kept_lean = False  # whether the last run_forward kept less than x (see `lean_keep`)
+        self._kept_names: set[str] = set()  # the buffers the last forward keeps for backward
         for i, blob_proto in enumerate(param.blobs):
             blob = Blob((), self.dtype)
             blob.from_proto(blob_proto, where=f"layer '{self.name}' blob {i}")
@@ -143,7 +149,10 @@ class Layer:
         except (ValueError, IndexError) as error:
             self.fail(f"{error}; bottom shapes {[list(b.shape) for b in bottom]}")
         self._kept = None
-        if self.keeps == "input" and top and bottom and top[0] is bottom[0]:
+        self._kept_names = set()
+        in_place = bool(top and bottom and top[0] is bottom[0])
+        self.kept_lean = self.keeps == "input" and in_place and self.lean_keep(bottom, top)
+        if self.keeps == "input" and in_place and not self.kept_lean:
             self._kept = self._keep(bottom[0].get_data())
         try:
             self.forward(bottom, top)
@@ -165,9 +174,35 @@ class Layer:
         except BlobSizeError as error:  # e.g. the first use of a diff
             self.fail(str(error))
 
+    def lean_keep(self, bottom: list[Blob], top: list[Blob]) -> bool:
+        """Asked by run_forward before an in-place forward of a layer with keeps = "input": True when this
+        forward keeps less than a copy of x -- what backward needs instead (e.g. a byte mask of x > 0),
+        written by forward itself into buffers taken with ``kept=True``, a byte per element at most
+        (`planned_kept_bytes` counts one). run_forward then copies nothing and sets ``self.kept_lean``,
+        which forward and backward read; kept_input is not available.
+        A layer whose backward also reads its output back from top[0] may answer True only when
+        ``self.top_data_survives``. Default: False (a full copy)."""
+        return False
+
+    def kept_bytes(self) -> int:
+        """The bytes the last forward kept for backward: the copy `keeps` asked for and the buffers taken
+        with ``kept=True``."""
+        return sum(self.buffers[name].nbytes for name in self._kept_names)
+
+    def planned_kept_bytes(self, bottom: list[Blob], top: list[Blob]) -> int:
+        """What `kept_bytes` will be after a forward on these blobs, from their shapes alone (for
+        `minicaffe summary`, which runs nothing): a copy of x or y as `keeps` says, or in place a byte
+        per element when `lean_keep`. A layer that keeps other buffers adds their bytes."""
+        if self.keeps == "input" and top and bottom and top[0] is bottom[0]:
+            return bottom[0].count * (1 if self.lean_keep(bottom, top) else bottom[0].dtype.itemsize)
+        if self.keeps == "output":
+            return top[0].count * top[0].dtype.itemsize
+        return 0
+
     def kept_input(self, bottom: list[Blob]):
         """x as forward saw it (for a layer with keeps = "input"): the kept copy when run in place."""
         assert self.keeps == "input", f"{self!r}: kept_input needs keeps = 'input'"
+        assert not self.kept_lean, f"{self!r}: forward kept less than x (lean_keep)"
         return self._kept if self._kept is not None else bottom[0].get_data()
 
     def kept_output(self, top: list[Blob]):
@@ -176,17 +211,18 @@ class Layer:
         return self._kept if self._kept is not None else top[0].get_data()
 
     def _keep(self, array):
-        kept = self.buffer("kept", array.shape, array.dtype)
+        kept = self.buffer("kept", array.shape, array.dtype, kept=True)
         kept[...] = array
         return kept
 
-    def buffer(self, name: str, shape: Sequence[int], dtype=None):
+    def buffer(self, name: str, shape: Sequence[int], dtype=None, kept: bool = False):
         """This layer's scratch array `name` (of the current mode's array module; contents undefined).
 
         The same name gives the same array again while shape, dtype and mode stay, so forward can leave
         values there for backward, and no call pays for fresh memory (which costs more in page faults
         than the kernels that fill it). dtype defaults to the layer's. The name "kept" is the copy that
-        ``keeps`` asks for."""
+        ``keeps`` asks for. ``kept=True`` (in forward): the array holds what backward needs, counted
+        by `kept_bytes`."""
         dtype = self.dtype if dtype is None else np.dtype(dtype)
         shape, count = self.checked_size(f"buffer '{name}'", shape)
         old = self.buffers.get(name)
@@ -194,6 +230,8 @@ class Layer:
             self.check_memory(f"buffer '{name}'", shape, count * dtype.itemsize)
         array = backend.reuse(old, shape, dtype)
         self.buffers[name] = array
+        if kept:
+            self._kept_names.add(name)
         return array
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:

@@ -298,9 +298,27 @@ class Net:
 
         self.outputs = list(available)
         self._prune_backward(param.force_backward)
+        self._mark_surviving_tops()
         self.params: OrderedDict[str, list[Blob]] = OrderedDict(
             (name, layer.blobs) for name, layer in zip(self._layer_names, self.layers) if layer.blobs
         )
+
+    def _mark_surviving_tops(self) -> None:
+        """Set each layer's top_data_survives: no later layer writes the memory of its top[0], so its
+        output is still there at backward time (then Layer.lean_keep may keep less than a copy of x).
+
+        Memory, not blobs: Split, Flatten and Reshape tops share their bottom's data (they write nothing),
+        so a later in-place layer on such a top writes this layer's output too. A layer writes the memory
+        of its in-place tops and of the tops that share no bottom's data."""
+        last_writer: dict[int, int] = {}
+        for i, (bottoms, tops) in enumerate(zip(self.bottom_vecs, self.top_vecs)):
+            bottom_memory = {id(blob._data) for blob in bottoms}
+            for blob in tops:
+                if any(blob is b for b in bottoms) or id(blob._data) not in bottom_memory:
+                    last_writer[id(blob._data)] = i
+        for i, layer in enumerate(self.layers):
+            tops = self.top_vecs[i]
+            layer.top_data_survives = bool(tops) and last_writer.get(id(tops[0]._data)) == i
 
     def _append_param(self, layer: Layer, index: int, spec, where: str) -> None:
         if not spec.name:

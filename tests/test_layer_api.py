@@ -59,11 +59,12 @@ def test_buffer_is_reused_by_name_shape_and_dtype():
 
 def test_keeps_input_copies_x_before_forward_only_in_place():
     x = np.array([[-1.0, 2.0, -3.0]])
-    layer = layer_from_prototxt('type: "ReLU"')
+    # Power 2 keeps a full copy (ReLU, AbsVal and PReLU may keep less: tests/test_lean_in_place.py).
+    layer = layer_from_prototxt('type: "Power" power_param { power: 2 }')
     bottom = blobs_from_arrays(x)
     layer.setup(bottom, bottom)
     layer.run_forward(bottom, bottom)
-    np.testing.assert_array_equal(bottom[0].data, [[0, 2, 0]])
+    np.testing.assert_array_equal(bottom[0].data, [[1, 4, 9]])
     np.testing.assert_array_equal(layer.kept_input(bottom), x)  # x, though the blob now holds y
     assert layer.kept_input(bottom) is layer.buffers["kept"]
     top = [Blob((), np.float64)]

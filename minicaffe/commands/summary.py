@@ -4,8 +4,9 @@
 Activation memory is the data of the blobs a layer creates (its tops; a top that shares its bottom's
 memory, in place or as a Split's, Flatten's or Reshape's, adds nothing); training needs as much again for
 the diffs. Parameter memory is the data of the parameter blobs, shared parameters counted once in the
-totals. The Split layers the net inserts where a blob feeds several layers (Caffe's InsertSplits) are
-listed too, marked "automatic".
+totals. "Kept for backward" is what a layer's forward keeps for its backward beyond the blobs (a copy of
+its input or output, or in place a byte mask: Layer.planned_kept_bytes). The Split layers the net
+inserts where a blob feeds several layers (Caffe's InsertSplits) are listed too, marked "automatic".
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def summarize(net) -> dict:
     rows = []
     seen_blobs: set[int] = set()
     seen_params: set[int] = set()
-    totals = {"params": 0, "trainable": 0, "activation_bytes": 0, "param_bytes": 0}
+    totals = {"params": 0, "trainable": 0, "activation_bytes": 0, "param_bytes": 0, "kept_bytes": 0}
     learnable = {id(p.blob): p.lr_mult != 0 for p in net.learnable_params}
     user_layers = {layer.name for layer in net.param.layer}
     for i, layer in enumerate(net.layers):
@@ -74,10 +75,13 @@ def summarize(net) -> dict:
             if learnable.get(id(blob), False):
                 totals["trainable"] += blob.count
         totals["activation_bytes"] += activation
+        kept = layer.planned_kept_bytes(bottoms, net.top_vecs[i])
+        totals["kept_bytes"] += kept
         # Splits inserted by the net where a blob feeds several layers are not in the prototxt.
         automatic = layer.type == "Split" and layer.name not in user_layers
         rows.append({"name": net._layer_names[i], "type": layer.type, "automatic": automatic, "tops": tops,
-                     "params": count, "activation_bytes": activation, "param_bytes": param_bytes})
+                     "params": count, "activation_bytes": activation, "param_bytes": param_bytes,
+                     "kept_bytes": kept})
     return {"rows": rows, **totals}
 
 
@@ -85,17 +89,19 @@ def format_summary(net, info: dict) -> str:
     def shape_text(shape) -> str:
         return "x".join(str(d) for d in shape) or "scalar"
 
-    table = [["Layer (type)", "Top shapes", "Params", "Activation memory", "Param memory"]]
+    table = [["Layer (type)", "Top shapes", "Params", "Activation memory", "Param memory",
+              "Kept for backward"]]
     for row in info["rows"]:
         tops = [f"{name} {shape_text(shape)}" + (" (in place)" if in_place else "")
                 for name, shape, in_place in row["tops"]] or ["-"]
         kind = f"{row['type']}, automatic" if row["automatic"] else row["type"]
         first = [f"{row['name']} ({kind})", tops[0], f"{row['params']:,}",
-                 human_bytes(row["activation_bytes"]), human_bytes(row["param_bytes"])]
+                 human_bytes(row["activation_bytes"]), human_bytes(row["param_bytes"]),
+                 human_bytes(row["kept_bytes"])]
         table.append(first)
-        table.extend(["", top, "", "", ""] for top in tops[1:])
-    widths = [max(len(r[c]) for r in table) for c in range(5)]
-    rule = "=" * (sum(widths) + 2 * 4)
+        table.extend(["", top, "", "", "", ""] for top in tops[1:])
+    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]))]
+    rule = "=" * (sum(widths) + 2 * (len(widths) - 1))
     automatic = sum(row["automatic"] for row in info["rows"])
     count = f"{len(info['rows'])} layers" + (f", {automatic} of them automatic Splits" if automatic else "")
     lines = [f"Net: {net.name or '(unnamed)'}  ({count}, {np.dtype(net.dtype).name})", rule]
@@ -111,6 +117,7 @@ def format_summary(net, info: dict) -> str:
     lines.append(f"Activation memory (data): {human_bytes(info['activation_bytes'])}"
                  f" (x2 with diffs when training)")
     lines.append(f"Parameter memory: {human_bytes(info['param_bytes'])}")
+    lines.append(f"Kept for backward: {human_bytes(info['kept_bytes'])}")
     lines.append(f"Total: {human_bytes(info['activation_bytes'] + info['param_bytes'])}")
     return "\n".join(lines)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from .. import backend
 from ..kernel import KernelFile
 from ..layer import TEST, NeuronLayer, register
+from .reduce import KERNELS as REDUCE
+from .reduce import channel_sums, channel_sums_of
 
 KERNELS = KernelFile("batch_norm.cu")
 
@@ -50,21 +52,33 @@ class BatchNormLayer(NeuronLayer):
                       "the layer was set up with")
         super().reshape(bottom, top)
 
+    def planned_kept_bytes(self, bottom, top):
+        return super().planned_kept_bytes(bottom, top) + self.channels * self.dtype.itemsize  # inv_std
+
     def _dims(self, blob) -> tuple[int, int, int]:
         num, channels = blob.shape[0], self.channels
         return num, channels, blob.count // max(num * channels, 1)
 
-    def _channel_mean(self, values, m: int):
-        """Mean over num and spatial per channel (m values each): Caffe's gemv sums."""
-        num = values.shape[0]
-        return (values.reshape(num, self.channels, -1).sum(axis=(0, 2)) / m).astype(self.dtype, copy=False)
+    def _channel_mean(self, bottom, name: str, values=None, stage1=None, args: tuple = ()):
+        """The buffer `name` set to the mean over num and spatial per channel of `values` or of stage1's
+        terms (a reduce.h stage-1 kernel over the (n, c) planes): Caffe's gemv sums, here deterministic
+        kernels (layers/reduce.py)."""
+        num, channels, spatial = self._dims(bottom)
+        mean = self.buffer(name, (channels,))
+        if values is not None:
+            channel_sums_of(self, (num, channels, spatial), values, mean, accumulate=False,
+                            divisor=num * spatial)
+        else:
+            channel_sums(self, (num, channels, spatial), stage1, args, mean, accumulate=False,
+                         divisor=num * spatial)
+        return mean
 
     def forward(self, bottom, top):
         x = bottom[0].get_data()
         num, channels, spatial = self._dims(bottom[0])
         planes = num * channels
         mean = self.buffer("mean", (channels,))
-        inv_std = self.buffer("inv_std", (channels,))  # also for backward
+        inv_std = self.buffer("inv_std", (channels,), kept=True)  # also for backward
         if self.use_global_stats:
             weight = float(backend.to_host(self.blobs[2].get_data()).reshape(-1)[0])
             factor = 0.0 if weight == 0 else 1.0 / weight
@@ -72,11 +86,9 @@ class BatchNormLayer(NeuronLayer):
                                      self.eps, mean, inv_std, extents=channels)
         else:
             m = num * spatial
-            batch_mean = self._channel_mean(x, m)
-            sq = self.buffer("temp", x.shape)
-            KERNELS.bn_squared_deviation(planes, spatial, channels, x, batch_mean, sq,
-                                         extents=(planes, spatial))
-            batch_var = self._channel_mean(sq, m)
+            batch_mean = self._channel_mean(bottom[0], "batch_mean", values=x)
+            batch_var = self._channel_mean(bottom[0], "batch_var", stage1=KERNELS.bn_variance_partials,
+                                           args=(channels, x, batch_mean))
             KERNELS.bn_channel_stats(channels, batch_mean, batch_var, 1.0, self.eps, mean, inv_std,
                                      extents=channels)
             self._update_running_stats(batch_mean, batch_var, m)
@@ -108,11 +120,10 @@ class BatchNormLayer(NeuronLayer):
             zero.fill(0)
             KERNELS.bn_normalize(planes, spatial, channels, dy, zero, inv_std, dx, extents=(planes, spatial))
             return
-        m = num * spatial
         y = self.kept_output(top)
-        dy_y = self.buffer("temp", dy.shape)
-        KERNELS.bn_product(dy.size, dy, y, dy_y, extents=dy.size)
-        mean_dy, mean_dy_y = self._channel_mean(dy, m), self._channel_mean(dy_y, m)
+        mean_dy = self._channel_mean(bottom[0], "mean_dy", values=dy)
+        mean_dy_y = self._channel_mean(bottom[0], "mean_dy_y", stage1=REDUCE.product_sum_partials,
+                                       args=(dy, y))
         KERNELS.bn_backward(planes, spatial, channels, dy, y, mean_dy, mean_dy_y, inv_std, dx,
                             extents=(planes, spatial))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..layer import register
 from .broadcast import BroadcastLayer
+from .reduce import channel_sums_of
 
 
 @register("Bias")
@@ -29,8 +30,9 @@ class BiasLayer(BroadcastLayer):
         dy = top[0].get_diff()
         if propagate_down[0] and bottom[0] is not top[0]:
             bottom[0].mutable_diff()[...] = dy  # in place the diff is already dy
+        # The bias gradient: dy summed over outer and inner (the learned one accumulates).
         if len(bottom) > 1:
             if propagate_down[1]:
-                bottom[1].mutable_diff()[...] = self.reduce_to_operand(dy, bottom[1].shape)
+                channel_sums_of(self, self.dims, dy, bottom[1].mutable_diff(), accumulate=False)
         elif self.param_propagate_down[0]:
-            self.blobs[0].mutable_diff()[...] += self.reduce_to_operand(dy, self.blobs[0].shape)
+            channel_sums_of(self, self.dims, dy, self.blobs[0].mutable_diff(), accumulate=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..blob import Blob
 from ..kernel import KernelFile
 from ..layer import Layer
+from .reduce import channel_sums
 
 KERNELS = KernelFile("broadcast.cu")
 
@@ -70,8 +71,8 @@ class BroadcastLayer(Layer):
             planes = outer * dim
             KERNELS.launch(f"broadcast_{op}_planes", (planes, inner), planes, inner, dim, x, v, y)
 
-    def reduce_to_operand(self, values, shape):
-        """values (x's shape) summed over outer and inner, with v's `shape`: the gradient of a broadcast
-        blob (Caffe does it with gemv)."""
-        outer, dim, inner = self.dims
-        return values.reshape(outer, dim, inner).sum(axis=(0, 2)).reshape(shape)
+    def reduce_to_operand(self, stage1, args: tuple, out, accumulate: bool) -> None:
+        """out (v's gradient) (+)= the terms of stage1 (a reduce.h stage-1 kernel over x's planes, e.g.
+        reduce.cu's sum_partials of dy) summed over outer and inner: deterministically, in kernels
+        (layers/reduce.py). Caffe does it with gemv."""
+        channel_sums(self, self.dims, stage1, args, out, accumulate)

@@ -2,21 +2,30 @@
 
 The slope blob has shape (C,), or no axes at all (shape ()) when channel_shared, as Caffe stores it,
 so .caffemodel files interchange.
+
+In place, the layer keeps one byte per element for backward (the sign mask x > 0; x <= 0 is read back
+from the output as y / a) when the output survives in the top until backward and no slope is 0, and a
+full copy of x otherwise; kernels/prelu.cu says why both give the same bits as not in place. The slope
+gradient is summed inside the backward kernel (kernels/reduce.h), deterministically.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
+from .. import backend
 from ..blob import Blob
 from ..kernel import KernelFile
 from ..layer import NeuronLayer, register
 from ..proto import caffe_pb2
+from .reduce import channel_sums
 
 KERNELS = KernelFile("prelu.cu")
 
 
 @register("PReLU")
 class PReLULayer(NeuronLayer):
-    keeps = "input"  # backward needs x
+    keeps = "input"  # backward needs x (or, lean in place, the mask and y: see lean_keep)
 
     def layer_setup(self, bottom, top):
         param = self.param.prelu_param
@@ -50,26 +59,37 @@ class PReLULayer(NeuronLayer):
         planes = blob.shape[0] * blob.shape[1]
         return planes, 1 if self.channel_shared else blob.shape[1], blob.count_range(2)
 
+    def lean_keep(self, bottom, top):
+        # y / a gives x back only where a != 0, and y must still be in the top at backward time.
+        if not self.top_data_survives:
+            return False
+        return bool((backend.to_host(self.blobs[0].get_data()) != 0).all())
+
     def forward(self, bottom, top):
         x = bottom[0].get_data()
         planes, slope_channels, inner = self._extents(bottom[0])
-        KERNELS.prelu_forward(planes, slope_channels, inner, x, top[0].mutable_data(),
-                              self.blobs[0].get_data(), extents=(planes, inner))
+        if self.kept_lean:
+            positive = self.buffer("positive", x.shape, np.uint8, kept=True)
+            KERNELS.prelu_forward_masked(planes, slope_channels, inner, x, top[0].mutable_data(),
+                                         self.blobs[0].get_data(), positive, extents=(planes, inner))
+        else:
+            KERNELS.prelu_forward(planes, slope_channels, inner, x, top[0].mutable_data(),
+                                  self.blobs[0].get_data(), extents=(planes, inner))
 
     def backward(self, top, propagate_down, bottom):
-        x = self.kept_input(bottom)
-        dy = top[0].get_diff()
+        slope_gradient = self.param_propagate_down[0]
+        if not (propagate_down[0] or slope_gradient):
+            return
         planes, slope_channels, inner = self._extents(bottom[0])
-        # The slope gradient first: in place, dx (below) overwrites dy, which is the same memory.
-        if self.param_propagate_down[0]:
-            # Per-element terms of the slope gradient, summed per channel by the array module.
-            terms = self.buffer("slope_terms", x.shape)
-            KERNELS.prelu_slope_terms(x.size, x, dy, terms, extents=x.size)
-            if self.channel_shared:
-                gradient = terms.sum()
-            else:
-                gradient = terms.reshape(bottom[0].shape[0], slope_channels, inner).sum(axis=(0, 2))
-            self.blobs[0].mutable_diff()[...] += gradient
-        if propagate_down[0]:
-            KERNELS.prelu_backward(planes, slope_channels, inner, x, dy, bottom[0].mutable_diff(),
-                                   self.blobs[0].get_data(), extents=(planes, inner))
+        if self.kept_lean:
+            kept, positive = top[0].get_data(), self.buffers["positive"]
+        else:
+            kept, positive = self.kept_input(bottom), self.buffer("no_mask", (1,), np.uint8)
+        dy = top[0].get_diff()
+        dx = bottom[0].mutable_diff() if propagate_down[0] else dy  # dy: not written (write_dx 0)
+        # One pass: dx and the slope gradient's partial sums (dx may be dy: the kernel reads first).
+        args = (slope_channels, kept, positive, int(self.kept_lean), dy, dx, int(propagate_down[0]),
+                self.blobs[0].get_data())
+        dims = (planes // slope_channels, slope_channels, inner)  # plane p = n * slope_channels + c
+        out = self.blobs[0].mutable_diff() if slope_gradient else None
+        channel_sums(self, dims, KERNELS.prelu_backward, args, out)

@@ -8,13 +8,11 @@ an inner Bias layer, as Caffe does; its blob is the last one.
 from __future__ import annotations
 
 from .. import filler, rng
-from ..kernel import KernelFile
 from ..layer import register
 from ..proto import caffe_pb2
 from .bias import BiasLayer
 from .broadcast import BroadcastLayer
-
-ELTWISE = KernelFile("eltwise.cu")
+from .reduce import KERNELS as REDUCE
 
 
 @register("Scale")
@@ -70,13 +68,8 @@ class ScaleLayer(BroadcastLayer):
         learned = len(bottom) == 1
         dy = top[0].get_diff()
         if (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1]):
-            x = self.kept_input(bottom)
-            product = self.buffer("product", dy.shape)
-            ELTWISE.eltwise_prod(dy.size, dy, x, product, extents=dy.size)
-            gradient = self.reduce_to_operand(product, scale.shape)
-            if learned:
-                scale.mutable_diff()[...] += gradient
-            else:
-                scale.mutable_diff()[...] = gradient
+            # The scale's gradient: dy * x summed over outer and inner (the learned one accumulates).
+            self.reduce_to_operand(REDUCE.product_sum_partials, (dy, self.kept_input(bottom)),
+                                   scale.mutable_diff(), accumulate=learned)
         if propagate_down[0]:
             self.broadcast("mul", dy, scale.get_data(), bottom[0].mutable_diff())

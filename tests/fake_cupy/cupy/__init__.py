@@ -20,9 +20,9 @@ What it checks, as real CuPy would refuse it (messages follow CuPy's):
     CUDA and CuPy would take it: grid a tuple of 1 to 3 positive ints (x <= 2**31 - 1, y and z <= 65535),
     block a tuple of positive ints with at most 1024 threads, and every argument exactly of its kind in
     the kernel's signature (parsed from `code` by minicaffe.kernel.parse_signatures): a C-contiguous
-    device array of the build's real type (MC_REAL from the options) or int32 for pointers, and a numpy
-    scalar of exactly np.int32 / np.uint32 / the real type for scalars. A Python int or float is an
-    error: CuPy would pass it as a 64-bit value and the kernel would read garbage.
+    device array of the build's real type (MC_REAL from the options), int32 for int*, uint8 for unsigned
+    char*; a numpy scalar of exactly np.int32 / np.uint32 / the real type for scalars. A Python int or
+    float is an error: CuPy would pass it as a 64-bit value and the kernel would read garbage.
     The kernel then runs: the CPU build of the same source (minicaffe.kernel.KernelFile.build_cpu for
     that MC_REAL), called through ctypes on the arrays' memory, so its real logic is executed, serially.
   * fresh memory is not clean: ``empty``, ``empty_like`` and ``ndarray(shape)`` are filled with NaN
@@ -679,7 +679,9 @@ class RawKernel:
     def _c_arg(self, index: int, kind: str, arg):
         where = f"kernel {self.name} (MC_REAL={self.ctype}) argument {index} ({kind})"
         if kind.endswith("*"):
-            want = self.real if kind == "real*" else _np.dtype(_np.int32)
+            from minicaffe.kernel import POINTER_DTYPES
+
+            want = self.real if kind == "real*" else POINTER_DTYPES[kind]
             if not isinstance(arg, ndarray):
                 raise KernelLaunchError(f"{where} must be a device array, got {type(arg)}")
             if arg.dtype != want or not arg._array.flags.c_contiguous:

@@ -1,0 +1,35 @@
+// Deterministic reductions shared by the layers (see reduce.h): stage 1 for plain sums and sums of
+// products, and stage 2, the per-channel total of the partials.
+#include "reduce.h"
+
+// partial[p * lanes + l]: plane p's sums of a (stage 1; planes of `inner` contiguous elements).
+KERNEL void sum_partials(const int planes, const int inner, const int lanes, const real* a, real* partial) {
+  PLANE_LOOP(p, planes) {
+    mc_plane_partials(p, inner, lanes, [=](size_t j) { return a[j]; }, partial);
+  }
+}
+
+// partial[p * lanes + l]: plane p's sums of a * b (stage 1).
+KERNEL void product_sum_partials(const int planes, const int inner, const int lanes, const real* a,
+                                 const real* b, real* partial) {
+  PLANE_LOOP(p, planes) {
+    mc_plane_partials(p, inner, lanes, [=](size_t j) { return a[j] * b[j]; }, partial);
+  }
+}
+
+// Stage 2. The partials are (outer, dim, lanes): plane p = n * dim + c belongs to channel c.
+// out[c] = (accumulate ? out[c] : 0) + (sum over n, then l, in order) / divisor. A divisor of 1 is exact
+// (a gradient); the count of elements gives a mean.
+KERNEL void channel_total(const int outer, const int dim, const int lanes, const real* partial, real* out,
+                          const int accumulate, const real divisor) {
+  PLANE_LOOP(q, 1) {
+    INNER_LOOP(c, dim) {
+      real sum = real(0);
+      for (int n = 0; n < outer; ++n) {
+        const real* row = partial + ((size_t)n * dim + c) * lanes;
+        for (int l = 0; l < lanes; ++l) sum += row[l];
+      }
+      out[c] = (accumulate ? out[c] : real(0)) + sum / divisor;
+    }
+  }
+}

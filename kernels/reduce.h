@@ -1,0 +1,36 @@
+// reduce.h -- deterministic sums over planes, for parameter gradients and channel statistics.
+//
+// No atomics and no order that depends on threads or blocks: every addition's order is fixed by the
+// shape alone, so a sum has the same bits on every run, at every thread count, and in the CPU build
+// and the GPU build of a kernel (the fake-CuPy GPU == CPU tests compare them bit for bit).
+//
+// Stage 1, `mc_plane_partials`, called inside a kernel's PLANE_LOOP: plane p's `inner` terms go into
+// `lanes` partial sums, lane l summing terms l, l + lanes, l + 2 lanes, ... in that order, written to
+// partial[p * lanes + l]. On the CPU the lanes are SIMD lanes (each row of `lanes` contiguous terms is
+// one vector step, the rows run in order); on the GPU each lane is a thread (a row is one coalesced
+// read) -- the same order in both. A term may also write an element-wise result (e.g. PReLU's dx), so
+// a backward reads its inputs once for both.
+// Stage 2, reduce.cu's `channel_total`: out[c] (+)= the partials of channel c, planes in order.
+//
+// lanes = min(MC_LANES, inner) (at least 1; the launcher's `plane_lanes`), so the partials take
+// planes * lanes values: count / (inner / 32) for big planes, but as many as the elements for inner < 32
+// (e.g. an (N, C) blob: one partial per element). A plain sum of an array skips stage 1 there (the
+// partials would be the array itself); a fused or product term (PReLU, Scale, BatchNorm) needs them.
+#pragma once
+#include "shim.h"
+
+#define MC_LANES 32
+
+template <class Term>
+DEVICE void mc_plane_partials(const int p, const int inner, const int lanes, const Term& term,
+                              real* partial) {
+  real acc[MC_LANES];
+  INNER_LOOP(l, lanes) { acc[l] = real(0); }
+  const size_t offset = (size_t)p * inner;
+  const int full = inner - inner % lanes;  // whole rows of `lanes` terms
+  for (int i = 0; i < full; i += lanes) {
+    INNER_LOOP(l, lanes) { acc[l] += term(offset + i + l); }
+  }
+  INNER_LOOP(l, inner - full) { acc[l] += term(offset + full + l); }
+  INNER_LOOP(l, lanes) { partial[(size_t)p * lanes + l] = acc[l]; }
+}

@@ -1,0 +1,48 @@
+"""Deterministic per-channel sums (parameter gradients, channel statistics) in two kernel stages.
+
+Stage 1 is a layer's own kernel (or reduce.cu's sum_partials / product_sum_partials) that writes each
+plane's partial sums, `lanes` per plane; stage 2, reduce.cu's channel_total, adds each channel's partials
+in a fixed order. Every addition's order depends on the shape only: the same bits on every run, at any
+thread count, on the CPU and the GPU (kernels/reduce.h says how).
+"""
+
+from __future__ import annotations
+
+from ..kernel import KernelFile
+from ..layer import Layer
+
+KERNELS = KernelFile("reduce.cu")
+LANES = 32  # MC_LANES of kernels/reduce.h
+
+
+def plane_lanes(inner: int) -> int:
+    """The partial sums per plane of `inner` elements (the kernels' `lanes` argument)."""
+    return max(1, min(LANES, inner))
+
+
+def channel_sums(layer: Layer, dims: tuple[int, int, int], stage1, args: tuple, out,
+                 accumulate: bool = True, divisor: float = 1.0) -> None:
+    """out[c] (+)= (the sum over n < outer and j < inner of the terms of plane n * dim + c) / divisor,
+    for dims = (outer, dim, inner); out has dim values.
+
+    stage1 is a kernel launcher taking (planes, inner, lanes, *args, partial) that writes plane p's
+    partial sums to partial[p * lanes:(p + 1) * lanes] (kernels/reduce.h's mc_plane_partials). The partials
+    go to the layer's buffer "partial". out None: stage 1 only (for a kernel that also writes an
+    element-wise result, e.g. PReLU's dx, when the sums are not wanted)."""
+    outer, dim, inner = dims
+    planes, lanes = outer * dim, plane_lanes(inner)
+    partial = layer.buffer("partial", (planes, lanes))
+    stage1(planes, inner, lanes, *args, partial, extents=(planes, lanes))
+    if out is not None:
+        KERNELS.channel_total(outer, dim, lanes, partial, out, int(accumulate), divisor, extents=dim)
+
+
+def channel_sums_of(layer: Layer, dims: tuple[int, int, int], values, out, accumulate: bool = True,
+                    divisor: float = 1.0) -> None:
+    """channel_sums of the elements of `values` (of shape dims). For inner <= LANES stage 1 would copy
+    them (one term per lane), so stage 2 sums `values` itself: the same bits, and no partials buffer."""
+    outer, dim, inner = dims
+    if plane_lanes(inner) == inner:
+        KERNELS.channel_total(outer, dim, inner, values, out, int(accumulate), divisor, extents=dim)
+    else:
+        channel_sums(layer, dims, KERNELS.sum_partials, (values,), out, accumulate, divisor)
