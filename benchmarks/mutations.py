@@ -101,7 +101,8 @@ MUTATIONS = (
                    r"sc\[j\] != sc\[j\] \? real\(channels\) : (real\(sc\[j\] > tp\[j\]\))", r"\1"),),
              ("tests/test_losses.py", "-k", "accuracy")),
     Mutation("ip-weight-diff-overwritten", "InnerProduct overwrites its weight diff instead of adding to it",
-             (edit("minicaffe/layers/inner_product.py", r"weight_diff \+= ", "weight_diff[...] = "),),
+             # Its weight gradient goes through blas.gemm_accumulate (BLAS beta = 1): beta 0 overwrites.
+             (edit("minicaffe/blas.py", r"cpu_gemm\(1\.0, a, b, 1\.0, c\)", "cpu_gemm(1.0, a, b, 0.0, c)"),),
              ("tests/test_inner_product.py",)),
     Mutation("sgd-momentum-dropped", "SGD ignores momentum (history *= 0)",
              # Plain SGD only (Nesterov and AdaDelta scale their histories too): in the function
