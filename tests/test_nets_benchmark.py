@@ -38,8 +38,9 @@ bench = _bench()
 
 # Layers and settings LeNet does not have: grouped strided convolution, BatchNorm + in-place Scale (fused
 # into one torch BatchNorm2d), LRN with k != 1, padded AVE pooling whose last window hangs over the edge
-# (Caffe's ceil rounding and its divisor, which counts the padding), padded MAX pooling, Concat, Eltwise with coefficients, a Scale after
-# something else than a BatchNorm, PReLU, Dropout (TEST), Flatten, InnerProduct, Softmax.
+# (Caffe's ceil rounding and its divisor, which counts the padding), padded MAX pooling, Concat, Eltwise
+# with coefficients, a Scale after something else than a BatchNorm, PReLU, Dropout (TEST), Flatten,
+# InnerProduct, Softmax.
 SMALL_NET = """
 name: "small"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 6 dim: 12 dim: 12 } } }
@@ -141,3 +142,11 @@ def test_script_writes_its_section_only(tmp_path, capsys):
     assert target.read_text().count(bench.BEGIN) == 1
     assert bench.main(["--quick", "--no-torch", "--nets", "nosuchnet", "--no-write"]) == 1
     assert "unknown net(s) nosuchnet" in capsys.readouterr().err
+
+
+def test_script_says_when_torch_is_missing(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    assert bench.main(["--quick", "--nets", "lenet", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "torch: not used (PyTorch is not installed)" in out
+    assert re.search(r"^LeNet-PReLU +SGD step .* batch 64 +\d+\.\d +- ", out, re.M), out
