@@ -13,7 +13,7 @@ import os
 import stat
 from typing import BinaryIO
 
-__all__ = ["FormatError", "PROTOBUF_LIMIT", "open_file", "read_file", "excerpt"]
+__all__ = ["FormatError", "PROTOBUF_LIMIT", "open_file", "read_file", "excerpt", "file_name"]
 
 
 class FormatError(ValueError):
@@ -32,7 +32,7 @@ def open_file(path, limit: int | None = PROTOBUF_LIMIT) -> BinaryIO:
     """Open `path` for reading in binary, checking first that it is a regular file of at most `limit`
     bytes (None: any size); FormatError naming the file otherwise. The one way the product opens a file
     to read."""
-    name = _name(path)
+    name = file_name(path)
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; the fstat below then refuses it.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_BINARY", 0))
@@ -74,13 +74,13 @@ def read_file(path, limit: int | None = PROTOBUF_LIMIT) -> bytes:
                     total += len(chunk)
                 data = b"".join(chunks)
         except OSError as error:
-            raise FormatError(f"{_name(path)}: cannot read ({error.strerror or error})") from None
+            raise FormatError(f"{file_name(path)}: cannot read ({error.strerror or error})") from None
     if limit is not None and len(data) > limit:  # it grew since it was checked
-        raise FormatError(f"{_name(path)}: cannot read: more than {_limit_text(limit)}")
+        raise FormatError(f"{file_name(path)}: cannot read: more than {_limit_text(limit)}")
     return data
 
 
-def _name(path) -> str:
+def file_name(path) -> str:
     """A file name for an error message (a name from a prototxt must not write to the terminal)."""
     return excerpt(os.fsdecode(path), None)
 

@@ -34,7 +34,7 @@ from .caffe_io import (
     oversample,
     resize_image,
 )
-from .files import PROTOBUF_LIMIT, FormatError, excerpt, open_file, read_file
+from .files import PROTOBUF_LIMIT, FormatError, excerpt, file_name, open_file, read_file
 from .proto import caffe_pb2
 
 __all__ = [
@@ -75,7 +75,7 @@ def parse_text(text: str | bytes, msg, source: str = "<string>"):
 
 def read_text(path, msg):
     data = read_file(path)
-    name = excerpt(os.fsdecode(path), None)
+    name = file_name(path)
     if b"\0" in data:
         raise FormatError(f"{name}: not a text prototxt (it holds NUL bytes: is it a binary .caffemodel?)")
     return parse_text(data, msg, name)
@@ -86,7 +86,7 @@ def read_binary(path, msg):
     try:
         msg.ParseFromString(data)
     except message.DecodeError as error:
-        name = excerpt(os.fsdecode(path), None)
+        name = file_name(path)
         raise FormatError(f"{name}: not a binary {msg.DESCRIPTOR.name} ({error})") from None
     return msg
 
