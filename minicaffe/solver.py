@@ -462,17 +462,16 @@ class Solver:
     def _first_non_finite(self) -> str:
         """Where the train net's first NaN or inf is: in forward order, each layer's parameters then its
         tops, else the first parameter gradient. Run only once the loss is not finite (it reads all)."""
-        xp = backend.xp()
         net = self.net
         for layer, names, tops in zip(net.layers, net.top_names, net.top_vecs):
             for index, blob in enumerate(layer.blobs):
-                if not bool(xp.isfinite(blob.get_data()).all()):
+                if not _all_finite(blob.get_data()):
                     return f"parameter {index} of layer '{layer.name}' ({layer.type})"
             for name, blob in zip(names, tops):
-                if not bool(xp.isfinite(blob.get_data()).all()):
+                if not _all_finite(blob.get_data()):
                     return f"blob '{name}' (top of layer '{layer.name}', {layer.type})"
         for learnable in net.learnable_params:
-            if not bool(xp.isfinite(learnable.blob.get_diff()).all()):
+            if not _all_finite(learnable.blob.get_diff()):
                 return f"the gradient of parameter {learnable.index} of layer '{learnable.layer_name}'"
         return "no blob (every blob and gradient is finite)"
 
@@ -481,9 +480,8 @@ class Solver:
         still finite, e.g. an overflowing gradient) stop training instead of being saved."""
         if self.allow_nan:
             return
-        xp = backend.xp()
         for learnable in self.net.learnable_params:
-            if not bool(xp.isfinite(learnable.blob.get_data()).all()):
+            if not _all_finite(learnable.blob.get_data()):
                 raise NonFiniteLossError(
                     f"{self._where()}: iteration {self.iter}: parameter {learnable.index} of layer "
                     f"'{learnable.layer_name}' is not finite (NaN or inf) after the update, so it is not "
@@ -793,6 +791,11 @@ class Solver:
         self.iter = state.iter
         self.current_step = state.current_step
         log.info("SGDSolver: restoring history", "sgd_solver.cpp:335")
+
+
+def _all_finite(array) -> bool:
+    """No NaN or inf in `array` (numpy or cupy)."""
+    return bool(backend.xp().isfinite(array).all())
 
 
 def snapshot_iteration(path) -> int | None:
