@@ -208,7 +208,8 @@ class KernelFile:
 
     @cached_property
     def signatures(self) -> dict[str, list[str]]:
-        return parse_signatures(self.source)
+        """Kernel name -> argument kinds (`parameters` without the names)."""
+        return {name: [kind for kind, _ in params] for name, params in self.parameters.items()}
 
     def __getattr__(self, name: str):
         if name.startswith("_") or name not in self.signatures:
