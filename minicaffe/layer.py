@@ -110,7 +110,6 @@ class Layer:
         # iteration). Stochastic layers key their random numbers by it, so a resumed run replays them.
         self.forward_index = 0
         self.buffers: dict[str, object] = {}  # what buffer() gave out, by name (to inspect)
-        self._kept = None  # the copy `keeps` asked for, from the last run_forward; None: not taken
         # Set by the Net: no later layer writes top[0]'s data, so backward may read this layer's output
         # back from the top (what `lean_keep` may rely on). False outside a Net: nothing is known then.
         self.top_data_survives = False
@@ -148,18 +147,17 @@ class Layer:
             raise
         except (ValueError, IndexError) as error:
             self.fail(f"{error}; bottom shapes {[list(b.shape) for b in bottom]}")
-        self._kept = None
         self._kept_names = set()
         in_place = bool(top and bottom and top[0] is bottom[0])
         self.kept_lean = self.keeps == "input" and in_place and self.lean_keep(bottom, top)
         if self.keeps == "input" and in_place and not self.kept_lean:
-            self._kept = self._keep(bottom[0].get_data())
+            self._keep(bottom[0].get_data())
         try:
             self.forward(bottom, top)
         except BlobSizeError as error:  # blobs take their memory when first used: name the layer
             self.fail(str(error))
         if self.keeps == "output":
-            self._kept = self._keep(top[0].get_data())
+            self._keep(top[0].get_data())
         loss = 0.0
         for weight, blob in zip(self.loss_weights, top):
             if weight:
@@ -203,17 +201,19 @@ class Layer:
         """x as forward saw it (for a layer with keeps = "input"): the kept copy when run in place."""
         assert self.keeps == "input", f"{self!r}: kept_input needs keeps = 'input'"
         assert not self.kept_lean, f"{self!r}: forward kept less than x (lean_keep)"
-        return self._kept if self._kept is not None else bottom[0].get_data()
+        return self._kept_or(bottom[0])
 
     def kept_output(self, top: list[Blob]):
         """y as forward wrote it (for a layer with keeps = "output")."""
         assert self.keeps == "output", f"{self!r}: kept_output needs keeps = 'output'"
-        return self._kept if self._kept is not None else top[0].get_data()
+        return self._kept_or(top[0])
 
-    def _keep(self, array):
-        kept = self.buffer("kept", array.shape, array.dtype, kept=True)
-        kept[...] = array
-        return kept
+    def _keep(self, array) -> None:
+        self.buffer("kept", array.shape, array.dtype, kept=True)[...] = array
+
+    def _kept_or(self, blob: Blob):
+        """The copy `keeps` asked for in the last run_forward (the buffer "kept"), else `blob`'s data."""
+        return self.buffers["kept"] if "kept" in self._kept_names else blob.get_data()
 
     def buffer(self, name: str, shape: Sequence[int], dtype=None, kept: bool = False):
         """This layer's scratch array `name` (of the current mode's array module; contents undefined).
