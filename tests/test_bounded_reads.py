@@ -13,12 +13,12 @@ import struct
 import subprocess
 import sys
 import threading
-import zlib
 from pathlib import Path
 
 import lmdb
 import numpy as np
 import pytest
+from fuzzing import png_bomb
 
 import minicaffe
 from minicaffe import datasets, io, log
@@ -246,22 +246,10 @@ def test_load_image_reads_through_the_bounded_reader(fifo):
         finishes(lambda: load_image(str(fifo)))
 
 
-def png(width: int, height: int) -> bytes:
-    """A complete grey 8-bit PNG of zeros, compressed row by row (a big image costs little memory)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    compressor = zlib.compressobj(9)
-    row = bytes(width + 1)  # filter byte 0 and the pixels
-    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
-
-
 def test_decompression_bomb_in_encoded_datums(tmp_path):
     """16 encoded PNG Datums of 12000x12000 (144M pixels each, ~140 KB encoded): refused before any is
     decoded, with the database and the key named."""
-    bomb = png(12000, 12000)
+    bomb = png_bomb(12000, 12000)
     assert len(bomb) < 1_000_000
     env = lmdb.open(str(tmp_path / "db"), map_size=1 << 26)
     with env.begin(write=True) as txn:
@@ -282,7 +270,7 @@ def test_pixel_cap_follows_pillows_setting(monkeypatch):
 
     from minicaffe.db import DBError, decode_image
 
-    image = png(40, 30)
+    image = png_bomb(40, 30)
     assert decode_image(image).shape == (1, 30, 40)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1199)
     with pytest.raises(DBError, match="key 7: the encoded image is 40x30 pixels, more than .* of 1199"):
