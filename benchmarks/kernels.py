@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import platform
 import statistics
 import sys
 import time
@@ -25,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-import minicaffe
-from minicaffe import backend, threads
+from minicaffe import backend, threads, timing
 from minicaffe.blob import Blob
 from minicaffe.layer import TEST, TRAIN
 from minicaffe.testing import layer_from_prototxt
-from minicaffe.timing import blas_info, copy_bandwidth, cpu_model, forward_bytes, synchronize, usable_cores
+from minicaffe.timing import copy_bandwidth, forward_bytes, synchronize
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # markdown_section.py, beside this file
@@ -236,9 +234,8 @@ def format_row(row: dict) -> str:
 
 
 def machine() -> str:
-    return (f"{cpu_model()}, {usable_cores()} cores usable ({threads.kernel_threads()} kernel threads, "
-            f"{threads.blas_threads()} BLAS), {platform.system()} {platform.machine()}; "
-            f"numpy {np.__version__} with {blas_info().split(' (')[0]}; minicaffe {minicaffe.__version__}")
+    return (f"{timing.machine()} ({threads.kernel_threads()} kernel threads, {threads.blas_threads()} BLAS); "
+            f"{timing.software()}")
 
 
 def gpu_name() -> str:

@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 import minicaffe
-from minicaffe import io
+from minicaffe import io, timing
 from minicaffe.net import Net
 from minicaffe.proto import caffe_pb2
-from minicaffe.timing import cpu_model, usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # markdown_section.py, beside this file
@@ -64,7 +63,7 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def machine() -> str:
-    return f"{cpu_model()}, {usable_cores()} cores, {platform.system()} {platform.machine()}"
+    return timing.machine()
 
 
 def markdown(rows: list[dict], command: str) -> str:

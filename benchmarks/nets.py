@@ -31,7 +31,6 @@ import datetime as dt
 import io as text_io
 import itertools
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,15 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
-import minicaffe
-from minicaffe import backend, log
+from minicaffe import backend, log, timing
 from minicaffe.inspect import prepare_net_param
 from minicaffe.io import read_net_param
 from minicaffe.layer import TEST, TRAIN
 from minicaffe.net import Net
 from minicaffe.proto import caffe_pb2
 from minicaffe.solver import Solver, read_solver
-from minicaffe.timing import blas_info, cpu_model, usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # markdown_section.py, beside this file
@@ -638,8 +635,7 @@ def thread_info(torch) -> str:
 
 
 def machine() -> str:
-    return (f"{cpu_model()}, {usable_cores()} cores usable, {platform.system()} {platform.machine()}; "
-            f"numpy {np.__version__} with {blas_info().split(' (')[0]}; minicaffe {minicaffe.__version__}")
+    return f"{timing.machine()}; {timing.software()}"
 
 
 def markdown(rows: list[dict], notes: list[str], command: str, torch) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import platform
 import re
 import subprocess
 import sys
@@ -136,11 +135,10 @@ def test_accuracies(log_text: str) -> list[tuple[int, float]]:
 def machine(gpu: str | None = None) -> str:
     import numpy
 
-    from minicaffe.timing import cpu_model, usable_cores
+    from minicaffe import timing
 
     mode = "CPU mode" if gpu is None else f"GPU mode ({gpu_name(int(gpu.split(',')[0]))})"
-    return (f"{cpu_model()}, {usable_cores()} cores, {platform.system()} {platform.machine()}, "
-            f"numpy {numpy.__version__}, {mode}")
+    return f"{timing.machine()}, numpy {numpy.__version__}, {mode}"
 
 
 def gpu_name(device: int) -> str:

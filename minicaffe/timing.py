@@ -84,6 +84,18 @@ def time_net(net, iterations: int, report=print) -> dict:
 
 # -- the machine ---------------------------------------------------------------------------------------
 
+def machine() -> str:
+    """The line benchmarks print about the hardware: CPU model, usable cores, OS and architecture."""
+    return f"{cpu_model()}, {usable_cores()} cores usable, {platform.system()} {platform.machine()}"
+
+
+def software() -> str:
+    """The line benchmarks print about the software that does the arithmetic: numpy, its BLAS, minicaffe."""
+    import minicaffe
+
+    return f"numpy {np.__version__} with {blas_info().split(' (')[0]}; minicaffe {minicaffe.__version__}"
+
+
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux)."""
     try:
