@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from . import backend
-from .threads import usable_cores  # noqa: F401 (the benchmarks' machine line)
+from .threads import usable_cores
 
 COPY_BYTES = 64 << 20
 
