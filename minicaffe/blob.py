@@ -249,19 +249,24 @@ class Blob:
 
     def from_proto(self, proto, reshape: bool = True, where: str = "blob") -> None:
         """Load a BlobProto; with reshape=False the shapes must agree (legacy 4-d shapes by count)."""
-        shape = proto_shape(proto)
+        self.load(proto_shape(proto), proto_values(proto), proto_values(proto, diff=True), reshape, where)
+
+    def load(self, shape, data: np.ndarray, diff: np.ndarray | None = None, reshape: bool = True,
+             where: str = "blob") -> None:
+        """Load `data` (and `diff`, when not empty) stored with `shape` in a file (a BlobProto, an HDF5
+        dataset); with reshape=False the shapes must agree (legacy 4-d shapes by count)."""
+        shape = tuple(int(d) for d in shape)
         if reshape:
             try:
                 self.reshape(shape)
             except BlobSizeError as error:  # int64 dims from a file: name where they came from
                 raise BlobSizeError(f"{where}: {error}") from None
-        elif tuple(shape) != self.shape and not _legacy_match(shape, self.shape):
+        elif shape != self.shape and not _legacy_match(shape, self.shape):
             raise ValueError(
                 f"{where}: shape mismatch, file has {list(shape)} but the net expects {list(self.shape)}"
             )
-        for name, target in (("data", self.data), ("diff", self.diff)):
-            values = proto_values(proto, diff=name == "diff")
-            if values.size == 0:
+        for name, target, values in (("data", self.data, data), ("diff", self.diff, diff)):
+            if values is None or values.size == 0:
                 continue
             if values.size != self.count:
                 raise ValueError(f"{where}: {name} has {values.size} values, shape needs {self.count}")

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
+from . import hdf5, io
 from .blob import Blob, proto_shape, proto_values
 from .layer import TEST, LayerError, create_layer
 from .net import Net, NetError, filter_net
 from .proto import caffe_pb2
-from .solver import learned_net_path
+from .solver import learned_net_path, read_solver_state
 
 # (layer name, layer type, parameter arrays)
 LayerParams = tuple[str, str, list[np.ndarray]]
@@ -47,11 +47,12 @@ def net_params(net) -> list[LayerParams]:
 
 
 def weights_file(path: str | Path) -> Path:
-    """The .caffemodel holding the weights: `path` itself, or for a .solverstate the model it names."""
+    """The .caffemodel holding the weights: `path` itself, or for a .solverstate (or .solverstate.h5)
+    the model it names."""
     path = Path(path)
-    if path.suffix != ".solverstate":
+    if path.suffix != ".solverstate" and not path.name.endswith(".solverstate.h5"):
         return path
-    state = io.read_binary(path, caffe_pb2.SolverState())
+    state = read_solver_state(path)
     if not state.learned_net:
         raise io.FormatError(f"{path}: this solver state names no learned_net; give the .caffemodel "
                              "snapshot written with it")
@@ -66,6 +67,8 @@ def caffemodel_params(path: str | Path) -> list[LayerParams]:
     """Every layer with blobs in a binary .caffemodel (V2 ``layer`` or legacy V1 ``layers``), or in the
     .caffemodel a .solverstate names."""
     path = weights_file(path)
+    if hdf5.is_hdf5(path):
+        return hdf5_params(path)
     model = io.upgrade_net(io.read_binary(path, caffe_pb2.NetParameter()), str(path))
     out = []
     for layer in model.layer:
@@ -209,6 +212,20 @@ def build_net(model, phase: int, weights: str | None = None, dummy_data: bool = 
     if weights:
         net.copy_from(weights_file(weights))
     return net
+
+
+def hdf5_params(path: Path) -> list[LayerParams]:
+    """Every layer with blobs in Caffe's HDF5 weights (/data/<layer>/<j>); the file has no layer types."""
+    out = []
+    with hdf5.open_read(path, "reading HDF5 weights") as handle:
+        data = handle.get("data")
+        if data is None or not hasattr(data, "keys"):
+            raise io.FormatError(f"{path}: has no 'data' group: not Caffe HDF5 weights")
+        for name, group in data.items():
+            arrays = [hdf5.dataset(group, str(j), f"{path}: layer '{name}'") for j in range(len(group))]
+            if arrays:
+                out.append((name, "", arrays))
+    return out
 
 
 def load_params(model: str | None, weights: str | None, phase: int | None = None) -> list[LayerParams]:

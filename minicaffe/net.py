@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
-from . import backend, io, log
+from . import backend, hdf5, io, log
 from .blob import Blob
 from .layer import TEST, TRAIN, Layer, LayerError, create_layer
 from .proto import caffe_pb2
@@ -213,6 +214,7 @@ class Net:
         self.inputs: list[str] = []
         self.learnable_params: list[LearnableParam] = []
         self._param_owner: dict[str, tuple[Blob, caffe_pb2.ParamSpec]] = {}
+        self._shared_params: set[tuple[str, int]] = set()  # (layer, blob index) of a non-owner
         # Counts full forward passes; stochastic layers (Dropout, shuffled data) key their random
         # numbers by it. The solver sets it from the iteration so that a resumed run replays them.
         self.forward_count = 0
@@ -331,6 +333,7 @@ class Net:
                 LearnableParam(layer.blobs[index], spec.lr_mult, spec.decay_mult, layer.name, index))
             return
         owner, owner_spec = self._param_owner[spec.name]
+        self._shared_params.add((layer.name, index))
         mine = layer.blobs[index]
         if spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE:
             if mine.count != owner.count:
@@ -441,8 +444,12 @@ class Net:
     def copy_from(self, weights) -> None:
         """Load parameters from a .caffemodel (binary NetParameter, V2 or V1): layers are matched by
         name, and layers the net does not have are skipped and logged, as in Caffe. Unlike Caffe, a
-        file none of whose layers the net has is an error (it would load nothing, silently)."""
+        file none of whose layers the net has is an error (it would load nothing, silently). A name ending
+        in ".h5" is Caffe's HDF5 weights format (load_hdf5), as in Caffe's CopyTrainedLayersFrom."""
         path = Path(weights)
+        if hdf5.is_hdf5(path):
+            self.load_hdf5(path)
+            return
         trained = io.read_binary(path, caffe_pb2.NetParameter())
         self.copy_from_proto(trained, str(path))
 
@@ -468,11 +475,48 @@ class Net:
                 except ValueError as error:
                     raise NetError(str(error)) from None
         if not matched:
-            names = [layer.name for layer in list(trained.layer) + list(trained.layers)]
-            shown = ", ".join(f"'{io.excerpt(name)}'" for name in names[:5])
-            shown += ", ..." if len(names) > 5 else ""
-            raise NetError(f"{source}: none of its {len(names)} layers ({shown or 'none'}) is a layer of net "
-                           f"'{self.name}': no weights would be loaded (is it the model of another net?)")
+            self._none_matched(source, [layer.name for layer in list(trained.layer) + list(trained.layers)])
+
+    def _none_matched(self, source: str, names: list[str]) -> NoReturn:
+        shown = ", ".join(f"'{io.excerpt(name)}'" for name in names[:5])
+        shown += ", ..." if len(names) > 5 else ""
+        raise NetError(f"{source}: none of its {len(names)} layers ({shown or 'none'}) is a layer of net "
+                       f"'{self.name}': no weights would be loaded (is it the model of another net?)")
+
+    def load_hdf5(self, path) -> None:
+        """Load Caffe's HDF5 weights (/data/<layer>/<j>, see minicaffe.hdf5), matching layers by name as
+        copy_from does. A blob missing from the file is an error unless it is shared with an earlier
+        layer (Caffe writes a shared blob once, in its owner's group)."""
+        source = str(path)
+        with hdf5.open_read(path, "loading HDF5 weights") as handle:
+            data = handle.get("data")
+            if data is None or not hasattr(data, "keys"):
+                raise NetError(f"{source}: has no 'data' group: not Caffe HDF5 weights")
+            names = list(data.keys())
+            matched = 0
+            for name in names:
+                index = self._layer_ids.get(name)
+                if index is None:
+                    log.info(f"Ignoring source layer {name}", "net.cpp:1092")
+                    continue
+                matched += 1
+                layer, group = self.layers[index], data[name]
+                if len(group) > len(layer.blobs):
+                    raise NetError(f"{source}: layer '{name}' has {len(group)} blobs in the file, the net's "
+                                   f"{layer.type} layer has {len(layer.blobs)}")
+                for j, blob in enumerate(layer.blobs):
+                    where = f"{source}: layer '{name}' blob {j}"
+                    if str(j) not in group:
+                        if (name, j) not in self._shared_params:
+                            raise NetError(f"{where} is missing from the file")
+                        continue  # shared: loaded with its owner
+                    try:
+                        values = hdf5.dataset(group, str(j), where)
+                        blob.load(values.shape, values, reshape=False, where=where)
+                    except ValueError as error:
+                        raise NetError(str(error)) from None
+        if not matched:
+            self._none_matched(source, names)
 
     def to_proto(self, write_diff: bool = False) -> caffe_pb2.NetParameter:
         """The net's definition with its parameters (auto-inserted Split layers left out)."""
@@ -493,6 +537,24 @@ class Net:
     def save(self, path) -> None:
         """Write a binary .caffemodel that Caffe can load."""
         io.write_binary(path, self.to_proto())
+
+    def save_hdf5(self, path, write_diff: bool = False) -> None:
+        """Write Caffe's HDF5 weights (pycaffe's save_hdf5, the .caffemodel.h5 of snapshot_format HDF5):
+        a group per layer under /data (and /diff with write_diff), a dataset per blob it owns."""
+        defined = {p.name for p in self.param.layer}
+
+        def fill(handle) -> None:
+            for part in ("data", "diff") if write_diff else ("data",):
+                top = handle.create_group(part)
+                for layer in self.layers:
+                    if layer.param.type == "Split" and layer.name not in defined:
+                        continue
+                    group = top.create_group(layer.name)
+                    for j, blob in enumerate(layer.blobs):
+                        if (layer.name, j) not in self._shared_params:
+                            group.create_dataset(str(j), data=np.asarray(getattr(blob, part)))
+
+        hdf5.write(path, fill, "saving HDF5 weights")
 
     # -- pycaffe conveniences -----------------------------------------------------------------
     @property

@@ -48,11 +48,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from . import backend, io, log, rng
-from .blob import Blob
+from . import backend, hdf5, io, log, rng
+from .blob import Blob, proto_shape, proto_values
 from .net import Net, NetError
 from .proto import caffe_pb2
 
@@ -288,9 +289,6 @@ class Solver:
         if self.uses_delta and p.delta <= 0:
             raise SolverError(f"{where}: delta must be > 0 for {self.type} (it divides by sqrt(...) + "
                               f"delta), got {p.delta:g}")
-        if p.snapshot_format == SolverParameter.HDF5:
-            raise SolverError(f"{where}: snapshot_format HDF5 is not supported; use BINARYPROTO "
-                              "(the default, Caffe's .caffemodel / .solverstate)")
         if p.snapshot < 0 or p.display < 0 or p.test_interval < 0:
             raise SolverError(f"{where}: snapshot, display and test_interval must be >= 0")
         self.check_rule_param()
@@ -745,20 +743,40 @@ class Solver:
         return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
 
     def snapshot(self) -> tuple[str, str]:
-        """Write <prefix>_iter_N.caffemodel, then <prefix>_iter_N.solverstate naming it; returns both paths.
-        Each file is written to a temporary name, fsync'd and renamed (io.write_atomic), and the
-        caffemodel is complete on disk before the solverstate exists: a kill or a full disk at any moment
-        leaves every .solverstate with its caffemodel, and the previous snapshots as they were."""
-        model = self.snapshot_filename(".caffemodel")
-        log.info(f"Snapshotting to binary proto file {model}", "solver.cpp:464")
-        io.write_binary(model, self.net.to_proto(write_diff=self.param.snapshot_diff))
-        state = caffe_pb2.SolverState(iter=self.iter, learned_net=model, current_step=self.current_step)
-        for blob in self.history:
-            blob.to_proto(state.history.add())
-        state_file = self.snapshot_filename(".solverstate")
-        log.info(f"Snapshotting solver state to binary proto file {state_file}", "sgd_solver.cpp:273")
-        io.write_binary(state_file, state)
+        """Write <prefix>_iter_N.caffemodel, then <prefix>_iter_N.solverstate naming it; returns both paths
+        (with snapshot_format HDF5: .caffemodel.h5 and .solverstate.h5, Caffe's HDF5 layout, see
+        minicaffe.hdf5). Each file is written to a temporary name, fsync'd and renamed (io.write_atomic),
+        and the caffemodel is complete on disk before the solverstate exists: a kill or a full disk at any
+        moment leaves every .solverstate with its caffemodel, and the previous snapshots as they were."""
+        as_hdf5 = self.param.snapshot_format == SolverParameter.HDF5
+        suffix = ".h5" if as_hdf5 else ""
+        kind = "HDF5" if as_hdf5 else "binary proto"
+        model = self.snapshot_filename(".caffemodel" + suffix)
+        log.info(f"Snapshotting to {kind} file {model}", "solver.cpp:464")
+        if as_hdf5:
+            self.net.save_hdf5(model, write_diff=self.param.snapshot_diff)
+        else:
+            io.write_binary(model, self.net.to_proto(write_diff=self.param.snapshot_diff))
+        state_file = self.snapshot_filename(".solverstate" + suffix)
+        log.info(f"Snapshotting solver state to {kind} file {state_file}", "sgd_solver.cpp:273")
+        if as_hdf5:
+            hdf5.write(state_file, lambda handle: self._fill_hdf5_state(handle, model), "HDF5 snapshots")
+        else:
+            state = caffe_pb2.SolverState(iter=self.iter, learned_net=model, current_step=self.current_step)
+            for blob in self.history:
+                blob.to_proto(state.history.add())
+            io.write_binary(state_file, state)
         return model, state_file
+
+    def _fill_hdf5_state(self, handle, model: str) -> None:
+        """Caffe's SnapshotSolverStateToHDF5: iter and current_step as 1-element int datasets, learned_net
+        as a string, the history blobs as /history/<j>."""
+        handle.create_dataset("iter", data=np.array([self.iter], dtype=np.int32))
+        handle.create_dataset("learned_net", data=np.bytes_(model))
+        handle.create_dataset("current_step", data=np.array([self.current_step], dtype=np.int32))
+        history = handle.create_group("history")
+        for j, blob in enumerate(self.history):
+            history.create_dataset(str(j), data=np.asarray(blob.data))
 
     def restore(self, state_file) -> None:
         """Continue from a .solverstate: iteration, schedule position, history and the weights of its
@@ -766,14 +784,12 @@ class Solver:
         or whose _iter_N name is another iteration than the state's, is an error: the pair is not one
         snapshot."""
         state_file = Path(state_file)
-        if state_file.suffix == ".h5":
-            raise SolverError(f"{state_file}: HDF5 solver states are not supported (use .solverstate)")
-        state = io.read_binary(state_file, caffe_pb2.SolverState())
+        state = read_solver_state(state_file)
         if len(state.history) != len(self.history):
             raise SolverError(
                 f"{state_file}: has {len(state.history)} history blobs, the {self.type} solver of this net "
                 f"needs {len(self.history)} (a state of another net or solver type?)")
-        if state.HasField("learned_net"):
+        if state.learned_net:
             model = learned_net_path(state_file, state.learned_net)
             if not model.is_file():
                 raise SolverError(f"{state_file}: its learned_net '{state.learned_net}' is missing (looked "
@@ -783,9 +799,9 @@ class Solver:
                 raise SolverError(f"{state_file}: is iteration {state.iter} but its learned_net '{model}' is "
                                   f"iteration {named}: not one snapshot")
             self.net.copy_from(model)
-        for i, (blob, proto) in enumerate(zip(self.history, state.history)):
+        for i, (blob, values) in enumerate(zip(self.history, state.history)):
             try:
-                blob.from_proto(proto, reshape=False, where=f"{state_file}: history blob {i}")
+                blob.load(values.shape, values, reshape=False, where=f"{state_file}: history blob {i}")
             except ValueError as error:
                 raise SolverError(str(error)) from None
         self.iter = state.iter
@@ -798,9 +814,42 @@ def _all_finite(array) -> bool:
     return bool(backend.xp().isfinite(array).all())
 
 
+class SolverStateFile(NamedTuple):
+    """What a .solverstate or .solverstate.h5 holds: the history as arrays in Caffe's order."""
+
+    iter: int
+    learned_net: str
+    current_step: int
+    history: list[np.ndarray]
+
+
+def read_solver_state(path: Path) -> SolverStateFile:
+    """A binary .solverstate, or Caffe's HDF5 solver state when the name ends in ".h5"."""
+    if not hdf5.is_hdf5(path):
+        state = io.read_binary(path, caffe_pb2.SolverState())
+        history = []
+        for i, proto in enumerate(state.history):
+            shape = proto_shape(proto)
+            values = proto_values(proto)
+            if math.prod(shape) != values.size:
+                raise SolverError(f"{path}: history blob {i} has {values.size} values for shape "
+                                  f"{list(shape)}")
+            history.append(values.reshape(shape))
+        return SolverStateFile(state.iter, state.learned_net, state.current_step, history)
+    with hdf5.open_read(path, "resuming from HDF5 snapshots") as handle:
+        numbers = [int(hdf5.dataset(handle, name, str(path)).reshape(-1)[0])
+                   for name in ("iter", "current_step")]
+        group = handle.get("history")
+        if group is None or not hasattr(group, "keys"):
+            raise SolverError(f"{path}: has no 'history' group: not a Caffe HDF5 solver state")
+        history = [hdf5.dataset(group, str(j), f"{path}: history") for j in range(len(group))]
+        return SolverStateFile(numbers[0], hdf5.text(handle, "learned_net"), numbers[1], history)
+
+
 def snapshot_iteration(path) -> int | None:
-    """N of a snapshot file named <prefix>_iter_N.caffemodel / .solverstate, else None."""
-    _, marker, number = Path(path).stem.rpartition("_iter_")
+    """N of a snapshot file named <prefix>_iter_N.caffemodel / .solverstate (+ .h5), else None."""
+    name = Path(path).name.removesuffix(".h5")
+    _, marker, number = Path(name).stem.rpartition("_iter_")
     return int(number) if marker and number.isdigit() else None
 
 

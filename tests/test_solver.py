@@ -551,7 +551,6 @@ def test_legacy_solver_type_enum():
     ('base_lr: 0.1 lr_policy: "fixed" type: "AdaGrad" momentum: 0.9', "momentum cannot be used with AdaGrad"),
     ('base_lr: 0.1 lr_policy: "fixed" type: "RMSProp" rms_decay: 1.5', "rms_decay must be in"),
     ('base_lr: 0.1 lr_policy: "fixed" regularization_type: "L3"', "regularization_type 'L3'"),
-    ('base_lr: 0.1 lr_policy: "fixed" snapshot_format: HDF5', "HDF5 is not supported"),
     ('base_lr: 0.1 lr_policy: "fixed" test_iter: 1', "test_interval"),
     ('base_lr: 0.1 lr_policy: "fixed" average_loss: 0', "average_loss"),
 ])

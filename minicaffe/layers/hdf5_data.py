@@ -10,33 +10,15 @@ function of f (a resumed run reads the same batches). Files are loaded whole, on
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from .. import rng
-from ..io import FormatError, open_file, read_file
+from .. import hdf5, rng
+from ..io import FormatError, read_file
 from ..layer import Layer, register
 
 INT_MAX = 2**31 - 1
-
-
-def _h5py():
-    try:
-        import h5py
-    except ImportError:
-        raise ImportError("the HDF5Data layer needs h5py: `pip install minicaffe[hdf5]` "
-                          "(or `pip install h5py`)") from None
-    return h5py
-
-
-@contextmanager
-def _open_hdf5(path: Path):
-    """An HDF5 file open for reading, through io.open_file (a regular file; HDF5 files may exceed
-    protobuf's 2 GB, so no size limit)."""
-    with open_file(path, limit=None) as raw, _h5py().File(raw, "r") as f:
-        yield f
 
 
 @register("HDF5Data")
@@ -51,7 +33,7 @@ class HDF5DataLayer(Layer):
             self.fail("hdf5_data_param.batch_size must be positive")
         self.shuffle = bool(param.shuffle)
         try:
-            _h5py()  # fail here, with the layer named, when h5py is missing
+            hdf5.h5py("the HDF5Data layer")  # fail here, with the layer named, when h5py is missing
         except ImportError as error:
             self.fail(str(error))
         self.files = self._list_files(param.source)
@@ -60,7 +42,7 @@ class HDF5DataLayer(Layer):
         self.row_shapes: dict[str, tuple[int, ...]] = {}
         for path in self.files:
             try:
-                with _open_hdf5(path) as f:
+                with hdf5.open_read(path) as f:
                     self.rows.append(self._check_file(f, path))
             except (OSError, FormatError) as error:
                 self.fail(f"cannot read HDF5 file {path} ({error})")
@@ -147,7 +129,7 @@ class HDF5DataLayer(Layer):
     def _read_file(self, j: int) -> dict[str, np.ndarray]:
         if j in self._loaded:
             return self._loaded[j]
-        with _open_hdf5(self.files[j]) as f:
+        with hdf5.open_read(self.files[j]) as f:
             return {name: np.asarray(f[name][()], dtype=self.dtype) for name in self.names}
 
     def forward(self, bottom, top):
