@@ -12,6 +12,7 @@ from . import io
 from . import layers as _layers  # noqa: F401  (registers every layer type)
 from .backend import set_device, set_mode_cpu, set_mode_gpu
 from .blob import Blob
+from .classifier import Classifier, Detector
 from .layer import LAYERS, TEST, TRAIN, Layer, LayerError, register
 from .net import Net, NetError
 from .net_spec import NetSpec, layer_type_list, params, to_proto
@@ -34,5 +35,5 @@ __all__ = [
     "set_device", "set_mode_cpu", "set_mode_gpu", "set_random_seed",
     "io", "NetSpec", "params", "to_proto", "layer_type_list",  # caffe.layers.<Type>: layers/__init__.py
     "Solver", "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver", "AdaDeltaSolver", "AdamSolver",
-    "get_solver",
+    "get_solver", "Classifier", "Detector",
 ]
