@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_line_error
 
 import minicaffe
 from minicaffe import io
@@ -20,8 +21,6 @@ from minicaffe.layer import LayerError
 from minicaffe.net import Net
 from minicaffe.proto import caffe_pb2
 from minicaffe.testing import layer_from_prototxt
-
-from conftest import one_line_error
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -234,7 +233,8 @@ def test_image_data_rand_skip(tmp_path):
 
 def test_image_data_crop_mirror_mean_scale(tmp_path):
     source, images, labels = image_set(tmp_path, n=3, height=4, width=5)
-    body = "transform_param { crop_size: 3 mirror: true mean_value: 10 mean_value: 20 mean_value: 30 scale: 0.5 }"
+    body = ("transform_param { crop_size: 3 mirror: true mean_value: 10 mean_value: 20 mean_value: 30 "
+            "scale: 0.5 }")
     layer, top = image_layer(source, f'batch_size: 3 root_folder: "{tmp_path}/img/"', body,
                              phase=minicaffe.TRAIN, dtype=np.float64)
     mean = np.array([10, 20, 30], dtype=float).reshape(3, 1, 1)
@@ -268,11 +268,11 @@ layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
 """
     net = Net(io.parse_text(text, caffe_pb2.NetParameter()), minicaffe.TEST)
     assert net.blobs["data"].shape == (2, 3, 2, 2)
-    for f, rows in enumerate([[0, 1], [2, 0]]):
+    for rows in ([0, 1], [2, 0]):
         out = net.forward()
         np.testing.assert_array_equal(net.blobs["label"].data, labels[rows])
-        np.testing.assert_allclose(out["ip"], np.repeat(images[rows].reshape(2, -1).sum(1)[:, None] / 256, 2, 1),
-                                   rtol=1e-5)
+        sums = images[rows].reshape(2, -1).sum(1) / 256
+        np.testing.assert_allclose(out["ip"], np.stack([sums, sums], axis=1), rtol=1e-5)
 
 
 # -- ImageData: errors -----------------------------------------------------------------------------
@@ -310,7 +310,7 @@ def test_image_data_errors(tmp_path, monkeypatch):
     with pytest.raises(LayerError, match="crop_size 3 is larger than the 2x3 image"):
         image_layer(source, root, "transform_param { crop_size: 3 }")
     monkeypatch.setitem(sys.modules, "PIL", None)
-    with pytest.raises(LayerError, match=r"ImageData decodes images with Pillow: `pip install minicaffe\[image\]`"):
+    with pytest.raises(LayerError, match=r"decodes images with Pillow: `pip install minicaffe\[image\]"):
         image_layer(source, root)
 
 
@@ -342,8 +342,8 @@ def window_file(path: Path, images: list[tuple[str, int, int, list[tuple]]]) -> 
 
 
 def window_layer(source, params="", transform="crop_size: 4", **kwargs):
-    return make_layer(f'name: "windows" type: "WindowData" window_data_param {{ source: "{source}" {params} }} '
-                      f"transform_param {{ {transform} }}", **kwargs)
+    return make_layer(f'name: "windows" type: "WindowData" window_data_param {{ source: "{source}" '
+                      f"{params} }} transform_param {{ {transform} }}", **kwargs)
 
 
 @pytest.fixture
@@ -427,8 +427,8 @@ def test_window_data_warp_mirror_mean_and_scale(tmp_path):
     mean = np.arange(3 * 6 * 6, dtype=float).reshape(3, 6, 6)
     blob = caffe_pb2.BlobProto(shape=caffe_pb2.BlobShape(dim=[1, 3, 6, 6]), data=mean.ravel().tolist())
     io.write_binary(tmp_path / "mean.binaryproto", blob)
-    data, _ = run(*window_layer(source, "batch_size: 1 fg_fraction: 1",
-                                f'crop_size: 4 mean_file: "{tmp_path}/mean.binaryproto"', dtype=np.float64), 0)
+    transform = f'crop_size: 4 mean_file: "{tmp_path}/mean.binaryproto"'
+    data, _ = run(*window_layer(source, "batch_size: 1 fg_fraction: 1", transform, dtype=np.float64), 0)
     np.testing.assert_array_equal(data[0], np.stack([up + 8, up + 4, up]) - mean[:, 1:5, 1:5])
 
 
@@ -588,7 +588,7 @@ def test_hdf5_output_errors(tmp_path, monkeypatch):
                                     f'"{file_name}" }}')
         layer.setup([Blob(s) for s in shapes], [])
 
-    with pytest.raises(LayerError, match=r"layer 'out' \(HDF5Output\): hdf5_output_param.file_name is not set"):
+    with pytest.raises(LayerError, match=r"layer 'out' \(HDF5Output\): hdf5_output_param.file_name is not"):
         layer_from_prototxt('name: "out" type: "HDF5Output"').setup([Blob((2,)), Blob((2,))], [])
     (tmp_path / "file").write_text("")
     with pytest.raises(LayerError, match=r"file/o.h5: cannot write"):
