@@ -515,6 +515,9 @@ def test_window_data_errors(tmp_path, two_images):
             ("batch_size: 2", "crop_size: 4 mean_value: 1 mean_value: 2", "give 1 mean_value or one per")]:
         with pytest.raises(LayerError, match=message):
             window_layer(tmp_path / "good.txt", params, transform)
+    # Caffe's legacy window_data_param.crop_size (mirror, mean_file) serve where transform_param is silent.
+    data, _ = run(*window_layer(tmp_path / "good.txt", "batch_size: 2 crop_size: 3", ""), 0)
+    assert data.shape == (2, 3, 3, 3)
     with pytest.raises(LayerError, match="cannot read the window file: .*missing.txt: cannot read"):
         window_layer(tmp_path / "missing.txt", "batch_size: 2")
 
