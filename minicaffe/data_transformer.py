@@ -39,12 +39,14 @@ def read_mean_file(path) -> np.ndarray:
     return values.reshape(shape)
 
 
-def legacy_transform_param(layer_param: caffe_pb2.LayerParameter) -> caffe_pb2.TransformationParameter:
-    """transform_param, with the old DataParameter scale/mean_file/crop_size/mirror moved in where
-    transform_param does not set them (what Caffe's upgrade of old nets does)."""
+def legacy_transform_param(layer_param: caffe_pb2.LayerParameter,
+                           old=None) -> caffe_pb2.TransformationParameter:
+    """transform_param, with the old scale/mean_file/crop_size/mirror of the layer's own parameter `old`
+    (data_param by default; image_data_param, window_data_param) moved in where transform_param does not
+    set them (what Caffe's upgrade of old nets does)."""
     param = caffe_pb2.TransformationParameter()
     param.CopyFrom(layer_param.transform_param)
-    old = layer_param.data_param
+    old = layer_param.data_param if old is None else old
     for field in ("scale", "mean_file", "crop_size", "mirror"):
         if old.HasField(field) and not param.HasField(field):
             setattr(param, field, getattr(old, field))

@@ -533,7 +533,8 @@ def test_every_registered_layer_is_covered():
 
     covered = {io.parse_text(c.text, caffe_pb2.LayerParameter(), "<case>").type for c in CASES.values()}
     ours = {name for name, cls in LAYERS.items() if cls.__module__.startswith("minicaffe.")}  # not tests'
-    data_layers = {"Input", "Data", "DummyData", "MemoryData", "HDF5Data"}  # tested below
+    data_layers = {"Input", "Data", "DummyData", "MemoryData", "HDF5Data",  # tested below
+                   "ImageData", "WindowData", "HDF5Output"}
     assert ours - data_layers <= covered, sorted(ours - data_layers - covered)
 
 
@@ -787,6 +788,73 @@ def test_hdf5_data_gpu_equals_cpu(fake_cupy, tmp_path):
         layer.setup([], top)
         out = {}
         for i in range(4):
+            layer.forward_index = i
+            layer.reshape([], top)
+            layer.forward([], top)
+            assert on_device(top[0].get_data()) == gpu
+            out.update({f"{i} {k}": np.array(t.data) for k, t in enumerate(top)})
+        runs.append(out)
+    assert_same(runs[1], runs[0])
+
+
+IMAGE_NET = """
+layer {{ name: "images" type: "ImageData" top: "data" top: "label"
+        image_data_param {{ source: "{root}/list.txt" root_folder: "{root}/" batch_size: 2 shuffle: true }}
+        transform_param {{ crop_size: 3 mirror: true scale: 0.01 mean_value: 100 }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+        inner_product_param {{ num_output: 3 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
+layer {{ name: "out" type: "HDF5Output" bottom: "ip" bottom: "label"
+        hdf5_output_param {{ file_name: "{out}" }} }}
+"""
+
+
+def test_image_data_and_hdf5_output_net_gpu_equals_cpu(fake_cupy, tmp_path):
+    h5py = pytest.importorskip("h5py")
+    image = pytest.importorskip("PIL.Image")
+    pixels = np.random.default_rng(4).integers(0, 256, (3, 4, 5, 3)).astype(np.uint8)
+    for i, rgb in enumerate(pixels):
+        image.fromarray(rgb).save(tmp_path / f"{i}.png")
+    (tmp_path / "list.txt").write_text("0.png 0\n1.png 1\n2.png 2\n")
+    runs = []
+    for gpu in (False, True):
+        set_mode(gpu)
+        minicaffe.set_random_seed(6)
+        out_file = tmp_path / f"out_{gpu}.h5"
+        text = IMAGE_NET.format(root=tmp_path, out=out_file)
+        net = Net(io.parse_text(text, caffe_pb2.NetParameter()), minicaffe.TRAIN)
+        out = {}
+        for i in range(4):  # past the end of the list: a reshuffled epoch
+            out[f"loss {i}"] = np.array(net.forward_backward())
+            assert on_device(net.blobs["data"].get_data()) == gpu
+            for name in ("data", "label", "ip"):
+                out[f"{name} {i}"] = np.array(net.blobs[name].data)
+            out[f"ip diff {i}"] = np.array(net.params["ip"][0].diff)
+            with h5py.File(out_file, "r") as f:
+                out[f"h5 {i}"] = f["data"][()]
+                np.testing.assert_array_equal(f["label"][()].ravel(), out[f"label {i}"])
+        runs.append(out)
+    assert_same(runs[1], runs[0])
+
+
+def test_window_data_gpu_equals_cpu(fake_cupy, tmp_path):
+    image = pytest.importorskip("PIL.Image")
+    rgb = np.random.default_rng(5).integers(0, 256, (9, 11, 3)).astype(np.uint8)
+    image.fromarray(rgb).save(tmp_path / "w.png")
+    (tmp_path / "windows.txt").write_text(f"# 0\n{tmp_path}/w.png\n3\n9\n11\n3\n"
+                                          "1 0.9 1 1 6 4\n2 0.7 3 2 10 8\n0 0.1 0 0 4 8\n")
+    text = (f'name: "windows" type: "WindowData" top: "data" top: "label" window_data_param {{ source: '
+            f'"{tmp_path}/windows.txt" batch_size: 4 fg_fraction: 0.5 context_pad: 1 }} '
+            "transform_param { crop_size: 5 mirror: true mean_value: 50 }")
+    runs = []
+    for gpu in (False, True):
+        set_mode(gpu)
+        minicaffe.set_random_seed(8)
+        layer = layer_from_prototxt(text, dtype=np.float32)
+        top = [Blob((), np.float32), Blob((), np.float32)]
+        layer.setup([], top)
+        out = {}
+        for i in range(3):
             layer.forward_index = i
             layer.reshape([], top)
             layer.forward([], top)
