@@ -604,5 +604,5 @@ def test_hdf5_output_errors(tmp_path, monkeypatch):
         layer_from_prototxt(f'name: "out" type: "HDF5Output" hdf5_output_param {{ file_name: '
                             f'"{tmp_path / "o.h5"}" }}').setup([Blob((2,))], [])
     monkeypatch.setitem(sys.modules, "h5py", None)
-    with pytest.raises(LayerError, match=r"HDF5Output writes HDF5 files with h5py"):
+    with pytest.raises(LayerError, match=r"the HDF5Output layer needs h5py"):
         output(tmp_path / "o.h5")

@@ -11,12 +11,10 @@ the previous batch's file. It has no tops and nothing to differentiate: backward
 
 from __future__ import annotations
 
-import io as pyio
-
 import numpy as np
 
-from .. import backend
-from ..io import file_name, write_atomic
+from .. import backend, hdf5
+from ..io import file_name
 from ..layer import Layer, register
 
 
@@ -30,11 +28,9 @@ class HDF5OutputLayer(Layer):
         if not self.file_name:
             self.fail("hdf5_output_param.file_name is not set")
         try:
-            import h5py
-        except ImportError:
-            self.fail("HDF5Output writes HDF5 files with h5py: `pip install minicaffe[hdf5]` (or "
-                      "`pip install h5py`)")
-        self.h5py = h5py
+            hdf5.h5py("the HDF5Output layer")
+        except ImportError as error:
+            self.fail(str(error))
         self._write({})  # as Caffe's H5Fcreate: an unwritable place is an error at setup
 
     def reshape(self, bottom, top):
@@ -52,12 +48,12 @@ class HDF5OutputLayer(Layer):
                      for blob, name in zip(bottom, ("data", "label"))})
 
     def _write(self, datasets: dict[str, np.ndarray]) -> None:
-        buffer = pyio.BytesIO()
-        with self.h5py.File(buffer, "w") as f:
+        def fill(handle) -> None:
             for name, array in datasets.items():
-                f.create_dataset(name, data=np.asarray(array, dtype=self.dtype))
+                handle.create_dataset(name, data=np.asarray(array, dtype=self.dtype))
+
         try:
-            write_atomic(self.file_name, buffer.getvalue())
+            hdf5.write(self.file_name, fill)
         except OSError as error:
             self.fail(f"{file_name(self.file_name)}: {error.strerror}")
 
