@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend, io, log
+from . import backend, io, log, upgrade
 from .blob import Blob
 from .layer import TEST, TRAIN, Layer, LayerError, create_layer
 from .proto import caffe_pb2
@@ -443,14 +443,16 @@ class Net:
         name, and layers the net does not have are skipped and logged, as in Caffe. Unlike Caffe, a
         file none of whose layers the net has is an error (it would load nothing, silently)."""
         path = Path(weights)
-        trained = io.read_binary(path, caffe_pb2.NetParameter())
+        trained = io.upgrade_net(io.read_binary(path, caffe_pb2.NetParameter()), str(path))
         self.copy_from_proto(trained, str(path))
 
     def copy_from_proto(self, trained: caffe_pb2.NetParameter, source: str = "<NetParameter>") -> None:
         """Copy the blobs of `trained`'s layers into the net's layers of the same names (see copy_from);
-        a NetError when no layer of `trained` is in the net."""
+        a NetError when no layer of `trained` is in the net. A legacy (V0, V1) `trained` is upgraded first."""
+        if upgrade.net_upgrades(trained):
+            trained = io.upgrade_net(caffe_pb2.NetParameter.FromString(trained.SerializeToString()), source)
         matched = 0
-        for layer_param in list(trained.layer) + list(trained.layers):
+        for layer_param in trained.layer:
             index = self._layer_ids.get(layer_param.name)
             if index is None:
                 log.info(f"Ignoring source layer {layer_param.name}", "net.cpp:1051")
@@ -468,7 +470,7 @@ class Net:
                 except ValueError as error:
                     raise NetError(str(error)) from None
         if not matched:
-            names = [layer.name for layer in list(trained.layer) + list(trained.layers)]
+            names = [layer.name for layer in trained.layer]
             shown = ", ".join(f"'{io.excerpt(name)}'" for name in names[:5])
             shown += ", ..." if len(names) > 5 else ""
             raise NetError(f"{source}: none of its {len(names)} layers ({shown or 'none'}) is a layer of net "
