@@ -293,8 +293,9 @@ V0_LAYERS = {
 }
 # The types whose V0 layers carry no fields of their own.
 V0_PLAIN_TYPES = {"accuracy": "Accuracy", "bnll": "BNLL", "euclidean_loss": "EuclideanLoss",
-                  "flatten": "Flatten", "im2col": "Im2col", "multinomial_logistic_loss": "MultinomialLogisticLoss",
-                  "relu": "ReLU", "sigmoid": "Sigmoid", "softmax": "Softmax", "softmax_loss": "SoftmaxWithLoss",
+                  "flatten": "Flatten", "im2col": "Im2col",
+                  "multinomial_logistic_loss": "MultinomialLogisticLoss", "relu": "ReLU",
+                  "sigmoid": "Sigmoid", "softmax": "Softmax", "softmax_loss": "SoftmaxWithLoss",
                   "split": "Split", "tanh": "TanH"}
 
 
@@ -486,7 +487,8 @@ def test_legacy_caffemodel_loads_weights(tmp_path, make):
     fresh.copy_from_proto(make(weights), "proto")
     assert_weights(fresh, weights)
     kinds = {name: kind for name, kind, _ in caffemodel_params(path)}
-    assert kinds == {"conv1": "Convolution", "conv2": "Convolution", "ip1": "InnerProduct", "ip2": "InnerProduct"}
+    assert kinds == {"conv1": "Convolution", "conv2": "Convolution",
+                     "ip1": "InnerProduct", "ip2": "InnerProduct"}
 
 
 # -- minicaffe upgrade-net / upgrade-solver --------------------------------------------------------------
