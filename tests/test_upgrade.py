@@ -536,6 +536,16 @@ def test_upgrade_net_binary_round_trip(tmp_path, capsys):
     assert code == 0 and io.read_binary(tmp_path / "forced", caffe_pb2.NetParameter()) == model
 
 
+def test_upgrade_net_decides_text_or_binary_by_the_bytes_not_the_name(tmp_path, capsys):
+    text_in, binary_in = tmp_path / "text.caffemodel", tmp_path / "binary.prototxt"
+    text_in.write_text(LENET_DEPLOY_V1)
+    io.write_binary(binary_in, net_param(LENET_DEPLOY_V0))
+    assert cli(capsys, "upgrade-net", text_in, tmp_path / "a")[0] == 0
+    assert cli(capsys, "upgrade-net", binary_in, tmp_path / "b")[0] == 0
+    assert io.read_text(tmp_path / "a", caffe_pb2.NetParameter()) == net_param(LENET_DEPLOY)
+    assert io.read_binary(tmp_path / "b", caffe_pb2.NetParameter()) == net_param(LENET_DEPLOY)
+
+
 def test_upgrade_net_bad_input_is_one_line_naming_the_file(tmp_path, capsys):
     out = tmp_path / "out"
     binary = tmp_path / "model.caffemodel"

@@ -32,13 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="IN and OUT are binary NetParameter (.caffemodel)")
 
 
-def is_binary(data: bytes) -> bool:
-    """Whether `data` is a binary protobuf rather than text (judged on its first 64 KB)."""
-    return _BINARY_BYTES.search(data[:65536]) is not None
+def is_binary(path) -> bool:
+    """Whether the file is a binary protobuf rather than text (judged on its first 64 KB)."""
+    with io.open_file(path) as f:
+        return _BINARY_BYTES.search(f.read(65536)) is not None
 
 
 def run(args: argparse.Namespace) -> int:
-    binary = args.binary if args.binary is not None else is_binary(io.read_file(args.input))
+    binary = args.binary if args.binary is not None else is_binary(args.input)
     read, write = (io.read_binary, io.write_binary) if binary else (io.read_text, io.write_text)
     net = read(args.input, caffe_pb2.NetParameter())
     source = file_name(args.input)
