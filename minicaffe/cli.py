@@ -42,6 +42,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "device_query": ("device_query", "CPU (cores, BLAS, kernel compiler) or GPU (--gpu N) properties"),
     "draw": ("draw", "the net graph as .svg/.png/.pdf (Graphviz) or .dot text"),
     "convert-mnist": ("convert_mnist", "IDX images + labels -> LMDB of Datum (as Caffe's convert_mnist_data)"),  # noqa: E501
+    "upgrade-net": ("upgrade_net", "a V0/V1 net (prototxt or .caffemodel) -> today's format (as upgrade_net_proto_*)"),  # noqa: E501
+    "upgrade-solver": ("upgrade_solver", "a solver with the old solver_type enum -> today's format"),
 }
 
 

@@ -36,6 +36,7 @@ from .caffe_io import (
 )
 from .files import PROTOBUF_LIMIT, FormatError, excerpt, file_name, open_file, read_file
 from .proto import caffe_pb2
+from .upgrade import upgrade_net
 
 __all__ = [
     # pycaffe's caffe.io (minicaffe.caffe_io)
@@ -166,85 +167,3 @@ def write_binary(path, msg) -> None:
 
 def write_text(path, msg) -> None:
     write_atomic(path, text_format.MessageToString(msg).encode())
-
-
-# -- upgrading legacy nets (as Caffe's upgrade_proto does for what we support) ---------------------
-
-def upgrade_net(net: caffe_pb2.NetParameter, source: str = "<net>") -> caffe_pb2.NetParameter:
-    """Turn net-level inputs into an Input layer, and V1 `layers` into `layer`."""
-    if net.layers:
-        if net.layer:
-            raise FormatError(f"{source}: has both 'layer' and the deprecated V1 'layers' fields")
-        _upgrade_v1_layers(net, source)
-    if net.input:
-        _upgrade_net_input(net, source)
-    return net
-
-
-def _upgrade_net_input(net: caffe_pb2.NetParameter, source: str) -> None:
-    names = list(net.input)
-    if net.input_shape:
-        shapes = [list(s.dim) for s in net.input_shape]
-    elif net.input_dim:
-        dims = list(net.input_dim)
-        if len(dims) != 4 * len(names):
-            raise FormatError(f"{source}: {len(names)} inputs need {4 * len(names)} input_dim values, "
-                              f"got {len(dims)}")
-        shapes = [dims[4 * i:4 * i + 4] for i in range(len(names))]
-    else:
-        raise FormatError(f"{source}: 'input' given without input_shape or input_dim")
-    if len(shapes) != len(names) and len(shapes) != 1:
-        raise FormatError(f"{source}: {len(names)} inputs but {len(shapes)} input_shape entries")
-    layer = caffe_pb2.LayerParameter(name="input", type="Input")
-    layer.top.extend(names)
-    for i in range(len(names)):
-        layer.input_param.shape.add().dim.extend(shapes[i if len(shapes) > 1 else 0])
-    layers = [layer] + [caffe_pb2.LayerParameter.FromString(x.SerializeToString()) for x in net.layer]
-    del net.layer[:]
-    net.layer.extend(layers)
-    net.ClearField("input")
-    net.ClearField("input_dim")
-    net.ClearField("input_shape")
-
-
-def _v1_type_names() -> dict[int, str]:
-    """V1LayerParameter.LayerType enum value -> V2 type string (CamelCase of the enum name)."""
-    special = {"HDF5_DATA": "HDF5Data", "HDF5_OUTPUT": "HDF5Output", "INNER_PRODUCT": "InnerProduct",
-               "LRN": "LRN", "MVN": "MVN", "ABSVAL": "AbsVal", "BNLL": "BNLL", "TANH": "TanH",
-               "RELU": "ReLU", "SPLIT": "Split", "SOFTMAX_LOSS": "SoftmaxWithLoss",
-               "ARGMAX": "ArgMax", "IM2COL": "Im2col", "SPP": "SPP"}
-    names = {}
-    for value in caffe_pb2.V1LayerParameter.LayerType.DESCRIPTOR.values:
-        names[value.number] = special.get(
-            value.name, "".join(part.capitalize() for part in value.name.split("_")))
-    return names
-
-
-def _upgrade_v1_layers(net: caffe_pb2.NetParameter, source: str) -> None:
-    types = _v1_type_names()
-    shared = {f.name for f in caffe_pb2.V1LayerParameter.DESCRIPTOR.fields} & {
-        f.name for f in caffe_pb2.LayerParameter.DESCRIPTOR.fields}
-    for old in net.layers:
-        new = net.layer.add()
-        for field in shared - {"type", "blobs_lr", "weight_decay", "param"}:
-            descriptor = old.DESCRIPTOR.fields_by_name[field]
-            if descriptor.is_repeated:
-                getattr(new, field).extend(getattr(old, field))
-            elif old.HasField(field):
-                value = getattr(old, field)
-                if descriptor.message_type is not None:
-                    getattr(new, field).CopyFrom(value)
-                else:
-                    setattr(new, field, value)
-        new.type = types.get(old.type, str(old.type))
-        count = max(len(old.blobs_lr), len(old.weight_decay), len(old.param))
-        for i in range(count):
-            spec = new.param.add()
-            if i < len(old.param):
-                spec.name = old.param[i]
-            if i < len(old.blobs_lr):
-                spec.lr_mult = old.blobs_lr[i]
-            if i < len(old.weight_decay):
-                spec.decay_mult = old.weight_decay[i]
-    net.ClearField("layers")
-

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 import numpy as np
 
-from . import backend, hdf5, io, log
+from . import backend, hdf5, io, log, upgrade
 from .blob import Blob
 from .layer import TEST, TRAIN, Layer, LayerError, create_layer
 from .proto import caffe_pb2
@@ -450,14 +450,16 @@ class Net:
         if hdf5.is_hdf5(path):
             self.load_hdf5(path)
             return
-        trained = io.read_binary(path, caffe_pb2.NetParameter())
+        trained = io.upgrade_net(io.read_binary(path, caffe_pb2.NetParameter()), str(path))
         self.copy_from_proto(trained, str(path))
 
     def copy_from_proto(self, trained: caffe_pb2.NetParameter, source: str = "<NetParameter>") -> None:
         """Copy the blobs of `trained`'s layers into the net's layers of the same names (see copy_from);
-        a NetError when no layer of `trained` is in the net."""
+        a NetError when no layer of `trained` is in the net. A legacy (V0, V1) `trained` is upgraded first."""
+        if upgrade.net_upgrades(trained):
+            trained = io.upgrade_net(caffe_pb2.NetParameter.FromString(trained.SerializeToString()), source)
         matched = 0
-        for layer_param in list(trained.layer) + list(trained.layers):
+        for layer_param in trained.layer:
             index = self._layer_ids.get(layer_param.name)
             if index is None:
                 log.info(f"Ignoring source layer {layer_param.name}", "net.cpp:1051")
@@ -475,7 +477,7 @@ class Net:
                 except ValueError as error:
                     raise NetError(str(error)) from None
         if not matched:
-            self._none_matched(source, [layer.name for layer in list(trained.layer) + list(trained.layers)])
+            self._none_matched(source, [layer.name for layer in trained.layer])
 
     def _none_matched(self, source: str, names: list[str]) -> NoReturn:
         shown = ", ".join(f"'{io.excerpt(name)}'" for name in names[:5])
