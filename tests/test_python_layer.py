@@ -130,7 +130,6 @@ def test_readme_command_trains_the_example_from_the_command_line(tmp_path):
     assert len(losses) >= 5 and losses[-1] < losses[0] / 1000, losses
     assert (tmp_path / "python_layer_iter_200.caffemodel").is_file()
     # Without the module's folder on the path: one line naming the layer, module, class and the fix.
-    # (The current folder is not searched unless it is on the path, as with Caffe's tool.)
     run = subprocess.run([sys.executable, "-m", "minicaffe.cli", *args], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300, env=cli_env())
     assert one_line_error(run.returncode, run.stderr, log_lines=True), run.stderr
@@ -226,6 +225,23 @@ def test_param_str_phase_blob_accessors_and_the_layer_object(phase):
     np.testing.assert_array_equal(net.backward(y=x + 1)["a"], x + 1)
     with pytest.raises(AttributeError):
         layer.no_such_attribute  # noqa: B018
+
+
+def test_netspec_writes_a_python_layer_as_pycaffe_does(example_on_path):
+    """pycaffe's L.Python(..., module=, layer=, param_str=): the python_param fields; share_in_parallel
+    (deprecated in Caffe) is accepted and changes nothing."""
+    from minicaffe import layers as L
+
+    n = caffe.NetSpec()
+    n.a, n.b = L.Input(shape=[dict(dim=[2, 3]), dict(dim=[2, 3])], ntop=2)
+    n.loss = L.Python(n.a, n.b, module="pyloss", layer="EuclideanLossLayer", loss_weight=1,
+                      share_in_parallel=True)
+    proto = n.to_proto()
+    assert proto.layer[1].python_param == caffe_pb2.PythonParameter(
+        module="pyloss", layer="EuclideanLossLayer", share_in_parallel=True)
+    net = caffe.Net(proto, caffe.TRAIN)
+    out = net.forward(a=np.ones((2, 3)), b=np.zeros((2, 3)))
+    np.testing.assert_array_equal(out["loss"], [1.5])  # 6 / 2 / 2
 
 
 def test_a_layer_without_backward_runs_until_a_gradient_is_needed():
