@@ -54,6 +54,8 @@ def defines(cls: type, method: str) -> bool:
 
 @register("Python")
 class PythonLayer(Layer):
+    """Runs the user's object `self.python` (see the module docstring), sharing its blobs with it."""
+
     def __init__(self, param, phase: int = TEST, dtype=np.float32):
         super().__init__(param, phase, dtype)
         self.module_name, self.class_name = param.python_param.module, param.python_param.layer
