@@ -235,7 +235,8 @@ class Net:
             try:
                 layer = create_layer(layer_param, self.phase, self.dtype)
             except ValueError as error:  # LayerError, or a bad blob given in the prototxt
-                raise NetError(f"{self.source}: {error}") from None
+                # `from error`: --debug shows the cause too, e.g. a Python layer's own traceback
+                raise NetError(f"{self.source}: {error}") from error
             bottoms, tops = [], []
             for name in layer_param.bottom:
                 if name not in self.blobs:
@@ -263,7 +264,7 @@ class Net:
             try:
                 layer.setup(bottoms, tops)
             except LayerError as error:
-                raise NetError(f"{self.source}: {error}") from None
+                raise NetError(f"{self.source}: {error}") from error
             except (ValueError, IndexError) as error:
                 raise NetError(f"{where}: {error}; bottom shapes "
                                f"{[list(b.shape) for b in bottoms]}") from None
@@ -392,7 +393,7 @@ class Net:
             try:
                 loss += layer.run_forward(self.bottom_vecs[i], self.top_vecs[i])
             except LayerError as error:
-                raise NetError(str(error)) from None
+                raise NetError(str(error)) from error
         if end == len(self.layers) - 1:
             self.forward_count += 1
         return loss

@@ -366,6 +366,9 @@ CASES = {
     "slice": Case('type: "Slice" slice_param { slice_point: 1 slice_point: 3 axis: 2 }', [X], num_top=3),
     "split": Case('type: "Split"', [X], num_top=3, kernels=False),
     "silence": Case('type: "Silence"', [X, X], num_top=0, kernels=False),
+    # issue 10: python layer (numpy on host copies; tests/pylayers.py, on the path under pytest)
+    "python_channel_scale": Case('type: "Python" python_param { module: "pylayers" layer: "ChannelScale" '
+                                 'param_str: "0.5" }', [X], kernels=False),
 }
 
 
