@@ -369,6 +369,27 @@ CASES = {
     # issue 10: python layer (numpy on host copies; tests/pylayers.py, on the path under pytest)
     "python_channel_scale": Case('type: "Python" python_param { module: "pylayers" layer: "ChannelScale" '
                                  'param_str: "0.5" }', [X], kernels=False),
+    # issue 10: losses
+    "sigmoid_cross_entropy_loss": Case('type: "SigmoidCrossEntropyLoss"', [X, ("label", X, 2)],
+                                       propagate=[True, False]),
+    # Planes of 35: the loss sum's stage 1 over rows of 32 lanes and a tail; half the targets ignored.
+    "sigmoid_cross_entropy_loss_ignore": Case('type: "SigmoidCrossEntropyLoss" loss_param { ignore_label: 1 '
+                                              'normalization: VALID }', [(2, 5, 7), ("label", (2, 5, 7), 2)],
+                                              propagate=[True, False]),
+    "hinge_loss": Case('type: "HingeLoss"', [(6, 40), ("label", (6,), 40)], propagate=[True, False]),
+    "hinge_loss_l2": Case('type: "HingeLoss" hinge_loss_param { norm: L2 }', [X, ("label", (2,), 60)],
+                          propagate=[True, False]),
+    "infogain_loss": Case('type: "InfogainLoss"', [X, ("label", (2, 5, 4), 3), (3, 3)], num_top=2,
+                          propagate=[True, False, False]),
+    "infogain_loss_rows_ignore": Case('type: "InfogainLoss" loss_param { ignore_label: 1 }',
+                                      [(40, 4), ("label", (40,), 4), (4, 4)], propagate=[True, False, False]),
+    "multinomial_logistic_loss": Case('type: "MultinomialLogisticLoss"', [(40, 3, 1, 1), ("label", (40,), 3)],
+                                      propagate=[True, False]),
+    "contrastive_loss": Case('type: "ContrastiveLoss" contrastive_loss_param { margin: 8 }',
+                             [(6, 40), (6, 40), ("label", (6,), 2)], propagate=[True, True, False]),
+    "contrastive_loss_legacy": Case('type: "ContrastiveLoss" contrastive_loss_param { legacy_version: true '
+                                    'margin: 6 }', [(5, 3), (5, 3), ("label", (5,), 2)],
+                                    propagate=[True, True, False]),
 }
 
 

@@ -26,6 +26,47 @@ def normalization_mode(loss_param) -> int:
     return loss_param.normalization
 
 
+def inner_softmax(layer: Layer, axis: int) -> Layer:
+    """The Softmax layer a loss layer runs inside (SoftmaxWithLoss, InfogainLoss), as Caffe makes it: the
+    loss layer's parameters with type Softmax, softmax_param.axis `axis`, no loss weight."""
+    param = caffe_pb2.LayerParameter()
+    param.CopyFrom(layer.param)
+    param.type = "Softmax"
+    param.name = layer.name + "/softmax"
+    param.softmax_param.axis = axis
+    del param.loss_weight[:]
+    del param.bottom[:]
+    del param.top[:]
+    return create_layer(param, layer.phase, layer.dtype)
+
+
+def loss_normalizer(layer: Layer, mode: int, outer: int, inner: int, valid=None):
+    """Caffe's get_normalizer of the loss layers, for `outer` x `inner` targets: a one-element array (kept
+    on the device: a backward kernel reads it there), at least 1. valid: the targets' flags (1 counted,
+    0 ignored) when an ignore_label is set, else None (every target counts)."""
+    xp = backend.xp()
+    if mode == Mode.VALID and valid is not None:
+        count = valid.sum()
+    elif mode in (Mode.VALID, Mode.FULL):
+        count = outer * inner
+    elif mode == Mode.BATCH_SIZE:
+        count = outer
+    elif mode == Mode.NONE:
+        count = 1
+    else:
+        layer.fail(f"unknown loss_param.normalization {mode}")
+    return xp.maximum(xp.asarray(count, layer.dtype), 1).reshape(1)
+
+
+def check_labels(layer: Layer, valid, label, classes: int, context: str) -> None:
+    """Fail, naming the first bad label, where a loss kernel flagged one with valid < 0 (a label outside
+    0..classes - 1). `context` says what the labels index (the scores' shape, the class axis)."""
+    bad = valid < 0
+    if bool(bad.any()):
+        value = float(label.reshape(valid.shape)[bad][0])
+        layer.fail(f"label {value:g} is outside 0..{classes - 1} ({context})")
+
+
 @register("SoftmaxWithLoss")
 class SoftmaxWithLossLayer(Layer):
     exact_num_bottom = 2
@@ -34,14 +75,7 @@ class SoftmaxWithLossLayer(Layer):
     default_loss_weight = 1.0
 
     def layer_setup(self, bottom, top):
-        softmax_param = caffe_pb2.LayerParameter()
-        softmax_param.CopyFrom(self.param)
-        softmax_param.type = "Softmax"
-        softmax_param.name = self.name + "/softmax"
-        del softmax_param.loss_weight[:]
-        del softmax_param.bottom[:]
-        del softmax_param.top[:]
-        self.softmax = create_layer(softmax_param, self.phase, self.dtype)
+        self.softmax = inner_softmax(self, self.param.softmax_param.axis)
         self.prob = Blob((), self.dtype)
         self.softmax.setup([bottom[0]], [self.prob])
         loss_param = self.param.loss_param
@@ -75,29 +109,11 @@ class SoftmaxWithLossLayer(Layer):
         KERNELS.softmax_loss_forward(self.outer, self.channels, self.inner, self.prob.get_data(), label,
                                      loss, valid, int(self.has_ignore), self.ignore_label,
                                      extents=(self.outer, self.inner))
-        bad = valid < 0
-        if bool(bad.any()):
-            value = float(label.reshape(valid.shape)[bad][0])
-            self.fail(f"label {value:g} is outside 0..{self.channels - 1} (scores {list(bottom[0].shape)}, "
-                      f"{self.channels} classes on axis {self.softmax.axis})")
-        self.normalizer = self._normalizer(valid)
+        check_labels(self, valid, label, self.channels,
+                     f"scores {list(bottom[0].shape)}, {self.channels} classes on axis {self.softmax.axis}")
+        self.normalizer = loss_normalizer(self, self.normalization, self.outer, self.inner,
+                                          valid if self.has_ignore else None)
         top[0].mutable_data()[...] = loss.sum() / self.normalizer[0]
-
-    def _normalizer(self, valid):
-        """A one-element array (kept on the device: backward's kernel reads it there)."""
-        xp = backend.xp()
-        mode = self.normalization
-        if mode == Mode.VALID and self.has_ignore:
-            count = valid.sum()
-        elif mode in (Mode.VALID, Mode.FULL):
-            count = self.outer * self.inner
-        elif mode == Mode.BATCH_SIZE:
-            count = self.outer
-        elif mode == Mode.NONE:
-            count = 1
-        else:
-            self.fail(f"unknown loss_param.normalization {mode}")
-        return xp.maximum(xp.asarray(count, self.dtype), 1).reshape(1)
 
     def backward(self, top, propagate_down, bottom):
         if propagate_down[1]:
