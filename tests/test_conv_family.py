@@ -36,7 +36,8 @@ def deconv_reference(x, w, b=None, stride=(1, 1), pad=(0, 0), dilation=(1, 1), g
     cin, og, kh, kw = w.shape
     assert cin == c and c % group == 0
     m = og * group
-    full_h, full_w = stride[0] * (h - 1) + dilation[0] * (kh - 1) + 1, stride[1] * (wd - 1) + dilation[1] * (kw - 1) + 1
+    full_h = stride[0] * (h - 1) + dilation[0] * (kh - 1) + 1
+    full_w = stride[1] * (wd - 1) + dilation[1] * (kw - 1) + 1
     out = np.zeros((n, m, full_h, full_w))
     inputs_per_group = c // group
     for ci in range(c):
@@ -74,8 +75,8 @@ def with_weights(text, x, weights, bias=None, dtype=np.float64):
 def test_deconvolution_hand_checked(dtype):
     x = np.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 1, 2, 2)
     # stride 2, 2x2 ones: every pixel becomes a 2x2 block (plus the bias 0.5)
-    _, _, top = with_weights(deconv_text(1, "kernel_size: 2 stride: 2", fillers=False), x, np.ones((1, 1, 2, 2)),
-                             [0.5], dtype)
+    _, _, top = with_weights(deconv_text(1, "kernel_size: 2 stride: 2", fillers=False), x,
+                             np.ones((1, 1, 2, 2)), [0.5], dtype)
     np.testing.assert_array_equal(top[0].data[0, 0], [[1.5, 1.5, 2.5, 2.5], [1.5, 1.5, 2.5, 2.5],
                                                       [3.5, 3.5, 4.5, 4.5], [3.5, 3.5, 4.5, 4.5]])
     assert top[0].data.dtype == dtype
@@ -100,7 +101,8 @@ def test_bilinear_deconvolution_with_group_channels_upsamples(dtype):
     x = np.stack([np.tile([1.0, 2.0, 3.0], (3, 1)), np.full((3, 3), 10.0)])[None]
     layer, _, top = run_layer(text, x, dtype=dtype)
     assert layer.blobs[0].shape == (2, 1, 4, 4)
-    np.testing.assert_allclose(layer.blobs[0].data[1, 0], np.outer([0.25, 0.75, 0.75, 0.25], [0.25, 0.75, 0.75, 0.25]))
+    ramp = [0.25, 0.75, 0.75, 0.25]
+    np.testing.assert_allclose(layer.blobs[0].data[1, 0], np.outer(ramp, ramp))
     rows = np.array([0.75, 1, 1, 1, 1, 0.75])
     expected = [np.outer(rows, [0.75, 1.25, 1.75, 2.25, 2.75, 2.25]), 10 * np.outer(rows, rows)]
     assert top[0].shape == (1, 2, 6, 6)
@@ -112,7 +114,8 @@ DECONV_CASES = {
     "stride pad": ("kernel_size: 3 stride: 2 pad: 1", (2, 3, 4, 3), 2, dict(stride=(2, 2), pad=(1, 1))),
     "rect hw fields": ("kernel_h: 2 kernel_w: 3 stride_h: 3 stride_w: 1 pad_h: 1 pad_w: 0", (1, 2, 3, 4), 3,
                        dict(stride=(3, 1), pad=(1, 0))),
-    "dilation": ("kernel_size: 2 dilation: 2 stride: 2", (2, 2, 3, 3), 3, dict(stride=(2, 2), dilation=(2, 2))),
+    "dilation": ("kernel_size: 2 dilation: 2 stride: 2", (2, 2, 3, 3), 3,
+                 dict(stride=(2, 2), dilation=(2, 2))),
     "group 2": ("kernel_size: 3 group: 2 stride: 2", (2, 4, 3, 3), 6, dict(stride=(2, 2), group=2)),
     "depthwise": ("kernel_size: 4 stride: 2 pad: 1 group: 3", (2, 3, 3, 4), 3,
                   dict(stride=(2, 2), pad=(1, 1), group=3)),
@@ -144,8 +147,8 @@ def test_deconvolution_is_the_transpose_of_convolution():
     x = rng.normal(size=(2, 4, 4, 3))
     deconv, _, top = run_layer(deconv_text(6, geometry), x)
     z = rng.normal(size=top[0].shape)
-    conv, conv_bottom, conv_top = run_layer(f'type: "Convolution" convolution_param {{ num_output: 4 {geometry} }}',
-                                            z)
+    conv_text = f'type: "Convolution" convolution_param {{ num_output: 4 {geometry} }}'
+    conv, conv_bottom, conv_top = run_layer(conv_text, z)
     assert conv.blobs[0].shape == deconv.blobs[0].shape
     conv.blobs[0].data[...] = deconv.blobs[0].data
     conv.run_forward(conv_bottom, conv_top)
@@ -211,7 +214,8 @@ CROP_CASES = {  # crop_param, bottom 0 shape, bottom 1 shape, the window as slic
 def test_crop_forward_and_backward_take_the_window(case, dtype):
     param, shape, reference, window = CROP_CASES[case]
     x = np.arange(math.prod(shape), dtype=np.float64).reshape(shape)
-    layer, bottom, top = run_layer(f'type: "Crop" crop_param {{ {param} }}', x, np.zeros(reference), dtype=dtype)
+    layer, bottom, top = run_layer(f'type: "Crop" crop_param {{ {param} }}', x, np.zeros(reference),
+                                   dtype=dtype)
     np.testing.assert_array_equal(top[0].data, x[window])
     dy = np.random.default_rng(5).normal(size=top[0].shape)
     dx, dref = backward_layer(layer, bottom, top, [dy])
@@ -247,7 +251,8 @@ def test_crop_follows_a_reshaped_bottom():
 @pytest.mark.parametrize("param, shapes, message", [
     ("offset: 2", [(1, 1, 4, 4), (1, 1, 3, 2)], r"does not fit on axis 2: offset 2 \+ size 3 > 4"),
     ("", [(1, 1, 4, 4), (1, 1, 5, 2)], r"does not fit on axis 2: offset 0 \+ size 5 > 4"),
-    ("offset: 1 offset: 1 offset: 1", [(1, 1, 4, 4), (1, 1, 2, 2)], r"3 offsets given for the 2 cropped axes"),
+    ("offset: 1 offset: 1 offset: 1", [(1, 1, 4, 4), (1, 1, 2, 2)],
+     r"3 offsets given for the 2 cropped axes"),
     ("", [(1, 1, 4, 4), (1, 4, 4)], "same number of axes"),
     ("axis: 4", [(1, 1, 4, 4), (1, 1, 2, 2)], "axis 4 out of range"),
 ])
@@ -285,7 +290,8 @@ def test_im2col_hand_checked():
 
 
 IM2COL_CASES = {
-    "pad stride": ("kernel_size: 3 pad: 1 stride: 2", (2, 2, 5, 6), dict(kernel=(3, 3), pad=(1, 1), stride=(2, 2))),
+    "pad stride": ("kernel_size: 3 pad: 1 stride: 2", (2, 2, 5, 6),
+                   dict(kernel=(3, 3), pad=(1, 1), stride=(2, 2))),
     "rect dilation": ("kernel_h: 2 kernel_w: 3 pad_h: 0 pad_w: 2 dilation: 2", (1, 3, 5, 4),
                       dict(kernel=(2, 3), pad=(0, 2), dilation=(2, 2))),
     "1x1": ("kernel_size: 1", (2, 3, 2, 3), dict(kernel=(1, 1))),
@@ -313,7 +319,8 @@ def test_im2col_gradients_and_batch_axes():
     x = rng.normal(size=(2, 3, 2, 4, 4))  # axis 2: the two leading axes are batch axes
     _, _, top = run_layer('type: "Im2col" convolution_param { kernel_size: 3 axis: 2 }', x)
     assert top[0].shape == (2, 3, 18, 2, 2)
-    np.testing.assert_array_equal(top[0].data.reshape(6, 18, 2, 2), im2col_reference(x.reshape(6, 2, 4, 4), (3, 3)))
+    np.testing.assert_array_equal(top[0].data.reshape(6, 18, 2, 2),
+                                  im2col_reference(x.reshape(6, 2, 4, 4), (3, 3)))
 
 
 @pytest.mark.parametrize("param, shape, message", [
@@ -340,7 +347,8 @@ def spp_reference(x, levels, average=False):
     parts = []
     for level in range(levels):
         bins = 2 ** level
-        (kh, ph), (kw, pw) = [(math.ceil(s / bins), (math.ceil(s / bins) * bins - s + 1) // 2) for s in (h, w)]
+        kh, kw = math.ceil(h / bins), math.ceil(w / bins)
+        ph, pw = (kh * bins - h + 1) // 2, (kw * bins - w + 1) // 2
         out = np.empty((n, c, bins, bins))
         for i in range(bins):
             for j in range(bins):
@@ -368,7 +376,8 @@ def test_spp_hand_checked():
                                                  (2, "AVE", (1, 2, 5, 3)), (4, "MAX", (1, 2, 16, 14))])
 def test_spp_matches_reference(levels, pool, shape, dtype):
     x = np.random.default_rng(9).normal(size=shape).astype(dtype)
-    _, _, top = run_layer(f'type: "SPP" spp_param {{ pyramid_height: {levels} pool: {pool} }}', x, dtype=dtype)
+    text = f'type: "SPP" spp_param {{ pyramid_height: {levels} pool: {pool} }}'
+    _, _, top = run_layer(text, x, dtype=dtype)
     assert top[0].shape == (shape[0], shape[1] * sum(4 ** i for i in range(levels)))
     np.testing.assert_allclose(top[0].data, spp_reference(x, levels, pool == "AVE"), **tolerance(dtype))
 
@@ -424,8 +433,8 @@ def test_fcn_net_trains_on_synthetic_segmentation(monkeypatch):
     shapes = {name: net.blobs[name].shape for name in ("pool1", "fc6", "score_fr", "upscore2", "score_pool1c",
                                                        "fuse_pool1", "upscore", "score")}
     assert shapes == {"pool1": (2, 8, 24, 24), "fc6": (2, 16, 10, 10), "score_fr": (2, 2, 10, 10),
-                      "upscore2": (2, 2, 22, 22), "score_pool1c": (2, 2, 22, 22), "fuse_pool1": (2, 2, 22, 22),
-                      "upscore": (2, 2, 46, 46), "score": (2, 2, 30, 30)}
+                      "upscore2": (2, 2, 22, 22), "score_pool1c": (2, 2, 22, 22),
+                      "fuse_pool1": (2, 2, 22, 22), "upscore": (2, 2, 46, 46), "score": (2, 2, 30, 30)}
     fixed = np.array(net.params["upscore"][0].data)
     learned = np.array(net.params["upscore2"][0].data)
     ramp = [0.25, 0.75, 0.75, 0.25]

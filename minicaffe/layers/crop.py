@@ -40,9 +40,11 @@ class CropLayer(Layer):
         cropped = len(shape) - axis
         given = list(param.offset)
         if len(given) > 1 and len(given) != cropped:
-            self.fail(f"{len(given)} offsets given for the {cropped} cropped axes {axis}..{len(shape) - 1}: "
-                      "give none, one for all, or one per cropped axis")
-        offsets = [0] * axis + [given[0] if len(given) == 1 else given[i] if given else 0 for i in range(cropped)]
+            self.fail(f"{len(given)} offsets given for the {cropped} cropped axes {axis}..{len(shape) - 1}:"
+                      " give none, one for all, or one per cropped axis")
+        if len(given) <= 1:
+            given = (given or [0]) * cropped  # one offset for every cropped axis, 0 without one
+        offsets = [0] * axis + list(given)
         top_shape = tuple(shape[:axis]) + tuple(reference[axis:])
         for i in range(axis, len(shape)):
             if offsets[i] + top_shape[i] > shape[i]:
