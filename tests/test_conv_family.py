@@ -164,6 +164,15 @@ def test_deconvolution_gradients(case):
     check_layer(layer_from_prototxt(deconv_text(num_output, extra)), [x], stepsize=1e-3, threshold=1e-5)
 
 
+def test_deconvolution_axis_2_treats_leading_axes_as_batch():
+    x = np.random.default_rng(14).normal(size=(2, 3, 2, 3, 2))
+    layer, _, top = run_layer(deconv_text(4, "kernel_size: 2 stride: 2 axis: 2"), x)
+    assert top[0].shape == (2, 3, 4, 6, 4)
+    w, b = layer.blobs[0].data, layer.blobs[1].data
+    expected = deconv_reference(x.reshape(6, 2, 3, 2), w, b, stride=(2, 2))
+    np.testing.assert_allclose(top[0].data.reshape(6, 4, 6, 4), expected, rtol=1e-11, atol=1e-11)
+
+
 def test_deconvolution_two_bottoms_share_the_weights_and_gradients_add():
     rng = np.random.default_rng(4)
     x0, x1 = rng.normal(size=(1, 2, 3, 3)), rng.normal(size=(1, 2, 3, 3))
