@@ -249,18 +249,18 @@ class ConvolutionLayer(Layer):
         col = self.buffer("columns", (rows * self.chunk_images * positions,))
         return col[:rows * count * positions].reshape(self.group, rows // self.group, count * positions)
 
-    def _top_columns(self, count: int):
+    def _output_columns(self, count: int):
         """Scratch for a column-side chunk in the GEMM's layout (group, M/group, count * positions)."""
         positions = self.out_size[0] * self.out_size[1]
         channels = self.conv_out_channels
-        buffer = self.buffer("top_columns", (channels * self.chunk_images * positions,))
+        buffer = self.buffer("output_columns", (channels * self.chunk_images * positions,))
         return buffer[:channels * count * positions].reshape(self.group, channels // self.group,
                                                              count * positions)
 
-    def _to_top_columns(self, chunk):
-        """A column-side chunk (count, M, positions) copied into the GEMM's layout (_top_columns)."""
+    def _to_output_columns(self, chunk):
+        """A column-side chunk (count, M, positions) copied into the GEMM's layout (_output_columns)."""
         count, channels, positions = chunk.shape
-        columns = self._top_columns(count)
+        columns = self._output_columns(count)
         columns.reshape(channels, count, positions)[...] = chunk.transpose(1, 0, 2)
         return columns
 
@@ -327,7 +327,7 @@ class ConvolutionLayer(Layer):
         positions = self.out_size[0] * self.out_size[1]
         for start, count in self._chunks():
             col = self._columns(images[start:start + count])
-            result = self._top_columns(count)
+            result = self._output_columns(count)
             xp.matmul(weights, col, out=result)
             result = result.reshape(self.conv_out_channels, count, positions).transpose(1, 0, 2)
             chunk = out[start:start + count]
@@ -353,7 +353,7 @@ class ConvolutionLayer(Layer):
                       out=self._grouped(images_diff, self.conv_in_channels))
             return
         for start, count in self._chunks():
-            columns = self._to_top_columns(out_diff[start:start + count])
+            columns = self._to_output_columns(out_diff[start:start + count])
             dcol = self._column_buffer(count)  # (group, K / group, count * positions)
             xp.matmul(weights_t, columns, out=dcol)
             col2im(dcol, images_diff[start:start + count], self.geometry, self.out_size)
@@ -381,7 +381,7 @@ class ConvolutionLayer(Layer):
                     gemm_accumulate(dy[n, g], x[n, g].T, weight_diff[g])
             return
         for start, count in self._chunks():
-            columns = self._to_top_columns(out_diff[start:start + count])
+            columns = self._to_output_columns(out_diff[start:start + count])
             col = self._columns(images[start:start + count])
             for g in range(self.group):
                 gemm_accumulate(columns[g], col[g].T, weight_diff[g])
