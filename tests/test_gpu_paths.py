@@ -390,6 +390,22 @@ CASES = {
     "contrastive_loss_legacy": Case('type: "ContrastiveLoss" contrastive_loss_param { legacy_version: true '
                                     'margin: 6 }', [(5, 3), (5, 3), ("label", (5,), 2)],
                                     propagate=[True, True, False]),
+    # issue 10: conv family (Deconvolution, Crop, Im2col, SPP)
+    "deconvolution": Case(f'type: "Deconvolution" convolution_param {{ num_output: 4 kernel_size: 3 pad: 1 '
+                          f'stride: 2 {FILL} }}', [X]),
+    "deconvolution_group_dilation": Case(
+        f'type: "Deconvolution" convolution_param {{ num_output: 6 group: 3 kernel_h: 2 kernel_w: 3 '
+        f'dilation: 2 bias_term: false {FILL} }}', [X]),
+    "deconvolution_bilinear_depthwise": Case(
+        'type: "Deconvolution" convolution_param { num_output: 3 group: 3 kernel_size: 4 stride: 2 pad: 1 '
+        'weight_filler { type: "bilinear" } bias_filler { type: "gaussian" } }', [X]),
+    "deconvolution_1x1": Case(f'type: "Deconvolution" convolution_param {{ num_output: 2 kernel_size: 1 '
+                              f'{FILL} }}', [X], kernels=False),
+    "crop": Case('type: "Crop" crop_param { offset: 1 offset: 2 }', [X, (1, 1, 3, 2)]),
+    "crop_axis_1": Case('type: "Crop" crop_param { axis: 1 offset: 1 }', [X, (2, 2, 3, 3)]),
+    "im2col": Case('type: "Im2col" convolution_param { kernel_size: 3 pad: 1 stride: 2 }', [X]),
+    "spp_max": Case('type: "SPP" spp_param { pyramid_height: 2 }', [X]),
+    "spp_ave": Case('type: "SPP" spp_param { pyramid_height: 2 pool: AVE }', [X]),
 }
 
 

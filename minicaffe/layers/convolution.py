@@ -48,6 +48,14 @@ class ConvGeometry:
             sizes.append((size + 2 * p - extent) // s + 1)
         return sizes[0], sizes[1]
 
+    def transposed_output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The input size whose convolution output is (height, width), as Caffe's Deconvolution sizes its
+        top: stride * (in - 1) + dilation * (k - 1) + 1 - 2 * pad; <= 0 if none fits."""
+        sizes = []
+        for size, k, p, s, d in zip((height, width), self.kernel, self.pad, self.stride, self.dilation):
+            sizes.append(s * (size - 1) + d * (k - 1) + 1 - 2 * p)
+        return sizes[0], sizes[1]
+
     def kernel_args(self) -> tuple[int, ...]:
         return (*self.kernel, *self.pad, *self.stride, *self.dilation)
 
@@ -127,6 +135,13 @@ class ConvolutionLayer(Layer):
     Each bottom/top pair is convolved with the same weights, as in Caffe. Axes before `axis` are
     batch axes; exactly two spatial axes must follow the channel axis.
 
+    As Caffe's BaseConvolutionLayer, the class is written in terms of the convolution's two sides, so
+    that Deconvolution (minicaffe/layers/deconvolution.py) reuses it with the sides swapped: the image
+    side (conv_in_channels x height x width, what im2col reads) and the column side (conv_out_channels
+    x out_size, what the GEMM gives). Here the bottom is the image side and the top the column side.
+    Three primitives do the work: _forward_gemm (the convolution W * x), _backward_gemm (its adjoint,
+    W^T * y by col2im) and _weight_gemm (the weight gradient).
+
     Why one GEMM per chunk of images rather than one per image: measured on LeNet's conv2 (64x20x12x12
     -> 50 outputs, 5x5, float32) on a 2-core CPU, forward+backward took about 10 ms batched against
     11 ms per image (numpy stacked matmul) with two BLAS threads, as large GEMMs parallelize better;
@@ -159,16 +174,17 @@ class ConvolutionLayer(Layer):
                       f"must be a multiple of group ({self.group})")
         if self.num_output % self.group:
             self.fail(f"num_output ({self.num_output}) must be a multiple of group ({self.group})")
+        self.conv_in_channels, self.conv_out_channels = self._conv_channels()
 
         # The top must fit before the weights are made and filled: a kernel larger than the padded input
         # fails here, so does a top too large for the memory (pad 4294967295 asks for 2^67 values).
         shape, g = bottom[0].shape, self.geometry
-        top_shape = (*shape[:self.channel_axis], self.num_output, *self._output_size(shape))
+        top_shape = (*shape[:self.channel_axis], self.num_output, *self._top_size(shape))
         self.check_memory(f"top (bottom shape {list(shape)}, kernel {list(g.kernel)}, pad {list(g.pad)}, "
                           f"stride {list(g.stride)}, dilation {list(g.dilation)})", top_shape,
                           math.prod(top_shape) * self.dtype.itemsize)
         kh, kw = self.geometry.kernel
-        weight_shape = (self.num_output, self.channels // self.group, kh, kw)
+        weight_shape = (self.conv_out_channels, self.conv_in_channels // self.group, kh, kw)
         shapes = [weight_shape] + ([(self.num_output,)] if self.bias_term else [])
         self.setup_params(shapes, [param.weight_filler, param.bias_filler])
 
@@ -185,19 +201,23 @@ class ConvolutionLayer(Layer):
                           f"bottom {i} is {list(b.shape)}")
             if t is b:
                 self.fail("cannot run in place (top and bottom are the same blob)")
-        self.height, self.width = shape[-2:]
-        self.out_size = self._output_size(shape)
+        top_size = self._top_size(shape)
+        (self.height, self.width), self.out_size = self._image_and_column_sizes(shape[-2:], top_size)
         self.num = bottom[0].count_range(0, self.channel_axis)
         # Images per GEMM: the whole batch unless its column buffer would exceed COL_BUFFER_LIMIT.
-        col_per_image = self.channels * self.geometry.kernel[0] * self.geometry.kernel[1] * \
+        col_per_image = self.conv_in_channels * self.geometry.kernel[0] * self.geometry.kernel[1] * \
             self.out_size[0] * self.out_size[1]
         self.chunk_images = max(1, min(self.num, COL_BUFFER_LIMIT // col_per_image))
-        top_shape = (*shape[:self.channel_axis], self.num_output, *self.out_size)
+        top_shape = (*shape[:self.channel_axis], self.num_output, *top_size)
         for t in top:
             t.reshape(top_shape)
 
-    # -- helpers -----------------------------------------------------------------------------
-    def _output_size(self, shape) -> tuple[int, int]:
+    # -- the two sides (overridden by Deconvolution) ------------------------------------------
+    def _conv_channels(self) -> tuple[int, int]:
+        """(conv_in_channels, conv_out_channels): the image side's channels and the column side's."""
+        return self.channels, self.num_output
+
+    def _top_size(self, shape) -> tuple[int, int]:
         """(oh, ow) for a bottom of `shape`; fails when the kernel is larger than the padded input."""
         out_size = self.geometry.output_size(*shape[-2:])
         if min(out_size) <= 0:
@@ -206,6 +226,11 @@ class ConvolutionLayer(Layer):
                       f"input: bottom shape {list(shape)}, pad {list(g.pad)}, stride {list(g.stride)}")
         return out_size
 
+    def _image_and_column_sizes(self, bottom_size, top_size):
+        """The spatial sizes (image side, column side): the bottom is the image here."""
+        return tuple(bottom_size), tuple(top_size)
+
+    # -- helpers -----------------------------------------------------------------------------
     def _chunks(self) -> Iterator[tuple[int, int]]:
         """(first image, number of images) chunks of at most self.chunk_images images."""
         for start in range(0, self.num, self.chunk_images):
@@ -220,23 +245,35 @@ class ConvolutionLayer(Layer):
     def _column_buffer(self, count: int):
         """The column buffer for `count` images, as (group, K/group, count * positions)."""
         positions = self.out_size[0] * self.out_size[1]
-        rows = self.channels * self.geometry.kernel[0] * self.geometry.kernel[1]
+        rows = self.conv_in_channels * self.geometry.kernel[0] * self.geometry.kernel[1]
         col = self.buffer("columns", (rows * self.chunk_images * positions,))
         return col[:rows * count * positions].reshape(self.group, rows // self.group, count * positions)
 
-    def _top_columns(self, count: int):
-        """Scratch for a top (or top diff) chunk in the GEMM's layout (group, M/group, count * positions)."""
+    def _output_columns(self, count: int):
+        """Scratch for a column-side chunk in the GEMM's layout (group, M/group, count * positions)."""
         positions = self.out_size[0] * self.out_size[1]
-        buffer = self.buffer("top_columns", (self.num_output * self.chunk_images * positions,))
-        return buffer[:self.num_output * count * positions].reshape(
-            self.group, self.num_output // self.group, count * positions)
+        channels = self.conv_out_channels
+        buffer = self.buffer("output_columns", (channels * self.chunk_images * positions,))
+        return buffer[:channels * count * positions].reshape(self.group, channels // self.group,
+                                                             count * positions)
+
+    def _to_output_columns(self, chunk):
+        """A column-side chunk (count, M, positions) copied into the GEMM's layout (_output_columns)."""
+        count, channels, positions = chunk.shape
+        columns = self._output_columns(count)
+        columns.reshape(channels, count, positions)[...] = chunk.transpose(1, 0, 2)
+        return columns
 
     def _images(self, array):
-        """A bottom's data or diff as (num, C, H, W): the batch axes before `axis` flattened."""
-        return array.reshape(self.num, self.channels, self.height, self.width)
+        """Image-side data or diff as (num, C, H, W): the batch axes before `axis` flattened."""
+        return array.reshape(self.num, self.conv_in_channels, self.height, self.width)
+
+    def _outputs(self, array):
+        """Column-side data or diff as (num, M, positions)."""
+        return array.reshape(self.num, self.conv_out_channels, self.out_size[0] * self.out_size[1])
 
     def _weights(self):
-        return self.blobs[0].get_data().reshape(self.group, self.num_output // self.group, -1)
+        return self.blobs[0].get_data().reshape(self.group, self.conv_out_channels // self.group, -1)
 
     def _is_pointwise(self) -> bool:
         """1x1 kernel, stride 1, no padding: the input is its own column buffer, as in Caffe."""
@@ -245,7 +282,7 @@ class ConvolutionLayer(Layer):
 
     def _is_depthwise(self) -> bool:
         """One input and one output channel per group: the direct depthwise kernels, no GEMM."""
-        return self.group == self.channels == self.num_output
+        return self.group == self.conv_in_channels == self.conv_out_channels
 
     def _grouped(self, array, channels: int):
         """(num, channels, ...) data as (num, group, channels/group, positions), a view."""
@@ -253,109 +290,102 @@ class ConvolutionLayer(Layer):
 
     # -- forward / backward ------------------------------------------------------------------
     def forward(self, bottom, top):
-        xp = backend.xp()
-        weights = self._weights()
-        bias = self.blobs[1].get_data()[:, None] if self.bias_term else None
-        positions = self.out_size[0] * self.out_size[1]
+        bias = self.blobs[1].get_data() if self.bias_term else None
         for b, t in zip(bottom, top):
-            if self._is_depthwise():
-                self._forward_depthwise(b, t)
-                continue
-            if self._is_pointwise():  # y[n, g] = W_g @ x[n, g], one GEMM per image and group
-                y = t.mutable_data()
-                xp.matmul(weights, self._grouped(b.get_data(), self.channels),
-                          out=self._grouped(y, self.num_output))
-                if bias is not None:
-                    y = y.reshape(self.num, self.num_output, positions)
-                    y += bias
-                continue
-            x = self._images(b.get_data())
-            y = t.mutable_data().reshape(self.num, self.num_output, positions)
-            for start, count in self._chunks():
-                col = self._columns(x[start:start + count])
-                out = self._top_columns(count)
-                xp.matmul(weights, col, out=out)
-                out = out.reshape(self.num_output, count, positions).transpose(1, 0, 2)
-                chunk = y[start:start + count]
-                if bias is None:
-                    chunk[...] = out
-                else:  # bias added in the same pass as the copy out of the GEMM's layout
-                    xp.add(out, bias, out=chunk)
+            self._forward_gemm(self._images(b.get_data()), self._outputs(t.mutable_data()), bias)
 
     def backward(self, top, propagate_down, bottom):
-        xp = backend.xp()
         weight_grad = self.param_propagate_down[0]
         bias_grad = self.bias_term and self.param_propagate_down[1]
-        weights = self._weights()
-        # The weight gradient is added in place by BLAS (beta = 1): no weight-sized temporary.
-        weight_diff = self.blobs[0].mutable_diff().reshape(weights.shape) if weight_grad else None
-        positions = self.out_size[0] * self.out_size[1]
         for i, (b, t) in enumerate(zip(bottom, top)):
-            dy = t.get_diff().reshape(self.num, self.num_output, positions)
+            dy = self._outputs(t.get_diff())
             if bias_grad:
                 self.blobs[1].mutable_diff()[...] += dy.sum(axis=(0, 2))
-            if not (weight_grad or propagate_down[i]):
-                continue
-            if self._is_depthwise():
-                self._backward_depthwise(t.get_diff(), b, weight_grad, propagate_down[i])
-                continue
-            if self._is_pointwise():
-                self._backward_pointwise(dy, b, weight_diff, propagate_down[i])
-                continue
-            x = self._images(b.get_data())
-            dx = self._images(b.mutable_diff()) if propagate_down[i] else None
-            for start, count in self._chunks():
-                # dy of the chunk as (group, M / group, count * positions), matching the columns.
-                dy_chunk = self._top_columns(count)
-                dy_chunk.reshape(self.num_output, count, positions)[...] = \
-                    dy[start:start + count].transpose(1, 0, 2)
-                if weight_grad:
-                    col = self._columns(x[start:start + count])
-                    for g in range(self.group):
-                        gemm_accumulate(dy_chunk[g], col[g].T, weight_diff[g])
-                if dx is not None:  # the column buffer is free again: it takes dcol
-                    dcol = self._column_buffer(count)  # (group, K / group, count * positions)
-                    xp.matmul(weights.transpose(0, 2, 1), dy_chunk, out=dcol)
-                    col2im(dcol, dx[start:start + count], self.geometry, self.out_size)
+            if weight_grad:
+                self._weight_gemm(self._images(b.get_data()), dy)
+            if propagate_down[i]:
+                self._backward_gemm(dy, self._images(b.mutable_diff()))
 
-    def _backward_pointwise(self, dy, bottom, weight_diff, propagate) -> None:
-        """Backward of a 1x1 stride-1 unpadded convolution: the input is the column buffer."""
-        dy = self._grouped(dy, self.num_output)
-        if weight_diff is not None:
-            x = self._grouped(bottom.get_data(), self.channels)
+    # -- the three primitives, on (num, conv_in, H, W) images and (num, conv_out, positions) outputs ---
+    def _forward_gemm(self, images, out, bias=None) -> None:
+        """out = W * images (+ bias[m] per output channel), written: the convolution."""
+        xp = backend.xp()
+        if self._is_depthwise():
+            planes = self.num * self.conv_in_channels
+            KERNELS.depthwise_forward(planes, images, self.blobs[0].get_data(),
+                                      self.blobs[0].get_data() if bias is None else bias,  # unread if None
+                                      int(bias is not None), out, *self._depthwise_args(),
+                                      extents=(planes, self.out_size[1]))
+            return
+        weights = self._weights()
+        if self._is_pointwise():  # out[n, g] = W_g @ images[n, g], one GEMM per image and group
+            xp.matmul(weights, self._grouped(images, self.conv_in_channels),
+                      out=self._grouped(out, self.conv_out_channels))
+            if bias is not None:
+                out += bias[:, None]
+            return
+        positions = self.out_size[0] * self.out_size[1]
+        for start, count in self._chunks():
+            col = self._columns(images[start:start + count])
+            result = self._output_columns(count)
+            xp.matmul(weights, col, out=result)
+            result = result.reshape(self.conv_out_channels, count, positions).transpose(1, 0, 2)
+            chunk = out[start:start + count]
+            if bias is None:
+                chunk[...] = result
+            else:  # bias added in the same pass as the copy out of the GEMM's layout
+                xp.add(result, bias[:, None], out=chunk)
+
+    def _backward_gemm(self, out_diff, images_diff) -> None:
+        """images_diff = W^T * out_diff, written: the adjoint of the convolution (col2im)."""
+        xp = backend.xp()
+        if self._is_depthwise():
+            planes = self.num * self.conv_in_channels
+            images_diff.fill(0)
+            for kj in range(self.geometry.kernel[1]):  # one launch per kernel column keeps the GPU race-free
+                KERNELS.depthwise_backward_data_add(planes, out_diff, self.blobs[0].get_data(), images_diff,
+                                                    *self._depthwise_args(), kj,
+                                                    extents=(planes, self.out_size[1]))
+            return
+        weights_t = self._weights().transpose(0, 2, 1)
+        if self._is_pointwise():
+            xp.matmul(weights_t, self._grouped(out_diff, self.conv_out_channels),
+                      out=self._grouped(images_diff, self.conv_in_channels))
+            return
+        for start, count in self._chunks():
+            columns = self._to_output_columns(out_diff[start:start + count])
+            dcol = self._column_buffer(count)  # (group, K / group, count * positions)
+            xp.matmul(weights_t, columns, out=dcol)
+            col2im(dcol, images_diff[start:start + count], self.geometry, self.out_size)
+
+    def _weight_gemm(self, images, out_diff) -> None:
+        """Weight diff += the gradient of <out_diff, W * images> in W, added in place (BLAS beta = 1, or
+        the fixed-order depthwise sums): no weight-sized temporary."""
+        weight_diff = self.blobs[0].mutable_diff()
+        if self._is_depthwise():  # per-plane partial sums, then one fixed-order sum per weight
+            kh, kw = self.geometry.kernel
+            planes, out_w = self.num * self.conv_in_channels * kh * kw, self.out_size[1]
+            weights = self.conv_in_channels * kh * kw
+            terms = self.buffer("weight_terms", (self.num * weights * out_w,))
+            KERNELS.depthwise_weight_terms(planes, out_diff, images, terms, *self._depthwise_args(),
+                                           extents=(planes, out_w))
+            KERNELS.depthwise_weight_sum(1, terms, weight_diff, weights, self.num, out_w,
+                                         extents=(1, weights))
+            return
+        weight_diff = weight_diff.reshape(self._weights().shape)
+        if self._is_pointwise():
+            dy = self._grouped(out_diff, self.conv_out_channels)
+            x = self._grouped(images, self.conv_in_channels)
             for n in range(self.num):
                 for g in range(self.group):
                     gemm_accumulate(dy[n, g], x[n, g].T, weight_diff[g])
-        if propagate:
-            backend.xp().matmul(self._weights().transpose(0, 2, 1), dy,
-                                out=self._grouped(bottom.mutable_diff(), self.channels))
+            return
+        for start, count in self._chunks():
+            columns = self._to_output_columns(out_diff[start:start + count])
+            col = self._columns(images[start:start + count])
+            for g in range(self.group):
+                gemm_accumulate(columns[g], col[g].T, weight_diff[g])
 
-    # -- depthwise (kernels/convolution.cu, depthwise_*) ---------------------------------------
     def _depthwise_args(self) -> tuple[int, ...]:
-        return (self.channels, self.height, self.width, *self.geometry.kernel_args(), *self.out_size)
-
-    def _forward_depthwise(self, bottom, top) -> None:
-        planes = self.num * self.channels
-        weights = self.blobs[0].get_data()
-        bias = self.blobs[1].get_data() if self.bias_term else weights  # not read without a bias
-        KERNELS.depthwise_forward(planes, bottom.get_data(), weights, bias, int(self.bias_term),
-                                  top.mutable_data(), *self._depthwise_args(),
-                                  extents=(planes, self.out_size[1]))
-
-    def _backward_depthwise(self, dy, bottom, weight_grad: bool, propagate: bool) -> None:
-        planes = self.num * self.channels
-        out_w = self.out_size[1]
-        kh, kw = self.geometry.kernel
-        if weight_grad:  # per-plane partial sums, then one fixed-order sum per weight
-            weights = self.channels * kh * kw
-            terms = self.buffer("weight_terms", (self.num * weights * out_w,))
-            KERNELS.depthwise_weight_terms(planes * kh * kw, dy, bottom.get_data(), terms,
-                                           *self._depthwise_args(), extents=(planes * kh * kw, out_w))
-            KERNELS.depthwise_weight_sum(1, terms, self.blobs[0].mutable_diff(), weights, self.num, out_w,
-                                         extents=(1, weights))
-        if propagate:
-            dx = bottom.mutable_diff()
-            dx.fill(0)
-            for kj in range(kw):  # one launch per kernel column offset keeps the GPU race-free
-                KERNELS.depthwise_backward_data_add(planes, dy, self.blobs[0].get_data(), dx,
-                                                    *self._depthwise_args(), kj, extents=(planes, out_w))
+        """The geometry arguments of the depthwise_* kernels (kernels/convolution.cu)."""
+        return (self.conv_in_channels, self.height, self.width, *self.geometry.kernel_args(), *self.out_size)
