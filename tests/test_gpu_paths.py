@@ -366,6 +366,16 @@ CASES = {
     "slice": Case('type: "Slice" slice_param { slice_point: 1 slice_point: 3 axis: 2 }', [X], num_top=3),
     "split": Case('type: "Split"', [X], num_top=3, kernels=False),
     "silence": Case('type: "Silence"', [X, X], num_top=0, kernels=False),
+    # issue 10: recurrent
+    "lstm_unit": Case('type: "LSTMUnit"', [(1, 3, 5), (1, 3, 20), (1, 3)], num_top=2,
+                      propagate=[True, True, False]),
+    "lstm": Case(f'type: "LSTM" recurrent_param {{ num_output: 3 {FILL} }}', [(3, 2, 4), (3, 2)],
+                 propagate=[True, False]),
+    "lstm_expose_hidden_static": Case(f'type: "LSTM" recurrent_param {{ num_output: 3 expose_hidden: true '
+                                      f'{FILL} }}', [(3, 2, 4), (3, 2), (2, 5), (1, 2, 3), (1, 2, 3)],
+                                      num_top=3, propagate=[True, False, True, True, True]),
+    "rnn_static": Case(f'type: "RNN" recurrent_param {{ num_output: 3 {FILL} }}', [(3, 2, 4), (3, 2), (2, 5)],
+                       propagate=[True, False, True]),
 }
 
 
