@@ -371,8 +371,8 @@ def test_a_caffemodel_written_in_caffes_layout_loads():
     """Blobs as Caffe's LSTM stores them: W_xc (4H, D), b_c (4H), W_hc (4H, H), float data."""
     rng = np.random.default_rng(17)
     hidden, inputs = 3, 4
-    values = [rng.normal(size=(4 * hidden, inputs)), rng.normal(size=4 * hidden), rng.normal(size=(4 * hidden,
-                                                                                                  hidden))]
+    values = [rng.normal(size=(4 * hidden, inputs)), rng.normal(size=4 * hidden),
+              rng.normal(size=(4 * hidden, hidden))]
     trained = caffe_pb2.NetParameter(name="seq")
     layer = trained.layer.add(name="rec", type="LSTM")
     for array in values:
@@ -415,9 +415,10 @@ def test_trains_in_a_net(tmp_path):
     """An LSTM net with a Euclidean loss: backward runs through the Net, and SGD lowers the loss."""
     from minicaffe.solver import get_solver
 
-    net_text = NET.format(kind="LSTM", fill=FILL).replace('top: "x" input_param { shape { dim: 3 dim: 2 dim: 4 } }',
-                                                         'top: "x" top: "target" input_param { shape { dim: 3 '
-                                                         'dim: 2 dim: 4 } shape { dim: 3 dim: 2 dim: 3 } }')
+    x_input = 'top: "x" input_param { shape { dim: 3 dim: 2 dim: 4 } }'
+    with_target = ('top: "x" top: "target" input_param { shape { dim: 3 dim: 2 dim: 4 } '
+                   'shape { dim: 3 dim: 2 dim: 3 } }')
+    net_text = NET.format(kind="LSTM", fill=FILL).replace(x_input, with_target)
     net_text += 'layer { name: "loss" type: "EuclideanLoss" bottom: "out" bottom: "target" top: "loss" }\n'
     (tmp_path / "net.prototxt").write_text(net_text)
     (tmp_path / "solver.prototxt").write_text(f'net: "{tmp_path / "net.prototxt"}" base_lr: 0.5 '
@@ -477,4 +478,5 @@ def test_a_new_batch_size_restarts_the_state():
     bottom[1].reshape(2, 3)
     bottom[1].data[...] = 1
     layer.run_forward(bottom, top)
-    np.testing.assert_allclose(top[0].data, lstm_reference(x, np.ones((2, 3)), params_of(layer))[0], rtol=1e-12)
+    expected = lstm_reference(x, np.ones((2, 3)), params_of(layer))[0]  # from a zero state
+    np.testing.assert_allclose(top[0].data, expected, rtol=1e-12)

@@ -98,7 +98,8 @@ class RecurrentLayer(Layer):
                 self.fail(f"has {len(self.blobs)} parameter blobs, expected {len(owners)}")
             for i, (given, owner) in enumerate(zip(self.blobs, owners)):
                 if given.shape != owner.shape:
-                    self.fail(f"parameter blob {i} has shape {list(given.shape)}, expected {list(owner.shape)}")
+                    self.fail(f"parameter blob {i} has shape {list(given.shape)}, "
+                              f"expected {list(owner.shape)}")
                 owner.data[...] = given.data
         self.blobs = owners
         # Every use of a parameter in the inner net: (inner layer, its blob index, our blob index).
