@@ -180,6 +180,16 @@ def test_rnn_forward_matches_numpy(static):
     np.testing.assert_allclose(top[0].data, expected, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_a_single_time_step(kind):
+    rng = np.random.default_rng(22)
+    x, cont = rng.normal(size=(1, 3, 2)), np.array([[0.0, 1.0, 0.0]])
+    layer, bottom, top = setup_layer(recurrent_text(kind, 2), x, cont)
+    layer.run_forward(bottom, top)
+    reference = lstm_reference if kind == "LSTM" else rnn_reference
+    np.testing.assert_allclose(top[0].data, reference(x, cont, params_of(layer))[0], rtol=1e-12)
+
+
 def test_rnn_hand_checked_values():
     # One step, one stream, one unit: h = tanh(2 * 0.5 + 0.25) = tanh(1.25), o = tanh(-1 * h + 0.5).
     layer, bottom, top = setup_layer('type: "RNN" recurrent_param { num_output: 1 }', [[[0.5]]], [[0.0]])
@@ -442,6 +452,7 @@ def test_trains_in_a_net(tmp_path):
     (((3, 2, 4), (3, 3)), r"cont \(bottom 1\) must have shape \(T, N\) = \[3, 2\]"),
     (((3, 2, 4), (3, 2, 1)), r"cont \(bottom 1\)"),
     (((3,), (3, 1)), r"x \(bottom 0\) must have at least 2 axes"),
+    (((0, 2, 4), (0, 2)), r"x \(bottom 0\) must have at least one time step"),
     (((3, 2, 4), (3, 2), (3, 5)), r"x_static \(bottom 2\) must have shape \(N, ...\) with N = 2"),
 ])
 def test_bad_shapes_are_clear_errors(arrays, message):

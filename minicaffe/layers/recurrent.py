@@ -111,6 +111,8 @@ class RecurrentLayer(Layer):
         if x.num_axes < 2:
             self.fail(f"x (bottom 0) must have at least 2 axes (T time steps, N streams, ...), "
                       f"got shape {list(x.shape)}")
+        if x.shape[0] < 1:
+            self.fail(f"x (bottom 0) must have at least one time step, got shape {list(x.shape)}")
         if cont.shape != x.shape[:2]:
             self.fail(f"cont (bottom 1) must have shape (T, N) = {list(x.shape[:2])} to match x "
                       f"{list(x.shape)}, got {list(cont.shape)}")
@@ -211,11 +213,12 @@ class _UnrolledNetBuilder:
     """The layers that RNN and LSTM share: the per-step slices of cont and of the input transform, the
     gating of the state by cont, and the concatenation of the outputs."""
 
-    def __init__(self, layer: RecurrentLayer, net: caffe_pb2.NetParameter, steps: int, outputs: int):
+    def __init__(self, layer: RecurrentLayer, net: caffe_pb2.NetParameter, steps: int, step_inputs: int):
+        """`step_inputs`: the width of what each step adds up (4H LSTM gate inputs, H for the RNN)."""
         self.layer, self.net, self.steps = layer, net, steps
         param = layer.param.recurrent_param
         self.weight_filler, self.bias_filler = param.weight_filler, param.bias_filler
-        self.outputs = outputs
+        self.step_inputs = step_inputs
 
     def inner_product(self, num_output: int, axis: int, bias: bool) -> caffe_pb2.InnerProductParameter:
         param = caffe_pb2.InnerProductParameter(num_output=num_output, axis=axis, bias_term=bias,
@@ -224,21 +227,22 @@ class _UnrolledNetBuilder:
             param.bias_filler.CopyFrom(self.bias_filler)
         return param
 
-    def inputs(self, weight: str, bias: str, static_weight: str) -> list[str]:
-        """Slices of cont, and the input transform of all steps sliced by step (plus the static input's
-        transform, the same at every step); returns the blobs to add at each step's sum (step "{t}")."""
+    def begin(self, weight: str, bias: str, static_weight: str) -> list[str]:
+        """The state inputs (h_0, ...), cont sliced by step, and the input transform weight x + bias of all
+        steps at once, sliced by step (plus the static input's transform, the same at every step).
+        Returns the names of the blobs that step t adds up, with "{t}" for the step."""
         steps, net = self.steps, self.net
         state = net.layer.add(name="state_input", type="Input", top=self.layer.state_inputs)
         state.input_param.shape.add(dim=[1, self.layer.build_streams, self.layer.num_output])
         _layer(net, "cont_slice", "Slice", ["cont"], [f"cont_{t}" for t in range(1, steps + 1)],
                slice_param=caffe_pb2.SliceParameter(axis=0))
         _layer(net, "x_transform", "InnerProduct", ["x"], [f"{weight}_x"], [weight, bias],
-               inner_product_param=self.inner_product(self.outputs, 2, True))
+               inner_product_param=self.inner_product(self.step_inputs, 2, True))
         added = [f"{weight}_x_{{t}}"]
         if self.layer.static_input:
             _layer(net, f"{weight}_x_static", "InnerProduct", ["x_static"], [f"{weight}_x_static_preshape"],
-                   [static_weight], inner_product_param=self.inner_product(self.outputs, 1, False))
-            shape = caffe_pb2.BlobShape(dim=[1, -1, self.outputs])  # one step of N streams
+                   [static_weight], inner_product_param=self.inner_product(self.step_inputs, 1, False))
+            shape = caffe_pb2.BlobShape(dim=[1, -1, self.step_inputs])  # one step of N streams
             _layer(net, f"{weight}_x_static_reshape", "Reshape", [f"{weight}_x_static_preshape"],
                    [f"{weight}_x_static"], reshape_param=caffe_pb2.ReshapeParameter(shape=shape))
             added.append(f"{weight}_x_static")
@@ -271,7 +275,7 @@ class LSTMLayer(RecurrentLayer):
     def fill_unrolled_net(self, net, steps):
         hidden = self.num_output
         build = _UnrolledNetBuilder(self, net, steps, 4 * hidden)
-        added = build.inputs("W_xc", "b_c", "W_xc_static")
+        added = build.begin("W_xc", "b_c", "W_xc_static")
         for t in range(1, steps + 1):
             conted = build.conted_state(t)
             _layer(net, f"transform_{t}", "InnerProduct", [conted], [f"W_hc_h_{t - 1}"], ["W_hc"],
@@ -295,7 +299,7 @@ class RNNLayer(RecurrentLayer):
     def fill_unrolled_net(self, net, steps):
         hidden = self.num_output
         build = _UnrolledNetBuilder(self, net, steps, hidden)
-        added = build.inputs("W_xh", "b_h", "W_xh_static")
+        added = build.begin("W_xh", "b_h", "W_xh_static")
         for t in range(1, steps + 1):
             conted = build.conted_state(t)
             _layer(net, f"W_hh_h_{t - 1}", "InnerProduct", [conted], [f"W_hh_h_{t - 1}"], ["W_hh"],
