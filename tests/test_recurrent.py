@@ -491,3 +491,10 @@ def test_a_new_batch_size_restarts_the_state():
     layer.run_forward(bottom, top)
     expected = lstm_reference(x, np.ones((2, 3)), params_of(layer))[0]  # from a zero state
     np.testing.assert_allclose(top[0].data, expected, rtol=1e-12)
+
+
+def test_refuses_in_place():
+    layer = layer_from_prototxt(recurrent_text("RNN", 3))
+    bottom = blobs_from_arrays(np.zeros((2, 1, 3)), np.zeros((2, 1)))
+    with pytest.raises(LayerError, match="cannot run in place"):
+        layer.setup(bottom, [bottom[0]])
