@@ -406,6 +406,16 @@ CASES = {
     "im2col": Case('type: "Im2col" convolution_param { kernel_size: 3 pad: 1 stride: 2 }', [X]),
     "spp_max": Case('type: "SPP" spp_param { pyramid_height: 2 }', [X]),
     "spp_ave": Case('type: "SPP" spp_param { pyramid_height: 2 pool: AVE }', [X]),
+    # issue 10: recurrent
+    "lstm_unit": Case('type: "LSTMUnit"', [(1, 3, 5), (1, 3, 20), (1, 3)], num_top=2,
+                      propagate=[True, True, False]),
+    "lstm": Case(f'type: "LSTM" recurrent_param {{ num_output: 3 {FILL} }}', [(3, 2, 4), (3, 2)],
+                 propagate=[True, False]),
+    "lstm_expose_hidden_static": Case(f'type: "LSTM" recurrent_param {{ num_output: 3 expose_hidden: true '
+                                      f'{FILL} }}', [(3, 2, 4), (3, 2), (2, 5), (1, 2, 3), (1, 2, 3)],
+                                      num_top=3, propagate=[True, False, True, True, True]),
+    "rnn_static": Case(f'type: "RNN" recurrent_param {{ num_output: 3 {FILL} }}', [(3, 2, 4), (3, 2), (2, 5)],
+                       propagate=[True, False, True]),
 }
 
 
