@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,11 +59,15 @@ def _cupy_modules() -> list[str]:
 
 
 def _clear_gpu_modules() -> None:
-    """Forget the RawModules that kernels cached per (dtype, device): they came from the fake."""
-    for module in list(sys.modules.values()):
-        for value in list(getattr(module, "__dict__", {}).values()):
-            if isinstance(value, KernelFile):
-                value._gpu_modules.clear()
+    """Forget the RawModules that kernels cached per (dtype, device): they came from the fake.
+    (Looking at every module's globals touches deprecated names of other packages, e.g. torch's: their
+    warnings are not ours.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for module in list(sys.modules.values()):
+            for value in list(getattr(module, "__dict__", {}).values()):
+                if isinstance(value, KernelFile):
+                    value._gpu_modules.clear()
 
 
 class RealCupy:
