@@ -72,10 +72,13 @@ BNLL = ("type: 'BNLL'", lambda x: np.logaddexp(0, x), sigmoid)
 SMOOTH = {  # name: (layer, x scale); inputs away from the kinks and inside the domains
     "elu": (elu(1.0), 2), "elu_alpha_0.3": (elu(0.3), 2), "elu_alpha_0": (elu(0.0), 2),
     "elu_alpha_negative": (elu(-0.5), 2),
-    "exp_e": (exp(-1, 1, 0), 1), "exp_base_2": (exp(2, 0.5, 1.5), 2), "exp_negative_scale": (exp(10, -0.3, -1), 2),
-    "log_e": (log(-1, 1, 10), 1), "log_base_2": (log(2, 0.5, 4), 2), "log_negative_scale": (log(10, -2, 9), 1),
+    "exp_e": (exp(-1, 1, 0), 1), "exp_base_2": (exp(2, 0.5, 1.5), 2),
+    "exp_negative_scale": (exp(10, -0.3, -1), 2),
+    "log_e": (log(-1, 1, 10), 1), "log_base_2": (log(2, 0.5, 4), 2),
+    "log_negative_scale": (log(10, -2, 9), 1),
     "bnll": (BNLL, 3), "swish": (swish(1.0), 2), "swish_beta_2.5": (swish(2.5), 2),
-    "swish_beta_negative": (swish(-0.7), 2), "clip": (clip(-0.5, 1.0), 2), "clip_point": (clip(0.25, 0.25), 1),
+    "swish_beta_negative": (swish(-0.7), 2),
+    "clip": (clip(-0.5, 1.0), 2), "clip_point": (clip(0.25, 0.25), 1),
 }
 
 
@@ -289,7 +292,8 @@ def test_in_place_equals_not_in_place_bit_for_bit(text, dtype, survives):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("text", ["type: 'ELU' elu_param { alpha: 0.25 }", "type: 'Exp' exp_param { scale: -2 }"])
+@pytest.mark.parametrize("text", ["type: 'ELU' elu_param { alpha: 0.25 }",
+                                  "type: 'Exp' exp_param { scale: -2 }"])
 def test_gradient_from_y_and_from_x_agree(text, dtype):
     """ELU and Exp read y back where their top survives, and recompute it from x elsewhere: the same
     gradient up to rounding."""
