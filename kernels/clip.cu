@@ -30,18 +30,19 @@ KERNEL void clip_forward_masked(const int count, const real* x, real* y, const r
   }
 }
 
-// dx = dy * [min <= x <= max] (a product, as in Caffe: a nan dy stays nan).
+// dx = dy * [min <= x <= max] (a product, as in Caffe: a nan dy stays nan; the select, not real(bool),
+// lets GCC vectorize the loop).
 KERNEL void clip_backward(const int count, const real* x, const real* dy, real* dx, const real lo,
                           const real hi) {
   PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { dx[i] = dy[i] * real(clip_passes(x[i], lo, hi)); }
+    INNER_LOOP(i, count) { dx[i] = dy[i] * (clip_passes(x[i], lo, hi) ? real(1) : real(0)); }
   }
 }
 
 // clip_backward from the mask clip_forward_masked kept.
 KERNEL void clip_backward_masked(const int count, const unsigned char* passes, const real* dy, real* dx) {
   PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { dx[i] = dy[i] * real(passes[i] != 0); }
+    INNER_LOOP(i, count) { dx[i] = dy[i] * (passes[i] != 0 ? real(1) : real(0)); }
   }
 }
 
