@@ -7,7 +7,9 @@
 (base -1, the default, means e.) ELU and Exp differentiate through y, as Caffe does. Caffe reads y from
 the top blob in backward, which a later in-place layer may have changed; here backward reads y from the
 top only where the Net says no later layer writes it (`top_data_survives`), and then keeps nothing in
-place. Elsewhere it recomputes y from x, which it keeps in place as `keeps = "input"` does. Log needs x.
+place. Elsewhere it recomputes y from x, which it keeps in place as `keeps = "input"` does. The two ways
+agree up to rounding; in place and not in place take the same way, so they give the same bits. Log
+needs x.
 """
 
 from __future__ import annotations
