@@ -421,6 +421,22 @@ CASES = {
                                       num_top=3, propagate=[True, False, True, True, True]),
     "rnn_static": Case(f'type: "RNN" recurrent_param {{ num_output: 3 {FILL} }}', [(3, 2, 4), (3, 2), (2, 5)],
                        propagate=[True, False, True]),
+    # issue 10: neurons (ELU, Exp, Log, BNLL, Threshold, Clip, Swish)
+    "elu": Case('type: "ELU" elu_param { alpha: 0.5 }', [X]),
+    "elu_in_place_reads_top": Case('type: "ELU"', [X], in_place=True, top_survives=True),  # keeps nothing
+    "elu_negative_alpha_in_place": Case('type: "ELU" elu_param { alpha: -0.3 }', [X], in_place=True,
+                                        top_survives=True),  # y does not give the branch: a copy of x
+    "exp": Case('type: "Exp" exp_param { base: 2 scale: 0.5 shift: 1 }', [X]),
+    "exp_reads_top": Case('type: "Exp" exp_param { scale: -0.7 }', [X], top_survives=True),
+    "log": Case('type: "Log" log_param { base: 10 scale: 2 shift: 9 }', [X]),
+    "log_in_place": Case('type: "Log" log_param { shift: 8 }', [X], in_place=True),
+    "bnll": Case('type: "BNLL"', [X]),
+    "bnll_in_place": Case('type: "BNLL"', [X], in_place=True),
+    "swish": Case('type: "Swish" swish_param { beta: 1.5 }', [X]),
+    "swish_in_place": Case('type: "Swish"', [X], in_place=True),
+    "clip": Case('type: "Clip" clip_param { min: -0.5 max: 1 }', [X]),
+    "clip_in_place": Case('type: "Clip" clip_param { min: -0.5 max: 1 }', [X], in_place=True),  # a mask
+    "threshold": Case('type: "Threshold" threshold_param { threshold: 0.2 }', [X], backward=False),
 }
 
 

@@ -60,7 +60,7 @@ def test_readme_writing_a_layer_example_runs():
     namespace = {"__name__": "readme_writing_a_layer"}
     try:
         exec(compile(code, "README.md: Writing a layer", "exec"), namespace)  # runs the gradient check
-        assert minicaffe.LAYERS["Swish"] is namespace["SwishLayer"]
+        assert minicaffe.LAYERS["LearnedSwish"] is namespace["LearnedSwishLayer"]
         x = np.random.default_rng(1).normal(size=(2, 3, 4))
         dy = np.random.default_rng(2).normal(size=x.shape)
         results = []
@@ -68,7 +68,7 @@ def test_readme_writing_a_layer_example_runs():
             net = minicaffe.Net(io.parse_text(
                 'force_backward: true\n'
                 'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 4 } } }\n'
-                f'layer {{ name: "swish" type: "Swish" bottom: "x" top: "{top}" }}\n',
+                f'layer {{ name: "swish" type: "LearnedSwish" bottom: "x" top: "{top}" }}\n',
                 caffe_pb2.NetParameter(), "<net>"), minicaffe.TRAIN)
             y = np.array(net.forward(x=x)[top])
             dx = np.array(net.backward(**{top: dy})["x"])
@@ -78,4 +78,4 @@ def test_readme_writing_a_layer_example_runs():
         for got, want in zip(results[1], results[0]):
             np.testing.assert_allclose(got, want, rtol=1e-6)
     finally:
-        minicaffe.LAYERS.pop("Swish", None)
+        minicaffe.LAYERS.pop("LearnedSwish", None)
