@@ -26,6 +26,7 @@ class FilterLayer(Layer):
             self.fail(f"needs one top per filtered bottom (all bottoms but the last, the selector): "
                       f"{len(bottom) - 1}, got {len(top)}")
         self.first_reshape = True
+        self.selector_index = len(bottom) - 1
 
     def reshape(self, bottom, top):
         selector, items = bottom[-1], bottom[-1].shape[0] if bottom[-1].num_axes else None
@@ -54,7 +55,7 @@ class FilterLayer(Layer):
             gather_rows(index, blob.get_data(), t.mutable_data(), blob.count_range(1))
 
     def allow_force_backward(self, bottom_index: int) -> bool:
-        return bottom_index < len(self.param.bottom) - 1
+        return bottom_index != self.selector_index
 
     def backward(self, top, propagate_down, bottom):
         if propagate_down[-1]:
