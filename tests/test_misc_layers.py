@@ -480,7 +480,7 @@ def test_filter_gradient(index):
 
 
 def test_filter_errors():
-    with pytest.raises(LayerError, match=r"'filter' \(Filter\): needs one top per filtered bottom .*1, got 2"):
+    with pytest.raises(LayerError, match=r"\(Filter\): needs one top per filtered bottom .*1, got 2"):
         run_filter([np.zeros((2, 3))], [1.0, 0.0], num_top=2)
     with pytest.raises(LayerError, match=r"the selector \(last bottom\) must have shape \(N,\) or "
                                          r"\(N, 1, \.\.\.\), got \[2, 2\]"):
