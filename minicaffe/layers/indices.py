@@ -42,8 +42,10 @@ def sum_rows_by_index(layer: Layer, index, src, dst, rows: int, width: int, accu
     if rows == 0 or width == 0:
         return
     xp = backend.xp()
+    # Positions sorted by (index, position): the keys are unique, so any sort gives this one order.
+    keys = index.astype(np.int64) * index.size + xp.arange(index.size, dtype=np.int64)
     order = layer.buffer("order", (index.size,), np.int32)
-    order[...] = xp.argsort(index, kind="stable")
+    order[...] = xp.argsort(keys)
     begin = layer.buffer("begin", (rows + 1,), np.int32)
     begin[0] = 0
     begin[1:] = xp.cumsum(xp.bincount(index, minlength=rows))
