@@ -542,3 +542,16 @@ def test_batch_reindex_refuses_to_backpropagate_to_the_indices():
     assert layer.allow_force_backward(0) and not layer.allow_force_backward(1)
     with pytest.raises(LayerError, match="cannot backpropagate to the indices"):
         backward_layer(layer, bottom, top, [np.ones((1, 2))], [True, True])
+
+
+# -- all eight -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, arrays, in_place", [
+    ('type: "MVN"', [normal(2, 3, 4)], False), ('type: "MVN"', [normal(2, 3, 4)], True),
+    ('type: "MVN" mvn_param { normalize_variance: false }', [normal(2, 3, 4)], True),
+    (EMBED, [WORDS], False), ('type: "BatchReindex"', [normal(3, 2), [2.0, 2.0]], False),
+    ('type: "Filter"', [normal(3, 2), [1.0, 0.0, 1.0]], False), ('type: "Tile" tile_param { tiles: 2 }',
+                                                              [normal(2, 3)], False)])
+def test_planned_kept_bytes_are_what_a_forward_keeps(text, arrays, in_place):
+    layer, bottom, top = run_layer(text, *arrays, in_place=in_place)
+    assert layer.planned_kept_bytes(bottom, top) == layer.kept_bytes()

@@ -28,6 +28,9 @@ class BatchReindexLayer(Layer):
         index = read_indices(self, bottom[1], bottom[0].shape[0], "index")
         gather_rows(index, bottom[0].get_data(), top[0].mutable_data(), bottom[0].count_range(1))
 
+    def planned_kept_bytes(self, bottom, top):
+        return bottom[1].count * 4  # the int32 indices (read_indices)
+
     def allow_force_backward(self, bottom_index: int) -> bool:
         return bottom_index == 0
 

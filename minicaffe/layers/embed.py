@@ -46,6 +46,9 @@ class EmbedLayer(Layer):
             BROADCAST.broadcast_add_rows(index.size, self.num_output, rows, self.blobs[1].get_data(), rows,
                                          extents=(index.size, self.num_output))
 
+    def planned_kept_bytes(self, bottom, top):
+        return bottom[0].count * 4  # the int32 indices (read_indices)
+
     def allow_force_backward(self, bottom_index: int) -> bool:
         return False
 

@@ -42,7 +42,8 @@ class MVNLayer(NeuronLayer):
         super().reshape(bottom, top)
 
     def planned_kept_bytes(self, bottom, top):
-        return super().planned_kept_bytes(bottom, top) + self.rows * self.dtype.itemsize  # inv_std
+        inv_std = self.rows * self.dtype.itemsize if self.normalize_variance else 0
+        return super().planned_kept_bytes(bottom, top) + inv_std
 
     def _row_mean(self, name: str, values=None, stage1=None, args: tuple = ()):
         """The buffer `name` set to each row's mean of `values`, or of stage1's terms (reduce.h)."""
