@@ -473,6 +473,29 @@ def test_filter_follows_the_selector_on_every_forward_even_to_no_items():
     np.testing.assert_array_equal(top[0].data, data[[0, 2]])
 
 
+def test_filter_in_a_net_changes_the_batch_size_per_forward():
+    text = """
+    layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 4 dim: 3 } } }
+    layer { name: "t" type: "Input" top: "t" input_param { shape { dim: 4 dim: 3 } } }
+    layer { name: "s" type: "Input" top: "s" input_param { shape { dim: 4 } } }
+    layer { name: "filter" type: "Filter" bottom: "x" bottom: "t" bottom: "s" top: "fx" top: "ft" }
+    layer { name: "loss" type: "EuclideanLoss" bottom: "fx" bottom: "ft" top: "loss" }
+    """
+    param = io.parse_text(text, caffe_pb2.NetParameter())
+    param.force_backward = True
+    net = Net(param, minicaffe.TRAIN)
+    x, t = normal(4, 3), normal(4, 3, seed=1)
+    for selector in ([1.0, 0, 1, 1], [0.0, 1, 0, 0]):
+        kept = np.flatnonzero(selector)
+        loss = net.forward(x=x, t=t, s=selector)["loss"]
+        np.testing.assert_allclose(loss, ((x[kept] - t[kept]) ** 2).sum() / (2 * len(kept)), rtol=1e-5)
+        assert net.blobs["fx"].shape == (len(kept), 3)
+        dx = net.backward()["x"]
+        expected = np.zeros((4, 3))
+        expected[kept] = (x[kept] - t[kept]) / len(kept)
+        np.testing.assert_allclose(dx, expected, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("index", [0, 1])
 def test_filter_gradient(index):
     check_bottom('type: "Filter"', [normal(5, 2, 3), normal(5, 4, seed=1), [1.0, 0, 1, 1, 0]], index,
