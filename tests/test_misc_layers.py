@@ -578,3 +578,12 @@ def test_batch_reindex_refuses_to_backpropagate_to_the_indices():
 def test_planned_kept_bytes_are_what_a_forward_keeps(text, arrays, in_place):
     layer, bottom, top = run_layer(text, *arrays, in_place=in_place)
     assert layer.planned_kept_bytes(bottom, top) == layer.kept_bytes()
+
+
+@pytest.mark.parametrize("text, arrays", [
+    ('type: "ArgMax"', [normal(2, 3)]), ('type: "Tile" tile_param { tiles: 2 }', [normal(2, 3)]),
+    (EMBED, [WORDS]), ('type: "BatchReindex"', [normal(3, 2), [0.0]]),
+    ('type: "Filter"', [normal(2, 3), [1.0, 0.0]])])
+def test_layers_with_a_new_top_shape_refuse_in_place(text, arrays):
+    with pytest.raises(LayerError, match="cannot run in place"):
+        run_layer(text, *arrays, in_place=True)
