@@ -437,6 +437,26 @@ CASES = {
     "clip": Case('type: "Clip" clip_param { min: -0.5 max: 1 }', [X]),
     "clip_in_place": Case('type: "Clip" clip_param { min: -0.5 max: 1 }', [X], in_place=True),  # a mask
     "threshold": Case('type: "Threshold" threshold_param { threshold: 0.2 }', [X], backward=False),
+    # issue 10: misc (ArgMax, MVN, Reduction, Tile, Embed, Parameter, Filter, BatchReindex)
+    "argmax": Case('type: "ArgMax" argmax_param { top_k: 2 out_max_val: true }', [X], backward=False),
+    "argmax_axis": Case('type: "ArgMax" argmax_param { top_k: 3 axis: 2 }', [X], backward=False),
+    "mvn": Case('type: "MVN"', [X]),
+    "mvn_across_in_place": Case('type: "MVN" mvn_param { across_channels: true }', [X], in_place=True),
+    "mvn_mean_only_big_rows": Case('type: "MVN" mvn_param { normalize_variance: false }', [(2, 3, 7, 9)]),
+    "reduction_sum": Case('type: "Reduction" reduction_param { axis: 1 coeff: 0.5 }', [X]),
+    "reduction_asum_all": Case('type: "Reduction" reduction_param { operation: ASUM }', [X]),
+    "reduction_sumsq": Case('type: "Reduction" reduction_param { operation: SUMSQ axis: 2 }', [X]),
+    "reduction_mean": Case('type: "Reduction" reduction_param { operation: MEAN axis: -1 coeff: -2 }', [X]),
+    "tile": Case('type: "Tile" tile_param { tiles: 3 }', [X]),
+    "tile_axis_0": Case('type: "Tile" tile_param { axis: 0 tiles: 2 }', [X]),
+    "embed": Case('type: "Embed" embed_param { num_output: 4 input_dim: 5 weight_filler { type: "gaussian" } '
+                  'bias_filler { type: "gaussian" } }', [("label", (3, 4), 5)], propagate=[False]),
+    "embed_no_bias": Case('type: "Embed" embed_param { num_output: 37 input_dim: 3 bias_term: false '
+                          'weight_filler { type: "gaussian" } }', [("label", (6,), 3)], propagate=[False]),
+    "parameter": Case('type: "Parameter" parameter_param { shape { dim: 2 dim: 3 } }', []),
+    "filter": Case('type: "Filter"', [(6, 3, 4), (6, 5), ("label", (6,), 2)], num_top=2,
+                   propagate=[True, True, False]),
+    "batch_reindex": Case('type: "BatchReindex"', [(4, 3, 5), ("label", (7,), 4)], propagate=[True, False]),
 }
 
 
