@@ -45,3 +45,34 @@ KERNEL void argmax_forward(const int outer, const int dim, const int inner, cons
     }
   }
 }
+
+// top_k == 1, the common case, as a scan over the axis with the contiguous j inner (so the CPU build
+// vectorizes across j): best/best_index (outer * inner each) hold the pick so far. The same ranking as
+// argmax_ranks_before: a later index wins ties, and NaN wins over numbers.
+KERNEL void argmax_top1_forward(const int outer, const int dim, const int inner, const real* x, real* best,
+                                real* best_index, real* y, const int plane_stride, const int index_offset,
+                                const int value_offset) {
+  PLANE_LOOP(p, outer) {
+    const real* xp = x + (size_t)p * dim * inner;
+    real* bp = best + (size_t)p * inner;
+    real* ip = best_index + (size_t)p * inner;
+    real* yp = y + (size_t)p * plane_stride;
+    INNER_LOOP(j, inner) {
+      bp[j] = xp[j];
+      ip[j] = real(0);
+    }
+    for (int c = 1; c < dim; ++c) {
+      const real* xc = xp + (size_t)c * inner;
+      INNER_LOOP(j, inner) {
+        const real v = xc[j], b = bp[j];
+        const bool take = v != v || (b == b && v >= b);
+        bp[j] = take ? v : b;
+        ip[j] = take ? real(c) : ip[j];
+      }
+    }
+    INNER_LOOP(j, inner) {
+      if (index_offset >= 0) yp[index_offset + j] = ip[j];
+      if (value_offset >= 0) yp[value_offset + j] = bp[j];
+    }
+  }
+}

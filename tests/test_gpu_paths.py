@@ -440,6 +440,8 @@ CASES = {
     # issue 10: misc (ArgMax, MVN, Reduction, Tile, Embed, Parameter, Filter, BatchReindex)
     "argmax": Case('type: "ArgMax" argmax_param { top_k: 2 out_max_val: true }', [X], backward=False),
     "argmax_axis": Case('type: "ArgMax" argmax_param { top_k: 3 axis: 2 }', [X], backward=False),
+    "argmax_top1": Case('type: "ArgMax" argmax_param { out_max_val: true }', [X], backward=False),
+    "argmax_top1_axis": Case('type: "ArgMax" argmax_param { axis: 1 }', [(2, 3, 7, 9)], backward=False),
     "mvn": Case('type: "MVN"', [X]),
     "mvn_across_in_place": Case('type: "MVN" mvn_param { across_channels: true }', [X], in_place=True),
     "mvn_mean_only_big_rows": Case('type: "MVN" mvn_param { normalize_variance: false }', [(2, 3, 7, 9)]),
@@ -862,6 +864,26 @@ def test_dummy_memory_and_input_layers_gpu_equal_cpu(fake_cupy):
     np.testing.assert_array_equal(gpu["c 2"], 4)
 
 
+def assert_data_layer_gpu_equals_cpu(text: str, seed: int, forwards: int) -> None:
+    """A two-top data layer gives the same batches in GPU mode (on the device) as in CPU mode."""
+    runs = []
+    for gpu in (False, True):
+        set_mode(gpu)
+        minicaffe.set_random_seed(seed)
+        layer = layer_from_prototxt(text, dtype=np.float32)
+        top = [Blob((), np.float32), Blob((), np.float32)]
+        layer.setup([], top)
+        out = {}
+        for i in range(forwards):
+            layer.forward_index = i
+            layer.reshape([], top)
+            layer.forward([], top)
+            assert on_device(top[0].get_data()) == gpu
+            out.update({f"{i} {k}": np.array(t.data) for k, t in enumerate(top)})
+        runs.append(out)
+    assert_same(runs[1], runs[0])
+
+
 def test_hdf5_data_gpu_equals_cpu(fake_cupy, tmp_path):
     h5py = pytest.importorskip("h5py")
     with h5py.File(tmp_path / "a.h5", "w") as f:
@@ -870,22 +892,7 @@ def test_hdf5_data_gpu_equals_cpu(fake_cupy, tmp_path):
     (tmp_path / "list.txt").write_text(f"{tmp_path / 'a.h5'}\n")
     text = (f'name: "h5" type: "HDF5Data" top: "data" top: "label" hdf5_data_param {{ source: '
             f'"{tmp_path / "list.txt"}" batch_size: 2 shuffle: true }}')
-    runs = []
-    for gpu in (False, True):
-        set_mode(gpu)
-        minicaffe.set_random_seed(2)
-        layer = layer_from_prototxt(text, dtype=np.float32)
-        top = [Blob((), np.float32), Blob((), np.float32)]
-        layer.setup([], top)
-        out = {}
-        for i in range(4):
-            layer.forward_index = i
-            layer.reshape([], top)
-            layer.forward([], top)
-            assert on_device(top[0].get_data()) == gpu
-            out.update({f"{i} {k}": np.array(t.data) for k, t in enumerate(top)})
-        runs.append(out)
-    assert_same(runs[1], runs[0])
+    assert_data_layer_gpu_equals_cpu(text, seed=2, forwards=4)
 
 
 IMAGE_NET = """
@@ -937,22 +944,7 @@ def test_window_data_gpu_equals_cpu(fake_cupy, tmp_path):
     text = (f'name: "windows" type: "WindowData" top: "data" top: "label" window_data_param {{ source: '
             f'"{tmp_path}/windows.txt" batch_size: 4 fg_fraction: 0.5 context_pad: 1 }} '
             "transform_param { crop_size: 5 mirror: true mean_value: 50 }")
-    runs = []
-    for gpu in (False, True):
-        set_mode(gpu)
-        minicaffe.set_random_seed(8)
-        layer = layer_from_prototxt(text, dtype=np.float32)
-        top = [Blob((), np.float32), Blob((), np.float32)]
-        layer.setup([], top)
-        out = {}
-        for i in range(3):
-            layer.forward_index = i
-            layer.reshape([], top)
-            layer.forward([], top)
-            assert on_device(top[0].get_data()) == gpu
-            out.update({f"{i} {k}": np.array(t.data) for k, t in enumerate(top)})
-        runs.append(out)
-    assert_same(runs[1], runs[0])
+    assert_data_layer_gpu_equals_cpu(text, seed=8, forwards=3)
 
 
 # -- the command line, in process ---------------------------------------------------------------------------

@@ -53,34 +53,44 @@ def reference_topk(x, axis, k):
     return indices, np.take_along_axis(x, indices, axis=axis)
 
 
+@pytest.mark.parametrize("k", [1, 3])  # top_k 1 has its own kernel (a scan that vectorizes)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 7), (2, 3, 4), (2, 3, 2, 5), (2, 1, 3, 2, 2)])
-def test_argmax_without_axis_ranks_each_item(dtype, shape):
+def test_argmax_without_axis_ranks_each_item(dtype, shape, k):
     x = normal(*shape).astype(dtype)
-    indices, values = reference_topk(x.reshape(shape[0], -1), 1, 3)
-    _, _, top = run_layer('type: "ArgMax" argmax_param { top_k: 3 }', x, dtype=dtype)
-    assert top[0].shape == (shape[0], 1, 3) + (1,) * (len(shape) - 3)
-    np.testing.assert_array_equal(top[0].data.reshape(shape[0], 3), indices)
-    _, _, top = run_layer('type: "ArgMax" argmax_param { top_k: 3 out_max_val: true }', x, dtype=dtype)
-    assert top[0].shape == (shape[0], 2, 3) + (1,) * (len(shape) - 3)
-    out = top[0].data.reshape(shape[0], 2, 3)
+    indices, values = reference_topk(x.reshape(shape[0], -1), 1, k)
+    _, _, top = run_layer(f'type: "ArgMax" argmax_param {{ top_k: {k} }}', x, dtype=dtype)
+    assert top[0].shape == (shape[0], 1, k) + (1,) * (len(shape) - 3)
+    np.testing.assert_array_equal(top[0].data.reshape(shape[0], k), indices)
+    _, _, top = run_layer(f'type: "ArgMax" argmax_param {{ top_k: {k} out_max_val: true }}', x, dtype=dtype)
+    assert top[0].shape == (shape[0], 2, k) + (1,) * (len(shape) - 3)
+    out = top[0].data.reshape(shape[0], 2, k)
     np.testing.assert_array_equal(out[:, 0], indices)
     np.testing.assert_array_equal(out[:, 1], values)
 
 
+@pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("axis", [0, 1, 2, -1])
-def test_argmax_along_an_axis(axis):
+def test_argmax_along_an_axis(axis, k):
     x = normal(3, 4, 5, 2)
-    indices, values = reference_topk(x, axis, 2)
-    _, _, top = run_layer(f'type: "ArgMax" argmax_param {{ top_k: 2 axis: {axis} }}', x)
+    indices, values = reference_topk(x, axis, k)
+    _, _, top = run_layer(f'type: "ArgMax" argmax_param {{ top_k: {k} axis: {axis} }}', x)
     np.testing.assert_array_equal(top[0].data, indices)
-    _, _, top = run_layer(f'type: "ArgMax" argmax_param {{ top_k: 2 axis: {axis} out_max_val: true }}', x)
+    _, _, top = run_layer(f'type: "ArgMax" argmax_param {{ top_k: {k} axis: {axis} out_max_val: true }}', x)
     np.testing.assert_array_equal(top[0].data, values)  # with an axis: the values only, as Caffe
 
 
 def test_argmax_ranks_nan_first():
     _, _, top = run_layer('type: "ArgMax" argmax_param { top_k: 2 }', [[1.0, np.nan, 3.0]])
     np.testing.assert_array_equal(top[0].data.ravel(), [1, 2])
+
+
+def test_argmax_top1_ties_and_nan_match_the_top_k_ranking():
+    rows = [[1.0, 3.0, 2.0, 3.0], [5.0, -1.0, 5.0, 0.0], [np.nan, 2.0, np.nan, 1.0], [2.0, np.nan, 9.0, 9.0]]
+    _, _, top = run_layer('type: "ArgMax"', rows)
+    np.testing.assert_array_equal(top[0].data.ravel(), [3, 2, 2, 1])  # later index on ties; NaN first
+    _, _, top = run_layer('type: "ArgMax" argmax_param { axis: 0 out_max_val: true }', np.array(rows).T)
+    np.testing.assert_array_equal(top[0].data.ravel(), [3, 5, np.nan, np.nan])
 
 
 def test_argmax_has_no_gradient():

@@ -65,6 +65,13 @@ class ArgMaxLayer(Layer):
             index_offset, value_offset = 0, (self.top_k if self.out_max_val else -1)
         if bottom[0].count == 0:
             return
+        if self.top_k == 1:
+            best = self.buffer("best", (self.outer, self.inner))
+            best_index = self.buffer("best_index", (self.outer, self.inner))
+            KERNELS.argmax_top1_forward(self.outer, self.dim, self.inner, bottom[0].get_data(), best,
+                                        best_index, top[0].mutable_data(), plane_stride, index_offset,
+                                        value_offset, extents=(self.outer, self.inner))
+            return
         KERNELS.argmax_forward(self.outer, self.dim, self.inner, self.top_k, bottom[0].get_data(),
                                top[0].mutable_data(), plane_stride, index_offset, value_offset,
                                extents=(self.outer, self.inner))
