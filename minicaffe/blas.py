@@ -1,4 +1,10 @@
-"""GEMM that accumulates into its output in place: c += a @ b, with BLAS's beta = 1.
+"""The GEMMs of the layers: matmul (out = a @ b) and gemm_accumulate (c += a @ b, with BLAS's beta = 1).
+
+On the CPU a large product is split by rows of its output over minicaffe's threads (threads.run_parts),
+each part one BLAS call on a single-threaded BLAS: the cores work on one GEMM without BLAS's own thread
+pool, whose spinning workers thrash on a busy machine (see threads.py). Small products stay whole: a
+hand-off to another thread costs tens of microseconds. Each output element is computed by one BLAS
+call either way.
 
 Parameter gradients add into the parameter's diff (``diff += dy.T @ x``). Written with numpy, that first
 makes a temporary the size of the parameter (150 MB for AlexNet's fc6) on every step and pays its page
@@ -12,6 +18,32 @@ from types import ModuleType
 
 import numpy as np
 
+from . import backend, threads
+
+# A product of fewer floating-point operations per part than this is not split (a part should take
+# well over the ~20-50 us that handing it to another thread costs; BLAS does ~50 GFLOP/s per core).
+PARALLEL_MIN_FLOPS = 4e6
+# Rows per part at least: fewer leave the BLAS micro-kernel (a few rows wide) mostly idle.
+PARALLEL_MIN_ROWS = 8
+
+
+def _parts(rows: int, flops: float) -> int:
+    return max(1, min(threads.kernel_threads(), rows // PARALLEL_MIN_ROWS, int(flops // PARALLEL_MIN_FLOPS)))
+
+
+def matmul(a, b, out) -> None:
+    """out = a @ b, as numpy/cupy matmul (stacked over leading axes, transposed views without copies);
+    on the CPU split by rows of `out` when large (see the module docstring)."""
+    if not isinstance(out, np.ndarray):
+        backend.xp().matmul(a, b, out=out)
+        return
+    rows = out.shape[-2]
+    parts = _parts(rows, 2.0 * out.size * a.shape[-1])
+    if parts == 1:
+        np.matmul(a, b, out=out)
+        return
+    threads.run_parts(rows, parts, lambda lo, hi: np.matmul(a[..., lo:hi, :], b, out=out[..., lo:hi, :]))
+
 
 def gemm_accumulate(a, b, c) -> None:
     """c += a @ b for 2-d arrays; c must be C-contiguous and is written in place.
@@ -23,7 +55,8 @@ def gemm_accumulate(a, b, c) -> None:
     if not c.flags.c_contiguous:
         raise ValueError("gemm_accumulate: the output must be C-contiguous (it is written in place)")
     if isinstance(c, np.ndarray):
-        cpu_gemm(1.0, a, b, 1.0, c)
+        parts = _parts(c.shape[0], 2.0 * c.size * a.shape[1])
+        threads.run_parts(c.shape[0], parts, lambda lo, hi: cpu_gemm(1.0, a[lo:hi], b, 1.0, c[lo:hi]))
     else:  # cuBLAS through CuPy, which takes C- or F-ordered operands (transposed views) without copies
         import cupy
 

@@ -16,16 +16,23 @@ the thread that runs the net), and idle threads sleep rather than spin:
     threaded GEMM then waits for a worker that is not running: the quickstart took 55-90 s with 2
     BLAS threads against 5-13 s with one (and its GEMMs are small, so one thread loses little).
 So BLAS runs on the calling thread only, set through threadpoolctl (whatever OPENBLAS_NUM_THREADS
-says). Results are the same bits for every kernel thread count (kernels/shim.h's PLANE_LOOP).
+says). A large GEMM is still spread over the cores, by minicaffe: blas.matmul / blas.gemm_accumulate
+split its output rows into parts (run_parts), each one single-threaded BLAS call on one of our threads,
+which sleep on a queue between calls instead of spinning. Kernel results are the same bits for every
+thread count (kernels/shim.h's PLANE_LOOP); GEMM results for the same thread count.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 ENV = "MINICAFFE_THREADS"
 
 _threads: int | None = None  # the configured count, None until configure() runs
+_pool: ThreadPoolExecutor | None = None  # run_parts' helper threads, made on first use
+_pool_size = 0
 
 # libgomp reads its wait policy once, when the first kernel library loads it; set before that.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
@@ -69,6 +76,27 @@ def configure(count: int | None = None) -> int:
 def kernel_threads() -> int:
     """Threads for a kernel launch's plane loops (configures with the defaults on first use)."""
     return _threads if _threads is not None else configure()
+
+
+def run_parts(count: int, parts: int, task: Callable[[int, int], None]) -> None:
+    """task(start, stop) over [0, count) cut into `parts` contiguous ranges (at most kernel_threads()),
+    run at the same time: the caller runs the first range, helper threads the others. Exceptions from
+    any range are raised here, after all ranges have finished."""
+    global _pool, _pool_size
+    parts = max(1, min(parts, kernel_threads(), count))
+    bounds = [count * i // parts for i in range(parts + 1)]
+    if parts == 1:
+        task(0, count)
+        return
+    if _pool_size < parts - 1:
+        _pool = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="minicaffe-gemm")
+        _pool_size = parts - 1
+    futures = [_pool.submit(task, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+    try:
+        task(bounds[0], bounds[1])
+    finally:
+        for future in futures:
+            future.result()
 
 
 def blas_threads() -> int:

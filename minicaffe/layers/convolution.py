@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .. import backend
-from ..blas import gemm_accumulate
+from ..blas import gemm_accumulate, matmul
 from ..kernel import KernelFile
 from ..layer import Layer, register
 
@@ -319,7 +319,7 @@ class ConvolutionLayer(Layer):
             return
         weights = self._weights()
         if self._is_pointwise():  # out[n, g] = W_g @ images[n, g], one GEMM per image and group
-            xp.matmul(weights, self._grouped(images, self.conv_in_channels),
+            matmul(weights, self._grouped(images, self.conv_in_channels),
                       out=self._grouped(out, self.conv_out_channels))
             if bias is not None:
                 out += bias[:, None]
@@ -328,7 +328,7 @@ class ConvolutionLayer(Layer):
         for start, count in self._chunks():
             col = self._columns(images[start:start + count])
             result = self._output_columns(count)
-            xp.matmul(weights, col, out=result)
+            matmul(weights, col, out=result)
             result = result.reshape(self.conv_out_channels, count, positions).transpose(1, 0, 2)
             chunk = out[start:start + count]
             if bias is None:
@@ -338,7 +338,6 @@ class ConvolutionLayer(Layer):
 
     def _backward_gemm(self, out_diff, images_diff) -> None:
         """images_diff = W^T * out_diff, written: the adjoint of the convolution (col2im)."""
-        xp = backend.xp()
         if self._is_depthwise():
             planes = self.num * self.conv_in_channels
             images_diff.fill(0)
@@ -349,13 +348,13 @@ class ConvolutionLayer(Layer):
             return
         weights_t = self._weights().transpose(0, 2, 1)
         if self._is_pointwise():
-            xp.matmul(weights_t, self._grouped(out_diff, self.conv_out_channels),
+            matmul(weights_t, self._grouped(out_diff, self.conv_out_channels),
                       out=self._grouped(images_diff, self.conv_in_channels))
             return
         for start, count in self._chunks():
             columns = self._to_output_columns(out_diff[start:start + count])
             dcol = self._column_buffer(count)  # (group, K / group, count * positions)
-            xp.matmul(weights_t, columns, out=dcol)
+            matmul(weights_t, columns, out=dcol)
             col2im(dcol, images_diff[start:start + count], self.geometry, self.out_size)
 
     def _weight_gemm(self, images, out_diff) -> None:

@@ -10,8 +10,7 @@ allocates an array of the weights' size.
 
 from __future__ import annotations
 
-from .. import backend
-from ..blas import gemm_accumulate
+from ..blas import gemm_accumulate, matmul
 from ..layer import Layer, register
 
 
@@ -55,7 +54,7 @@ class InnerProductLayer(Layer):
     def forward(self, bottom, top):
         x = bottom[0].get_data().reshape(self.batch, self.inputs)
         y = top[0].mutable_data().reshape(self.batch, self.num_output)
-        backend.xp().matmul(x, self._weights().T, out=y)
+        matmul(x, self._weights().T, out=y)
         if self.bias_term:
             y += self.blobs[1].get_data()
 
@@ -73,4 +72,4 @@ class InnerProductLayer(Layer):
             bias_diff += dy.sum(axis=0)
         if propagate_down[0]:
             dx = bottom[0].mutable_diff().reshape(self.batch, self.inputs)
-            backend.xp().matmul(dy, self._weights(), out=dx)
+            matmul(dy, self._weights(), out=dx)
