@@ -129,7 +129,8 @@ class GraphBuilder:
             step.fail("its output's axis 0 is not the batch: export without --dynamic-batch")
         return self.ints(f"{step.name}_shape", dims)
 
-    def reduce(self, op: str, x: str, axes: list[int], keepdims: int, step: Step, out: str | None = None) -> str:
+    def reduce(self, op: str, x: str, axes: list[int], keepdims: int, step: Step,
+               out: str | None = None) -> str:
         """Reduce* over `axes`: an attribute before opset 18 (ReduceSum: 13), an input from then on."""
         if op == "ReduceSum" or self.opset >= 18:
             return self.node(op, [x, self.ints(f"{step.name}_axes", axes)], out, step, keepdims=keepdims)
@@ -148,7 +149,8 @@ def exports(*types: str):
     return wrap
 
 
-def scale_shift(g: GraphBuilder, step: Step, x: str, scale: float, shift: float, out: str | None = None) -> str:
+def scale_shift(g: GraphBuilder, step: Step, x: str, scale: float, shift: float,
+                out: str | None = None) -> str:
     """scale * x + shift, the trivial factors folded away."""
     if scale != 1:
         last = shift == 0 and out
@@ -231,14 +233,16 @@ def power(g, s):
 @exports("Exp")
 def exp(g, s):
     inner_scale, outer_scale = s.layer.args  # y = base^shift * exp(ln(base) * scale * x), as Caffe
-    e = g.node("Exp", [scale_shift(g, s, s.bottoms[0], inner_scale, 0.0)], None if outer_scale != 1 else s.tops[0], s)
+    inner = scale_shift(g, s, s.bottoms[0], inner_scale, 0.0)
+    e = g.node("Exp", [inner], None if outer_scale != 1 else s.tops[0], s)
     if outer_scale != 1:
         g.node("Mul", [e, g.constant(f"{s.name}_outer_scale", outer_scale)], s.tops[0], s)
 
 
 @exports("Log")
 def log(g, s):
-    inner = scale_shift(g, s, s.bottoms[0], s.layer.scale, s.layer.shift)  # y = ln(scale x + shift) / ln(base)
+    # y = ln(scale x + shift) / ln(base)
+    inner = scale_shift(g, s, s.bottoms[0], s.layer.scale, s.layer.shift)
     ln = g.node("Log", [inner], s.tops[0] if s.layer.output_scale == 1 else None, s)
     if s.layer.output_scale != 1:
         g.node("Mul", [ln, g.constant(f"{s.name}_output_scale", s.layer.output_scale)], s.tops[0], s)
@@ -294,8 +298,8 @@ def bias(g, s):
 @exports("BatchNorm")
 def batch_norm(g, s):
     if not s.layer.use_global_stats:
-        s.fail("normalizes with the batch's statistics (use_global_stats: false): export uses the stored ones, "
-               "set use_global_stats: true")
+        s.fail("normalizes with the batch's statistics (use_global_stats: false): an export uses the "
+               "stored ones, set use_global_stats: true")
     if len(s.bottom_shapes[0]) < 2:
         s.fail("needs a bottom with a channel axis (axis 1)")
     mean, variance, factor = (blob.data for blob in s.layer.blobs)
@@ -303,7 +307,8 @@ def batch_norm(g, s):
     channels = mean.shape[0]
     inputs = [s.bottoms[0], g.constant(f"{s.name}_unit_scale", np.ones(channels)),
               g.constant(f"{s.name}_zero_shift", np.zeros(channels)),
-              g.constant(f"{s.name}_mean", mean * factor), g.constant(f"{s.name}_variance", variance * factor)]
+              g.constant(f"{s.name}_mean", mean * factor),
+              g.constant(f"{s.name}_variance", variance * factor)]
     g.node("BatchNormalization", inputs, s.tops[0], s, epsilon=s.layer.eps)
 
 
@@ -329,7 +334,8 @@ def softmax(g, s):
 def lrn(g, s):
     layer = s.layer
     if layer.region == caffe_pb2.LRNParameter.ACROSS_CHANNELS:
-        g.node("LRN", s.bottoms, s.tops[0], s, size=layer.size, alpha=layer.alpha, beta=layer.beta, bias=layer.k)
+        g.node("LRN", s.bottoms, s.tops[0], s, size=layer.size, alpha=layer.alpha, beta=layer.beta,
+               bias=layer.k)
         return
     # WITHIN_CHANNEL: x * (1 + alpha / size^2 * box_sum(x^2))^-beta; an AveragePool counting the padding
     # (Caffe's AVE divisor is size^2 everywhere at stride 1 with pad (size - 1) / 2).
@@ -391,11 +397,12 @@ def pooling(g, s):
         s.fail("the argmax mask top has no ONNX form")
     x, (_, _, height, width) = s.bottoms[0], s.bottom_shapes[0]
     pooled = s.top_shapes[0][2:]
-    kernel, stride, pad = (layer.kernel_h, layer.kernel_w), (layer.stride_h, layer.stride_w), (layer.pad_h, layer.pad_w)
+    kernel, stride = (layer.kernel_h, layer.kernel_w), (layer.stride_h, layer.stride_w)
+    pad, sizes = (layer.pad_h, layer.pad_w), (height, width)
     # Padding at the end: what the net's output size needs (ceil rounding); negative: rows no window reads.
-    end = [(p - 1) * st + k - size - pd for p, st, k, size, pd in zip(pooled, stride, kernel, (height, width), pad)]
+    end = [(p - 1) * st + k - size - pd for p, st, k, size, pd in zip(pooled, stride, kernel, sizes, pad)]
     if min(end) < 0:
-        ends = [size + min(e, 0) for size, e in zip((height, width), end)]
+        ends = [size + min(e, 0) for size, e in zip(sizes, end)]
         x = g.node("Slice", [x, g.ints(f"{s.name}_starts", [0, 0]), g.ints(f"{s.name}_ends", ends),
                              g.ints(f"{s.name}_axes", [2, 3])], None, s)
         end = [max(e, 0) for e in end]
@@ -407,9 +414,10 @@ def pooling(g, s):
     # AVE: the sum over the zero-padded window divided by Caffe's divisor: the window clipped to the
     # image plus its padding (pad at the start, pad at the end, not more).
     if any(pads):
-        x = g.node("Pad", [x, g.ints(f"{s.name}_pads", [0, 0, pad[0], pad[1], 0, 0, end[0], end[1]])], None, s)
+        all_pads = g.ints(f"{s.name}_pads", [0, 0, pad[0], pad[1], 0, 0, end[0], end[1]])
+        x = g.node("Pad", [x, all_pads], None, s)
     divisors = []
-    for p, st, k, size, pd in zip(pooled, stride, kernel, (height, width), pad):
+    for p, st, k, size, pd in zip(pooled, stride, kernel, sizes, pad):
         start = np.arange(p) * st - pd
         divisors.append(np.minimum(start + k, size + pd) - start)
     divisor = np.outer(*divisors)
@@ -417,7 +425,8 @@ def pooling(g, s):
     exact = np.all(correction == 1)
     mean = g.node("AveragePool", [x], s.tops[0] if exact else None, s, **attributes)
     if not exact:
-        g.node("Mul", [mean, g.constant(f"{s.name}_divisor_correction", correction[None, None])], s.tops[0], s)
+        correction = g.constant(f"{s.name}_divisor_correction", correction[None, None])
+        g.node("Mul", [mean, correction], s.tops[0], s)
 
 
 # -- shapes ---------------------------------------------------------------------------------------------
@@ -445,9 +454,9 @@ def crop(g, s):
     axes = list(range(axis, len(shape)))
     if g.dynamic_batch and axis == 0:
         s.fail("crops the batch axis: export without --dynamic-batch")
-    g.node("Slice", [s.bottoms[0], g.ints(f"{s.name}_starts", [offsets[a] for a in axes]),
-                     g.ints(f"{s.name}_ends", [offsets[a] + shape[a] for a in axes]), g.ints(f"{s.name}_axes", axes)],
-           s.tops[0], s)
+    starts = g.ints(f"{s.name}_starts", [offsets[a] for a in axes])
+    ends = g.ints(f"{s.name}_ends", [offsets[a] + shape[a] for a in axes])
+    g.node("Slice", [s.bottoms[0], starts, ends, g.ints(f"{s.name}_axes", axes)], s.tops[0], s)
 
 
 @exports("Tile")
@@ -515,9 +524,11 @@ def export_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False):
         name, type_name = net._layer_names[i], layer.type
         where = f"layer '{name}' ({type_name})"
         if type_name in DATA_LAYERS:
-            raise OnnxExportError(f"{where} is a data layer: export a deploy net whose inputs are Input layers")
+            raise OnnxExportError(f"{where} is a data layer: export a deploy net, whose inputs are Input "
+                                  "layers")
         if type_name in TRAINING_LAYERS:
-            raise OnnxExportError(f"{where} is a training/scoring layer with no ONNX form: export a deploy net")
+            raise OnnxExportError(f"{where} is a training/scoring layer with no ONNX form: export a "
+                                  "deploy net")
         if type_name not in EXPORTERS and type_name not in ("Input", "Split", "Dropout", "Silence"):
             raise OnnxExportError(f"{where} has no exact ONNX form")
         tops = []
@@ -525,8 +536,8 @@ def export_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False):
             remaining[blob] -= 1
             # The last version of a blob keeps its name; earlier ones (in place) get the writer's too.
             tops.append(g.take(blob) if remaining[blob] == 0 else g.fresh(f"{blob}_{name}"))
-        for j, blob in enumerate(net.top_names[i]):
-            shapes[tops[j]] = tuple(net.top_vecs[i][j].shape)
+        for top, blob in zip(tops, net.top_vecs[i]):
+            shapes[top] = tuple(blob.shape)
         bottoms = [current[blob] for blob in net.bottom_names[i]]
         if type_name == "Input":
             inputs.extend(tops)
@@ -548,7 +559,8 @@ def export_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False):
     graph = helper.make_graph(g.nodes, net.name or "minicaffe", [value_info(n, shapes[n]) for n in inputs],
                               [value_info(current[o], shapes[current[o]]) for o in net.outputs],
                               list(g.initializers.values()))
-    model = helper.make_model(graph, producer_name="minicaffe", opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model(graph, producer_name="minicaffe",
+                              opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = min(model.ir_version, 8 if opset <= 17 else 9)  # what onnxruntimes of that opset read
     onnx.checker.check_model(model)
     return model
