@@ -59,6 +59,7 @@ class Step:
     bottom_shapes: list[tuple[int, ...]]
     top_shapes: list[tuple[int, ...]]
     bottom_blobs: list  # the net's Blobs (a layer's axis helpers take them)
+    top_blobs: list
 
     @property
     def param(self) -> caffe_pb2.LayerParameter:
@@ -388,6 +389,27 @@ def inner_product(g, s):
         g.node("Add", [y, *bias], s.tops[0], s)
 
 
+@exports("Embed")
+def embed(g, s):
+    """A row of the table per index (Caffe's indices are floats holding integers)."""
+    table = g.constant(f"{s.name}_weight", s.layer.blobs[0].data)
+    indices = g.node("Cast", s.bottoms, None, s, to=g.onnx.TensorProto.INT64)
+    y = g.node("Gather", [table, indices], None if s.layer.bias_term else s.tops[0], s, axis=0)
+    if s.layer.bias_term:
+        g.node("Add", [y, g.constant(f"{s.name}_bias", s.layer.blobs[1].data)], s.tops[0], s)
+
+
+@exports("Parameter")
+def parameter(g, s):
+    g.node("Identity", [g.constant(f"{s.name}_value", s.layer.blobs[0].data)], s.tops[0], s)
+
+
+@exports("BatchReindex")
+def batch_reindex(g, s):
+    indices = g.node("Cast", [s.bottoms[1]], None, s, to=g.onnx.TensorProto.INT64)
+    g.node("Gather", [s.bottoms[0], indices], s.tops[0], s, axis=0)
+
+
 # -- pooling --------------------------------------------------------------------------------------------
 
 @exports("Pooling")
@@ -429,7 +451,26 @@ def pooling(g, s):
         g.node("Mul", [mean, correction], s.tops[0], s)
 
 
+@exports("SPP")
+def spp(g, s):
+    """As the inner layers the SPP layer runs (Split, Pooling, Flatten, Concat), each exported as itself."""
+    names = {id(s.bottom_blobs[0]): s.bottoms[0], id(s.top_blobs[0]): s.tops[0]}
+    for layer, bottoms, tops in s.layer.layers:
+        for blob in tops:
+            names.setdefault(id(blob), g.fresh(f"{layer.name}_out"))
+        inner = Step(layer.name, layer, [names[id(b)] for b in bottoms], [names[id(t)] for t in tops],
+                     [tuple(b.shape) for b in bottoms], [tuple(t.shape) for t in tops], bottoms, tops)
+        EXPORTERS[layer.type](g, inner)
+
+
 # -- shapes ---------------------------------------------------------------------------------------------
+
+@exports("Split", "Dropout")
+def identity(g, s):
+    """A copy of the bottom per top (Dropout: the identity in TEST)."""
+    for top in s.tops:
+        g.node("Identity", [s.bottoms[0]], top, s)
+
 
 @exports("Flatten", "Reshape")
 def reshape(g, s):
@@ -529,7 +570,7 @@ def export_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False):
         if type_name in TRAINING_LAYERS:
             raise OnnxExportError(f"{where} is a training/scoring layer with no ONNX form: export a "
                                   "deploy net")
-        if type_name not in EXPORTERS and type_name not in ("Input", "Split", "Dropout", "Silence"):
+        if type_name not in EXPORTERS and type_name not in ("Input", "Silence"):
             raise OnnxExportError(f"{where} has no exact ONNX form")
         tops = []
         for blob in net.top_names[i]:
@@ -541,12 +582,9 @@ def export_graph(net, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False):
         bottoms = [current[blob] for blob in net.bottom_names[i]]
         if type_name == "Input":
             inputs.extend(tops)
-        elif type_name in ("Split", "Dropout"):  # the identity in TEST
-            for top in tops:
-                g.node("Identity", bottoms, top, None)
         elif type_name != "Silence":
             step = Step(name, layer, bottoms, tops, [tuple(b.shape) for b in net.bottom_vecs[i]],
-                        [tuple(t.shape) for t in net.top_vecs[i]], net.bottom_vecs[i])
+                        [tuple(t.shape) for t in net.top_vecs[i]], net.bottom_vecs[i], net.top_vecs[i])
             EXPORTERS[type_name](g, step)
         current.update(zip(net.top_names[i], tops))
 
@@ -574,11 +612,12 @@ def export_onnx(net, path: str | Path, opset: int = DEFAULT_OPSET, dynamic_batch
     return model
 
 
-def check_onnx(net, model, seed: int = 0, batch: int | None = None) -> dict[str, tuple[float, float]]:
-    """Run `model` (a path or ModelProto) in onnxruntime and `net` on the same seeded normal inputs;
-    returns {output: (max abs error, max abs value)} and raises OnnxExportError when an error exceeds
-    TOLERANCE times its output's max abs value. `batch`: run at this batch size (a dynamic-batch
-    export), reshaping the net's inputs."""
+def check_onnx(net, model, seed: int = 0, batch: int | None = None,
+               inputs: dict[str, np.ndarray] | None = None) -> dict[str, tuple[float, float]]:
+    """Run `model` (a path or ModelProto) in onnxruntime and `net` on the same seeded normal inputs (or
+    the arrays `inputs` gives by name, e.g. indices for an Embed); returns {output: (max abs error, max
+    abs value)} and raises OnnxExportError when an error exceeds TOLERANCE times its output's max abs
+    value. `batch`: run at this batch size (a dynamic-batch export), reshaping the net's inputs."""
     try:
         import onnxruntime
     except ImportError:
@@ -595,7 +634,8 @@ def check_onnx(net, model, seed: int = 0, batch: int | None = None) -> dict[str,
         if batch is not None:
             shape = (batch, *shape[1:])
             net.blobs[name].reshape(shape)
-        feeds[name] = rng.standard_normal(shape).astype(np.float32)
+        given = (inputs or {}).get(name)
+        feeds[name] = (rng.standard_normal(shape) if given is None else given).astype(np.float32)
     if batch is not None:
         net.reshape()
     expected = {name: np.array(value, np.float64) for name, value in net.forward(**feeds).items()}

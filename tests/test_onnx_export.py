@@ -32,12 +32,12 @@ def initializers(model) -> dict[str, np.ndarray]:
     return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
-def exported_and_checked(net: Net, tmp_path: Path, **options) -> tuple:
+def exported_and_checked(net: Net, tmp_path: Path, inputs=None, **options) -> tuple:
     """Export `net` to a file, read it back, check it in onnxruntime; (model, check report)."""
     path = tmp_path / "net.onnx"
     minicaffe.export_onnx(net, path, **options)
     model = onnx.load(str(path))
-    report = check_onnx(net, path)
+    report = check_onnx(net, path, inputs=inputs)
     assert set(report) == set(net.outputs)
     return model, report
 
@@ -254,6 +254,15 @@ LAYER_NETS = {
     "flatten_reshape": one_layer('type: "Flatten" flatten_param { axis: 1 end_axis: 2 }', (2, 3, 4, 5))
     + 'layer { name: "r" type: "Reshape" bottom: "y" top: "r" '
       "reshape_param { shape { dim: 0 dim: -1 dim: 2 } } }",
+    "spp_max": one_layer('type: "SPP" spp_param { pyramid_height: 3 pool: MAX }', (2, 3, 7, 9)),
+    "spp_ave": one_layer('type: "SPP" spp_param { pyramid_height: 3 pool: AVE }', (2, 3, 7, 9)),
+    "spp_one_level": one_layer('type: "SPP" spp_param { pyramid_height: 1 pool: AVE }', (2, 3, 5, 5)),
+    "embed": one_layer('type: "Embed" embed_param { num_output: 4 input_dim: 6 }', (2, 3)),
+    "batch_reindex": input_layer((3, 2, 4)) + input_layer((5,), "index")
+    + 'layer { name: "l" type: "BatchReindex" bottom: "data" bottom: "index" top: "y" }',
+    "parameter": input_layer((2, 3))
+    + 'layer { name: "p" type: "Parameter" top: "p" parameter_param { shape { dim: 2 dim: 3 } } }'
+    + 'layer { name: "e" type: "Eltwise" bottom: "data" bottom: "p" top: "y" }',
     "dropout_split_in_place": one_layer('type: "ReLU"')
     + 'layer { name: "d" type: "Dropout" bottom: "y" top: "y" dropout_param { dropout_ratio: 0.5 } }'
     + 'layer { name: "sp" type: "Split" bottom: "y" top: "a" top: "b" }'
@@ -261,10 +270,16 @@ LAYER_NETS = {
 }
 
 
+# Inputs that must be indices rather than the seeded normal values check_onnx feeds by default.
+INDEX_INPUTS = {"embed": {"data": np.array([[0, 5, 2], [2, 1, 3]])},
+                "batch_reindex": {"index": [2, 0, 2, 1, 0]}}
+
+
 @pytest.mark.parametrize("name", list(LAYER_NETS))
 def test_layer(name, tmp_path):
     net = seeded_net(LAYER_NETS[name])
-    model, report = exported_and_checked(net, tmp_path)
+    inputs = {blob: np.asarray(value) for blob, value in INDEX_INPUTS.get(name, {}).items()}
+    model, report = exported_and_checked(net, tmp_path, inputs)
     assert [o.name for o in model.graph.output] == net.outputs
     assert all(largest > 0 for _, largest in report.values())
 
@@ -331,9 +346,11 @@ def test_in_place_blobs_get_unique_names_and_outputs_keep_theirs(tmp_path):
 # -- what is refused --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, message", [
-    (one_layer('type: "Embed" embed_param { num_output: 3 input_dim: 5 }', (2, 3)),
-     "layer 'l' (Embed) has no exact ONNX form"),
-    (one_layer('type: "SPP" spp_param { pyramid_height: 2 }'), "layer 'l' (SPP) has no exact ONNX form"),
+    (input_layer((2, 3, 4, 4)) + 'layer { name: "l" type: "Im2col" bottom: "data" top: "y" '
+     "convolution_param { kernel_size: 3 } }", "layer 'l' (Im2col) has no exact ONNX form"),
+    (input_layer((2, 3)) + input_layer((2,), "keep")
+     + 'layer { name: "f" type: "Filter" bottom: "data" bottom: "keep" top: "y" }',
+     "layer 'f' (Filter) has no exact ONNX form"),
     (one_layer('type: "ArgMax" argmax_param { top_k: 2 axis: 1 }'), "layer 'l' (ArgMax): top_k 2"),
     (input_layer((2, 3, 4, 4)) + 'layer { name: "pool" type: "Pooling" bottom: "data" top: "y" top: "mask" '
      "pooling_param { pool: MAX kernel_size: 2 } }", "layer 'pool' (Pooling): the argmax mask"),
@@ -347,6 +364,18 @@ def test_unsupported_layers_are_named(text, message):
     net = seeded_net(text)
     with pytest.raises(OnnxExportError, match=message.replace("(", r"\(").replace(")", r"\)")):
         export_graph(net)
+
+
+@pytest.mark.parametrize("name", ["flatten_reshape", "ip_axis2_transpose", "argmax_items_max_val", "crop",
+                                  "max_ceil_pad", "ave_ceil_pad", "spp_ave", "batch_norm_scale",
+                                  "mvn_across"])
+def test_dynamic_batch(name, tmp_path):
+    """Exported with a free batch axis, run at another batch size than the prototxt's."""
+    net = seeded_net(LAYER_NETS[name])
+    path = tmp_path / "net.onnx"
+    minicaffe.export_onnx(net, path, dynamic_batch=True)
+    check_onnx(net, path, batch=5)
+    assert all(net.blobs[name].shape[0] == 5 for name in net.inputs)
 
 
 def test_dynamic_batch_refuses_what_fixes_the_batch():
@@ -377,10 +406,11 @@ def test_cli_export_with_check(mtcnn_dir, tmp_path, capsys):
 
 
 def test_cli_unsupported_layer_is_one_line(tmp_path, capsys):
-    model = tmp_path / "spp.prototxt"
-    model.write_text(one_layer('type: "SPP" spp_param { pyramid_height: 2 }'))
+    model = tmp_path / "im2col.prototxt"
+    model.write_text(input_layer((2, 3, 4, 4)) + 'layer { name: "l" type: "Im2col" bottom: "data" '
+                     'top: "y" convolution_param { kernel_size: 3 } }')
     code = main(["export", "--model", str(model), "-o", str(tmp_path / "x.onnx")])
     err = capsys.readouterr().err
     assert one_line_error(code, err, log_lines=True)
-    assert "layer 'l' (SPP) has no exact ONNX form" in err
+    assert "layer 'l' (Im2col) has no exact ONNX form" in err
     assert not (tmp_path / "x.onnx").exists()
