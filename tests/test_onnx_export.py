@@ -414,3 +414,24 @@ def test_cli_unsupported_layer_is_one_line(tmp_path, capsys):
     assert one_line_error(code, err, log_lines=True)
     assert "layer 'l' (Im2col) has no exact ONNX form" in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_readme_table_lists_every_layer_type_as_exported():
+    """README's table: every registered layer type once, "exact" exactly for the types with an exporter."""
+    from minicaffe.onnx_export import EXPORTERS
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Export to ONNX"):]
+    section = section[:section.index("\n## ")]
+    verdicts = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if not line.startswith("| ") or cells[0] == "Layer type":
+            continue
+        for type_name in cells[0].split(", "):
+            assert type_name not in verdicts, type_name
+            verdicts[type_name] = cells[2]
+    assert set(verdicts) == set(minicaffe.LAYERS)
+    exported = set(EXPORTERS) | {"Input", "Silence"}
+    assert {t for t, verdict in verdicts.items() if verdict.startswith("exact")} == exported
+    assert {t for t, verdict in verdicts.items() if verdict == "error"} == set(minicaffe.LAYERS) - exported
