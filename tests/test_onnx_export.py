@@ -326,6 +326,14 @@ def test_ave_pooling_divisor_is_caffes_not_onnxs():
     assert np.abs(got[..., 3, :] - caffe[..., 3, :]).min() > 0
 
 
+def test_clip_gives_min_for_nan_as_caffe(tmp_path):
+    net = seeded_net(LAYER_NETS["clip"])
+    x = np.random.default_rng(1).standard_normal(net.blobs["data"].shape)
+    x[0, 0, 0, :3] = np.nan
+    check_onnx(net, export_graph(net), inputs={"data": x})
+    assert (net.blobs["y"].data[0, 0, 0, :3] == -0.5).all()
+
+
 def test_in_place_blobs_get_unique_names_and_outputs_keep_theirs(tmp_path):
     text = (input_layer((2, 3, 5, 5))
             + 'layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" '
