@@ -645,9 +645,13 @@ def check_onnx(net, model, seed: int = 0, batch: int | None = None,
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
     report, failed = {}, []
     for name in net.outputs:
-        reference = expected[name]
-        difference = np.abs(got[name] - reference)
-        difference[np.isnan(got[name]) & np.isnan(reference)] = 0  # NaN where minicaffe has NaN agrees
+        if np.shape(got[name]) != np.shape(expected[name]):
+            failed.append(f"{name}: shape {list(np.shape(got[name]))}, minicaffe's "
+                          f"{list(np.shape(expected[name]))}")
+            continue
+        reference, result = np.atleast_1d(expected[name]), np.atleast_1d(got[name])
+        difference = np.abs(result - reference)
+        difference[np.isnan(result) & np.isnan(reference)] = 0  # NaN where minicaffe has NaN agrees
         error = float(np.max(difference)) if reference.size else 0.0
         largest = float(np.nanmax(np.abs(reference))) if np.isfinite(reference).any() else 0.0
         report[name] = (error, largest)
