@@ -392,6 +392,12 @@ def test_dynamic_batch_refuses_what_fixes_the_batch():
         export_graph(net, dynamic_batch=True)
 
 
+def test_train_phase_net_is_refused():
+    net = Net(text_format.Parse(LAYER_NETS["relu"], caffe_pb2.NetParameter()), minicaffe.TRAIN)
+    with pytest.raises(OnnxExportError, match="TRAIN phase: export a TEST-phase"):
+        export_graph(net)
+
+
 def test_bad_opset():
     with pytest.raises(OnnxExportError, match="opset 9 is not supported"):
         export_graph(seeded_net(LAYER_NETS["relu"]), opset=9)
@@ -411,6 +417,16 @@ def test_cli_export_with_check(mtcnn_dir, tmp_path, capsys):
     model = onnx.load(str(out_path))
     assert model.opset_import[0].version == 13
     assert "prelu1_slope" in initializers(model)
+
+
+def test_cli_dynamic_batch(mtcnn_dir, tmp_path, capsys):
+    out_path = tmp_path / "det1.onnx"
+    code = main(["export", "--model", str(mtcnn_dir / "det1.prototxt"), "--weights",
+                 str(mtcnn_dir / "det1.caffemodel"), "-o", str(out_path), "--dynamic-batch"])
+    assert code == 0 and "dynamic batch" in capsys.readouterr().out
+    model = onnx.load(str(out_path))
+    assert all(v.type.tensor_type.shape.dim[0].dim_param == "batch"
+               for v in [*model.graph.input, *model.graph.output])
 
 
 def test_cli_unsupported_layer_is_one_line(tmp_path, capsys):
