@@ -223,6 +223,11 @@ def threshold(g, s):
 def power(g, s):
     p = s.param.power_param
     exponent = float(p.power)
+    if exponent == 0 or p.scale == 0:  # a constant, as Caffe: 1, or shift^power whatever x is (inf, NaN)
+        value = 1.0 if exponent == 0 else float(np.float32(p.shift)) ** exponent
+        g.node("Expand", [g.constant(f"{s.name}_value", value), g.node("Shape", s.bottoms, None, s)],
+               s.tops[0], s)
+        return
     if exponent == 1:
         scale_shift(g, s, s.bottoms[0], float(p.scale), float(p.shift), s.tops[0])
         return

@@ -218,6 +218,9 @@ LAYER_NETS = {
                                       "normalize_variance: false }"),
     "mvn_across": one_layer('type: "MVN" mvn_param { across_channels: true eps: 0.01 }'),
     "power_affine_square": one_layer('type: "Power" power_param { power: 2 scale: 0.5 shift: 1 }'),
+    "power_constant": one_layer('type: "Power" power_param { power: 3 scale: 0 shift: 1.5 }'),
+    "power_zero": one_layer('type: "Power" power_param { power: 0 scale: 2 }'),
+    "power_identity": one_layer('type: "Power"'),
     "power_linear": one_layer('type: "Power" power_param { scale: -3 shift: 0.25 }'),
     "power_root": one_layer('type: "AbsVal"')
     + 'layer { name: "p" type: "Power" bottom: "y" top: "z" power_param { power: 0.5 scale: 2 shift: 0.1 } }',
