@@ -16,6 +16,7 @@ from .classifier import Classifier, Detector
 from .layer import LAYERS, TEST, TRAIN, Layer, LayerError, register
 from .net import Net, NetError
 from .net_spec import NetSpec, layer_type_list, params, to_proto
+from .onnx_export import export_onnx
 from .rng import set_random_seed
 from .solver import (
     AdaDeltaSolver,
@@ -35,5 +36,5 @@ __all__ = [
     "set_device", "set_mode_cpu", "set_mode_gpu", "set_random_seed",
     "io", "NetSpec", "params", "to_proto", "layer_type_list",  # caffe.layers.<Type>: layers/__init__.py
     "Solver", "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver", "AdaDeltaSolver", "AdamSolver",
-    "get_solver", "Classifier", "Detector",
+    "get_solver", "Classifier", "Detector", "export_onnx",
 ]

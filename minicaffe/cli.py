@@ -44,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-mnist": ("convert_mnist", "IDX images + labels -> LMDB of Datum (as Caffe's convert_mnist_data)"),  # noqa: E501
     "upgrade-net": ("upgrade_net", "a V0/V1 net (prototxt or .caffemodel) -> today's format (as upgrade_net_proto_*)"),  # noqa: E501
     "upgrade-solver": ("upgrade_solver", "a solver with the old solver_type enum -> today's format"),
+    "export": ("export", "a deploy net + weights -> ONNX (--onnx), --check: compared in onnxruntime"),
 }
 
 
