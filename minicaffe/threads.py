@@ -105,11 +105,9 @@ def blas_threads() -> int:
 
 
 def _limit_blas(count: int) -> None:
+    import scipy.linalg.blas  # noqa: F401  scipy's own OpenBLAS (blas.cpu_gemm's) must be loaded to be limited
     from threadpoolctl import threadpool_limits
 
-    from .blas import load_cpu_blas
-
-    load_cpu_blas()  # scipy's own OpenBLAS (the gradient GEMMs) must be loaded to be limited too
     threadpool_limits(limits=count, user_api="blas")
 
 
