@@ -68,8 +68,9 @@ def gemm_accumulate(a, b, c) -> None:
 def load_cpu_blas() -> ModuleType:
     """scipy's BLAS wrappers, imported on first use (scipy.linalg takes a few tenths of a second).
 
-    scipy ships its own OpenBLAS, a second library beside numpy's with its own thread pool: whoever sets
-    BLAS thread counts (threadpoolctl limits only the libraries already loaded) calls this first."""
+    scipy ships its own OpenBLAS, a second library beside numpy's with its own thread pool: threads.py,
+    which sets BLAS thread counts (threadpoolctl limits only the libraries already loaded), imports it
+    first."""
     from scipy.linalg import blas
 
     return blas
