@@ -23,6 +23,7 @@ from .. import backend
 from ..blas import gemm_accumulate, matmul
 from ..kernel import KernelFile
 from ..layer import Layer, register
+from .reduce import channel_sums_of
 
 KERNELS = KernelFile("convolution.cu")
 
@@ -300,7 +301,7 @@ class ConvolutionLayer(Layer):
         for i, (b, t) in enumerate(zip(bottom, top)):
             dy = self._outputs(t.get_diff())
             if bias_grad:
-                self.blobs[1].mutable_diff()[...] += dy.sum(axis=(0, 2))
+                channel_sums_of(self, dy.shape, dy, self.blobs[1].mutable_diff())  # fixed order, no temporary
             if weight_grad:
                 self._weight_gemm(self._images(b.get_data()), dy)
             if propagate_down[i]:

@@ -13,8 +13,11 @@ diff (_forward_gemm), and the weight gradient is _weight_gemm of (top diff, bott
 
 from __future__ import annotations
 
+import math
+
 from ..layer import register
 from .convolution import ConvolutionLayer
+from .reduce import channel_sums_of
 
 
 @register("Deconvolution")
@@ -47,7 +50,8 @@ class DeconvolutionLayer(ConvolutionLayer):
         for i, (b, t) in enumerate(zip(bottom, top)):
             dy = self._images(t.get_diff())
             if bias_grad:
-                self.blobs[1].mutable_diff()[...] += dy.sum(axis=(0, 2, 3))
+                dims = (dy.shape[0], dy.shape[1], math.prod(dy.shape[2:]))
+                channel_sums_of(self, dims, dy, self.blobs[1].mutable_diff())
             if weight_grad:
                 self._weight_gemm(dy, self._outputs(b.get_data()))
             if propagate_down[i]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ..blas import gemm_accumulate, matmul
 from ..layer import Layer, register
+from .reduce import channel_sums_of
 
 
 @register("InnerProduct")
@@ -68,8 +69,7 @@ class InnerProductLayer(Layer):
             else:
                 gemm_accumulate(dy.T, x, weight_diff)
         if self.bias_term and self.param_propagate_down[1]:
-            bias_diff = self.blobs[1].mutable_diff()
-            bias_diff += dy.sum(axis=0)
+            channel_sums_of(self, (self.batch, self.num_output, 1), dy, self.blobs[1].mutable_diff())
         if propagate_down[0]:
             dx = bottom[0].mutable_diff().reshape(self.batch, self.inputs)
             matmul(dy, self._weights(), out=dx)
