@@ -7,27 +7,19 @@
 
 // sigmoid(x) = 0.5 * tanh(0.5 x) + 0.5: no overflow of exp(-x) for large negative x.
 KERNEL void sigmoid_forward(const int count, const real* x, real* y) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { y[i] = real(0.5) * tanh(real(0.5) * x[i]) + real(0.5); }
-  }
+  ELEMENT_LOOP(i, count) { y[i] = real(0.5) * tanh(real(0.5) * x[i]) + real(0.5); }
 }
 
 KERNEL void sigmoid_backward(const int count, const real* y, const real* dy, real* dx) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { dx[i] = dy[i] * y[i] * (real(1) - y[i]); }
-  }
+  ELEMENT_LOOP(i, count) { dx[i] = dy[i] * y[i] * (real(1) - y[i]); }
 }
 
 KERNEL void tanh_forward(const int count, const real* x, real* y) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { y[i] = tanh(x[i]); }
-  }
+  ELEMENT_LOOP(i, count) { y[i] = tanh(x[i]); }
 }
 
 KERNEL void tanh_backward(const int count, const real* y, const real* dy, real* dx) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { dx[i] = dy[i] * (real(1) - y[i] * y[i]); }
-  }
+  ELEMENT_LOOP(i, count) { dx[i] = dy[i] * (real(1) - y[i] * y[i]); }
 }
 
 // The sign of x kept in a byte: bit 0 for x > 0, bit 1 for x < 0 (neither for 0 and nan).
@@ -39,31 +31,23 @@ DEVICE real absval_dx(const unsigned char code, const real g) {
 }
 
 KERNEL void absval_forward(const int count, const real* x, real* y) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { y[i] = fabs(x[i]); }
-  }
+  ELEMENT_LOOP(i, count) { y[i] = fabs(x[i]); }
 }
 
 // absval_forward that also keeps sign = sign_code(x) for backward (y may be x).
 KERNEL void absval_forward_masked(const int count, const real* x, real* y, unsigned char* sign) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) {
-      const real v = x[i];
-      sign[i] = sign_code(v);
-      y[i] = fabs(v);
-    }
+  ELEMENT_LOOP(i, count) {
+    const real v = x[i];
+    sign[i] = sign_code(v);
+    y[i] = fabs(v);
   }
 }
 
 KERNEL void absval_backward(const int count, const real* x, const real* dy, real* dx) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { dx[i] = absval_dx(sign_code(x[i]), dy[i]); }
-  }
+  ELEMENT_LOOP(i, count) { dx[i] = absval_dx(sign_code(x[i]), dy[i]); }
 }
 
 // absval_backward from the signs absval_forward_masked kept.
 KERNEL void absval_backward_masked(const int count, const unsigned char* sign, const real* dy, real* dx) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { dx[i] = absval_dx(sign[i], dy[i]); }
-  }
+  ELEMENT_LOOP(i, count) { dx[i] = absval_dx(sign[i], dy[i]); }
 }

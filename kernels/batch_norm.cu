@@ -31,20 +31,16 @@ KERNEL void bn_normalize(const int planes, const int spatial, const int channels
 // passes the batch statistics with factor 1; the global path the stored sums with 1 / their weight.
 KERNEL void bn_channel_stats(const int channels, const real* mean_sum, const real* var_sum,
                              const real factor, const real eps, real* mean, real* inv_std) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(c, channels) {
-      mean[c] = mean_sum[c] * factor;
-      inv_std[c] = real(1) / sqrt(var_sum[c] * factor + eps);
-    }
+  ELEMENT_LOOP(c, channels) {
+    mean[c] = mean_sum[c] * factor;
+    inv_std[c] = real(1) / sqrt(var_sum[c] * factor + eps);
   }
 }
 
 // Running sums: stat = stat * decay + weight * batch (Caffe's axpby on the stored blobs).
 KERNEL void bn_update_stat(const int count, const real* batch, real* stat, const real decay,
                            const real weight) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { stat[i] = stat[i] * decay + weight * batch[i]; }
-  }
+  ELEMENT_LOOP(i, count) { stat[i] = stat[i] * decay + weight * batch[i]; }
 }
 
 // Batch-statistics backward: dx = (dy - mean(dy)[c] - mean(dy * y)[c] * y) * inv_std[c].

@@ -13,20 +13,16 @@ DEVICE real clip_value(const real v, const real lo, const real hi) {
 DEVICE bool clip_passes(const real v, const real lo, const real hi) { return v >= lo && v <= hi; }
 
 KERNEL void clip_forward(const int count, const real* x, real* y, const real lo, const real hi) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { y[i] = clip_value(x[i], lo, hi); }
-  }
+  ELEMENT_LOOP(i, count) { y[i] = clip_value(x[i], lo, hi); }
 }
 
 // clip_forward that also keeps passes = (min <= x <= max) for backward (y may be x).
 KERNEL void clip_forward_masked(const int count, const real* x, real* y, const real lo, const real hi,
                                 unsigned char* passes) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) {
-      const real v = x[i];
-      passes[i] = clip_passes(v, lo, hi);
-      y[i] = clip_value(v, lo, hi);
-    }
+  ELEMENT_LOOP(i, count) {
+    const real v = x[i];
+    passes[i] = clip_passes(v, lo, hi);
+    y[i] = clip_value(v, lo, hi);
   }
 }
 
@@ -34,21 +30,15 @@ KERNEL void clip_forward_masked(const int count, const real* x, real* y, const r
 // lets GCC vectorize the loop).
 KERNEL void clip_backward(const int count, const real* x, const real* dy, real* dx, const real lo,
                           const real hi) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { dx[i] = dy[i] * (clip_passes(x[i], lo, hi) ? real(1) : real(0)); }
-  }
+  ELEMENT_LOOP(i, count) { dx[i] = dy[i] * (clip_passes(x[i], lo, hi) ? real(1) : real(0)); }
 }
 
 // clip_backward from the mask clip_forward_masked kept.
 KERNEL void clip_backward_masked(const int count, const unsigned char* passes, const real* dy, real* dx) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { dx[i] = dy[i] * (passes[i] != 0 ? real(1) : real(0)); }
-  }
+  ELEMENT_LOOP(i, count) { dx[i] = dy[i] * (passes[i] != 0 ? real(1) : real(0)); }
 }
 
 // Threshold: y = 1 where x > threshold, else 0 (nan gives 0). It has no backward (see threshold's layer).
 KERNEL void threshold_forward(const int count, const real* x, real* y, const real threshold) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { y[i] = x[i] > threshold ? real(1) : real(0); }
-  }
+  ELEMENT_LOOP(i, count) { y[i] = x[i] > threshold ? real(1) : real(0); }
 }

@@ -26,23 +26,18 @@ DEVICE unsigned int dropout_fmix32(unsigned int h) {
 KERNEL void dropout_forward(const int count, const real* x, real* y, real* mask,
                             const unsigned key, const unsigned counter, const real ratio,
                             const real scale) {
-  PLANE_LOOP(p, 1) {
-    const unsigned int stream = dropout_fmix32(key ^ dropout_fmix32(counter + MC_GOLDEN));
-    INNER_LOOP(i, count) {
-      const unsigned int h =
-          dropout_fmix32(dropout_fmix32(stream ^ ((unsigned int)i * MC_GOLDEN)) + stream);
-      const real u = real(h >> 8) * real(5.9604644775390625e-08);  // 2^-24
-      const real m = u >= ratio ? real(1) : real(0);
-      mask[i] = m;
-      y[i] = x[i] * m * scale;
-    }
+  const unsigned int stream = dropout_fmix32(key ^ dropout_fmix32(counter + MC_GOLDEN));
+  ELEMENT_LOOP(i, count) {
+    const unsigned int h = dropout_fmix32(dropout_fmix32(stream ^ ((unsigned int)i * MC_GOLDEN)) + stream);
+    const real u = real(h >> 8) * real(5.9604644775390625e-08);  // 2^-24
+    const real m = u >= ratio ? real(1) : real(0);
+    mask[i] = m;
+    y[i] = x[i] * m * scale;
   }
 }
 
 // dx = dy * mask * scale; dy and dx may be the same array (in place).
 KERNEL void dropout_backward(const int count, const real* dy, const real* mask, real* dx,
                              const real scale) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { dx[i] = dy[i] * mask[i] * scale; }
-  }
+  ELEMENT_LOOP(i, count) { dx[i] = dy[i] * mask[i] * scale; }
 }

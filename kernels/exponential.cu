@@ -12,20 +12,16 @@ DEVICE real elu_value(const real v, const real alpha) {
 }
 
 KERNEL void elu_forward(const int count, const real* x, real* y, const real alpha) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { y[i] = elu_value(x[i], alpha); }
-  }
+  ELEMENT_LOOP(i, count) { y[i] = elu_value(x[i], alpha); }
 }
 
 // dx = dy where x > 0, dy * (alpha + y) elsewhere (Caffe's convention at x == 0).
 KERNEL void elu_backward(const int count, const real* kept, const int kept_is_y, const real* dy, real* dx,
                          const real alpha) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) {
-      const real v = kept[i];
-      const real y = kept_is_y ? v : elu_value(v, alpha);
-      dx[i] = v > real(0) ? dy[i] : dy[i] * (alpha + y);
-    }
+  ELEMENT_LOOP(i, count) {
+    const real v = kept[i];
+    const real y = kept_is_y ? v : elu_value(v, alpha);
+    dx[i] = v > real(0) ? dy[i] : dy[i] * (alpha + y);
   }
 }
 
@@ -37,36 +33,28 @@ DEVICE real exp_value(const real v, const real inner_scale, const real outer_sca
 
 KERNEL void exp_forward(const int count, const real* x, real* y, const real inner_scale,
                         const real outer_scale) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { y[i] = exp_value(x[i], inner_scale, outer_scale); }
-  }
+  ELEMENT_LOOP(i, count) { y[i] = exp_value(x[i], inner_scale, outer_scale); }
 }
 
 // dx = dy * y * inner_scale.
 KERNEL void exp_backward(const int count, const real* kept, const int kept_is_y, const real* dy, real* dx,
                          const real inner_scale, const real outer_scale) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) {
-      const real v = kept[i];
-      const real y = kept_is_y ? v : exp_value(v, inner_scale, outer_scale);
-      dx[i] = y * dy[i] * inner_scale;
-    }
+  ELEMENT_LOOP(i, count) {
+    const real v = kept[i];
+    const real y = kept_is_y ? v : exp_value(v, inner_scale, outer_scale);
+    dx[i] = y * dy[i] * inner_scale;
   }
 }
 
 // Log: y = output_scale * log(scale * x + shift), with output_scale = 1 / ln(base).
 KERNEL void log_forward(const int count, const real* x, real* y, const real scale, const real shift,
                         const real output_scale) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { y[i] = output_scale * log(scale * x[i] + shift); }
-  }
+  ELEMENT_LOOP(i, count) { y[i] = output_scale * log(scale * x[i] + shift); }
 }
 
 // dx = dy * gradient_scale / (scale * x + shift), gradient_scale = scale / ln(base); from x (y gives x
 // back only up to rounding).
 KERNEL void log_backward(const int count, const real* x, const real* dy, real* dx, const real scale,
                          const real shift, const real gradient_scale) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { dx[i] = dy[i] * (gradient_scale / (scale * x[i] + shift)); }
-  }
+  ELEMENT_LOOP(i, count) { dx[i] = dy[i] * (gradient_scale / (scale * x[i] + shift)); }
 }

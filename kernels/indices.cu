@@ -9,13 +9,11 @@
 
 // index[i] = values[i] when it is an integer in [0, limit), else -1 (the layer reports it).
 KERNEL void read_indices(const int count, const real* values, const int limit, int* index) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) {
-      const real v = values[i];
-      const bool in_range = v >= real(0) && v < real(limit);  // false for NaN
-      const int k = in_range ? (int)v : 0;
-      index[i] = in_range && real(k) == v ? k : -1;
-    }
+  ELEMENT_LOOP(i, count) {
+    const real v = values[i];
+    const bool in_range = v >= real(0) && v < real(limit);  // false for NaN
+    const int k = in_range ? (int)v : 0;
+    index[i] = in_range && real(k) == v ? k : -1;
   }
 }
 

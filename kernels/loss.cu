@@ -78,18 +78,14 @@ KERNEL void softmax_loss_backward(const int outer, const int channels, const int
 
 // d = a - b; the layer takes the loss as dot(d, d) / (2 num).
 KERNEL void euclidean_diff(const int count, const real* a, const real* b, real* d) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { d[i] = a[i] - b[i]; }
-  }
+  ELEMENT_LOOP(i, count) { d[i] = a[i] - b[i]; }
 }
 
 // dx = sign * top_diff / num * d (sign +1 for the first bottom, -1 for the second).
 KERNEL void euclidean_backward(const int count, const real* d, const real* top_diff,
                                const real sign_over_num, real* dx) {
   const real alpha = sign_over_num * top_diff[0];
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { dx[i] = alpha * d[i]; }
-  }
+  ELEMENT_LOOP(i, count) { dx[i] = alpha * d[i]; }
 }
 
 // Caffe's kLOG_THRESHOLD: InfogainLoss and MultinomialLogisticLoss clamp a probability to it before the

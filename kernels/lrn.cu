@@ -67,12 +67,10 @@ DEVICE real lrn_power(const real scale, const real beta) {
 // scale = shift + mult * sum (in place on `sum` allowed), y = x * scale^-beta.
 KERNEL void lrn_forward_output(const int count, const real* x, const real* sum, real* scale, real* y,
                                const real shift, const real mult, const real beta) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) {
-      const real s = shift + mult * sum[i];
-      scale[i] = s;
-      y[i] = x[i] * lrn_power(s, beta);
-    }
+  ELEMENT_LOOP(i, count) {
+    const real s = shift + mult * sum[i];
+    scale[i] = s;
+    y[i] = x[i] * lrn_power(s, beta);
   }
 }
 
@@ -80,19 +78,15 @@ KERNEL void lrn_forward_output(const int count, const real* x, const real* sum, 
 // later in-place layer that overwrote the top does not matter.
 KERNEL void lrn_backward_ratio(const int count, const real* x, const real* dy, const real* scale,
                                real* ratio, real* dx, const real beta) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) {
-      const real power = lrn_power(scale[i], beta);
-      dx[i] = dy[i] * power;
-      ratio[i] = dy[i] * x[i] * power / scale[i];
-    }
+  ELEMENT_LOOP(i, count) {
+    const real power = lrn_power(scale[i], beta);
+    dx[i] = dy[i] * power;
+    ratio[i] = dy[i] * x[i] * power / scale[i];
   }
 }
 
 // Last backward step: dx -= coeff * x * window_sum(ratio), coeff = 2 * mult * beta.
 KERNEL void lrn_backward_finish(const int count, const real* x, const real* ratio_sum, real* dx,
                                 const real coeff) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { dx[i] -= coeff * x[i] * ratio_sum[i]; }
-  }
+  ELEMENT_LOOP(i, count) { dx[i] -= coeff * x[i] * ratio_sum[i]; }
 }

@@ -5,7 +5,5 @@
 // inv_std[r] = 1 / (sqrt(var[r]) + eps): Caffe's MVN adds eps to the standard deviation (BatchNorm adds
 // it to the variance).
 KERNEL void mvn_inv_std(const int rows, const real* var, const real eps, real* inv_std) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(r, rows) { inv_std[r] = real(1) / (sqrt(var[r]) + eps); }
-  }
+  ELEMENT_LOOP(r, rows) { inv_std[r] = real(1) / (sqrt(var[r]) + eps); }
 }

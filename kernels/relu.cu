@@ -15,35 +15,27 @@ DEVICE real relu_dx(const bool positive, const real g, const real negative_slope
 }
 
 KERNEL void relu_forward(const int count, const real* x, real* y, const real negative_slope) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { y[i] = relu_value(x[i], negative_slope); }
-  }
+  ELEMENT_LOOP(i, count) { y[i] = relu_value(x[i], negative_slope); }
 }
 
 // relu_forward that also keeps positive = x > 0 for backward (y may be x).
 KERNEL void relu_forward_masked(const int count, const real* x, real* y, const real negative_slope,
                                 unsigned char* positive) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) {
-      const real v = x[i];
-      positive[i] = relu_positive(v);
-      y[i] = relu_value(v, negative_slope);
-    }
+  ELEMENT_LOOP(i, count) {
+    const real v = x[i];
+    positive[i] = relu_positive(v);
+    y[i] = relu_value(v, negative_slope);
   }
 }
 
 // Picks the branch from the forward's input x. dx may alias dy.
 KERNEL void relu_backward(const int count, const real* x, const real* dy, real* dx,
                           const real negative_slope) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { dx[i] = relu_dx(relu_positive(x[i]), dy[i], negative_slope); }
-  }
+  ELEMENT_LOOP(i, count) { dx[i] = relu_dx(relu_positive(x[i]), dy[i], negative_slope); }
 }
 
 // relu_backward from the mask relu_forward_masked kept.
 KERNEL void relu_backward_masked(const int count, const unsigned char* positive, const real* dy, real* dx,
                                  const real negative_slope) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { dx[i] = relu_dx(positive[i] != 0, dy[i], negative_slope); }
-  }
+  ELEMENT_LOOP(i, count) { dx[i] = relu_dx(positive[i] != 0, dy[i], negative_slope); }
 }

@@ -106,6 +106,20 @@ static thread_local int mc_threads = 1;
   _Pragma("omp parallel for schedule(static) num_threads(mc_threads) if(mc_threads > 1)") \
   for (int p = 0; p < (n); ++p)
 #define INNER_LOOP(j, n) _Pragma("omp simd") for (int j = 0; j < (n); ++j)
+// An element-wise kernel is one loop over independent elements. On the CPU the elements go in blocks
+// of MC_ELEMENT_BLOCK, each block a vectorized loop, and the blocks are split over the threads like
+// planes. The blocks do not depend on the thread count, so neither does any result: an element meets
+// the same code (a vector lane, or the scalar tail of its block) on any number of threads. (Vector and
+// scalar exp/log from libmvec and libm may differ in the last bit.) minicaffe.kernel gives threads to a
+// launch of a kernel whose body uses ELEMENT_LOOP, although it is launched as one plane.
+#define MC_ELEMENT_BLOCK 4096
+DEVICE int mc_element_block_end(const int n, const int block) {
+  return n - block * MC_ELEMENT_BLOCK < MC_ELEMENT_BLOCK ? n : (block + 1) * MC_ELEMENT_BLOCK;
+}
+#define ELEMENT_LOOP(i, n)                                                            \
+  PLANE_LOOP(mc_block, (n) / MC_ELEMENT_BLOCK + ((n) % MC_ELEMENT_BLOCK != 0))        \
+  _Pragma("omp simd") for (int i = mc_block * MC_ELEMENT_BLOCK;                       \
+                           i < mc_element_block_end((n), mc_block); ++i)
 #endif
 #endif
 
@@ -121,6 +135,8 @@ DEVICE int mc_next_index(const int j, const long long stride, const long long n)
 #define INNER_LOOP(j, n)                                                      \
   for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < (n);                 \
        j = mc_next_index(j, (long long)blockDim.x * gridDim.x, (n)))
+// Element-wise: one plane (launched with extents (1, n)).
+#define ELEMENT_LOOP(i, n) PLANE_LOOP(mc_plane, 1) INNER_LOOP(i, n)
 #endif
 
 // max/min as plain selects: std::fmax/fmin block GCC's vectorizer (they handle NaN specially).

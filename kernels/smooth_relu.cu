@@ -19,34 +19,26 @@ DEVICE real log_one_plus(const real e) {
 
 // max(x, 0) + log(1 + exp(-|x|)): Caffe's two branches in one expression, no overflow of exp.
 KERNEL void bnll_forward(const int count, const real* x, real* y) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) {
-      const real v = x[i];
-      y[i] = (v > real(0) ? v : real(0)) + log_one_plus(exp(-fabs(v)));
-    }
+  ELEMENT_LOOP(i, count) {
+    const real v = x[i];
+    y[i] = (v > real(0) ? v : real(0)) + log_one_plus(exp(-fabs(v)));
   }
 }
 
 KERNEL void bnll_backward(const int count, const real* x, const real* dy, real* dx) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { dx[i] = dy[i] * sigmoid_of(x[i]); }
-  }
+  ELEMENT_LOOP(i, count) { dx[i] = dy[i] * sigmoid_of(x[i]); }
 }
 
 KERNEL void swish_forward(const int count, const real* x, real* y, const real beta) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) { y[i] = x[i] * sigmoid_of(beta * x[i]); }
-  }
+  ELEMENT_LOOP(i, count) { y[i] = x[i] * sigmoid_of(beta * x[i]); }
 }
 
 // Caffe's form beta y + s (1 - beta y), with y and s = sigmoid(beta x) recomputed from x.
 KERNEL void swish_backward(const int count, const real* x, const real* dy, real* dx, const real beta) {
-  PLANE_LOOP(p, 1) {
-    INNER_LOOP(i, count) {
-      const real v = x[i];
-      const real s = sigmoid_of(beta * v);
-      const real beta_y = beta * (v * s);
-      dx[i] = dy[i] * (beta_y + s * (real(1) - beta_y));
-    }
+  ELEMENT_LOOP(i, count) {
+    const real v = x[i];
+    const real s = sigmoid_of(beta * v);
+    const real beta_y = beta * (v * s);
+    dx[i] = dy[i] * (beta_y + s * (real(1) - beta_y));
   }
 }

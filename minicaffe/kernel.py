@@ -18,9 +18,10 @@ Integer arguments and loop extents must fit the kernels' 32-bit ints: a launch w
 more is refused on both devices (KernelError naming the file, kernel, argument and value) rather than
 wrapped to a negative count by ctypes or refused later by CuPy.
 
-On the CPU a launch of at least PARALLEL_MIN_WORK elements (planes * inner) over more than one plane
-runs its plane loops on minicaffe.threads.kernel_threads() OpenMP threads, through the wrapper
-mc_cpu_NAME(threads, args...) built with each kernel; the results are the same bits for any count.
+On the CPU a launch of at least PARALLEL_MIN_WORK elements (planes * inner) over more than one plane,
+or of an element-wise kernel (ELEMENT_LOOP), runs its loops on minicaffe.threads.kernel_threads()
+OpenMP threads, through the wrapper mc_cpu_NAME(threads, args...) built with each kernel; the results
+are the same bits for any count.
 
 With MINICAFFE_RACECHECK=1 (or =spread) the CPU launches run the race-check build instead (see
 `race_grid`).
@@ -207,6 +208,15 @@ class KernelFile:
         return parse_parameters(self.source)
 
     @cached_property
+    def element_wise(self) -> frozenset[str]:
+        """The kernels whose body is an ELEMENT_LOOP (kernels/shim.h): their one plane is split over the
+        CPU threads, which the plane loop of other one-plane kernels cannot be."""
+        starts = [(match.start(), match.group(1)) for match in _DECL.finditer(self.source)]
+        ends = [start for start, _ in starts[1:]] + [len(self.source)]
+        return frozenset(name for (start, name), end in zip(starts, ends)
+                         if "ELEMENT_LOOP(" in self.source[start:end])
+
+    @cached_property
     def signatures(self) -> dict[str, list[str]]:
         """Kernel name -> argument kinds (`parameters` without the names)."""
         return {name: [kind for kind, _ in params] for name, params in self.parameters.items()}
@@ -276,7 +286,8 @@ class KernelFile:
         caps = race_grid()
         if caps is None:
             planes, inner = extents
-            count = threads.kernel_threads() if planes > 1 and planes * inner >= PARALLEL_MIN_WORK else 1
+            splits = planes > 1 or name in self.element_wise
+            count = threads.kernel_threads() if splits and planes * inner >= PARALLEL_MIN_WORK else 1
             getattr(self._cpu_library(real), "mc_cpu_" + name)(count, *c_args)
         elif min(extents) > 0:
             grid, block = launch_geometry(extents, RACE_BLOCKS, *caps)

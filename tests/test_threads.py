@@ -27,6 +27,10 @@ KERNEL void plane_threads(const int planes, const int inner, real* out) {
     INNER_LOOP(j, inner) { out[(size_t)p * inner + j] = real(thread); }
   }
 }
+// Each element records the OpenMP thread that ran it.
+KERNEL void element_threads(const int count, real* out) {
+  ELEMENT_LOOP(i, count) { out[i] = real(omp_get_thread_num()); }
+}
 """
 
 
@@ -76,6 +80,43 @@ def test_small_launches_stay_on_one_thread(four_threads, probe, monkeypatch):
     assert plane_threads(probe, 1, inner=1000) == [0]  # one plane: nothing to split
 
 
+def test_element_wise_kernels_split_their_one_plane(four_threads, probe):
+    assert probe.element_wise == {"element_threads"}
+    block = 4096  # MC_ELEMENT_BLOCK: the elements go to the threads in blocks of this many
+    out = np.full(8 * block + 5, -1, np.float32)
+    probe.element_threads(out.size, out, extents=out.size)
+    per_block = out[::block].astype(int).tolist()
+    assert per_block == [0, 0, 0, 1, 1, 2, 2, 3, 3]  # 9 blocks (the last one short), static schedule
+    assert (out.reshape(-1)[:8 * block].reshape(8, block) == out[:8 * block:block, None]).all()
+    threads.configure(1)
+    probe.element_threads(out.size, out, extents=out.size)
+    assert (out == 0).all()
+
+
+def test_large_gemms_are_split_by_rows_over_the_threads(four_threads, monkeypatch):
+    from minicaffe import blas
+
+    calls = []
+    run_parts = threads.run_parts
+    monkeypatch.setattr(threads, "run_parts", lambda count, parts, task: (calls.append((count, parts)),
+                                                                          run_parts(count, parts, task)))
+    monkeypatch.setattr(blas, "PARALLEL_MIN_FLOPS", 1.0)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 30)), rng.normal(size=(30, 20))
+    out = np.empty((40, 20))
+    blas.matmul(a, b, out)
+    np.testing.assert_allclose(out, a @ b, rtol=1e-12)
+    c = np.ones((40, 20))
+    blas.gemm_accumulate(a, b, c)
+    np.testing.assert_allclose(c, a @ b + 1, rtol=1e-12)
+    stacked = np.empty((3, 40, 20))
+    blas.matmul(rng.normal(size=(3, 40, 30)), b, stacked)
+    assert calls == [(40, 4), (40, 4), (40, 4)]  # 40 rows: 4 parts of 10 rows
+    monkeypatch.setattr(blas, "PARALLEL_MIN_FLOPS", 1e12)
+    blas.matmul(a, b, out)
+    assert len(calls) == 3  # small: one call on this thread
+
+
 LAYERS = {
     "convolution": ('type: "Convolution" convolution_param { num_output: 5 kernel_size: 3 stride: 2 pad: 1 '
                     'weight_filler { type: "gaussian" std: 1 } bias_filler { type: "gaussian" std: 1 } }',
@@ -87,6 +128,15 @@ LAYERS = {
     "lrn": ('type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 }', (3, 6, 5, 7)),
     "softmax": ('type: "Softmax"', (3, 6, 5, 7)),
     "batch norm": ('type: "BatchNorm"', (3, 4, 5, 7)),
+    # element-wise kernels (ELEMENT_LOOP): 12,876 elements, 4 blocks of the one plane over the threads
+    "relu": ('type: "ReLU" relu_param { negative_slope: 0.1 }', (3, 4, 37, 29)),
+    "tanh": ('type: "TanH"', (3, 4, 37, 29)),
+    "dropout": ('type: "Dropout" dropout_param { dropout_ratio: 0.3 }', (3, 4, 37, 29)),
+    "power": ('type: "Power" power_param { power: 2 scale: 0.5 shift: 1 }', (3, 4, 37, 29)),
+    "elu": ('type: "ELU" elu_param { alpha: 0.5 }', (3, 4, 37, 29)),
+    "inner product": ('type: "InnerProduct" inner_product_param { num_output: 40 '
+                      'weight_filler { type: "gaussian" std: 1 } bias_filler { type: "gaussian" std: 1 } }',
+                      (48, 30)),
 }
 
 
