@@ -12,6 +12,11 @@ Nothing already saved is lost: snapshots are written whole or not at all (see So
 A NaN or inf loss stops training with an error naming the first non-finite blob (the snapshots already
 written are kept); --allow-nan keeps training instead, as Caffe does.
 
+Under mpirun / mpiexec / srun (K processes, found from the launcher's environment), each process is one
+rank of a data-parallel run (minicaffe.parallel, over MPI): each reads its share of the data, gradients
+are averaged after every backward, rank 0 alone logs, tests and snapshots; `--sync-timeout` bounds how
+long a rank waits for the others before ending the job with an error.
+
 `--solver quickstart` trains the embedded example: a small conv net on scikit-learn's 8x8 digits,
 converted to LMDB on first use; it runs offline in well under a minute on a CPU.
 """
@@ -19,10 +24,11 @@ converted to LMDB on first use; it runs offline in well under a minute on a CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
-from .. import log
+from .. import log, parallel
 from ..example import default_work_dir, quickstart_solver, report
 from ..proto import caffe_pb2
 from ..solver import SnapshotLock, Solver, read_solver
@@ -50,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-nan", "--allow_nan", dest="allow_nan", action="store_true",
                         help="keep training after a NaN or inf loss, warning once (Caffe's behaviour); "
                              "by default training stops with an error naming the first non-finite blob")
+    parser.add_argument("--sync-timeout", "--sync_timeout", dest="sync_timeout", type=float,
+                        default=parallel.DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help="under mpirun: how long a rank waits for the others in one gradient exchange "
+                             "before ending the job with an error (a rank died or hangs); more than rank "
+                             f"0's longest test phase (default {parallel.DEFAULT_TIMEOUT:g})")
     for name, default, what in (("sigint_effect", "stop", "Ctrl-C"), ("sighup_effect", "snapshot", "SIGHUP"),
                                 ("sigterm_effect", "stop", "SIGTERM")):
         parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=default,
@@ -61,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --snapshot to resume training or --weights to finetune, not both")
     common.parse_gpu(args.gpu)  # a bad value is an error before the quickstart's data is written
     quickstart = args.solver == QUICKSTART and not Path(args.solver).exists()
+    comm = _communicator(args, quickstart)
     if quickstart:
         param, base_dir = quickstart_solver(args.work_dir)
     elif args.work_dir is not None:
@@ -82,22 +94,50 @@ def run(args: argparse.Namespace) -> int:
     elif args.weights:
         param.ClearField("weights")
         param.weights.append(args.weights)
-    with SnapshotLock(param.snapshot_prefix):
-        solver = _solve(args, param, base_dir)
+    if comm is None:
+        with SnapshotLock(param.snapshot_prefix):
+            solver = _solve(args, param, base_dir)
+    else:
+        try:
+            with SnapshotLock(param.snapshot_prefix) if comm.rank == 0 else contextlib.nullcontext():
+                solver = _solve(args, parallel.worker_param(param, comm.rank), base_dir, comm)
+        except BaseException as error:  # the others would wait for this rank until their deadline
+            comm.abort(f"rank {comm.rank} of {comm.size}: {error or type(error).__name__}")
     if quickstart:
         report(solver, sys.stdout)
     return 0
 
 
-def _solve(args: argparse.Namespace, param: caffe_pb2.SolverParameter, base_dir: Path) -> Solver:
+def _communicator(args: argparse.Namespace, quickstart: bool) -> parallel.MPICommunicator | None:
+    """The MPI communicator when a launcher started this process as one of several, else None."""
+    launched = parallel.launched_size()
+    if launched == 1:
+        return None
+    if quickstart:
+        raise ValueError(f"--solver {QUICKSTART} runs in one process; under mpirun give a solver file")
+    comm = parallel.MPICommunicator(args.sync_timeout)
+    if comm.size != launched:
+        raise parallel.ParallelError(
+            f"the launcher started {launched} processes but MPI sees {comm.size}: mpi4py is built for "
+            "another MPI than the launcher's (use the mpiexec of the same installation; with Slurm, "
+            "srun --mpi=pmi2 or pmix)")
+    parallel.init(comm)
+    return comm
+
+
+def _solve(args: argparse.Namespace, param: caffe_pb2.SolverParameter, base_dir: Path,
+           comm: parallel.MPICommunicator | None = None) -> Solver:
     solver = Solver(param, base_dir=base_dir, source=args.solver)
     solver.allow_nan = args.allow_nan
-    watcher = watch_solver(solver, args.watch) if args.watch else None
+    root = comm is None or comm.rank == 0
+    watcher = watch_solver(solver, args.watch) if args.watch and root else None
     if watcher is not None:
         log.info(f"Watching {', '.join(layer.name for layer in watcher.layers)} in {watcher.csv_path}",
                  "caffe.cpp:268")
     with common.SignalHandler(args.sigint_effect, args.sighup_effect, args.sigterm_effect) as handler:
         solver.set_action_function(handler.action)
+        if comm is not None:
+            parallel.GradientSync(solver, comm, handler.action)
         if args.snapshot:
             log.info(f"Resuming from {args.snapshot}", "caffe.cpp:258")
         log.info("Starting Optimization", "caffe.cpp:263")
