@@ -155,6 +155,125 @@ class MPICommunicator:
         raise ParallelError(message)  # not reached: Abort ends this process too
 
 
+class NCCLCommunicator:
+    """A NCCL communicator (CuPy's binding) over device arrays of the current GPU, rank `rank` of `size`,
+    all sharing `unique_id` (nccl.get_unique_id() on one rank, handed to the others: by the launching
+    process, or over MPI across machines). Collectives run on the current stream, polled against the
+    same deadline as MPICommunicator's. `nccl`: the module, for tests (default cupy.cuda.nccl)."""
+
+    def __init__(self, size: int, unique_id, rank: int, timeout: float = DEFAULT_TIMEOUT, nccl=None):
+        if nccl is None:
+            from cupy.cuda import nccl
+        self.nccl, self.rank, self.size, self.timeout = nccl, int(rank), int(size), float(timeout)
+        self.types = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64}
+        self.comm = nccl.NcclCommunicator(self.size, unique_id, self.rank)
+        self.step = "start-up"
+
+    def allreduce(self, array) -> None:
+        self._run("allreduce", lambda stream: self.comm.allReduce(
+            array.data.ptr, array.data.ptr, array.size, self.types[str(array.dtype)], self.nccl.NCCL_SUM,
+            stream.ptr))
+
+    def broadcast(self, array, root: int = 0) -> None:
+        self._run("broadcast", lambda stream: self.comm.bcast(
+            array.data.ptr, array.size, self.types[str(array.dtype)], root, stream.ptr))
+
+    def _run(self, what: str, launch) -> None:
+        import cupy
+
+        stream = cupy.cuda.get_current_stream()
+        launch(stream)
+        deadline, pause = time.monotonic() + self.timeout, 1e-5
+        while not stream.done:
+            if time.monotonic() > deadline:
+                self.abort(f"rank {self.rank} of {self.size}: no NCCL {what} from the other ranks within "
+                           f"{self.timeout:g} s at {self.step}: a rank died or hangs")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+    def abort(self, message: str) -> None:
+        sys.stderr.write(f"minicaffe train: error: {message}\n")
+        sys.stderr.flush()
+        self.comm.abort()
+        os._exit(1)  # the stream waits on a peer that is gone: no clean way out of this process
+
+
+def unique_id_text(unique_id) -> str:
+    """nccl.get_unique_id()'s tuple of ints as text for an environment variable (and back: id_from_text)."""
+    return ",".join(str(int(value)) for value in unique_id)
+
+
+def id_from_text(text: str) -> tuple[int, ...]:
+    return tuple(int(value) for value in text.split(","))
+
+
+# Environment of the processes `minicaffe train --gpu 0,1` starts, one per GPU.
+GPU_RANK, GPU_SIZE, GPU_ID = "MINICAFFE_GPU_RANK", "MINICAFFE_GPU_SIZE", "MINICAFFE_NCCL_ID"
+
+
+def launch_gpus(gpus: list[int], arguments: list[str]) -> int:
+    """`minicaffe train --gpu 0,1`: start one `minicaffe <arguments> --gpu <id>` process per GPU, rank i on
+    gpus[i], sharing a NCCL id; wait for them all. SIGINT and SIGTERM are passed on (each rank agrees to
+    stop through GradientSync); when one process fails, the others are ended. Returns the exit status."""
+    import signal
+    import subprocess
+
+    from cupy.cuda import nccl
+
+    unique_id = unique_id_text(nccl.get_unique_id())
+    processes = []
+    for rank, gpu in enumerate(gpus):
+        env = {**os.environ, GPU_RANK: str(rank), GPU_SIZE: str(len(gpus)), GPU_ID: unique_id}
+        command = [sys.executable, "-m", "minicaffe.cli", *arguments, "--gpu", str(gpu)]
+        processes.append(subprocess.Popen(command, env=env))
+    forward = lambda signum, frame: [p.send_signal(signum) for p in processes if p.poll() is None]  # noqa: E731
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            codes = [p.poll() for p in processes]
+            if all(code is not None for code in codes):
+                return max(codes, key=abs)
+            if any(code for code in codes if code is not None):  # one failed: the others would wait
+                for p in processes:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.05)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def gpu_rank_communicator(timeout: float = DEFAULT_TIMEOUT) -> NCCLCommunicator | None:
+    """In a process launch_gpus started: its NCCL communicator; else None."""
+    if GPU_RANK not in os.environ:
+        return None
+    return NCCLCommunicator(int(os.environ[GPU_SIZE]), id_from_text(os.environ[GPU_ID]),
+                            int(os.environ[GPU_RANK]), timeout)
+
+
+LOCAL_RANKS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID")
+
+
+def local_rank(comm) -> int:
+    """This rank's index among the ranks of its machine (from the launcher), else its rank."""
+    for name in LOCAL_RANKS:
+        text = os.environ.get(name, "").strip()
+        if text.isdigit():
+            return int(text)
+    return comm.rank
+
+
+def nccl_over_mpi(comm: MPICommunicator) -> NCCLCommunicator:
+    """One MPI rank per GPU, across machines: rank 0 makes the NCCL id, MPI hands it to the others."""
+    unique_id = None
+    if comm.rank == 0:
+        from cupy.cuda import nccl
+
+        unique_id = nccl.get_unique_id()
+    unique_id = comm.comm.bcast(unique_id, root=0)
+    return NCCLCommunicator(comm.size, unique_id, comm.rank, comm.timeout)
+
+
 # -- the solver side ---------------------------------------------------------------------------------
 
 def init(comm: Communicator) -> None:
@@ -228,9 +347,10 @@ class GradientSync:
             self._timed(self.comm.broadcast, data.reshape(-1), "broadcast of the weights")
         iteration = backend.xp().asarray([self.solver.iter, self.solver.current_step], dtype="float64")
         self._timed(self.comm.broadcast, iteration, "broadcast of the iteration")
-        if int(iteration[0]) != self.solver.iter:
+        root_iter = int(backend.to_host(iteration)[0])
+        if root_iter != self.solver.iter:
             self.comm.abort(f"rank {self.comm.rank} is at iteration {self.solver.iter}, rank 0 at "
-                            f"{int(iteration[0])}: resume every rank from the same snapshot")
+                            f"{root_iter}: resume every rank from the same snapshot")
 
     def on_gradients(self) -> None:
         """Sum the gradients (and the action requests) over the ranks, then divide by K."""
@@ -252,7 +372,7 @@ class GradientSync:
             diff.reshape(-1)[...] = flat[offset:offset + size]
             diff *= scale
             offset += size
-        stop, snapshot = float(flat[offset]), float(flat[offset + 1])
+        stop, snapshot = backend.to_host(flat[offset:offset + 2])
         self.agreed = STOP if stop > 0 else SNAPSHOT if snapshot > 0 else NONE
 
     def action(self) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_data_layers import hdf5_files, hdf5_layer, hdf5_run
+from test_gpu_paths import fake_cupy  # noqa: F401  (the fixture)
 
 import minicaffe
 from minicaffe import example, io, parallel, rng
@@ -338,3 +339,135 @@ def test_a_dead_or_hung_rank_ends_the_job_with_an_error(digits, tmp_path, how):
         assert "minicaffe train: error: rank 0 of 2: no allreduce from the other ranks within 3 s" in text
     else:  # mpiexec sees the death and ends the job
         assert "BAD TERMINATION" in text or "error: rank 0 of 2" in text, text[-3000:]
+
+
+# -- NCCL, through a fake communicator on the fake CuPy --------------------------------------------
+
+
+class FakeNccl:
+    """cupy.cuda.nccl's names that NCCLCommunicator uses. Communicators made with the same unique id form
+    one world, whose ranks run in threads; every call is recorded per rank as (what, count, dtype, op or
+    root), and allReduce really sums the buffers behind the raw pointers."""
+
+    NCCL_FLOAT32, NCCL_FLOAT64, NCCL_SUM = 7, 8, 0
+    DTYPES = {7: np.float32, 8: np.float64}
+
+    def __init__(self, size: int):
+        import threading
+
+        self.barrier = threading.Barrier(size)
+        self.buffers: dict[int, np.ndarray] = {}
+        self.calls: dict[int, list] = {rank: [] for rank in range(size)}
+        self.aborted = False
+        fake = self
+
+        class NcclCommunicator:
+            def __init__(self, size, unique_id, rank):
+                assert unique_id == (1, 2, 3) and size == len(fake.calls)
+                self.rank = rank
+
+            def _view(self, ptr, count, datatype):
+                import ctypes
+                dtype = np.dtype(fake.DTYPES[datatype])
+                return np.frombuffer((ctypes.c_char * (count * dtype.itemsize)).from_address(ptr), dtype)
+
+            def allReduce(self, send, recv, count, datatype, op, stream):  # noqa: N802 (NCCL's name)
+                assert send == recv and op == fake.NCCL_SUM and stream == 0
+                fake.calls[self.rank].append(("allReduce", count, fake.DTYPES[datatype]))
+                fake.buffers[self.rank] = self._view(send, count, datatype)
+                fake.barrier.wait()
+                total = sum(fake.buffers[r].copy() for r in sorted(fake.buffers))
+                fake.barrier.wait()
+                fake.buffers[self.rank][...] = total
+                fake.barrier.wait()
+
+            def bcast(self, buffer, count, datatype, root, stream):
+                fake.calls[self.rank].append(("bcast", count, fake.DTYPES[datatype]))
+                fake.buffers[self.rank] = self._view(buffer, count, datatype)
+                fake.barrier.wait()
+                source = fake.buffers[root].copy()
+                fake.barrier.wait()
+                fake.buffers[self.rank][...] = source
+                fake.barrier.wait()
+
+            def abort(self):
+                fake.aborted = True
+
+        self.NcclCommunicator = NcclCommunicator
+
+
+def in_threads(size: int, work) -> list:
+    """work(rank) in `size` threads; their results by rank (an error in any is raised)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(size) as pool:
+        return list(pool.map(work, range(size)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nccl_communicator_sums_and_broadcasts_device_buffers(fake_cupy, dtype):  # noqa: F811
+    nccl = FakeNccl(3)
+    comms = [parallel.NCCLCommunicator(3, (1, 2, 3), rank, nccl=nccl) for rank in range(3)]
+
+    def work(rank):
+        values = fake_cupy.asarray(np.arange(5, dtype=dtype) * (rank + 1))
+        comms[rank].allreduce(values)
+        shared = fake_cupy.asarray(np.full(2, rank, dtype=dtype))
+        comms[rank].broadcast(shared, root=2)
+        return fake_cupy.asnumpy(values), fake_cupy.asnumpy(shared)
+
+    for summed, shared in in_threads(3, work):
+        np.testing.assert_array_equal(summed, np.arange(5) * 6)
+        np.testing.assert_array_equal(shared, [2, 2])
+    assert all(calls == [("allReduce", 5, dtype), ("bcast", 2, dtype)] for calls in nccl.calls.values())
+
+
+def test_gradient_sync_over_nccl_averages_on_the_device(fake_cupy, digits):  # noqa: F811
+    """Rank 0 trains a real solver on the (fake) GPU; rank 1 is a thread sending a gradient of ones."""
+    minicaffe.set_mode_gpu()
+    nccl = FakeNccl(2)
+    solver = tiny_solver(digits, 8, max_iter=1, test_interval=0)
+    sizes = [p.blob.count for p in solver.net.learnable_params]
+    comm = parallel.NCCLCommunicator(2, (1, 2, 3), 0, nccl=nccl)
+    sync = parallel.GradientSync(solver, comm, lambda: "none")
+    solver.net.clear_param_diffs()
+    solver.net.forward_backward()
+    own = [fake_cupy.asnumpy(p.blob.get_diff()).copy() for p in solver.net.learnable_params]
+    peer = parallel.NCCLCommunicator(2, (1, 2, 3), 1, nccl=nccl)
+
+    # The peer's side of the exchange, in the order rank 0 makes it: weights, history, iteration,
+    # then one allreduce of every gradient plus the two action counters.
+    def peer_work(rank):
+        if rank == 0:
+            sync.on_start()
+            sync.on_gradients()
+            return
+        for size in sizes + [blob.count for blob in solver.history]:
+            peer.broadcast(fake_cupy.zeros(size, dtype=np.float32))
+        peer.broadcast(fake_cupy.zeros(2, dtype=np.float64))
+        flat = np.ones(sum(sizes) + 2, dtype=np.float32)
+        flat[-2:] = 0
+        peer.allreduce(fake_cupy.asarray(flat))
+
+    in_threads(2, peer_work)
+    for learnable, mine in zip(solver.net.learnable_params, own):
+        np.testing.assert_allclose(fake_cupy.asnumpy(learnable.blob.get_diff()), (mine + 1) / 2, rtol=1e-6)
+    expected = [("bcast", size, np.float32) for size in sizes + [b.count for b in solver.history]]
+    expected += [("bcast", 2, np.float64), ("allReduce", sum(sizes) + 2, np.float32)]
+    assert nccl.calls[0] == expected == nccl.calls[1]
+    assert sync.action() == "none"
+
+
+def test_gpu_rank_arguments_carry_the_flags():
+    from minicaffe import cli
+    from minicaffe.commands import train
+
+    args = cli.build_parser().parse_args(["train", "--solver", "s.prototxt", "--gpu", "0,1", "--weights", "w",
+                                          "--stage", "a,b", "--allow-nan", "--sync-timeout", "30"])
+    arguments = train.gpu_rank_arguments(args)
+    assert arguments[:3] == ["train", "--solver", "s.prototxt"] and "--gpu" not in arguments
+    for pair in (["--weights", "w"], ["--stage", "a,b"], ["--sync-timeout", "30.0"]):
+        assert any(arguments[i:i + 2] == pair for i in range(len(arguments)))
+    assert "--allow-nan" in arguments and "--snapshot" not in arguments
+    again = cli.build_parser().parse_args([*arguments, "--gpu", "1"])
+    assert (again.weights, again.stage, again.allow_nan, again.gpu) == ("w", "a,b", True, "1")

@@ -15,7 +15,9 @@ written are kept); --allow-nan keeps training instead, as Caffe does.
 Under mpirun / mpiexec / srun (K processes, found from the launcher's environment), each process is one
 rank of a data-parallel run (minicaffe.parallel, over MPI): each reads its share of the data, gradients
 are averaged after every backward, rank 0 alone logs, tests and snapshots; `--sync-timeout` bounds how
-long a rank waits for the others before ending the job with an error.
+long a rank waits for the others before ending the job with an error. `--gpu 0,1` / `--gpu all` starts one
+process per GPU, averaging gradients over NCCL (CuPy's binding); under mpirun with --gpu, each rank takes
+the GPU of its local rank and NCCL is set up over MPI (one rank per GPU, across machines).
 
 `--solver quickstart` trains the embedded example: a small conv net on scikit-learn's 8x8 digits,
 converted to LMDB on first use; it runs offline in well under a minute on a CPU.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -70,9 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.snapshot and args.weights:
         raise ValueError("give --snapshot to resume training or --weights to finetune, not both")
-    common.parse_gpu(args.gpu)  # a bad value is an error before the quickstart's data is written
+    gpus = common.parse_gpu(args.gpu)  # a bad value is an error before the quickstart's data is written
     quickstart = args.solver == QUICKSTART and not Path(args.solver).exists()
-    comm = _communicator(args, quickstart)
+    if gpus and len(gpus) > 1 and parallel.launched_size() == 1 and parallel.GPU_RANK not in os.environ:
+        if quickstart:
+            raise ValueError(f"--solver {QUICKSTART} runs on one GPU; give a solver file for several")
+        return parallel.launch_gpus(gpus, gpu_rank_arguments(args))
+    comm = _communicator(args, quickstart, gpus)
     if quickstart:
         param, base_dir = quickstart_solver(args.work_dir)
     elif args.work_dir is not None:
@@ -88,7 +95,12 @@ def run(args: argparse.Namespace) -> int:
     from_solver = False
     if gpu is None and param.HasField("solver_mode") and param.solver_mode == caffe_pb2.SolverParameter.GPU:
         gpu, from_solver = str(param.device_id), True
-    common.use_device(gpu, from_solver)
+    device = common.use_device(gpu, from_solver)
+    if device is not None and isinstance(comm, parallel.MPICommunicator):
+        comm = parallel.nccl_over_mpi(comm)  # gradients between GPUs go over NCCL, not MPI
+    elif device is not None and parallel.GPU_RANK in os.environ:
+        comm = parallel.gpu_rank_communicator(args.sync_timeout)
+        parallel.init(comm)
     if args.snapshot:
         param.ClearField("weights")
     elif args.weights:
@@ -108,8 +120,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _communicator(args: argparse.Namespace, quickstart: bool) -> parallel.MPICommunicator | None:
-    """The MPI communicator when a launcher started this process as one of several, else None."""
+def gpu_rank_arguments(args: argparse.Namespace) -> list[str]:
+    """The command line of one process of `train --gpu 0,1` (parallel.launch_gpus adds --gpu ID)."""
+    arguments = ["train", "--solver", args.solver, "--level", str(args.level), "--sync-timeout",
+                 str(args.sync_timeout), "--sigint_effect", args.sigint_effect, "--sighup_effect",
+                 args.sighup_effect, "--sigterm_effect", args.sigterm_effect]
+    for flag, value in (("--weights", args.weights), ("--snapshot", args.snapshot), ("--stage", args.stage),
+                        ("--watch", args.watch)):
+        if value:
+            arguments += [flag, value]
+    return arguments + (["--allow-nan"] if args.allow_nan else [])
+
+
+def _communicator(args: argparse.Namespace, quickstart: bool,
+                  gpus: list[int] | None) -> parallel.MPICommunicator | None:
+    """The MPI communicator when a launcher started this process as one of several, else None. With
+    --gpu, each rank takes the GPU of its local rank (args.gpu becomes that one)."""
     launched = parallel.launched_size()
     if launched == 1:
         return None
@@ -122,11 +148,13 @@ def _communicator(args: argparse.Namespace, quickstart: bool) -> parallel.MPICom
             "another MPI than the launcher's (use the mpiexec of the same installation; with Slurm, "
             "srun --mpi=pmi2 or pmix)")
     parallel.init(comm)
+    if gpus:
+        args.gpu = str(gpus[parallel.local_rank(comm) % len(gpus)])
     return comm
 
 
 def _solve(args: argparse.Namespace, param: caffe_pb2.SolverParameter, base_dir: Path,
-           comm: parallel.MPICommunicator | None = None) -> Solver:
+           comm: parallel.Communicator | None = None) -> Solver:
     solver = Solver(param, base_dir=base_dir, source=args.solver)
     solver.allow_nan = args.allow_nan
     root = comm is None or comm.rank == 0
