@@ -297,6 +297,29 @@ def worker_param(param: caffe_pb2.SolverParameter, rank: int) -> caffe_pb2.Solve
     return worker
 
 
+def mpi_solver(param_or_path, dtype=None, timeout: float = DEFAULT_TIMEOUT) -> Solver:
+    """pycaffe's habit under mpirun: a solver whose step() and solve() train data-parallel over
+    MPI_COMM_WORLD (each rank: this call, then the same steps). Its ``root`` is True on rank 0, whose
+    ``net`` is the one to look at; rank 0 alone logs, tests and snapshots.
+
+        solver = minicaffe.parallel.mpi_solver("solver.prototxt"); solver.step(100)
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    from .solver import Solver, _solver_param, _source
+
+    comm = MPICommunicator(timeout)
+    init(comm)
+    source = _source(param_or_path, None)
+    param = worker_param(_solver_param(param_or_path, source), comm.rank)
+    base_dir = Path(param_or_path).parent if isinstance(param_or_path, (str, Path)) else None
+    solver = Solver(param, dtype or np.float32, base_dir=base_dir, source=source)
+    GradientSync(solver, comm)
+    return solver
+
+
 class GradientSync:
     """Hooks a solver into a data-parallel run over `comm` (solver callbacks, Caffe's NCCL class):
     on_start broadcasts rank 0's weights and history once, on_gradients averages the gradients and

@@ -471,3 +471,15 @@ def test_gpu_rank_arguments_carry_the_flags():
     assert "--allow-nan" in arguments and "--snapshot" not in arguments
     again = cli.build_parser().parse_args([*arguments, "--gpu", "1"])
     assert (again.weights, again.stage, again.allow_nan, again.gpu) == ("w", "a,b", True, "1")
+
+
+def test_pycaffe_mpi_solver_steps_on_every_rank(digits, tmp_path):
+    solver = write_solver(digits, tmp_path, "py", 8, snapshot=0)
+    script = ("import sys; from minicaffe import parallel; s = parallel.mpi_solver(sys.argv[1]); s.step(3); "
+              "print(f'rank root={s.root} iter={s.iter} tests={len(s.test_nets)}')")
+    result = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-c", script, str(solver)],
+                            capture_output=True, text=True, timeout=120,
+                            env={**environment(), "MINICAFFE_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(result.stdout.split("\n")[:2]) == ["rank root=False iter=3 tests=0",
+                                                     "rank root=True iter=3 tests=1"]
