@@ -32,7 +32,10 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+import numpy as np
 
 from . import backend, log, rng
 from .proto import caffe_pb2
@@ -304,10 +307,6 @@ def mpi_solver(param_or_path, dtype=None, timeout: float = DEFAULT_TIMEOUT) -> S
 
         solver = minicaffe.parallel.mpi_solver("solver.prototxt"); solver.step(100)
     """
-    from pathlib import Path
-
-    import numpy as np
-
     from .solver import Solver, _solver_param, _source
 
     comm = MPICommunicator(timeout)
