@@ -44,8 +44,9 @@ if TYPE_CHECKING:  # the data layers import this module, and the solver imports 
     from .solver import Solver
 
 DEFAULT_TIMEOUT = 600.0  # seconds a rank waits for the others in one collective before giving up
-# Environment variables by which launchers announce the number of processes of the job.
-LAUNCHER_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
+# Environment variables by which launchers announce the number of processes of the job: Open MPI's mpirun,
+# and PMI (MPICH's mpiexec, srun --mpi=pmi2). Not SLURM_NTASKS: a batch script has it without srun.
+LAUNCHER_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 class ParallelError(RuntimeError):
