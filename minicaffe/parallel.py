@@ -155,6 +155,7 @@ class MPICommunicator:
         would wait for the lost rank, so a plain exit is no way out."""
         sys.stderr.write(f"minicaffe train: error: {message}\n")
         sys.stderr.flush()
+        time.sleep(0.5)  # the launcher forwards our output: give it the line before the teardown
         self.comm.Abort(1)
         raise ParallelError(message)  # not reached: Abort ends this process too
 
