@@ -245,6 +245,8 @@ class Solver:
         # False: a NaN or inf loss stops training with NonFiniteLossError (`minicaffe train` without
         # --allow-nan); True: keep training after a warning, as Caffe does.
         self.allow_nan = False
+        # False on ranks > 0 of a data-parallel run (minicaffe.parallel): only rank 0 writes snapshots.
+        self.root = True
         # Caffe's layout: the first history blob of every parameter, then the second of every parameter.
         params = self.net.learnable_params
         self.history = [Blob(p.blob.shape, self.dtype) for _ in range(self.history_blobs) for p in params]
@@ -748,6 +750,8 @@ class Solver:
         minicaffe.hdf5). Each file is written to a temporary name, fsync'd and renamed (io.write_atomic),
         and the caffemodel is complete on disk before the solverstate exists: a kill or a full disk at any
         moment leaves every .solverstate with its caffemodel, and the previous snapshots as they were."""
+        if not self.root:  # Caffe's Snapshot() runs on the root solver only
+            return "", ""
         as_hdf5 = self.param.snapshot_format == SolverParameter.HDF5
         suffix = ".h5" if as_hdf5 else ""
         kind = "HDF5" if as_hdf5 else "binary proto"

@@ -12,6 +12,13 @@ Nothing already saved is lost: snapshots are written whole or not at all (see So
 A NaN or inf loss stops training with an error naming the first non-finite blob (the snapshots already
 written are kept); --allow-nan keeps training instead, as Caffe does.
 
+Under mpirun / mpiexec / srun (K processes, found from the launcher's environment), each process is one
+rank of a data-parallel run (minicaffe.parallel, over MPI): each reads its share of the data, gradients
+are averaged after every backward, rank 0 alone logs, tests and snapshots; `--sync-timeout` bounds how
+long a rank waits for the others before ending the job with an error. `--gpu 0,1` / `--gpu all` starts one
+process per GPU, averaging gradients over NCCL (CuPy's binding); under mpirun with --gpu, each rank takes
+the GPU of its local rank and NCCL is set up over MPI (one rank per GPU, across machines).
+
 `--solver quickstart` trains the embedded example: a small conv net on scikit-learn's 8x8 digits,
 converted to LMDB on first use; it runs offline in well under a minute on a CPU.
 """
@@ -19,10 +26,12 @@ converted to LMDB on first use; it runs offline in well under a minute on a CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
-from .. import log
+from .. import log, parallel
 from ..example import default_work_dir, quickstart_solver, report
 from ..proto import caffe_pb2
 from ..solver import SnapshotLock, Solver, read_solver
@@ -50,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-nan", "--allow_nan", dest="allow_nan", action="store_true",
                         help="keep training after a NaN or inf loss, warning once (Caffe's behaviour); "
                              "by default training stops with an error naming the first non-finite blob")
+    parser.add_argument("--sync-timeout", "--sync_timeout", dest="sync_timeout", type=float,
+                        default=parallel.DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help="under mpirun: how long a rank waits for the others in one gradient exchange "
+                             "before ending the job with an error (a rank died or hangs); more than rank "
+                             f"0's longest test phase (default {parallel.DEFAULT_TIMEOUT:g})")
     for name, default, what in (("sigint_effect", "stop", "Ctrl-C"), ("sighup_effect", "snapshot", "SIGHUP"),
                                 ("sigterm_effect", "stop", "SIGTERM")):
         parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=default,
@@ -59,8 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.snapshot and args.weights:
         raise ValueError("give --snapshot to resume training or --weights to finetune, not both")
-    common.parse_gpu(args.gpu)  # a bad value is an error before the quickstart's data is written
+    gpus = common.parse_gpu(args.gpu)  # a bad value is an error before the quickstart's data is written
     quickstart = args.solver == QUICKSTART and not Path(args.solver).exists()
+    if gpus and len(gpus) > 1 and parallel.launched_size() == 1 and parallel.GPU_RANK not in os.environ:
+        if quickstart:
+            raise ValueError(f"--solver {QUICKSTART} runs on one GPU; give a solver file for several")
+        return parallel.launch_gpus(gpus, gpu_rank_arguments(args))
+    comm = _communicator(args, quickstart, gpus)
     if quickstart:
         param, base_dir = quickstart_solver(args.work_dir)
     elif args.work_dir is not None:
@@ -76,28 +95,77 @@ def run(args: argparse.Namespace) -> int:
     from_solver = False
     if gpu is None and param.HasField("solver_mode") and param.solver_mode == caffe_pb2.SolverParameter.GPU:
         gpu, from_solver = str(param.device_id), True
-    common.use_device(gpu, from_solver)
+    device = common.use_device(gpu, from_solver)
+    if device is not None and isinstance(comm, parallel.MPICommunicator):
+        comm = parallel.nccl_over_mpi(comm)  # gradients between GPUs go over NCCL, not MPI
+    elif device is not None and parallel.GPU_RANK in os.environ:
+        comm = parallel.gpu_rank_communicator(args.sync_timeout)
+        parallel.init(comm)
     if args.snapshot:
         param.ClearField("weights")
     elif args.weights:
         param.ClearField("weights")
         param.weights.append(args.weights)
-    with SnapshotLock(param.snapshot_prefix):
-        solver = _solve(args, param, base_dir)
+    if comm is None:
+        with SnapshotLock(param.snapshot_prefix):
+            solver = _solve(args, param, base_dir)
+    else:
+        try:
+            with SnapshotLock(param.snapshot_prefix) if comm.rank == 0 else contextlib.nullcontext():
+                solver = _solve(args, parallel.worker_param(param, comm.rank), base_dir, comm)
+        except BaseException as error:  # the others would wait for this rank until their deadline
+            comm.abort(f"rank {comm.rank} of {comm.size}: {error or type(error).__name__}")
     if quickstart:
         report(solver, sys.stdout)
     return 0
 
 
-def _solve(args: argparse.Namespace, param: caffe_pb2.SolverParameter, base_dir: Path) -> Solver:
+def gpu_rank_arguments(args: argparse.Namespace) -> list[str]:
+    """The command line of one process of `train --gpu 0,1` (parallel.launch_gpus adds --gpu ID)."""
+    arguments = ["train", "--solver", args.solver, "--level", str(args.level), "--sync-timeout",
+                 str(args.sync_timeout), "--sigint_effect", args.sigint_effect, "--sighup_effect",
+                 args.sighup_effect, "--sigterm_effect", args.sigterm_effect]
+    for flag, value in (("--weights", args.weights), ("--snapshot", args.snapshot), ("--stage", args.stage),
+                        ("--watch", args.watch)):
+        if value:
+            arguments += [flag, value]
+    return arguments + (["--allow-nan"] if args.allow_nan else [])
+
+
+def _communicator(args: argparse.Namespace, quickstart: bool,
+                  gpus: list[int] | None) -> parallel.MPICommunicator | None:
+    """The MPI communicator when a launcher started this process as one of several, else None. With
+    --gpu, each rank takes the GPU of its local rank (args.gpu becomes that one)."""
+    launched = parallel.launched_size()
+    if launched == 1:
+        return None
+    if quickstart:
+        raise ValueError(f"--solver {QUICKSTART} runs in one process; under mpirun give a solver file")
+    comm = parallel.MPICommunicator(args.sync_timeout)
+    if comm.size != launched:
+        raise parallel.ParallelError(
+            f"the launcher started {launched} processes but MPI sees {comm.size}: mpi4py is built for "
+            "another MPI than the launcher's (use the mpiexec of the same installation; with Slurm, "
+            "srun --mpi=pmi2 or pmix)")
+    parallel.init(comm)
+    if gpus:
+        args.gpu = str(gpus[parallel.local_rank(comm) % len(gpus)])
+    return comm
+
+
+def _solve(args: argparse.Namespace, param: caffe_pb2.SolverParameter, base_dir: Path,
+           comm: parallel.Communicator | None = None) -> Solver:
     solver = Solver(param, base_dir=base_dir, source=args.solver)
     solver.allow_nan = args.allow_nan
-    watcher = watch_solver(solver, args.watch) if args.watch else None
+    root = comm is None or comm.rank == 0
+    watcher = watch_solver(solver, args.watch) if args.watch and root else None
     if watcher is not None:
         log.info(f"Watching {', '.join(layer.name for layer in watcher.layers)} in {watcher.csv_path}",
                  "caffe.cpp:268")
     with common.SignalHandler(args.sigint_effect, args.sighup_effect, args.sigterm_effect) as handler:
         solver.set_action_function(handler.action)
+        if comm is not None:
+            parallel.GradientSync(solver, comm, handler.action)
         if args.snapshot:
             log.info(f"Resuming from {args.snapshot}", "caffe.cpp:258")
         log.info("Starting Optimization", "caffe.cpp:263")

@@ -9,6 +9,10 @@ rng.stream("data", layer name, forward index) for the same reason.
 
 As Caffe's prefetching thread, the next batch (forward index + 1) is read and transformed in a
 background thread while the net runs; a forward asking for another index reads synchronously.
+
+In a data-parallel run (minicaffe.parallel) rank r of K reads, in TRAIN, the records r, r+K, r+2K, ...
+from that start, as Caffe's multi-GPU reader: the K ranks' batches are the batch of one process with K
+times the batch size. rand_skip is drawn alike on every rank (rng.shared_stream).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import rng
+from .. import parallel, rng
 from ..data_transformer import DataTransformer, TransformError, legacy_transform_param
 from ..db import DBError, LMDBReader, datum_to_array, key_name, looks_like_leveldb, parse_datum
 from ..io import FormatError
@@ -117,15 +121,18 @@ class DataLayer(PrefetchingDataLayer):
         self.prefetch = param.prefetch > 0
         # Caffe skips a random number of records below rand_skip (so that parallel clients start
         # apart); this draw is keyed, so a resumed run skips the same amount.
-        self.skip = int(rng.stream("data", self.name, "rand_skip").integers(param.rand_skip)) \
+        self.skip = int(rng.shared_stream("data", self.name, "rand_skip").integers(param.rand_skip)) \
             if param.rand_skip else 0
 
     def load_batch(self, index: int) -> list[np.ndarray]:
-        start = (self.skip + index * self.batch_size) % len(self.reader)
+        start = (self.skip + parallel.record(index * self.batch_size, self.phase)) % len(self.reader)
+        stride = parallel.stride(self.phase)
         images, labels = [], np.empty(self.batch_size, dtype=self.dtype)
         param = self.transformer.param
         try:
-            for i, (key, value) in enumerate(self.reader.read(start, self.batch_size)):
+            # Another rank's records in between are read and skipped, as Caffe's reader does.
+            records = self.reader.read(start, (self.batch_size - 1) * stride + 1)[::stride]
+            for i, (key, value) in enumerate(records):
                 where = f"{self.reader.path} record {key_name(key)}"
                 datum = parse_datum(value, where)
                 images.append(datum_to_array(datum, param.force_color, param.force_gray, where))

@@ -3,8 +3,9 @@
 hdf5_data_param.source is a text file listing .h5 files, one per line; the rows of all files form one
 sequence, read batch_size at a time and wrapping around at the end. With shuffle, as in Caffe, each
 epoch visits the files in a new random order and each file's rows in a new random order. Those orders
-come from rng.stream("data", layer name, "epoch", e, ...), so the rows of forward pass f are a pure
+come from rng.shared_stream("data", layer name, "epoch", e, ...), so the rows of forward pass f are a pure
 function of f (a resumed run reads the same batches). Files are loaded whole, one or two at a time.
+In a data-parallel run rank r of K reads rows r, r+K, ... in TRAIN (minicaffe.parallel.record).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import hdf5, rng
+from .. import hdf5, parallel, rng
 from ..io import FormatError, read_file
 from ..layer import Layer, register
 
@@ -111,7 +112,7 @@ class HDF5DataLayer(Layer):
             if len(self._orders) > 64:
                 self._orders.clear()
             size = len(self.files) if len(key) == 2 else self.rows[key[2]]
-            self._orders[key] = rng.stream("data", self.name, "epoch", *key[1:]).permutation(size)
+            self._orders[key] = rng.shared_stream("data", self.name, "epoch", *key[1:]).permutation(size)
         return self._orders[key]
 
     def _locate(self, row: int) -> tuple[int, int]:
@@ -134,7 +135,7 @@ class HDF5DataLayer(Layer):
 
     def forward(self, bottom, top):
         first = self.forward_index * self.batch_size
-        places = [self._locate(first + i) for i in range(self.batch_size)]
+        places = [self._locate(parallel.record(first + i, self.phase)) for i in range(self.batch_size)]
         # Keep in memory just the files this batch uses (usually one, two where it straddles files).
         self._loaded = {j: self._read_file(j) for j in dict.fromkeys(j for j, _ in places)}
         for name, blob in zip(self.names, top):

@@ -14,14 +14,15 @@ Order: the list as written, wrapping around at the end; with shuffle, as Caffe, 
 over the list) visits it in a new random order, drawn from rng.stream("data", layer name, "epoch", e).
 rand_skip starts at a random line below rand_skip, as Caffe. The lines of forward pass f are a pure
 function of f (positions skip + f * batch_size onwards), so a resumed run reads the same batches, and
-as the Data layer the next batch is prefetched in a background thread.
+as the Data layer the next batch is prefetched in a background thread. In a data-parallel run rank r of K
+reads positions r, r+K, ... in TRAIN (minicaffe.parallel.record), the same order shared out.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .. import rng
+from .. import parallel, rng
 from ..caffe_io import resize_image
 from ..data_transformer import DataTransformer, TransformError, legacy_transform_param
 from ..db import DBError, decode_image
@@ -85,7 +86,7 @@ class ImageDataLayer(PrefetchingDataLayer):
         except (TransformError, FormatError) as error:
             self.fail(f"transform_param: {error}")
         # Caffe starts at a random line below rand_skip; the draw is keyed, so a resumed run skips the same.
-        self.skip = int(rng.stream("data", self.name, "rand_skip").integers(param.rand_skip)) \
+        self.skip = int(rng.shared_stream("data", self.name, "rand_skip").integers(param.rand_skip)) \
             if param.rand_skip else 0
         if self.skip >= len(self.lines):
             self.fail(f"rand_skip skips {self.skip} lines, {param.source} has only {len(self.lines)}")
@@ -126,14 +127,15 @@ class ImageDataLayer(PrefetchingDataLayer):
         if order is None:
             if len(self._orders) > 8:
                 self._orders.clear()
-            order = rng.stream("data", self.name, "epoch", epoch).permutation(len(self.lines))
+            order = rng.shared_stream("data", self.name, "epoch", epoch).permutation(len(self.lines))
             self._orders[key] = order
         return order
 
     def load_batch(self, index: int) -> list[np.ndarray]:
         images, labels, wheres = [], np.empty(self.batch_size, dtype=self.dtype), []
         for i in range(self.batch_size):
-            epoch, position = divmod(self.skip + index * self.batch_size + i, len(self.lines))
+            epoch, position = divmod(self.skip + parallel.record(index * self.batch_size + i, self.phase),
+                                     len(self.lines))
             order = self._order(epoch)
             path, labels[i], number = self.lines[int(order[position]) if order is not None else position]
             where = f"{file_name(self.source)} line {number}"

@@ -601,6 +601,8 @@ class Device:
 
 class Stream:
     null = None
+    ptr = 0  # the cudaStream_t handle NCCL calls take
+    done = True  # everything "on the device" ran when it was called
 
     def __init__(self, non_blocking: bool = False):
         pass

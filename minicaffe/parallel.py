@@ -1,0 +1,408 @@
+"""Data-parallel training: K processes (ranks), each with its own net and its own share of the data,
+averaging their parameter gradients after every backward pass, as Caffe's NCCL solver does.
+
+    mpirun -n 2 minicaffe train --solver S        # K processes over MPI (mpi4py; pip install ".[mpi]")
+    minicaffe train --solver S --gpu 0,1          # one process per GPU, gradients over NCCL (CuPy)
+
+What every rank does (see GradientSync):
+  * data: Data, HDF5Data and ImageData layers in the TRAIN phase read the records r, r+K, r+2K, ... of
+    their source on rank r (record(): Caffe's multi-GPU reader), so K ranks with batch B read, together,
+    the records one process with batch K*B reads;
+  * start: rank 0's weights (and solver history, after a resume) are broadcast to all ranks;
+  * each iteration, after backward and before clipping, regularization and the update: the gradients of
+    all learnable parameters are summed over the ranks in one flat buffer and divided by K. The losses
+    being means over each rank's batch, the average is the gradient of the mean over all K*B records:
+    K ranks train as one process with K times the batch (to float rounding: the sum's order differs);
+  * signals: the same buffer carries two counters, "someone asked to stop" and "to snapshot", so a
+    SIGINT or SIGTERM on any rank stops every rank after the same iteration, with no extra message;
+  * only rank 0 logs, tests and snapshots (Solver.root is False elsewhere); the others' logs go nowhere;
+  * random numbers: ranks > 0 add their rank to every random key (rng.set_rank), so each rank draws its
+    own dropout masks and crops, reproducibly; data orders (shuffles, rand_skip) use rng.shared_stream,
+    the same on every rank, since the ranks share one order out between them.
+
+A rank that dies: every collective is nonblocking and polled against a deadline (`timeout`, default
+DEFAULT_TIMEOUT seconds, `minicaffe train --sync-timeout`); when it passes, the rank writes a one-line
+error naming the step and aborts the whole job (MPI_Abort), instead of waiting forever. MPI errors
+(ERRORS_RETURN) become the same error. mpiexec also ends the job on its own when a rank is killed.
+The deadline must exceed the longest time one rank can spend away from the others: rank 0's test phase.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+import numpy as np
+
+from . import backend, log, rng
+from .proto import caffe_pb2
+
+if TYPE_CHECKING:  # the data layers import this module, and the solver imports them
+    from .solver import Solver
+
+DEFAULT_TIMEOUT = 600.0  # seconds a rank waits for the others in one collective before giving up
+# Environment variables by which launchers announce the number of processes of the job: Open MPI's mpirun,
+# and PMI (MPICH's mpiexec, srun --mpi=pmi2). Not SLURM_NTASKS: a batch script has it without srun.
+LAUNCHER_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+class ParallelError(RuntimeError):
+    """A data-parallel run cannot go on: a rank died or hangs, or the launch is inconsistent."""
+
+
+# -- which records a rank reads -------------------------------------------------------------------
+
+class Shard(NamedTuple):
+    rank: int
+    count: int
+
+
+_shard = {"value": Shard(0, 1)}
+
+
+def set_shard(rank: int, count: int) -> None:
+    """This process is rank `rank` of `count`: its TRAIN data layers read every count-th record."""
+    if not 0 <= rank < count:
+        raise ValueError(f"rank {rank} of {count} ranks")
+    _shard["value"] = Shard(int(rank), int(count))
+
+
+def shard() -> Shard:
+    return _shard["value"]
+
+
+def stride(phase: int) -> int:
+    """How far apart in the source are the records this rank reads one after the other: K in TRAIN, 1 in
+    TEST (only rank 0 tests, on all records, as Caffe's reader keeps every record in TEST)."""
+    return shard().count if phase == caffe_pb2.TRAIN else 1
+
+
+def record(position: int, phase: int) -> int:
+    """The source position of this rank's `position`-th read: position * K + rank in TRAIN, so that the
+    ranks' reads interleave as the reads of one process with K times the batch."""
+    rank, count = shard()
+    return position * count + rank if phase == caffe_pb2.TRAIN else position
+
+
+# -- communicators -----------------------------------------------------------------------------------
+
+class Communicator(Protocol):
+    """What GradientSync needs: in-place sum and broadcast of one contiguous array over `size` ranks,
+    and abort (end every rank after an error)."""
+
+    rank: int
+    size: int
+
+    def allreduce(self, array) -> None: ...
+    def broadcast(self, array, root: int = 0) -> None: ...
+    def abort(self, message: str) -> None: ...
+
+
+def launched_size() -> int:
+    """The number of processes a launcher (mpirun, mpiexec, srun) started, from its environment; 1 when
+    this process was not started by one."""
+    for name in LAUNCHER_SIZES:
+        text = os.environ.get(name, "").strip()
+        if text.isdigit():
+            return int(text)
+    return 1
+
+
+class MPICommunicator:
+    """MPI_COMM_WORLD through mpi4py, host (numpy) arrays. Collectives are nonblocking and polled until
+    `timeout` seconds, so that a dead rank is an error rather than a hang."""
+
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT, comm=None):
+        try:
+            from mpi4py import MPI
+        except ImportError as error:
+            raise ParallelError(f"training over MPI needs mpi4py and an MPI library: pip install "
+                                f"'minicaffe[mpi]' ({error})") from None
+        self.MPI = MPI
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.comm.Set_errhandler(MPI.ERRORS_RETURN)  # errors raise MPI.Exception instead of aborting
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.timeout = float(timeout)
+        self.step = "start-up"  # named in the error when a collective times out
+
+    def allreduce(self, array) -> None:
+        self._wait(lambda: self.comm.Iallreduce(self.MPI.IN_PLACE, array, op=self.MPI.SUM), "allreduce")
+
+    def broadcast(self, array, root: int = 0) -> None:
+        self._wait(lambda: self.comm.Ibcast(array, root=root), "broadcast")
+
+    def _wait(self, start, what: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        pause = 1e-5  # poll often at first (the usual case is a short wait), then every 10 ms
+        try:
+            request = start()
+            while not request.Test():
+                if time.monotonic() > deadline:
+                    self.abort(f"rank {self.rank} of {self.size}: no {what} from the other ranks within "
+                               f"{self.timeout:g} s at {self.step}: a rank died or hangs (see its log; "
+                               "--sync-timeout sets this deadline)")
+                time.sleep(pause)
+                pause = min(pause * 2, 0.01)
+        except self.MPI.Exception as error:
+            self.abort(f"rank {self.rank} of {self.size}: MPI {what} failed at {self.step}: "
+                       f"{error.Get_error_string()} (a rank died?)")
+
+    def abort(self, message: str) -> None:
+        """Write `message` as minicaffe's one-line error and end every rank of the job. MPI_Finalize
+        would wait for the lost rank, so a plain exit is no way out."""
+        sys.stderr.write(f"minicaffe train: error: {message}\n")
+        sys.stderr.flush()
+        time.sleep(0.5)  # the launcher forwards our output: give it the line before the teardown
+        self.comm.Abort(1)
+        raise ParallelError(message)  # not reached: Abort ends this process too
+
+
+class NCCLCommunicator:
+    """A NCCL communicator (CuPy's binding) over device arrays of the current GPU, rank `rank` of `size`,
+    all sharing `unique_id` (nccl.get_unique_id() on one rank, handed to the others: by the launching
+    process, or over MPI across machines). Collectives run on the current stream, polled against the
+    same deadline as MPICommunicator's. `nccl`: the module, for tests (default cupy.cuda.nccl)."""
+
+    def __init__(self, size: int, unique_id, rank: int, timeout: float = DEFAULT_TIMEOUT, nccl=None):
+        if nccl is None:
+            from cupy.cuda import nccl
+        self.nccl, self.rank, self.size, self.timeout = nccl, int(rank), int(size), float(timeout)
+        self.types = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64}
+        self.comm = nccl.NcclCommunicator(self.size, unique_id, self.rank)
+        self.step = "start-up"
+
+    def allreduce(self, array) -> None:
+        self._run("allreduce", lambda stream: self.comm.allReduce(
+            array.data.ptr, array.data.ptr, array.size, self.types[str(array.dtype)], self.nccl.NCCL_SUM,
+            stream.ptr))
+
+    def broadcast(self, array, root: int = 0) -> None:
+        self._run("broadcast", lambda stream: self.comm.bcast(
+            array.data.ptr, array.size, self.types[str(array.dtype)], root, stream.ptr))
+
+    def _run(self, what: str, launch) -> None:
+        import cupy
+
+        stream = cupy.cuda.get_current_stream()
+        launch(stream)
+        deadline, pause = time.monotonic() + self.timeout, 1e-5
+        while not stream.done:
+            if time.monotonic() > deadline:
+                self.abort(f"rank {self.rank} of {self.size}: no NCCL {what} from the other ranks within "
+                           f"{self.timeout:g} s at {self.step}: a rank died or hangs")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+    def abort(self, message: str) -> None:
+        sys.stderr.write(f"minicaffe train: error: {message}\n")
+        sys.stderr.flush()
+        self.comm.abort()
+        os._exit(1)  # the stream waits on a peer that is gone: no clean way out of this process
+
+
+def unique_id_text(unique_id) -> str:
+    """nccl.get_unique_id()'s tuple of ints as text for an environment variable (and back: id_from_text)."""
+    return ",".join(str(int(value)) for value in unique_id)
+
+
+def id_from_text(text: str) -> tuple[int, ...]:
+    return tuple(int(value) for value in text.split(","))
+
+
+# Environment of the processes `minicaffe train --gpu 0,1` starts, one per GPU.
+GPU_RANK, GPU_SIZE, GPU_ID = "MINICAFFE_GPU_RANK", "MINICAFFE_GPU_SIZE", "MINICAFFE_NCCL_ID"
+
+
+def launch_gpus(gpus: list[int], arguments: list[str]) -> int:
+    """`minicaffe train --gpu 0,1`: start one `minicaffe <arguments> --gpu <id>` process per GPU, rank i on
+    gpus[i], sharing a NCCL id; wait for them all. SIGINT and SIGTERM are passed on (each rank agrees to
+    stop through GradientSync); when one process fails, the others are ended. Returns the exit status."""
+    import signal
+    import subprocess
+
+    from cupy.cuda import nccl
+
+    unique_id = unique_id_text(nccl.get_unique_id())
+    processes = []
+    for rank, gpu in enumerate(gpus):
+        env = {**os.environ, GPU_RANK: str(rank), GPU_SIZE: str(len(gpus)), GPU_ID: unique_id}
+        command = [sys.executable, "-m", "minicaffe.cli", *arguments, "--gpu", str(gpu)]
+        processes.append(subprocess.Popen(command, env=env))
+    forward = lambda signum, frame: [p.send_signal(signum) for p in processes if p.poll() is None]  # noqa: E731
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            codes = [p.poll() for p in processes]
+            if all(code is not None for code in codes):
+                return max(codes, key=abs)
+            if any(code for code in codes if code is not None):  # one failed: the others would wait
+                for p in processes:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.05)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def gpu_rank_communicator(timeout: float = DEFAULT_TIMEOUT) -> NCCLCommunicator | None:
+    """In a process launch_gpus started: its NCCL communicator; else None."""
+    if GPU_RANK not in os.environ:
+        return None
+    return NCCLCommunicator(int(os.environ[GPU_SIZE]), id_from_text(os.environ[GPU_ID]),
+                            int(os.environ[GPU_RANK]), timeout)
+
+
+LOCAL_RANKS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID")
+
+
+def local_rank(comm) -> int:
+    """This rank's index among the ranks of its machine (from the launcher), else its rank."""
+    for name in LOCAL_RANKS:
+        text = os.environ.get(name, "").strip()
+        if text.isdigit():
+            return int(text)
+    return comm.rank
+
+
+def nccl_over_mpi(comm: MPICommunicator) -> NCCLCommunicator:
+    """One MPI rank per GPU, across machines: rank 0 makes the NCCL id, MPI hands it to the others."""
+    unique_id = None
+    if comm.rank == 0:
+        from cupy.cuda import nccl
+
+        unique_id = nccl.get_unique_id()
+    unique_id = comm.comm.bcast(unique_id, root=0)
+    return NCCLCommunicator(comm.size, unique_id, comm.rank, comm.timeout)
+
+
+# -- the solver side ---------------------------------------------------------------------------------
+
+def init(comm: Communicator) -> None:
+    """Make this process rank comm.rank of comm.size before its nets are built: data shards, random
+    keys, and (rank > 0) no log lines."""
+    set_shard(comm.rank, comm.size)
+    rng.set_rank(comm.rank)
+    if comm.rank != 0:
+        log.set_stream(open(os.devnull, "w"))  # noqa: SIM115 (for the life of the process)
+
+
+def worker_param(param: caffe_pb2.SolverParameter, rank: int) -> caffe_pb2.SolverParameter:
+    """The solver of rank `rank`: as given on rank 0; without test nets elsewhere (rank 0 tests)."""
+    if rank == 0:
+        return param
+    worker = caffe_pb2.SolverParameter()
+    worker.CopyFrom(param)
+    for name in ("test_net", "test_net_param", "test_iter", "test_state"):
+        worker.ClearField(name)
+    worker.test_interval = 0
+    return worker
+
+
+def mpi_solver(param_or_path, dtype=None, timeout: float = DEFAULT_TIMEOUT) -> Solver:
+    """pycaffe's habit under mpirun: a solver whose step() and solve() train data-parallel over
+    MPI_COMM_WORLD (each rank: this call, then the same steps). Its ``root`` is True on rank 0, whose
+    ``net`` is the one to look at; rank 0 alone logs, tests and snapshots.
+
+        solver = minicaffe.parallel.mpi_solver("solver.prototxt"); solver.step(100)
+    """
+    from .solver import Solver, _solver_param, _source
+
+    comm = MPICommunicator(timeout)
+    init(comm)
+    source = _source(param_or_path, None)
+    param = worker_param(_solver_param(param_or_path, source), comm.rank)
+    base_dir = Path(param_or_path).parent if isinstance(param_or_path, (str, Path)) else None
+    solver = Solver(param, dtype or np.float32, base_dir=base_dir, source=source)
+    GradientSync(solver, comm)
+    return solver
+
+
+class GradientSync:
+    """Hooks a solver into a data-parallel run over `comm` (solver callbacks, Caffe's NCCL class):
+    on_start broadcasts rank 0's weights and history once, on_gradients averages the gradients and
+    agrees on the signal actions that `local_action` (e.g. SignalHandler.action) reports on each rank.
+
+        comm = MPICommunicator(); parallel.init(comm)
+        solver = Solver(parallel.worker_param(param, comm.rank)); GradientSync(solver, comm)
+        solver.solve()
+    """
+
+    def __init__(self, solver: Solver, comm: Communicator, local_action=None):
+        from .solver import NONE
+
+        self.solver, self.comm, self.local_action = solver, comm, local_action
+        solver.root = comm.rank == 0
+        self.blobs = [learnable.blob for learnable in solver.net.learnable_params]
+        self.sizes = [blob.count for blob in self.blobs]
+        self.buffer = None  # all gradients, then the stop and snapshot counters; allocated on first use
+        self.started = False
+        self.agreed = NONE
+        self.communication_seconds = 0.0  # time spent in collectives (benchmarks/parallel.py reads it)
+        self.communicated_bytes = 0
+        solver.add_callback(self.on_start, self.on_gradients)
+        solver.set_action_function(self.action)
+
+    def _flat(self):
+        if self.buffer is None:
+            self.buffer = backend.xp().zeros(sum(self.sizes) + 2, dtype=self.solver.dtype)
+        return self.buffer
+
+    def _timed(self, collective, array, what: str) -> None:
+        step = getattr(self.comm, "step", None)
+        if step is not None:
+            self.comm.step = f"iteration {self.solver.iter} ({what})"
+        start = time.perf_counter()
+        collective(array)
+        self.communication_seconds += time.perf_counter() - start
+        self.communicated_bytes += array.nbytes
+
+    def on_start(self) -> None:
+        """Once, before the first update: every rank starts from rank 0's weights and solver state
+        (fillers draw per rank; a resumed rank 0 is the reference)."""
+        if self.started:
+            return
+        self.started = True
+        for blob in [*self.blobs, *self.solver.history]:
+            data = blob.mutable_data()
+            self._timed(self.comm.broadcast, data.reshape(-1), "broadcast of the weights")
+        iteration = backend.xp().asarray([self.solver.iter, self.solver.current_step], dtype="float64")
+        self._timed(self.comm.broadcast, iteration, "broadcast of the iteration")
+        root_iter = int(backend.to_host(iteration)[0])
+        if root_iter != self.solver.iter:
+            self.comm.abort(f"rank {self.comm.rank} is at iteration {self.solver.iter}, rank 0 at "
+                            f"{root_iter}: resume every rank from the same snapshot")
+
+    def on_gradients(self) -> None:
+        """Sum the gradients (and the action requests) over the ranks, then divide by K."""
+        from .solver import NONE, SNAPSHOT, STOP
+
+        flat = self._flat()
+        offset = 0
+        for blob, size in zip(self.blobs, self.sizes):
+            flat[offset:offset + size] = blob.get_diff().reshape(-1)
+            offset += size
+        request = self.local_action() if self.local_action is not None else NONE
+        flat[offset] = request == STOP
+        flat[offset + 1] = request == SNAPSHOT
+        self._timed(self.comm.allreduce, flat, "allreduce of the gradients")
+        scale = 1.0 / self.comm.size
+        offset = 0
+        for blob, size in zip(self.blobs, self.sizes):
+            diff = blob.mutable_diff()
+            diff.reshape(-1)[...] = flat[offset:offset + size]
+            diff *= scale
+            offset += size
+        stop, snapshot = backend.to_host(flat[offset:offset + 2])
+        self.agreed = STOP if stop > 0 else SNAPSHOT if snapshot > 0 else NONE
+
+    def action(self) -> str:
+        """The action all ranks agreed on at this iteration's allreduce (asked once per iteration by
+        the solver; NONE during rank 0's tests, whose batches the other ranks do not wait on)."""
+        from .solver import NONE
+
+        agreed, self.agreed = self.agreed, NONE
+        return agreed
