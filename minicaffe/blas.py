@@ -1,6 +1,6 @@
 """The GEMMs of the layers: matmul (out = a @ b) and gemm_accumulate (c += a @ b, with BLAS's beta = 1).
 
-On the CPU a large matmul is split by rows of its output over minicaffe's threads (threads.run_parts),
+On the CPU a large product is split by rows of its output over minicaffe's threads (threads.run_parts),
 each part one BLAS call on a single-threaded BLAS: the cores work on one GEMM without BLAS's own thread
 pool, whose spinning workers thrash on a busy machine (see threads.py). Small products stay whole: a
 hand-off to another thread costs tens of microseconds. Each output element is computed by one BLAS
@@ -14,6 +14,8 @@ scipy's BLAS wrappers (the BLAS numpy uses is not exposed), on the GPU cuBLAS th
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from types import ModuleType
 
 import numpy as np
@@ -55,9 +57,6 @@ def gemm_accumulate(a, b, c) -> None:
     if not c.flags.c_contiguous:
         raise ValueError("gemm_accumulate: the output must be C-contiguous (it is written in place)")
     if isinstance(c, np.ndarray):
-        # Not split over threads: in parts, scipy's gemm took twice as long as whole (LeNet's conv2 weight
-        # gradient, 50x4096 @ 4096x500: 6.5 ms against 3.6 ms on 2 cores), while numpy's matmul in
-        # parts took 0.6x (see matmul).
         cpu_gemm(1.0, a, b, 1.0, c)
     else:  # cuBLAS through CuPy, which takes C- or F-ordered operands (transposed views) without copies
         import cupy
@@ -79,7 +78,15 @@ def load_cpu_blas() -> ModuleType:
 
 
 def cpu_gemm(alpha: float, a, b, beta: float, c: np.ndarray) -> None:
-    """c = alpha * a @ b + beta * c in place, by scipy's BLAS (also what tests/fake_cupy's cuBLAS runs)."""
+    """c = alpha * a @ b + beta * c in place (also what tests/fake_cupy's cuBLAS runs): by numpy's own
+    OpenBLAS through its CBLAS interface when it is a known build (see numpy_cblas), split by rows of c
+    over minicaffe's threads when large; else by scipy's BLAS wrappers, whole."""
+    cblas = numpy_cblas()
+    if cblas is not None and c.dtype in cblas.functions:
+        rows = c.shape[0]
+        parts = _parts(rows, 2.0 * c.size * a.shape[1])
+        threads.run_parts(rows, parts, lambda lo, hi: cblas.gemm(alpha, a[lo:hi], b, beta, c[lo:hi]))
+        return
     blas = load_cpu_blas()
     gemm = {np.dtype(np.float32): blas.sgemm, np.dtype(np.float64): blas.dgemm}[c.dtype]
     # BLAS is column-major: a C-contiguous c is the Fortran-ordered c.T, and c.T += b.T @ a.T.
@@ -99,3 +106,74 @@ def _fortran_operand(matrix) -> tuple[np.ndarray, int]:
     if matrix.flags.c_contiguous:
         return matrix.T, 1
     return np.asfortranarray(matrix), 0
+
+
+class Cblas:
+    """cblas_sgemm / cblas_dgemm of a loaded OpenBLAS, called through ctypes. ctypes lets go of the GIL
+    during the call, so the parts of one product run on several threads at once; scipy's wrappers hold
+    the GIL (two threads took as long as one doing both)."""
+
+    ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+
+    def __init__(self, library: ctypes.CDLL, names: tuple[str, str], index_type):
+        self.index_type = index_type
+        self.functions = {}
+        for dtype, name, scalar in ((np.dtype(np.float32), names[0], ctypes.c_float),
+                                    (np.dtype(np.float64), names[1], ctypes.c_double)):
+            function = getattr(library, name)
+            function.restype = None
+            function.argtypes = [ctypes.c_int] * 3 + [index_type] * 3 + [
+                scalar, ctypes.c_void_p, index_type, ctypes.c_void_p, index_type, scalar, ctypes.c_void_p,
+                index_type]
+            self.functions[dtype] = function
+
+    @classmethod
+    def operand(cls, matrix: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """(array, trans, leading dimension) in row-major CBLAS terms for a 2-d view, copied only when
+        neither of its axes is contiguous."""
+        item, (rows, cols), (row_step, col_step) = matrix.itemsize, matrix.shape, matrix.strides
+        if col_step == item and row_step % item == 0 and row_step >= max(1, cols) * item:
+            return matrix, cls.NO_TRANS, row_step // item
+        if row_step == item and col_step % item == 0 and col_step >= max(1, rows) * item:
+            return matrix, cls.TRANS, col_step // item
+        matrix = np.ascontiguousarray(matrix)
+        return matrix, cls.NO_TRANS, max(1, cols)
+
+    def gemm(self, alpha: float, a: np.ndarray, b: np.ndarray, beta: float, c: np.ndarray) -> None:
+        """c = alpha * a @ b + beta * c; c's rows must be contiguous (it is written in place)."""
+        (rows, inner), cols = a.shape, c.shape[1]
+        row_step = c.strides[0]
+        if c.strides[1] != c.itemsize or row_step % c.itemsize or (rows > 1 and row_step < cols * c.itemsize):
+            raise ValueError("gemm: the output's rows must be contiguous")
+        if c.size == 0:
+            return
+        if inner == 0:
+            c *= beta
+            return
+        a, trans_a, lda = self.operand(a)
+        b, trans_b, ldb = self.operand(b)
+        ldc = max(1, row_step // c.itemsize)
+        self.functions[c.dtype](self.ROW_MAJOR, trans_a, trans_b, rows, cols, inner, alpha, a.ctypes.data,
+                                lda, b.ctypes.data, ldb, beta, c.ctypes.data, ldc)
+
+
+# CBLAS entry points of the OpenBLAS builds numpy's wheels ship (scipy-openblas): ILP64 with the
+# "scipy_" prefix and "64_" suffix, or LP64 with the prefix alone. Another BLAS (MKL, a system library)
+# is left to scipy's wrappers.
+CBLAS_NAMES = ((("scipy_cblas_sgemm64_", "scipy_cblas_dgemm64_"), ctypes.c_int64),
+               (("scipy_cblas_sgemm", "scipy_cblas_dgemm"), ctypes.c_int))
+
+
+@functools.cache
+def numpy_cblas() -> Cblas | None:
+    """numpy's OpenBLAS (found by threadpoolctl) as a Cblas, or None when it is not a known build."""
+    from threadpoolctl import threadpool_info
+
+    for pool in threadpool_info():
+        if pool["internal_api"] != "openblas" or "numpy" not in pool["filepath"]:
+            continue
+        library = ctypes.CDLL(pool["filepath"])
+        for names, index_type in CBLAS_NAMES:
+            if all(hasattr(library, name) for name in names):
+                return Cblas(library, names, index_type)
+    return None

@@ -108,10 +108,16 @@ def test_large_matmuls_are_split_by_rows_over_the_threads(four_threads, monkeypa
     np.testing.assert_allclose(out, a @ b, rtol=1e-12)
     stacked = np.empty((3, 40, 20))
     blas.matmul(rng.normal(size=(3, 40, 30)), b, stacked)
-    assert calls == [(40, 4), (40, 4)]  # 40 rows: 4 parts of 10 rows
+    expected = [(40, 4), (40, 4)]  # 40 rows: 4 parts of 10 rows
+    if blas.numpy_cblas() is not None:  # gemm_accumulate too, through numpy's OpenBLAS's CBLAS
+        c = np.ones((40, 20))
+        blas.gemm_accumulate(a, np.repeat(b, 2, axis=1)[:, ::2], c)  # b strided on both axes: copied
+        np.testing.assert_allclose(c, a @ b + 1, rtol=1e-12)
+        expected.append((40, 4))
+    assert calls == expected
     monkeypatch.setattr(blas, "PARALLEL_MIN_FLOPS", 1e12)
     blas.matmul(a, b, out)
-    assert len(calls) == 2  # small: one call on this thread
+    assert len(calls) == len(expected)  # small: one call on this thread
 
 
 LAYERS = {
