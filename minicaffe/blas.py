@@ -9,7 +9,8 @@ call either way.
 Parameter gradients add into the parameter's diff (``diff += dy.T @ x``). Written with numpy, that first
 makes a temporary the size of the parameter (150 MB for AlexNet's fc6) on every step and pays its page
 faults; BLAS's gemm computes ``c = alpha * a @ b + beta * c`` straight into c. On the CPU this calls
-scipy's BLAS wrappers (the BLAS numpy uses is not exposed), on the GPU cuBLAS through CuPy.
+numpy's own OpenBLAS through its CBLAS interface by ctypes (Cblas; scipy's BLAS wrappers where numpy's
+BLAS is another build), on the GPU cuBLAS through CuPy.
 """
 
 from __future__ import annotations
