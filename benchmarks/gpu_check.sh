@@ -15,7 +15,9 @@
 #    device-to-device copy bandwidth;
 # 4. LeNet-PReLU MNIST training (benchmarks/train_mnist.py) on the CPU and on the GPU: accuracy and
 #    wall time side by side (needs MNIST in $MINICAFFE_SHARED/data/mnist, default ../shared);
-# 5. the layer table under NVIDIA's compute-sanitizer (memcheck, initcheck, racecheck) when installed.
+# 5. the layer table under NVIDIA's compute-sanitizer (memcheck, initcheck, racecheck) when installed;
+# 6. with two GPUs or more: `minicaffe train --gpu 0,1` (NCCL) against one GPU with double the batch
+#    (tests/test_parallel.py::test_two_gpus_train_as_one_gpu_with_double_batch).
 #
 # MINICAFFE_FAKE_CUPY=1: tests/fake_cupy is the `cupy` of every step (nothing installed, no sanitizer),
 # so CI runs the script without a GPU and it cannot rot (tests/test_gpu_check.py). --quick: tiny sizes
@@ -171,6 +173,17 @@ if [ -n "$sanitizer" ]; then
 else
   note "compute-sanitizer: $([ "$fake" = 1 ] && echo "not with the fake CuPy" || echo "not installed"),"\
 " skipped"
+fi
+
+# -- 6. two GPUs (NCCL) ------------------------------------------------------------------------------------
+gpus=0
+[ "$fake" != 1 ] && gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)"
+if [ "$gpus" -ge 2 ]; then
+  step two-gpus 120 "$python" -m pytest -q -p no:cacheprovider \
+    tests/test_parallel.py::test_two_gpus_train_as_one_gpu_with_double_batch && \
+    note "two GPUs: train --gpu 0,1 matches one GPU with double the batch"
+else
+  note "two GPUs: skipped, ${gpus} GPU(s)$([ "$fake" = 1 ] && echo " (fake CuPy)")"
 fi
 
 echo "== summary ($out, ${SECONDS} s)"

@@ -31,5 +31,6 @@ def test_gpu_check_runs_every_step_on_the_fake_cupy(tmp_path):
     if not any(line.startswith("training: skipped, MNIST not found") for line in lines):
         assert len(trained) == 2 and trained[0].endswith("CPU mode |") and "GPU mode (Fake CUDA" in trained[1]
     assert "compute-sanitizer: not with the fake CuPy, skipped" in lines
+    assert "two GPUs: skipped, 0 GPU(s) (fake CuPy)" in lines
     assert lines[-1].endswith("all steps passed")
     assert all(line.split(": exit ")[1].startswith("0 ") for line in lines if ": exit " in line)

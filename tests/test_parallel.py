@@ -264,6 +264,31 @@ def test_two_ranks_train_as_one_process_with_double_batch_and_resume(digits, tmp
         (tmp_path / "ranks_iter_20.caffemodel").read_bytes()
 
 
+def visible_gpus() -> int:
+    """GPUs nvidia-smi lists (0 without it); the 2-GPU test needs real CuPy (MINICAFFE_REAL_CUPY=1)."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in listing.splitlines())
+
+
+@pytest.mark.skipif(os.environ.get("MINICAFFE_REAL_CUPY") != "1" or visible_gpus() < 2,
+                    reason="needs two GPUs and MINICAFFE_REAL_CUPY=1 (benchmarks/gpu_check.sh runs it)")
+def test_two_gpus_train_as_one_gpu_with_double_batch(digits, tmp_path):
+    """`train --gpu 0,1` (one process per GPU, NCCL) against `--gpu 0` with double the batch: the same
+    weights within float rounding (cuBLAS and the allreduce add in other orders than the CPU)."""
+    commands = {"two": ("0,1", 8), "one": ("0", 16)}
+    for name, (gpus, batch) in commands.items():
+        solver = write_solver(digits, tmp_path, name, batch, test_interval=0)
+        command = [sys.executable, "-m", "minicaffe.cli", "train", "--solver", str(solver), "--gpu", gpus]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment())
+        assert result.returncode == 0, result.stderr[-3000:]
+    for iteration in (10, 20):
+        assert_close(weights(tmp_path / f"one_iter_{iteration}.caffemodel"),
+                     weights(tmp_path / f"two_iter_{iteration}.caffemodel"), rtol=1e-5)
+
+
 def rank_pid(solver: Path, rank: int, deadline: float = 30.0) -> int:
     """The process id of `rank` of the job training `solver` (its PMI_RANK, MPICH's hydra)."""
     end = time.monotonic() + deadline
