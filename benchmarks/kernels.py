@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -147,6 +150,19 @@ def torch_ops():
     return torch, F, ops, two
 
 
+def torch_peer_columns() -> dict[str, list[float]] | None:
+    """PyTorch's columns, measured first by benchmarks/torch_peer.py in a process of its own at PyTorch's
+    own defaults (see nets.Peer: in this process PyTorch would share minicaffe's passive OpenMP wait
+    policy); None without PyTorch."""
+    if importlib.util.find_spec("torch") is None:
+        return None
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("torch_peer.py")), "kernels"],
+                            capture_output=True, text=True, env=timing.peer_environment(), timeout=1200)
+    if result.returncode != 0:
+        raise RuntimeError(f"the PyTorch peer process failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def bench_torch(case_name: str, shapes, min_runs: int, min_seconds: float,
                 bundle) -> tuple[float, float] | None:
     torch, F, ops, two = bundle
@@ -184,14 +200,12 @@ def run_device(device: str, quick: bool) -> dict:
         backend.set_mode_cpu()
     min_runs, min_seconds = (2, 0.0) if quick else (5, 0.4)
     rows = []
-    bundle = torch_ops() if device == "cpu" and not quick else None
+    torch_columns = torch_peer_columns() if device == "cpu" and not quick else None
     for name, text, shapes, phase in CASES:
         shapes = [QUICK_SHAPES.get(s, s) for s in shapes] if quick else shapes
         row = bench_layer(name, text, shapes, phase, min_runs, min_seconds)
-        if bundle is not None:
-            torch_times = bench_torch(name, shapes, min_runs, min_seconds, bundle)
-            if torch_times:
-                row["torch_fwd_ms"], row["torch_bwd_ms"] = torch_times
+        if torch_columns and name in torch_columns:
+            row["torch_fwd_ms"], row["torch_bwd_ms"] = torch_columns[name]
         rows.append(row)
         print(format_row(row), flush=True)
     activation_bytes = int(np.prod(QUICK_SHAPES[ACT] if quick else ACT)) * 4
@@ -200,7 +214,7 @@ def run_device(device: str, quick: bool) -> dict:
     backend.set_mode_cpu()
     return {"device": device, "rows": rows, "copy_gbs": copy_large, "copy_small_gbs": copy_small,
             "copy_small_mb": activation_bytes / 1e6, "copy_large_mb": (8 << 20 if quick else 256 << 20) / 1e6,
-            "torch": bundle is not None}
+            "torch": bool(torch_columns)}
 
 
 def copy_text(result: dict) -> str:

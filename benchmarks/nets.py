@@ -19,7 +19,8 @@ into torch.nn modules holding copies of the same weights. Before a net is timed 
 same input and every blob and every gradient is compared (the "diff" and "same net" columns), so
 each row compares the same computation. Both are timed in the same run, alternating, at default
 settings: the script sets no thread variables, so what is measured is what a user's plain run gets;
-the threads each one used are printed. PyTorch is optional (never a dependency of minicaffe): without
+the threads each one used are printed. PyTorch is timed in a process of its own (benchmarks/torch_peer.py,
+see Peer) started with the user's environment, so that minicaffe's OpenMP wait policy is not PyTorch's. PyTorch is optional (never a dependency of minicaffe): without
 it only minicaffe's column is printed. CPU, float32.
 """
 
@@ -490,7 +491,8 @@ def compare(net: Net, model: TorchNet, inputs: dict[str, np.ndarray], top_diffs:
 def alternate(runs: dict[str, Callable[[], object]], warmup: int, min_runs: int,
               min_seconds: float) -> dict[str, float]:
     """Median seconds of each function, timed in turns (one run of each per round) after `warmup` rounds,
-    for at least min_runs rounds and min_seconds."""
+    for at least min_runs rounds and min_seconds. A function that returns a number has timed itself
+    (the PyTorch peer, in its own process): that is its time."""
     for _ in range(warmup):
         for function in runs.values():
             function()
@@ -500,14 +502,47 @@ def alternate(runs: dict[str, Callable[[], object]], warmup: int, min_runs: int,
     while rounds < min_runs or (time.perf_counter() - start < min_seconds and rounds < 500):
         for name, function in runs.items():
             t0 = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - t0)
+            measured = function()
+            times[name].append(measured if isinstance(measured, float) else time.perf_counter() - t0)
         rounds += 1
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def lenet_runs(torch) -> tuple[dict[str, Callable], dict | None, str]:
-    """The LeNet-PReLU SGD step of each peer, the translation check, and what the row measures."""
+class Peer:
+    """PyTorch's side of a row, run by benchmarks/torch_peer.py in a process of its own.
+
+    Why not in this process: importing minicaffe sets OMP_WAIT_POLICY=passive for its kernels
+    (minicaffe/threads.py), and an OpenMP runtime reads it once, when it loads: PyTorch loaded after
+    minicaffe would share that runtime and policy, and PyTorch runs up to 2x slower passive (a 12-block
+    conv stack at 28x28: 23 ms at its default, 35-48 ms passive, on this 2-core machine). So each peer
+    runs at its own defaults: the child gets the environment the user started this script with. It
+    times each run itself and answers one number per request, so the rows still alternate."""
+
+    def __init__(self, row: str):
+        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("torch_peer.py")), row],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, env=timing.peer_environment())
+        self.ask("ready")
+
+    def ask(self, request: str) -> str:
+        self.process.stdin.write(request + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the PyTorch peer process failed: {self.process.stderr.read()[-2000:]}")
+        return answer.strip()
+
+    def __call__(self) -> float:
+        return float(self.ask("run"))
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def lenet_runs(torch, check: bool = True) -> tuple[dict[str, Callable], dict | None, str]:
+    """The LeNet-PReLU SGD step of each peer, the translation check (unless check is False), and what
+    the row measures."""
     solver = lenet_solver()
     net = solver.net
     rng = np.random.default_rng(0)
@@ -515,10 +550,10 @@ def lenet_runs(torch) -> tuple[dict[str, Callable], dict | None, str]:
     inputs = {"data": rng.random(shapes["data"], dtype=np.float32),
               "label": rng.integers(0, 10, shapes["label"]).astype(np.float32)}
     runs: dict[str, Callable] = {}
-    check = None
+    result = None
     if torch is not None:
         model = translate(net, torch)
-        check = compare(net, model, inputs, {}, input_grads=False)
+        result = compare(net, model, inputs, {}, input_grads=False) if check else None
         rate = solver.param.base_lr
         groups = []
         for learnable in net.learnable_params:
@@ -539,20 +574,21 @@ def lenet_runs(torch) -> tuple[dict[str, Callable], dict | None, str]:
         net.blobs[name].data[...] = value
     runs = {"minicaffe": lambda: solver.step(1), **runs}
     batch = shapes["data"][0]
-    return runs, check, f"SGD step (fwd+bwd+update), batch {batch}"
+    return runs, result, f"SGD step (fwd+bwd+update), batch {batch}"
 
 
-def zoo_runs(path: Path, torch) -> tuple[dict[str, Callable], dict | None, str]:
-    """Forward + backward of a zoo deploy net for each peer, and the translation check."""
+def zoo_runs(path: Path, torch, check: bool = True) -> tuple[dict[str, Callable], dict | None, str]:
+    """Forward + backward of a zoo deploy net for each peer, and the translation check (unless check is
+    False)."""
     net = zoo_net(path)
     rng = np.random.default_rng(1)
     inputs = {name: rng.standard_normal(net.blobs[name].shape, dtype=np.float32) for name in net.inputs}
     top_diffs = {name: rng.standard_normal(net.blobs[name].shape, dtype=np.float32) for name in net.outputs}
     runs: dict[str, Callable] = {}
-    check = None
+    result = None
     if torch is not None:
         model = translate(net, torch)
-        check = compare(net, model, inputs, top_diffs, input_grads=True)
+        result = compare(net, model, inputs, top_diffs, input_grads=True) if check else None
         tensors = {name: torch.from_numpy(value).requires_grad_() for name, value in inputs.items()}
         grads = [torch.from_numpy(diff) for diff in top_diffs.values()]
         parameters = list(model.modules.parameters())
@@ -577,7 +613,7 @@ def zoo_runs(path: Path, torch) -> tuple[dict[str, Callable], dict | None, str]:
 
     runs = {"minicaffe": minicaffe_forward_backward, **runs}
     batch = next(iter(inputs.values())).shape[0]
-    return runs, check, f"fwd+bwd, batch {batch}"
+    return runs, result, f"fwd+bwd, batch {batch}"
 
 
 @contextlib.contextmanager
@@ -706,20 +742,23 @@ def main(argv: list[str] | None = None) -> int:
     for name in wanted:
         name = known[name.lower()]
         try:
-            if name == "busy":
+            if name in ("lenet", "busy"):
                 runs, check, measured = lenet_runs(torch)
-                with busy_core():
-                    times = alternate(runs, warmup, min_runs, min_seconds)
-                label = "LeNet-PReLU, one core busy"
-            elif name == "lenet":
-                runs, check, measured = lenet_runs(torch)
-                times = alternate(runs, warmup, min_runs, min_seconds)
-                quiet = times
-                label = "LeNet-PReLU"
+                label = "LeNet-PReLU" + (", one core busy" if name == "busy" else "")
             else:
                 runs, check, measured = zoo_runs(zoo[name], torch)
-                times = alternate(runs, warmup, min_runs, min_seconds)
                 label = name
+            peer = Peer("lenet" if name == "busy" else name) if "torch" in runs else None
+            if peer is not None:
+                runs["torch"] = peer
+            try:
+                with busy_core() if name == "busy" else contextlib.nullcontext():
+                    times = alternate(runs, warmup, min_runs, min_seconds)
+            finally:
+                if peer is not None:
+                    peer.close()
+            if name == "lenet":
+                quiet = times
         except Untranslatable as error:
             print(f"{name}: not compared with PyTorch: {error}", file=sys.stderr)
             notes.append(f"{name}: not compared with PyTorch: {error}")

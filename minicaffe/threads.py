@@ -34,7 +34,10 @@ _threads: int | None = None  # the configured count, None until configure() runs
 _pool: ThreadPoolExecutor | None = None  # run_parts' helper threads, made on first use
 _pool_size = 0
 
-# libgomp reads its wait policy once, when the first kernel library loads it; set before that.
+# libgomp reads its wait policy once, when the first kernel library loads it; set before that. (What the
+# user had set, if anything, is kept for child processes that must run at their own defaults: the
+# PyTorch peer of benchmarks/nets.py.)
+USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 

@@ -14,12 +14,13 @@ Times are taken between synchronize() calls, so on the GPU they cover the kernel
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 
 import numpy as np
 
-from . import backend
+from . import backend, threads
 from .threads import usable_cores
 
 COPY_BYTES = 64 << 20
@@ -83,6 +84,15 @@ def time_net(net, iterations: int, report=print) -> dict:
 
 
 # -- the machine ---------------------------------------------------------------------------------------
+
+def peer_environment() -> dict[str, str]:
+    """This process's environment without what minicaffe added to it (OMP_WAIT_POLICY, unless the user
+    had set it): for a benchmark's peer process (PyTorch) that must run at its own defaults."""
+    env = dict(os.environ)
+    if threads.USER_WAIT_POLICY is None:
+        env.pop("OMP_WAIT_POLICY", None)
+    return env
+
 
 def machine() -> str:
     """The line benchmarks print about the hardware: CPU model, usable cores, OS and architecture."""
