@@ -20,7 +20,8 @@ same input and every blob and every gradient is compared (the "diff" and "same n
 each row compares the same computation. Both are timed in the same run, alternating, at default
 settings: the script sets no thread variables, so what is measured is what a user's plain run gets;
 the threads each one used are printed. PyTorch is timed in a process of its own (benchmarks/torch_peer.py,
-see Peer) started with the user's environment, so that minicaffe's OpenMP wait policy is not PyTorch's. PyTorch is optional (never a dependency of minicaffe): without
+see Peer) started with the user's environment, so that minicaffe's OpenMP wait policy is not PyTorch's.
+PyTorch is optional (never a dependency of minicaffe): without
 it only minicaffe's column is printed. CPU, float32.
 """
 
@@ -680,7 +681,9 @@ def markdown(rows: list[dict], notes: list[str], command: str, torch) -> str:
              f"Reproduce: `{command}` (updates this section). Measured {dt.date.today().isoformat()} on "
              f"{machine()}; {peer}.", "",
              "Median time of one step (after warm-up, the two peers timed in turns), float32, default thread "
-             "settings. LeNet: `Solver.step(1)` of models/lenet_prelu/solver.prototxt on its train net with "
+             "settings; PyTorch runs in a process of its own (benchmarks/torch_peer.py), so that minicaffe's "
+             "passive OpenMP wait policy is not imposed on it. "
+             "LeNet: `Solver.step(1)` of models/lenet_prelu/solver.prototxt on its train net with "
              "Input layers, against zero_grad + forward + backward + torch.optim.SGD (same momentum, weight "
              "decay and lr_mult / decay_mult). Zoo nets: forward + backward (all parameter gradients and the "
              "input gradient) with seeded random weights. The PyTorch nets are translated from the "
