@@ -204,7 +204,7 @@ def run_keras(work: Path, dbs: dict[str, Path], quick: bool) -> dict:
     for name, (solver_file, slope) in KERAS.items():
         for seed in seeds:
             print(f"training {name}, seed {seed} ...", file=sys.stderr, flush=True)
-            folder = f"keras_{name.split(',')[0].lower()}_{slope}_{seed}"
+            folder = f"keras_{'relu' if slope is None else f'prelu{slope:g}'}_seed{seed}"
             solver = study_copy(solver_file, folder, work, dbs, max_iter=iterations, seed=seed,
                                 test_interval=test_interval, slope=slope,
                                 test_iter=QUICK["test_batches"] if quick else None)

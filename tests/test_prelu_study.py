@@ -129,6 +129,6 @@ def test_keras_study_quick_reports_every_model(mnist_dir, work, tmp_path):
         assert f"| {len(bench.QUICK['seeds'])} |" in row
     assert text.count("noise") >= 3
     # The initial slope reached the net: a run's copied net has the constant filler asked for.
-    net = io.read_net_param(work / "keras_prelu_0.0_1" / "train_test.prototxt")
+    net = io.read_net_param(work / "keras_prelu0_seed1" / "train_test.prototxt")
     (prelu,) = [layer for layer in net.layer if layer.type == "PReLU"]
     assert prelu.prelu_param.filler.type == "constant" and prelu.prelu_param.filler.value == 0.0

@@ -130,3 +130,15 @@ def test_benchmark_quick_writes_its_section(tmp_path, capsys):
     relu_row = next(line for line in text.splitlines() if line.startswith("| ReLU |"))
     cells = [c.strip() for c in relu_row.strip("|").split("|")]
     assert cells[3:8] == ["8", "0", "4", "1", "0"]
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["apart", "in_place"])
+def test_planned_kept_bytes_are_what_forward_keeps(in_place):
+    """The benchmark's "kept" column (summary's planned bytes, from shapes) is what a forward keeps."""
+    shape = SHAPES[0]
+    for form in bench.FORMS:
+        net = bench.build(form, shape, in_place)
+        net.blobs["x"].data[...] = inputs(shape)[0]
+        net.forward_range(0, len(net.layers) - 1)
+        kept = sum(layer.kept_bytes() for layer in net.layers)
+        assert kept == bench.memory(form, shape, in_place)["kept"] * np.prod(shape), form.name
