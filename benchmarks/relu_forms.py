@@ -1,6 +1,7 @@
 """Rectifier forms: every ReLU and PReLU a prototxt can express, timed forward and forward + backward,
-with the memory each keeps for backward and its parameter count (the Theano comparison of six ReLU
-and three PReLU formulations, Caffe PR #1940's composed PReLU, and PReLU as two ReLUs).
+with the memory each keeps for backward and its parameter count: the Theano comparison's ReLU and
+PReLU formulations that layers can express (max(x, 0), x * (x > 0), (x + |x|) / 2, max(x, a x),
+Lasagne's ReLU(x) + a (x - |x|) / 2), Caffe PR #1940's composed PReLU, and PReLU as two ReLUs (Keras).
 
     python benchmarks/relu_forms.py              # 64x32x56x56 blob and a (1000, 1000) matrix; BENCHMARKS.md
     python benchmarks/relu_forms.py --quick      # tiny shapes, few runs (a smoke test)
@@ -71,6 +72,15 @@ def abs_sum(in_place: bool, shape: tuple) -> str:
                   "eltwise_param { operation: SUM coeff: 0.5 coeff: 0.5 }"))
 
 
+def max_zero(in_place: bool, shape: tuple) -> str:
+    # max(x, 0) (Theano's T.maximum(x, 0)) against a blob of zeros made by Power scale 0. No gradient
+    # goes to the zeros (propagate_down: false; Eltwise MAX gives a tie at x = 0 to the zeros, so the
+    # gradient there is 0 as ReLU's). Neither layer can run in place (x is read twice).
+    return (layer("zeros", "Power", ["x"], "zeros", "propagate_down: false power_param { scale: 0 }") +
+            layer("max", "Eltwise", ["x", "zeros"], "y",
+                  "propagate_down: true propagate_down: false eltwise_param { operation: MAX }"))
+
+
 def threshold_prod(in_place: bool, shape: tuple) -> str:
     # x * (x > 0). Threshold has no backward (as in Caffe), and needs none: the step's derivative is 0
     # wherever it exists, so the gradient of x * step(x) is step(x) * dy through the product's first
@@ -88,6 +98,25 @@ def prelu(in_place: bool, shape: tuple) -> str:
 
 def prelu_shared(in_place: bool, shape: tuple) -> str:
     return layer("prelu", "PReLU", ["x"], "x" if in_place else "y", "prelu_param { channel_shared: true }")
+
+
+def prelu_max(in_place: bool, shape: tuple) -> str:
+    # max(x, a x) (Theano's T.maximum(x, a * x)) with a learned per channel by Scale; PReLU for a <= 1.
+    # Neither layer can run in place (x is read twice).
+    return (layer("slopes", "Scale", ["x"], "ax", "scale_param { axis: 1 }") +
+            layer("max", "Eltwise", ["x", "ax"], "y", "eltwise_param { operation: MAX }"))
+
+
+def prelu_lasagne(in_place: bool, shape: tuple) -> str:
+    # ReLU(x) + a (x - |x|) / 2, as Lasagne's ParametricRectifierLayer computes it (a per channel by
+    # Scale). x feeds three layers; only Scale could run in place, and in place it keeps a copy of x.
+    neg = "neg" if in_place else "negpart"
+    return (layer("pos", "ReLU", ["x"], "pos") +
+            layer("abs", "AbsVal", ["x"], "absx") +
+            layer("neg", "Eltwise", ["x", "absx"], "neg",
+                  "eltwise_param { operation: SUM coeff: 0.5 coeff: -0.5 }") +
+            layer("slopes", "Scale", ["neg"], neg, "scale_param { axis: 1 }") +
+            layer("sum", "Eltwise", ["pos", neg], "y", "eltwise_param { operation: SUM }"))
 
 
 def prelu_pr1940(in_place: bool, shape: tuple) -> str:
@@ -144,12 +173,17 @@ def _per_element(a: np.ndarray, shape: tuple) -> np.ndarray:
 
 FORMS = [
     Form("ReLU", ReLU_GROUP, relu),
+    Form("max(x, 0): Power scale 0 (zeros), Eltwise MAX", ReLU_GROUP, max_zero),
     Form("(x + |x|) / 2: AbsVal, Eltwise SUM 0.5 0.5", ReLU_GROUP, abs_sum),
     Form("x * (x > 0): Threshold, Eltwise PROD", ReLU_GROUP, threshold_prod,
          note="backward through the PROD's x only (the Threshold has none, and the step's gradient is 0)"),
     Form("PReLU", PReLU_GROUP, prelu, lambda a, shape: a.copy(), lambda g: g, "prelu"),
     Form("PReLU channel_shared", PReLU_GROUP, prelu_shared, lambda a, shape: np.asarray(a[0]),
          lambda g: g, "prelu", note="one slope: equal to the others when all a_c are equal"),
+    Form("max(x, a x): Scale (a per channel), Eltwise MAX", PReLU_GROUP, prelu_max,
+         lambda a, shape: a.copy(), lambda g: g, note="PReLU only while every a <= 1"),
+    Form("ReLU(x) + a (x - |x|) / 2 (Lasagne): ReLU, AbsVal, Eltwise SUM, Scale, Eltwise SUM", PReLU_GROUP,
+         prelu_lasagne, lambda a, shape: a.copy(), lambda g: g),
     Form("PReLU as PR #1940: ReLU, Power -1, ReLU, grouped 1x1 Convolution (-a), Eltwise SUM", PReLU_GROUP,
          prelu_pr1940, lambda a, shape: -a.reshape(shape), lambda g: -g.reshape(-1)),
     Form("PReLU as two ReLUs: ReLU, Power -1, ReLU, Scale (a per element, Keras), Eltwise SUM 1 -1",
@@ -259,14 +293,14 @@ def markdown(results: dict[tuple, list[dict]], command: str) -> str:
             if row["group"] != group:
                 group = row["group"]
                 lines.append(f"| **{group}** |" + " |" * (len(HEADER) - 1))
-            lines.append("| " + " | ".join(cells(row)) + " |")
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells(row)) + " |")
         lines.append("")
     notes = sorted({f"{row['form']}: {row['note']}"
                     for rows in results.values() for row in rows if row["note"]})
-    lines += [f"- {note}" for note in notes]
-    lines += ["- The two composed PReLUs hold four more blobs than PReLU (ReLU(x), -x, its ReLU, the "
-              "product); "
-              "the Keras form also learns a slope per element of a sample instead of per channel.", END]
+    lines += [f"- {note}" for note in notes]  # "|x|" needs no escape outside a table
+    lines += ["- A blob is 4 B per element: PReLU holds x and y (8), in place x alone (4); each composed "
+              "form holds its intermediate blobs besides, for backward. The Keras form learns a slope per "
+              "element of a sample (C x H x W of them) instead of one per channel.", END]
     return "\n".join(lines)
 
 
