@@ -2,7 +2,7 @@
 (models/mnist_prelu_cnn), and the Keras comparison of PReLU slopes initialised to 0 and to 0.25
 against ReLU (models/lenet_prelu, models/lenet), over several seeds.
 
-    python benchmarks/prelu_study.py cnn      # ~7 min on 2 cores: 25 epochs each of the PReLU and ReLU CNN
+    python benchmarks/prelu_study.py cnn      # ~7 min on 2 cores: 20 epochs each of the PReLU and ReLU CNN
     python benchmarks/prelu_study.py keras    # ~8 min on 2 cores: 3 seeds x (PReLU 0, PReLU 0.25, ReLU)
     python benchmarks/prelu_study.py cnn --quick     # a smoke test: a few short "epochs"
     options: --mnist DIR, --work DIR (keep the logs, CSVs and PNG), --no-write (BENCHMARKS.md untouched)
@@ -46,7 +46,7 @@ KERAS = {"PReLU, slopes from 0": ("models/lenet_prelu/solver.prototxt", 0.0),
          "PReLU, slopes from 0.25": ("models/lenet_prelu/solver.prototxt", 0.25),
          "ReLU": ("models/lenet/lenet_solver.prototxt", None)}
 EPOCH_ITERATIONS, TEST_BATCHES = 80, 20  # batch 100: 8,000 training and 2,000 test images
-CNN_EPOCHS, KERAS_ITERATIONS, SEEDS = 25, 1500, (1, 2, 3)
+CNN_EPOCHS, KERAS_ITERATIONS, SEEDS = 20, 1500, (1, 2, 3)
 # --quick: three "epochs" of 10 iterations (1,000 images), tested on 500 images; keras: 2 seeds x 60.
 QUICK = {"epoch_iterations": 10, "test_batches": 5, "epochs": 3, "keras_iterations": 60, "seeds": (1, 2)}
 
