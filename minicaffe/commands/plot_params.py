@@ -1,5 +1,7 @@
 """`minicaffe plot-params`: one panel per layer showing the distribution of its parameter values
-(by default the slopes of every PReLU layer), written to a PNG."""
+(by default the slopes of every PReLU layer), written to a PNG. With ``--watch-csv``: one panel per layer
+showing its parameters' mean (and min .. max) against the iteration or epoch, from the CSV that
+`minicaffe train --watch` writes."""
 
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blob", type=int, default=0,
                         help="which parameter blob of each layer (0: weights or slopes, 1: bias; default 0)")
     parser.add_argument("-o", "--output", default="params.png", help="PNG to write (default params.png)")
+    parser.add_argument("--watch-csv", metavar="CSV", help="instead: the mean [min .. max] of each layer's "
+                        "parameters over training, from `minicaffe train --watch`'s CSV")
+    parser.add_argument("--epoch-iterations", type=int, default=None, metavar="N",
+                        help="with --watch-csv: iterations per epoch, to draw against epochs")
 
 
 def pyplot():
@@ -67,7 +73,43 @@ def draw(chosen: list[inspect.LayerParams], blob: int, title: str):
     return figure
 
 
+def draw_trace(rows: list[dict], blob: int, title: str, epoch_iterations: int | None = None):
+    """The figure: per layer, the mean of parameter blob `blob` against the iteration (or epoch), with
+    its min .. max as a band; rows as `minicaffe.watch.read_watch_csv` gives them."""
+    plt = pyplot()
+    layers = list(dict.fromkeys(row["layer"] for row in rows if row["blob"] == blob))
+    columns = min(4, len(layers))
+    figure, axes = plt.subplots(math.ceil(len(layers) / columns), columns, figsize=(3.6 * columns, 3.0),
+                                squeeze=False, layout="constrained")
+    for axis in axes.flat[len(layers):]:
+        axis.set_visible(False)
+    for axis, name in zip(axes.flat, layers):
+        mine = sorted((row for row in rows if row["layer"] == name and row["blob"] == blob),
+                      key=lambda row: row["iteration"])
+        steps = [row["iteration"] / (epoch_iterations or 1) for row in mine]
+        axis.fill_between(steps, [row["min"] for row in mine], [row["max"] for row in mine], alpha=0.25,
+                          color="tab:blue", label="min .. max")
+        axis.plot(steps, [row["mean"] for row in mine], "o-", color="tab:blue", markersize=3, label="mean")
+        axis.set_title(name, fontsize=9)
+        axis.set_xlabel("epoch" if epoch_iterations else "iteration", fontsize=8)
+        axis.legend(fontsize=7)
+    figure.suptitle(title, fontsize=TITLE_POINTS)
+    return figure
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.watch_csv:
+        from ..watch import read_watch_csv
+
+        rows = read_watch_csv(args.watch_csv)
+        if not any(row["blob"] == args.blob for row in rows):
+            raise ValueError(f"{args.watch_csv} has no rows of parameter blob {args.blob}")
+        figure = draw_trace(rows, args.blob, f"{args.watch_csv}: parameter {args.blob} during training",
+                            args.epoch_iterations)
+        figure.savefig(args.output, dpi=100)
+        pyplot().close(figure)
+        print(f"wrote {args.output} ({len({row['layer'] for row in rows})} layers)")
+        return 0
     if args.layer_type and args.layer_type.lower() == "all":
         args.layer_type = None
     chosen = [entry for entry in selected_params(args) if len(entry[2]) > args.blob]
