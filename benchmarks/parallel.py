@@ -151,7 +151,8 @@ def section(rows: list[dict], command: str) -> str:
             expected = [f"{expected_speedup(t, base['bytes'], SCALING_RANKS, g):.2f}x" for g in LINKS_GBIT]
         samples = row["iter_per_s"] * row["batch"] * row["ranks"]
         exchange = "-" if row["ranks"] == 1 else \
-            f"{row['buckets']} buckets, overlapped" if row["overlap"] else "1 buffer after backward"
+            f"{row['buckets']} bucket{'s' * (row['buckets'] > 1)}, overlapped" if row["overlap"] \
+            else "1 buffer after backward"
         lines.append(f"| {row['net']} | {row['batch']} | {row['ranks']} | {exchange} | "
                      f"{row['iter_per_s']:.2f} | {samples:.1f} | {row['comm_ms']:.3f} | "
                      f"{row['bytes'] / 1e6:.2f} | " + " | ".join(expected) + " |")
