@@ -9,7 +9,7 @@ The Python surface is pycaffe's: ``net.blobs``, ``net.params``, ``net.forward(**
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NoReturn
 
@@ -218,6 +218,10 @@ class Net:
         # Counts full forward passes; stochastic layers (Dropout, shuffled data) key their random
         # numbers by it. The solver sets it from the iteration so that a resumed run replays them.
         self.forward_count = 0
+        # Called as callback(i) after layer i's step of backward_range (also when it needs no backward):
+        # from there on, the gradients of the parameters that no earlier layer uses are final
+        # (minicaffe.parallel starts exchanging them while the earlier layers run backward).
+        self.on_layer_backward: list[Callable[[int], None]] = []
         blob_need_backward: dict[str, bool] = {}
         available: dict[str, None] = {}  # produced and not yet consumed: the net's outputs at the end
         self._input_blobs: dict[str, Blob] = {}
@@ -403,6 +407,8 @@ class Net:
             if self.layer_need_backward[i]:
                 self.layers[i].run_backward(self.top_vecs[i], self.bottom_need_backward[i],
                                             self.bottom_vecs[i])
+            for callback in self.on_layer_backward:
+                callback(i)
 
     def forward(self, blobs: Iterable[str] | None = None, start: str | None = None,
                 end: str | None = None, **inputs) -> dict[str, np.ndarray]:

@@ -123,9 +123,18 @@ class TwoRankFake:
     def __init__(self, other):
         self.other, self.calls = other, []
 
-    def allreduce(self, array) -> None:
+    def start_allreduce(self, array):
         self.calls.append(("allreduce", array.size, array.dtype))
-        array += self.other(array)
+        return array
+
+    def test(self, request) -> bool:
+        return False
+
+    def wait(self, request) -> None:
+        request += self.other(request)
+
+    def allreduce(self, array) -> None:
+        self.wait(self.start_allreduce(array))
 
     def broadcast(self, array, root: int = 0) -> None:
         self.calls.append(("broadcast", array.size, array.dtype))

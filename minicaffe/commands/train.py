@@ -15,7 +15,9 @@ written are kept); --allow-nan keeps training instead, as Caffe does.
 Under mpirun / mpiexec / srun (K processes, found from the launcher's environment), each process is one
 rank of a data-parallel run (minicaffe.parallel, over MPI): each reads its share of the data, gradients
 are averaged after every backward, rank 0 alone logs, tests and snapshots; `--sync-timeout` bounds how
-long a rank waits for the others before ending the job with an error. `--gpu 0,1` / `--gpu all` starts one
+long a rank waits for the others before ending the job with an error. The gradients go in buckets of
+`--bucket-mb` MB whose allreduce starts while backward still runs; `--no-overlap` sends them in one
+buffer after backward instead (the same weights). `--gpu 0,1` / `--gpu all` starts one
 process per GPU, averaging gradients over NCCL (CuPy's binding); under mpirun with --gpu, each rank takes
 the GPU of its local rank and NCCL is set up over MPI (one rank per GPU, across machines).
 
@@ -64,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="under mpirun: how long a rank waits for the others in one gradient exchange "
                              "before ending the job with an error (a rank died or hangs); more than rank "
                              f"0's longest test phase (default {parallel.DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--no-overlap", "--no_overlap", dest="overlap", action="store_false",
+                        help="data-parallel: allreduce all gradients in one buffer after backward, instead "
+                             "of in buckets that start while backward still runs")
+    parser.add_argument("--bucket-mb", "--bucket_mb", dest="bucket_mb", type=float,
+                        default=parallel.DEFAULT_BUCKET_MB, metavar="MB",
+                        help="data-parallel: size of the gradient buckets whose allreduce starts during "
+                             f"backward (default {parallel.DEFAULT_BUCKET_MB:g})")
     for name, default, what in (("sigint_effect", "stop", "Ctrl-C"), ("sighup_effect", "snapshot", "SIGHUP"),
                                 ("sigterm_effect", "stop", "SIGTERM")):
         parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=default,
@@ -124,12 +133,14 @@ def gpu_rank_arguments(args: argparse.Namespace) -> list[str]:
     """The command line of one process of `train --gpu 0,1` (parallel.launch_gpus adds --gpu ID)."""
     arguments = ["train", "--solver", args.solver, "--level", str(args.level), "--sync-timeout",
                  str(args.sync_timeout), "--sigint_effect", args.sigint_effect, "--sighup_effect",
-                 args.sighup_effect, "--sigterm_effect", args.sigterm_effect]
+                 args.sighup_effect, "--sigterm_effect", args.sigterm_effect, "--bucket-mb",
+                 str(args.bucket_mb)]
     for flag, value in (("--weights", args.weights), ("--snapshot", args.snapshot), ("--stage", args.stage),
                         ("--watch", args.watch)):
         if value:
             arguments += [flag, value]
-    return arguments + (["--allow-nan"] if args.allow_nan else [])
+    arguments += ["--allow-nan"] if args.allow_nan else []
+    return arguments + ([] if args.overlap else ["--no-overlap"])
 
 
 def _communicator(args: argparse.Namespace, quickstart: bool,
@@ -165,7 +176,7 @@ def _solve(args: argparse.Namespace, param: caffe_pb2.SolverParameter, base_dir:
     with common.SignalHandler(args.sigint_effect, args.sighup_effect, args.sigterm_effect) as handler:
         solver.set_action_function(handler.action)
         if comm is not None:
-            parallel.GradientSync(solver, comm, handler.action)
+            parallel.GradientSync(solver, comm, handler.action, args.overlap, args.bucket_mb)
         if args.snapshot:
             log.info(f"Resuming from {args.snapshot}", "caffe.cpp:258")
         log.info("Starting Optimization", "caffe.cpp:263")

@@ -610,6 +610,9 @@ class Stream:
     def synchronize(self) -> None:
         pass
 
+    def wait_event(self, event) -> None:
+        pass
+
     def __enter__(self):
         return self
 
@@ -617,8 +620,21 @@ class Stream:
         pass
 
 
+class Event:
+    done = True  # what was queued before record() ran when it was queued
+
+    def __init__(self, block: bool = False, disable_timing: bool = False, interprocess: bool = False):
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
 Stream.null = Stream()
-cuda.Device, cuda.Stream, cuda.CUDARuntimeError = Device, Stream, CUDARuntimeError
+cuda.Device, cuda.Stream, cuda.Event, cuda.CUDARuntimeError = Device, Stream, Event, CUDARuntimeError
 cuda.get_current_stream = lambda: Stream.null
 sys.modules["cupy.cuda"], sys.modules["cupy.cuda.runtime"] = cuda, runtime
 
