@@ -489,11 +489,17 @@ def compare(net: Net, model: TorchNet, inputs: dict[str, np.ndarray], top_diffs:
 
 # -- timing --------------------------------------------------------------------------------------------
 
+# Runs per turn: each peer runs this many times back to back (a training loop's steady state), and the
+# first run of a turn is not counted: it follows the other peer's turn, with the caches cold and, after
+# PyTorch's turn, its OpenMP threads still spinning for a few milliseconds (libgomp's default).
+TURN = 4
+
+
 def alternate(runs: dict[str, Callable[[], object]], warmup: int, min_runs: int,
               min_seconds: float) -> dict[str, float]:
-    """Median seconds of each function, timed in turns (one run of each per round) after `warmup` rounds,
-    for at least min_runs rounds and min_seconds. A function that returns a number has timed itself
-    (the PyTorch peer, in its own process): that is its time."""
+    """Median seconds of each function, timed in turns of TURN back-to-back runs (the first not counted)
+    after `warmup` runs, for at least min_runs rounds and min_seconds. A function that returns a number
+    has timed itself (the PyTorch peer, in its own process): that is its time."""
     for _ in range(warmup):
         for function in runs.values():
             function()
@@ -502,9 +508,11 @@ def alternate(runs: dict[str, Callable[[], object]], warmup: int, min_runs: int,
     rounds = 0
     while rounds < min_runs or (time.perf_counter() - start < min_seconds and rounds < 500):
         for name, function in runs.items():
-            t0 = time.perf_counter()
-            measured = function()
-            times[name].append(measured if isinstance(measured, float) else time.perf_counter() - t0)
+            for run in range(TURN):
+                t0 = time.perf_counter()
+                measured = function()
+                if run:
+                    times[name].append(measured if isinstance(measured, float) else time.perf_counter() - t0)
         rounds += 1
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -680,7 +688,8 @@ def markdown(rows: list[dict], notes: list[str], command: str, torch) -> str:
     lines = [BEGIN, "## Whole nets against PyTorch (benchmarks/nets.py)", "",
              f"Reproduce: `{command}` (updates this section). Measured {dt.date.today().isoformat()} on "
              f"{machine()}; {peer}.", "",
-             "Median time of one step (after warm-up, the two peers timed in turns), float32, default thread "
+             f"Median time of one step (after warm-up, the two peers timed in turns of {TURN} back-to-back "
+             "runs, the first of each turn not counted), float32, default thread "
              "settings; PyTorch runs in a process of its own (benchmarks/torch_peer.py), so that minicaffe's "
              "passive OpenMP wait policy is not imposed on it. "
              "LeNet: `Solver.step(1)` of models/lenet_prelu/solver.prototxt on its train net with "
