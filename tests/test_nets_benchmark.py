@@ -150,3 +150,20 @@ def test_script_says_when_torch_is_missing(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "torch: not used (PyTorch is not installed)" in out
     assert re.search(r"^LeNet-PReLU +SGD step .* batch 64 +\d+\.\d +- ", out, re.M), out
+
+
+def test_pytorch_peer_runs_in_its_own_process_at_its_own_defaults(monkeypatch):
+    pytest.importorskip("torch", reason=TORCH_REASON)
+    from minicaffe import threads, timing
+
+    monkeypatch.setattr(threads, "USER_WAIT_POLICY", None)  # as when the user set none: minicaffe's goes
+    assert "OMP_WAIT_POLICY" not in timing.peer_environment()
+    monkeypatch.setattr(threads, "USER_WAIT_POLICY", "active")  # the user's own setting is kept
+    assert "OMP_WAIT_POLICY" in timing.peer_environment()
+    peer = bench.Peer("lenet")
+    try:
+        seconds = peer()
+        assert 0 < seconds < 60
+    finally:
+        peer.close()
+    assert peer.process.returncode == 0
