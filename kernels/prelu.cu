@@ -65,3 +65,50 @@ KERNEL void prelu_backward(const int planes, const int inner, const int lanes, c
     }, partial);
   }
 }
+
+// The *_rows kernels: the same math for a blob whose planes hold one element (inner == 1, e.g. an
+// (N, C) blob after InnerProduct). A plane per element would leave every loop one element long; here a
+// plane is a row of the C channels, contiguous, and the slope goes with the inner index. The backward
+// writes each element's term as its own partial (0 + term, as mc_plane_partials with one lane does), so
+// stage 2 sums the same values in the same order as the per-element planes would: the same bits.
+DEVICE real prelu_row_slope(const real* slope, const int slope_channels, const int c) {
+  return slope[slope_channels == 1 ? 0 : c];
+}
+
+KERNEL void prelu_forward_rows(const int rows, const int channels, const int slope_channels, const real* x,
+                               real* y, const real* slope) {
+  PLANE_LOOP(r, rows) {
+    const real* xr = x + (size_t)r * channels;
+    real* yr = y + (size_t)r * channels;
+    INNER_LOOP(c, channels) { yr[c] = prelu_value(xr[c], prelu_row_slope(slope, slope_channels, c)); }
+  }
+}
+
+KERNEL void prelu_forward_masked_rows(const int rows, const int channels, const int slope_channels,
+                                      const real* x, real* y, const real* slope, unsigned char* positive) {
+  PLANE_LOOP(r, rows) {
+    const size_t offset = (size_t)r * channels;
+    INNER_LOOP(c, channels) {
+      const real v = x[offset + c];
+      positive[offset + c] = v > real(0);
+      y[offset + c] = prelu_value(v, prelu_row_slope(slope, slope_channels, c));
+    }
+  }
+}
+
+KERNEL void prelu_backward_rows(const int rows, const int channels, const int slope_channels,
+                                const real* kept, const unsigned char* positive, const int kept_is_y,
+                                const real* dy, real* dx, const int write_dx, const real* slope,
+                                real* partial) {
+  PLANE_LOOP(r, rows) {
+    const size_t offset = (size_t)r * channels;
+    INNER_LOOP(c, channels) {
+      const size_t i = offset + c;
+      const real a = prelu_row_slope(slope, slope_channels, c);
+      const real v = kept[i], g = dy[i];
+      const bool up = kept_is_y ? positive[i] != 0 : v > real(0);
+      if (write_dx) dx[i] = up ? g : a * g;
+      partial[i] = real(0) + (up ? real(0) : g * prelu_x_back(v, a, kept_is_y));
+    }
+  }
+}

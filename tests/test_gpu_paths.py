@@ -290,6 +290,10 @@ CASES = {
     "prelu_lean_in_place": Case('type: "PReLU" prelu_param { filler { type: "gaussian" std: 0.5 } }',
                                 [(2, 3, 7, 9)], in_place=True, top_survives=True),
     "prelu_2d": Case('type: "PReLU" prelu_param { filler { type: "gaussian" std: 0.5 } }', [(6, 5)]),
+    # inner 1: the *_rows kernels, also lean in place (mask) and channel-shared
+    "prelu_2d_lean_in_place": Case('type: "PReLU" prelu_param { filler { type: "gaussian" std: 0.5 } }',
+                                   [(7, 37)], in_place=True, top_survives=True),
+    "prelu_2d_shared": Case('type: "PReLU" prelu_param { channel_shared: true }', [(6, 5, 1)]),
     "sigmoid": Case('type: "Sigmoid"', [X]),
     "tanh_in_place": Case('type: "TanH"', [X], in_place=True),
     "absval": Case('type: "AbsVal"', [X]),

@@ -16,7 +16,7 @@ from minicaffe.testing import GradientChecker, blobs_from_arrays, layer_from_pro
 
 SHARED = "type: 'PReLU' prelu_param { channel_shared: true }"
 CHANNELWISE = "type: 'PReLU'"
-SHAPES = [(2, 3, 3, 2), (4, 3), (2, 3, 2, 1, 2)]  # 4-D, 2-D (N, C), 5-D
+SHAPES = [(2, 3, 3, 2), (4, 3), (5, 37), (3, 4, 1, 1), (2, 3, 2, 1, 2)]  # 4-D, (N, C) and inner 1 (rows), 5-D
 
 
 def reference(x: np.ndarray, slopes) -> np.ndarray:

@@ -18,7 +18,7 @@ from ..blob import Blob
 from ..kernel import KernelFile
 from ..layer import NeuronLayer, register
 from ..proto import caffe_pb2
-from .reduce import channel_sums
+from .reduce import channel_sums, channel_sums_of
 
 KERNELS = KernelFile("prelu.cu")
 
@@ -68,13 +68,21 @@ class PReLULayer(NeuronLayer):
     def forward(self, bottom, top):
         x = bottom[0].get_data()
         planes, slope_channels, inner = self._extents(bottom[0])
-        if self.kept_lean:
-            positive = self.buffer("positive", x.shape, np.uint8, kept=True)
-            KERNELS.prelu_forward_masked(planes, slope_channels, inner, x, top[0].mutable_data(),
-                                         self.blobs[0].get_data(), positive, extents=(planes, inner))
+        y, slope = top[0].mutable_data(), self.blobs[0].get_data()
+        positive = self.buffer("positive", x.shape, np.uint8, kept=True) if self.kept_lean else None
+        if inner == 1:  # one element per plane: rows of channels instead (the *_rows kernels)
+            rows, channels = bottom[0].shape[0], bottom[0].shape[1]
+            if positive is None:
+                KERNELS.prelu_forward_rows(rows, channels, slope_channels, x, y, slope,
+                                           extents=(rows, channels))
+            else:
+                KERNELS.prelu_forward_masked_rows(rows, channels, slope_channels, x, y, slope, positive,
+                                                  extents=(rows, channels))
+        elif positive is None:
+            KERNELS.prelu_forward(planes, slope_channels, inner, x, y, slope, extents=(planes, inner))
         else:
-            KERNELS.prelu_forward(planes, slope_channels, inner, x, top[0].mutable_data(),
-                                  self.blobs[0].get_data(), extents=(planes, inner))
+            KERNELS.prelu_forward_masked(planes, slope_channels, inner, x, y, slope, positive,
+                                         extents=(planes, inner))
 
     def backward(self, top, propagate_down, bottom):
         slope_gradient = self.param_propagate_down[0]
@@ -92,4 +100,11 @@ class PReLULayer(NeuronLayer):
                 self.blobs[0].get_data())
         dims = (planes // slope_channels, slope_channels, inner)  # plane p = n * slope_channels + c
         out = self.blobs[0].mutable_diff() if slope_gradient else None
+        if inner == 1:  # rows of channels; each element's term is its own partial (see prelu.cu)
+            rows, channels = bottom[0].shape[0], bottom[0].shape[1]
+            partial = self.buffer("partial", (planes, 1))  # as channel_sums's, with one lane
+            KERNELS.prelu_backward_rows(rows, channels, *args, partial, extents=(rows, channels))
+            if out is not None:
+                channel_sums_of(self, dims, partial, out)
+            return
         channel_sums(self, dims, KERNELS.prelu_backward, args, out)
