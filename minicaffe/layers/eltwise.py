@@ -57,8 +57,8 @@ class EltwiseLayer(Layer):
             for x in xs[2:]:
                 KERNELS.eltwise_prod_into(n, x, y, extents=n)
         elif self.operation == SUM:
-            KERNELS.eltwise_scale(n, xs[0], y, self.coeffs[0], extents=n)
-            for x, coeff in zip(xs[1:], self.coeffs[1:]):
+            KERNELS.eltwise_sum2(n, xs[0], xs[1], y, self.coeffs[0], self.coeffs[1], extents=n)
+            for x, coeff in zip(xs[2:], self.coeffs[2:]):
                 KERNELS.eltwise_axpy(n, x, y, coeff, extents=n)
         elif self.operation == MAX:
             mask = self.max_index(y.shape)
