@@ -458,7 +458,9 @@ def test_readme_table_lists_every_layer_type_as_exported():
         for type_name in cells[0].split(", "):
             assert type_name not in verdicts, type_name
             verdicts[type_name] = cells[2]
-    assert set(verdicts) == set(minicaffe.LAYERS)
+    # The built-in types (other tests register layers of their own, which stay registered).
+    built_in = {name for name, cls in minicaffe.LAYERS.items() if cls.__module__.startswith("minicaffe.")}
+    assert set(verdicts) == built_in
     exported = set(EXPORTERS) | {"Input", "Silence"}
     assert {t for t, verdict in verdicts.items() if verdict.startswith("exact")} == exported
-    assert {t for t, verdict in verdicts.items() if verdict == "error"} == set(minicaffe.LAYERS) - exported
+    assert {t for t, verdict in verdicts.items() if verdict == "error"} == built_in - exported
