@@ -61,6 +61,17 @@ class ConvGeometry:
         return (*self.kernel, *self.pad, *self.stride, *self.dilation)
 
 
+def axis_and_geometry(layer: Layer, bottom) -> tuple[int, ConvGeometry]:
+    """The channel axis (convolution_param.axis) and the geometry of a layer that takes a
+    ConvolutionParameter, for its bottom blob."""
+    param = layer.param.convolution_param
+    try:
+        channel_axis = bottom.canonical_axis(param.axis)
+    except ValueError as error:
+        layer.fail(str(error))
+    return channel_axis, conv_geometry(param, bottom.num_axes - channel_axis - 1, layer.fail)
+
+
 def conv_geometry(param, num_spatial_axes: int, fail: Callable[[str], None]) -> ConvGeometry:
     """Read kernel/pad/stride/dilation from a caffe.ConvolutionParameter (Caffe's LayerSetUp rules).
 
@@ -156,12 +167,8 @@ class ConvolutionLayer(Layer):
 
     def layer_setup(self, bottom, top):
         param = self.param.convolution_param
-        try:
-            self.channel_axis = bottom[0].canonical_axis(param.axis)
-        except ValueError as error:
-            self.fail(str(error))
+        self.channel_axis, self.geometry = axis_and_geometry(self, bottom[0])
         self.num_axes = bottom[0].num_axes
-        self.geometry = conv_geometry(param, self.num_axes - self.channel_axis - 1, self.fail)
         self.channels = bottom[0].shape[self.channel_axis]
         self.num_output = param.num_output
         self.group = param.group

@@ -9,7 +9,7 @@ is the im2col kernel of kernels/convolution.cu, backward its adjoint col2im.
 from __future__ import annotations
 
 from ..layer import Layer, register
-from .convolution import col2im, conv_geometry, im2col
+from .convolution import axis_and_geometry, col2im, im2col
 
 
 @register("Im2col")
@@ -18,12 +18,7 @@ class Im2colLayer(Layer):
     exact_num_top = 1
 
     def layer_setup(self, bottom, top):
-        param = self.param.convolution_param
-        try:
-            self.channel_axis = bottom[0].canonical_axis(param.axis)
-        except ValueError as error:
-            self.fail(str(error))
-        self.geometry = conv_geometry(param, bottom[0].num_axes - self.channel_axis - 1, self.fail)
+        self.channel_axis, self.geometry = axis_and_geometry(self, bottom[0])
 
     def reshape(self, bottom, top):
         if top[0] is bottom[0]:
