@@ -527,15 +527,17 @@ class Net:
         if not matched:
             self._none_matched(source, names)
 
+    def _defined_layers(self) -> list[Layer]:
+        """The layers of the net definition: all but the Split layers the Net inserted itself."""
+        defined = {p.name for p in self.param.layer}
+        return [layer for layer in self.layers if layer.param.type != "Split" or layer.name in defined]
+
     def to_proto(self, write_diff: bool = False) -> caffe_pb2.NetParameter:
         """The net's definition with its parameters (auto-inserted Split layers left out)."""
         out = caffe_pb2.NetParameter()
         out.CopyFrom(self.param)
         del out.layer[:]
-        defined = {p.name for p in self.param.layer}
-        for layer in self.layers:
-            if layer.param.type == "Split" and layer.name not in defined:
-                continue
+        for layer in self._defined_layers():
             layer_param = out.layer.add()
             layer_param.CopyFrom(layer.param)
             del layer_param.blobs[:]
@@ -550,14 +552,10 @@ class Net:
     def save_hdf5(self, path, write_diff: bool = False) -> None:
         """Write Caffe's HDF5 weights (pycaffe's save_hdf5, the .caffemodel.h5 of snapshot_format HDF5):
         a group per layer under /data (and /diff with write_diff), a dataset per blob it owns."""
-        defined = {p.name for p in self.param.layer}
-
         def fill(handle) -> None:
             for part in ("data", "diff") if write_diff else ("data",):
                 top = handle.create_group(part)
-                for layer in self.layers:
-                    if layer.param.type == "Split" and layer.name not in defined:
-                        continue
+                for layer in self._defined_layers():
                     group = top.create_group(layer.name)
                     for j, blob in enumerate(layer.blobs):
                         if (layer.name, j) not in self._shared_params:

@@ -91,7 +91,9 @@ def run_parts(count: int, parts: int, task: Callable[[int, int], None]) -> None:
     if parts == 1:
         task(0, count)
         return
-    if _pool_size < parts - 1:
+    if _pool_size < parts - 1:  # more threads configured since: a bigger pool, the old one let go
+        if _pool is not None:
+            _pool.shutdown(wait=False)
         _pool = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="minicaffe-gemm")
         _pool_size = parts - 1
     futures = [_pool.submit(task, bounds[i], bounds[i + 1]) for i in range(1, parts)]
