@@ -62,6 +62,14 @@ def _cpu_mode_and_seed():
     minicaffe.set_mode_cpu()
 
 
+def data_batch(layer, top, index):
+    """A two-top data layer's batch number `index` (data, label) as host arrays."""
+    layer.forward_index = index
+    layer.reshape([], top)
+    layer.forward([], top)
+    return np.array(top[0].data), np.array(top[1].data)
+
+
 def run_layer(text: str, *arrays, num_top: int = 1, dtype=np.float64, phase=minicaffe.TEST,
               in_place: bool = False):
     """Set up and forward a layer given as prototxt body text; returns (layer, bottoms, tops)."""

@@ -12,6 +12,7 @@ import sys
 import lmdb
 import numpy as np
 import pytest
+from conftest import data_batch
 
 import minicaffe
 from minicaffe import io, rng
@@ -58,13 +59,6 @@ def data_layer(source, body="", batch_size=2, phase=minicaffe.TEST, dtype=np.flo
     return layer, top
 
 
-def run(layer, top, index):
-    layer.forward_index = index
-    layer.reshape([], top)
-    layer.forward([], top)
-    return np.array(top[0].data), np.array(top[1].data)
-
-
 # -- Data: reading order ---------------------------------------------------------------------------
 
 def test_data_reads_in_key_order_and_wraps(tmp_path):
@@ -75,7 +69,7 @@ def test_data_reads_in_key_order_and_wraps(tmp_path):
     layer, top = data_layer(tmp_path / "db", batch_size=2)
     expected_labels = [[0, 1], [2, 3], [4, 0], [1, 2], [3, 4]]
     for f, labels in enumerate(expected_labels):
-        data, label = run(layer, top, f)
+        data, label = data_batch(layer, top, f)
         assert data.shape == (2, 1, 1, 3) and label.shape == (2,)
         np.testing.assert_array_equal(label, labels)
         np.testing.assert_array_equal(data, images[labels].astype(np.float32))
@@ -96,7 +90,7 @@ def test_data_scale_and_mean_values(tmp_path, dtype):
     path, images, _ = images_db(tmp_path, n=4, shape=(3, 2, 3))
     layer, top = data_layer(path, "transform_param { scale: 0.5 mean_value: 10 mean_value: 20 "
                             "mean_value: 30 }", batch_size=4, dtype=dtype)
-    data, _ = run(layer, top, 0)
+    data, _ = data_batch(layer, top, 0)
     assert data.dtype == dtype
     mean = np.array([10, 20, 30], dtype=dtype).reshape(1, 3, 1, 1)
     expected = (images.astype(dtype) - mean) * dtype(0.5)
@@ -105,7 +99,7 @@ def test_data_scale_and_mean_values(tmp_path, dtype):
     assert data[0, 1, 0, 2] == (float(images[0, 1, 0, 2]) - 20) * 0.5
 
     layer, top = data_layer(path, "transform_param { mean_value: 100 }", batch_size=4, dtype=dtype)
-    np.testing.assert_array_equal(run(layer, top, 0)[0], images.astype(dtype) - 100)
+    np.testing.assert_array_equal(data_batch(layer, top, 0)[0], images.astype(dtype) - 100)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -120,7 +114,7 @@ def test_data_mean_file_and_test_center_crop(tmp_path, dtype):
 
     layer, top = data_layer(tmp_path / "db", f'transform_param {{ crop_size: 2 scale: 2 mean_file: '
                             f'"{tmp_path / "mean.binaryproto"}" }}', batch_size=1, dtype=dtype)
-    data, label = run(layer, top, 0)
+    data, label = data_batch(layer, top, 0)
     # TEST: the centre crop, rows (4-2)//2 = 1.., cols (5-2)//2 = 1..; the mean at the same pixels.
     assert data.shape == (1, 1, 2, 2) and label.tolist() == [7]
     rows, cols = slice(1, 3), slice(1, 3)
@@ -133,9 +127,9 @@ def test_data_test_crop_without_mean_literal(tmp_path):
     image = np.arange(20, dtype=np.uint8).reshape(1, 4, 5)
     write_lmdb(tmp_path / "db", [(b"0", raw_datum(image, 0))])
     layer, top = data_layer(tmp_path / "db", "transform_param { crop_size: 2 }", batch_size=1)
-    np.testing.assert_array_equal(run(layer, top, 0)[0][0, 0], [[6, 7], [11, 12]])
+    np.testing.assert_array_equal(data_batch(layer, top, 0)[0][0, 0], [[6, 7], [11, 12]])
     layer, top = data_layer(tmp_path / "db", "transform_param { crop_size: 3 }", batch_size=1)
-    np.testing.assert_array_equal(run(layer, top, 0)[0][0, 0], [[1, 2, 3], [6, 7, 8], [11, 12, 13]])
+    np.testing.assert_array_equal(data_batch(layer, top, 0)[0][0, 0], [[1, 2, 3], [6, 7, 8], [11, 12, 13]])
 
 
 def reference_train_batch(images, name, index, crop, mirror):
@@ -157,7 +151,7 @@ def test_data_train_random_crop_and_mirror(tmp_path):
                             phase=minicaffe.TRAIN, dtype=np.float64)
     seen_offsets, seen_flips = set(), set()
     for f in range(6):
-        data, _ = run(layer, top, f)
+        data, _ = data_batch(layer, top, f)
         assert data.shape == (4, 2, 3, 3)
         np.testing.assert_array_equal(data, reference_train_batch(images, "data", f, 3, True))
         # Independently of the draw order: each item is some crop of its image, maybe mirrored.
@@ -175,7 +169,7 @@ def test_data_mirror_applies_in_test_phase_too_as_caffe(tmp_path):
     # Caffe: do_mirror = mirror && Rand(2), whatever the phase (only the crop is phase-dependent).
     path, images, _ = images_db(tmp_path, n=8, shape=(1, 2, 3))
     layer, top = data_layer(path, "transform_param { mirror: true }", batch_size=8)
-    data, _ = run(layer, top, 0)
+    data, _ = data_batch(layer, top, 0)
     flipped = [np.array_equal(d, i[:, :, ::-1]) and not np.array_equal(d, i) for d, i in zip(data, images)]
     assert any(flipped) and not all(flipped)
 
@@ -183,16 +177,16 @@ def test_data_mirror_applies_in_test_phase_too_as_caffe(tmp_path):
 def test_data_without_mirror_is_deterministic_in_train(tmp_path):
     path, images, _ = images_db(tmp_path, n=2, shape=(1, 3, 3))
     layer, top = data_layer(path, batch_size=2, phase=minicaffe.TRAIN)
-    np.testing.assert_array_equal(run(layer, top, 5)[0], images[[0, 1]])
+    np.testing.assert_array_equal(data_batch(layer, top, 5)[0], images[[0, 1]])
 
 
 def test_data_legacy_data_param_transform_fields(tmp_path):
     # Old nets put scale/crop_size in data_param; transform_param wins where it sets a field.
     path, images, _ = images_db(tmp_path, n=2, shape=(1, 4, 4))
     layer, top = data_layer(path, batch_size=2, extra="scale: 0.5 crop_size: 2")
-    np.testing.assert_array_equal(run(layer, top, 0)[0], images[:, :, 1:3, 1:3] * np.float32(0.5))
+    np.testing.assert_array_equal(data_batch(layer, top, 0)[0], images[:, :, 1:3, 1:3] * np.float32(0.5))
     layer, top = data_layer(path, "transform_param { scale: 2 }", batch_size=2, extra="scale: 0.5")
-    np.testing.assert_array_equal(run(layer, top, 0)[0], images * np.float32(2))
+    np.testing.assert_array_equal(data_batch(layer, top, 0)[0], images * np.float32(2))
 
 
 def test_datum_helpers_round_trip():
@@ -219,10 +213,10 @@ def test_data_batch_depends_only_on_forward_index(tmp_path, prefetch):
     body = "transform_param { crop_size: 4 mirror: true }"
     sequential, top = data_layer(path, body, batch_size=3, phase=minicaffe.TRAIN,
                                  extra=f"prefetch: {prefetch}")
-    batches = [run(sequential, top, f) for f in range(6)]
+    batches = [data_batch(sequential, top, f) for f in range(6)]
     fresh, top2 = data_layer(path, body, batch_size=3, phase=minicaffe.TRAIN, extra=f"prefetch: {prefetch}")
     for f in (4, 1, 5, 5, 0):  # any order, repeats: each index gives its own batch
-        data, label = run(fresh, top2, f)
+        data, label = data_batch(fresh, top2, f)
         np.testing.assert_array_equal(data, batches[f][0])
         np.testing.assert_array_equal(label, batches[f][1])
     # Position (f * batch_size) mod N: batch 2 starts at record 6.
@@ -232,45 +226,45 @@ def test_data_batch_depends_only_on_forward_index(tmp_path, prefetch):
 def test_data_prefetches_the_next_index(tmp_path):
     path, images, _ = images_db(tmp_path, n=6, shape=(1, 2, 2))
     layer, top = data_layer(path, batch_size=2)
-    run(layer, top, 0)
+    data_batch(layer, top, 0)
     assert layer._pending is not None and layer._pending.key[0] == 1
     prefetched = layer._pending.get()
-    data, _ = run(layer, top, 1)
+    data, _ = data_batch(layer, top, 1)
     assert data is not prefetched[0]
     np.testing.assert_array_equal(data, prefetched[0])
     np.testing.assert_array_equal(data, images[[2, 3]])
     # Jumping elsewhere loads synchronously and is still right.
-    np.testing.assert_array_equal(run(layer, top, 7)[0], images[[2, 3]])
+    np.testing.assert_array_equal(data_batch(layer, top, 7)[0], images[[2, 3]])
 
     layer, top = data_layer(path, batch_size=2, extra="prefetch: 0")
-    run(layer, top, 0)
+    data_batch(layer, top, 0)
     assert layer._pending is None
 
 
 def test_data_new_seed_gives_new_random_batch(tmp_path):
     path, _, _ = images_db(tmp_path, n=4, shape=(1, 8, 8))
     layer, top = data_layer(path, "transform_param { crop_size: 3 }", batch_size=4, phase=minicaffe.TRAIN)
-    first = run(layer, top, 0)[0]
+    first = data_batch(layer, top, 0)[0]
     minicaffe.set_random_seed(99)
-    assert not np.array_equal(run(layer, top, 0)[0], first)
+    assert not np.array_equal(data_batch(layer, top, 0)[0], first)
     minicaffe.set_random_seed(1701)
-    np.testing.assert_array_equal(run(layer, top, 0)[0], first)
+    np.testing.assert_array_equal(data_batch(layer, top, 0)[0], first)
 
 
 def test_data_rand_skip(tmp_path):
     path, _, labels = images_db(tmp_path, n=20, shape=(1, 1, 1))
     layer, top = data_layer(path, batch_size=2, extra="rand_skip: 10")
-    skip = int(run(layer, top, 0)[1][0] - 3) // 10
+    skip = int(data_batch(layer, top, 0)[1][0] - 3) // 10
     assert 0 <= skip < 10
     # Batch f starts at (skip + 2 f) mod 20, the same in a fresh layer (the draw is keyed).
-    np.testing.assert_array_equal(run(layer, top, 12)[1], labels[[(skip + 24) % 20, (skip + 25) % 20]])
+    np.testing.assert_array_equal(data_batch(layer, top, 12)[1], labels[[(skip + 24) % 20, (skip + 25) % 20]])
     other, top2 = data_layer(path, batch_size=2, extra="rand_skip: 10")
-    np.testing.assert_array_equal(run(other, top2, 12)[1], run(layer, top, 12)[1])
+    np.testing.assert_array_equal(data_batch(other, top2, 12)[1], data_batch(layer, top, 12)[1])
     skips = set()
     for seed in range(12):
         minicaffe.set_random_seed(seed)
         layer, top = data_layer(path, batch_size=1, extra="rand_skip: 10")
-        skips.add(int(run(layer, top, 0)[1][0]))
+        skips.add(int(data_batch(layer, top, 0)[1][0]))
     assert len(skips) > 1
 
 
@@ -287,7 +281,7 @@ def test_data_float_datum(tmp_path, dtype):
     write_lmdb(tmp_path / "db", records)
     layer, top = data_layer(tmp_path / "db", "transform_param { scale: 3 mean_value: 0.25 }", batch_size=3,
                             dtype=dtype)
-    data, label = run(layer, top, 0)
+    data, label = data_batch(layer, top, 0)
     np.testing.assert_allclose(data, (values.astype(dtype) - dtype(0.25)) * dtype(3), rtol=1e-6)
     np.testing.assert_array_equal(label, [0, 1, 2])
 
@@ -304,14 +298,14 @@ def test_data_encoded_png(tmp_path):
     write_lmdb(tmp_path / "gray", [(b"0", caffe_pb2.Datum(data=gray_buffer.getvalue(), encoded=True))])
 
     layer, top = data_layer(tmp_path / "rgb", batch_size=1)
-    data, label = run(layer, top, 0)
+    data, label = data_batch(layer, top, 0)
     # Caffe decodes with OpenCV: channels in BGR order.
     np.testing.assert_array_equal(data[0], rgb[:, :, ::-1].transpose(2, 0, 1))
     assert label.tolist() == [4]
     layer, top = data_layer(tmp_path / "gray", batch_size=1)
-    np.testing.assert_array_equal(run(layer, top, 0)[0][0, 0], gray)
+    np.testing.assert_array_equal(data_batch(layer, top, 0)[0][0, 0], gray)
     layer, top = data_layer(tmp_path / "gray", "transform_param { force_color: true }", batch_size=1)
-    np.testing.assert_array_equal(run(layer, top, 0)[0][0], np.stack([gray] * 3))
+    np.testing.assert_array_equal(data_batch(layer, top, 0)[0][0], np.stack([gray] * 3))
 
 
 def test_data_encoded_without_pillow_is_a_clear_error(tmp_path, monkeypatch):
@@ -386,14 +380,15 @@ def test_data_bad_record_later_in_the_db_names_the_db_and_key(tmp_path):
         txn.put(b"00000004", caffe_pb2.Datum(data=b"not a PNG", encoded=True).SerializeToString())
     env.close()
     layer, top = data_layer(tmp_path / "db", batch_size=2)
-    run(layer, top, 0)  # records 0 and 1 are fine; the forward starts reading batch 1 in the background
+    data_batch(layer, top, 0)  # records 0 and 1 are fine; the forward starts reading batch 1 in the
+    # background
     assert layer._pending is not None and layer._pending.key[0] == 1
     with pytest.raises(LayerError, match=rf"layer 'data' \(Data\): {tmp_path / 'db'} record 00000003\\n "
                                          r"is not a Datum \("):
-        run(layer, top, 1)
+        data_batch(layer, top, 1)
     layer, top = data_layer(tmp_path / "db", batch_size=1)
     with pytest.raises(LayerError, match=rf"{tmp_path / 'db'} record 00000004: cannot decode the encoded "):
-        run(layer, top, 4)
+        data_batch(layer, top, 4)
 
 
 def test_data_mean_file_shape_mismatch(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_line_error
+from conftest import data_batch, one_line_error
 
 import minicaffe
 from minicaffe import io
@@ -73,13 +73,6 @@ def make_layer(text: str, num_top: int = 2, phase=minicaffe.TEST, dtype=np.float
     return layer, top
 
 
-def run(layer, top, index):
-    layer.forward_index = index
-    layer.reshape([], top)
-    layer.forward([], top)
-    return np.array(top[0].data), np.array(top[1].data)
-
-
 def image_layer(source, params="", body="", **kwargs):
     return make_layer(f'name: "images" type: "ImageData" image_data_param {{ source: "{source}" {params} }} '
                       f"{body}", **kwargs)
@@ -111,7 +104,7 @@ def test_image_data_pixels_labels_and_wrap(tmp_path, dtype):
     source, images, labels = image_set(tmp_path)
     layer, top = image_layer(source, f'batch_size: 2 root_folder: "{tmp_path}/img/"', dtype=dtype)
     for f, rows in enumerate([[0, 1], [2, 0], [1, 2]]):  # the list as written, wrapping around
-        data, label = run(layer, top, f)
+        data, label = data_batch(layer, top, f)
         assert data.dtype == dtype and data.shape == (2, 3, 2, 3) and label.shape == (2,)
         np.testing.assert_array_equal(data, images[rows])
         np.testing.assert_array_equal(label, labels[rows])
@@ -121,7 +114,7 @@ def test_image_data_hand_checked_pixels(tmp_path):
     rgb = np.array([[[1, 2, 3], [4, 5, 6]]], dtype=np.uint8)  # 1 x 2, RGB
     save(tmp_path / "a.png", rgb)
     (tmp_path / "list.txt").write_text(f"{tmp_path}/a.png 7\n")
-    data, label = run(*image_layer(tmp_path / "list.txt"), 0)
+    data, label = data_batch(*image_layer(tmp_path / "list.txt"), 0)
     np.testing.assert_array_equal(data, [[[[3, 6]], [[2, 5]], [[1, 4]]]])  # B, G, R planes
     assert label.tolist() == [7]
 
@@ -133,15 +126,15 @@ def test_image_data_grey_and_colour(tmp_path):
     save(tmp_path / "equal.png", np.stack([grey] * 3, axis=2))
     (tmp_path / "list.txt").write_text("grey.png 0\nequal.png 1\n")
     body = f'batch_size: 2 root_folder: "{tmp_path}/"'
-    data, _ = run(*image_layer(tmp_path / "list.txt", body + " is_color: false"), 0)
+    data, _ = data_batch(*image_layer(tmp_path / "list.txt", body + " is_color: false"), 0)
     assert data.shape == (2, 1, 2, 3)
     np.testing.assert_array_equal(data[:, 0], [grey, grey])
-    data, _ = run(*image_layer(tmp_path / "list.txt", body), 0)  # is_color (default): 3 channels
+    data, _ = data_batch(*image_layer(tmp_path / "list.txt", body), 0)  # is_color (default): 3 channels
     assert data.shape == (2, 3, 2, 3)
     np.testing.assert_array_equal(data, np.broadcast_to(grey, (2, 3, 2, 3)))
     # A JPEG decodes too (lossy: close to the values written).
     (tmp_path / "jpeg.txt").write_text("equal.jpg 0\n")
-    data, _ = run(*image_layer(tmp_path / "jpeg.txt", body + " is_color: false"), 0)
+    data, _ = data_batch(*image_layer(tmp_path / "jpeg.txt", body + " is_color: false"), 0)
     np.testing.assert_allclose(data[0, 0], grey, atol=8)
 
 
@@ -150,13 +143,13 @@ def test_image_data_resize(tmp_path):
     save(tmp_path / "big.png", np.arange(16, dtype=np.uint8).reshape(4, 4) * 8)
     (tmp_path / "list.txt").write_text("small.png 0\n")
     params = f'root_folder: "{tmp_path}/" new_height: 4 new_width: 4 is_color: false'
-    data, _ = run(*image_layer(tmp_path / "list.txt", params), 0)
+    data, _ = data_batch(*image_layer(tmp_path / "list.txt", params), 0)
     # Pixel centres aligned: a 2-pixel axis is sampled at -0.25 (clamped), 0.25, 0.75, 1.25 (clamped).
     np.testing.assert_array_equal(data[0, 0], [[0, 16, 48, 64], [32, 48, 80, 96],
                                                [96, 112, 144, 160], [128, 144, 176, 192]])
     (tmp_path / "down.txt").write_text("big.png 0\n")
     params = f'root_folder: "{tmp_path}/" new_height: 2 new_width: 2 is_color: false'
-    data, _ = run(*image_layer(tmp_path / "down.txt", params), 0)
+    data, _ = data_batch(*image_layer(tmp_path / "down.txt", params), 0)
     # Halving samples at 0.5 and 2.5: the mean of each 2 x 2 block.
     np.testing.assert_array_equal(data[0, 0], [[20, 36], [84, 100]])
     # A colour image resized to another aspect: the same bilinear per channel.
@@ -164,7 +157,7 @@ def test_image_data_resize(tmp_path):
     save(tmp_path / "c.png", rgb)
     (tmp_path / "c.txt").write_text("c.png 0\n")
     params = f'root_folder: "{tmp_path}/" new_height: 3 new_width: 7'
-    data, _ = run(*image_layer(tmp_path / "c.txt", params), 0)
+    data, _ = data_batch(*image_layer(tmp_path / "c.txt", params), 0)
     np.testing.assert_allclose(data[0], bilinear(bgr(rgb).astype(float), 3, 7), atol=1)
 
 
@@ -176,12 +169,12 @@ def test_image_data_resize_makes_mixed_sizes_batchable(tmp_path):
     with pytest.raises(LayerError, match=r"list.txt line 2: image .*b.png is 2x6 \(width x height\), the "
                                          r"batch's first image \(.*list.txt line 1\) 5x3; set new_height"):
         image_layer(tmp_path / "list.txt", body)
-    data, _ = run(*image_layer(tmp_path / "list.txt", body + " new_height: 4 new_width: 4"), 0)
+    data, _ = data_batch(*image_layer(tmp_path / "list.txt", body + " new_height: 4 new_width: 4"), 0)
     assert data.shape == (2, 3, 4, 4)
     # batch_size 1: each batch has the size of its image, as in Caffe.
     layer, top = image_layer(tmp_path / "list.txt", f'root_folder: "{tmp_path}/"')
-    assert run(layer, top, 0)[0].shape == (1, 3, 3, 5)
-    assert run(layer, top, 1)[0].shape == (1, 3, 6, 2)
+    assert data_batch(layer, top, 0)[0].shape == (1, 3, 3, 5)
+    assert data_batch(layer, top, 1)[0].shape == (1, 3, 6, 2)
 
 
 def test_image_data_shuffle_is_reproducible_and_per_epoch(tmp_path):
@@ -193,7 +186,7 @@ def test_image_data_shuffle_is_reproducible_and_per_epoch(tmp_path):
         layer, top = image_layer(source, params)
         out = []
         for f in range(count):
-            data, label = run(layer, top, f)
+            data, label = data_batch(layer, top, f)
             np.testing.assert_array_equal(data, images[[list(labels).index(v) for v in label]])
             out.append(label.tolist())
         return out
@@ -207,13 +200,13 @@ def test_image_data_shuffle_is_reproducible_and_per_epoch(tmp_path):
     assert epochs(5) != first
     minicaffe.set_random_seed(4)
     layer, top = image_layer(source, params)
-    assert run(layer, top, 3)[1].tolist() == first[3]  # a resumed run: straight to forward 3
+    assert data_batch(layer, top, 3)[1].tolist() == first[3]  # a resumed run: straight to forward 3
 
 
 def test_image_data_batch_across_epochs_with_shuffle(tmp_path):
     source, _, labels = image_set(tmp_path, n=3, height=1, width=1)
     layer, top = image_layer(source, f'batch_size: 2 shuffle: true root_folder: "{tmp_path}/img/"')
-    seen = [v for f in range(6) for v in run(layer, top, f)[1].tolist()]
+    seen = [v for f in range(6) for v in data_batch(layer, top, f)[1].tolist()]
     for epoch in range(4):  # 12 items, 4 epochs of 3
         assert sorted(seen[3 * epoch:3 * epoch + 3]) == sorted(labels)
 
@@ -224,7 +217,7 @@ def test_image_data_rand_skip(tmp_path):
     for seed in range(12):
         minicaffe.set_random_seed(seed)
         layer, top = image_layer(source, f'batch_size: 2 rand_skip: 3 root_folder: "{tmp_path}/img/"')
-        got = run(layer, top, 0)[1].tolist() + run(layer, top, 1)[1].tolist()
+        got = data_batch(layer, top, 0)[1].tolist() + data_batch(layer, top, 1)[1].tolist()
         skip = labels.tolist().index(got[0])
         assert got == [labels[(skip + i) % 3] for i in range(4)]
         starts.add(skip)
@@ -240,7 +233,7 @@ def test_image_data_crop_mirror_mean_scale(tmp_path):
     mean = np.array([10, 20, 30], dtype=float).reshape(3, 1, 1)
     offsets, flips = set(), set()
     for f in range(6):
-        data, label = run(layer, top, f)
+        data, label = data_batch(layer, top, f)
         assert data.shape == (3, 3, 3, 3)
         np.testing.assert_array_equal(label, labels)
         for item, image in zip(data, images):
@@ -254,7 +247,7 @@ def test_image_data_crop_mirror_mean_scale(tmp_path):
     # TEST: the centre crop.
     layer, top = image_layer(source, f'batch_size: 3 root_folder: "{tmp_path}/img/"',
                              "transform_param { crop_size: 2 }", dtype=np.float64)
-    np.testing.assert_array_equal(run(layer, top, 0)[0], images[:, :, 1:3, 1:3])
+    np.testing.assert_array_equal(data_batch(layer, top, 0)[0], images[:, :, 1:3, 1:3])
 
 
 def test_image_data_in_a_net(tmp_path):
@@ -302,7 +295,7 @@ def test_image_data_errors(tmp_path, monkeypatch):
     # A bad image later in the list: an error naming it when its batch is read.
     layer, top = image_layer(tmp_path / "junk.txt", root)
     with pytest.raises(LayerError, match=r"junk.txt line 2"):
-        run(layer, top, 1)
+        data_batch(layer, top, 1)
     with pytest.raises(LayerError, match="set new_height and new_width together"):
         image_layer(source, root + " new_height: 4")
     with pytest.raises(LayerError, match="batch_size must be positive"):
@@ -381,7 +374,7 @@ def test_window_data_samples_bg_then_fg(tmp_path, two_images, dtype):
     windows = {0: [(BG[0], 0), (BG[1], 1)], 1: [(FG[0], 0), (FG[1], 1)]}
     seen = set()
     for f in range(4):
-        data, label = run(layer, top, f)
+        data, label = data_batch(layer, top, f)
         assert data.shape == (8, 3, 4, 4) and data.dtype == dtype
         # int(8 * 0.25) = 2 foreground windows, after the 6 background ones.
         assert label[:6].tolist() == [0] * 6 and set(label[6:].tolist()) <= {2, 5}
@@ -394,15 +387,16 @@ def test_window_data_samples_bg_then_fg(tmp_path, two_images, dtype):
     minicaffe.set_random_seed(1701)
     again, _ = window_layer(source, "batch_size: 8 fg_fraction: 0.25 fg_threshold: 0.5 bg_threshold: 0.3",
                             dtype=dtype)
-    np.testing.assert_array_equal(run(again, top, 2)[0], run(layer, top, 2)[0])  # seeded, by forward index
+    # seeded, by forward index
+    np.testing.assert_array_equal(data_batch(again, top, 2)[0], data_batch(layer, top, 2)[0])
 
 
 def test_window_data_counts_and_thresholds(tmp_path, two_images):
     source = four_square_windows(tmp_path)
-    _, label = run(*window_layer(source, "batch_size: 5"), 0)  # fg_fraction 0.25: int(1.25) = 1
+    _, label = data_batch(*window_layer(source, "batch_size: 5"), 0)  # fg_fraction 0.25: int(1.25) = 1
     assert (label == 0).sum() == 4 and label[4] in (2, 5)
     # fg_threshold 0.7: FG[1] (overlap 0.6) is neither foreground nor background (bg_threshold 0.5).
-    _, label = run(*window_layer(source, "batch_size: 6 fg_fraction: 0.5 fg_threshold: 0.7"), 0)
+    _, label = data_batch(*window_layer(source, "batch_size: 6 fg_fraction: 0.5 fg_threshold: 0.7"), 0)
     assert label.tolist() == [0, 0, 0, 2, 2, 2]
 
 
@@ -412,13 +406,13 @@ def test_window_data_warp_mirror_mean_and_scale(tmp_path):
     rgb[2:4, 1:3] = np.stack([region, region + 4, region + 8], axis=2)
     save(tmp_path / "a.png", rgb)
     source = window_file(tmp_path / "w.txt", [(f"{tmp_path}/a.png", 6, 6, [(1, 1.0, 1, 2, 2, 3)])])
-    data, label = run(*window_layer(source, "batch_size: 1 fg_fraction: 1"), 0)
+    data, label = data_batch(*window_layer(source, "batch_size: 1 fg_fraction: 1"), 0)
     up = np.array([[0, 16, 48, 64], [32, 48, 80, 96], [96, 112, 144, 160], [128, 144, 176, 192]])
     np.testing.assert_array_equal(data[0], [up + 8, up + 4, up])  # warped 2x2 -> 4x4, BGR
     assert label.tolist() == [1]
     params = "batch_size: 6 fg_fraction: 1 scale: 0.5"
-    data, _ = run(*window_layer(source, params, "crop_size: 4 mirror: true mean_value: 1 mean_value: 2 "
-                                "mean_value: 3", dtype=np.float64), 0)
+    data, _ = data_batch(*window_layer(source, params, "crop_size: 4 mirror: true mean_value: 1 "
+                                       "mean_value: 2 mean_value: 3", dtype=np.float64), 0)
     expected = (np.stack([up + 8, up + 4, up]) - np.array([1, 2, 3]).reshape(3, 1, 1)) * 0.5
     flipped = [np.array_equal(d, expected[:, :, ::-1]) for d in data]
     assert all(f or np.array_equal(d, expected) for f, d in zip(flipped, data))
@@ -428,7 +422,8 @@ def test_window_data_warp_mirror_mean_and_scale(tmp_path):
     blob = caffe_pb2.BlobProto(shape=caffe_pb2.BlobShape(dim=[1, 3, 6, 6]), data=mean.ravel().tolist())
     io.write_binary(tmp_path / "mean.binaryproto", blob)
     transform = f'crop_size: 4 mean_file: "{tmp_path}/mean.binaryproto"'
-    data, _ = run(*window_layer(source, "batch_size: 1 fg_fraction: 1", transform, dtype=np.float64), 0)
+    data, _ = data_batch(*window_layer(source, "batch_size: 1 fg_fraction: 1", transform, dtype=np.float64),
+                         0)
     np.testing.assert_array_equal(data[0], np.stack([up + 8, up + 4, up]) - mean[:, 1:5, 1:5])
 
 
@@ -438,12 +433,13 @@ def test_window_data_context_pad_geometry(tmp_path):
     # crop 6, context_pad 1: the 4x4 window at the corner grows by 6/4 about its centre (2, 2) to
     # x, y in -1..5 (7 pixels); the part inside (0..5, 6 pixels) warps to round(6 * 6/7) = 5 pixels,
     # after round(1 * 6/7) = 1 pixel of padding on the top and the left, which stay 0.
-    data, _ = run(*window_layer(source, "batch_size: 1 fg_fraction: 1 context_pad: 1", "crop_size: 6"), 0)
+    layer, top = window_layer(source, "batch_size: 1 fg_fraction: 1 context_pad: 1", "crop_size: 6")
+    data, _ = data_batch(layer, top, 0)
     expected = np.zeros((3, 6, 6))
     expected[:, 1:, 1:] = 100
     np.testing.assert_array_equal(data[0], expected)
     # Mirrored, the padding is mirrored too: on the right (pad_x2 = 0 on the left).
-    data, _ = run(*window_layer(source, "batch_size: 8 fg_fraction: 1 context_pad: 1",
+    data, _ = data_batch(*window_layer(source, "batch_size: 8 fg_fraction: 1 context_pad: 1",
                                 "crop_size: 6 mirror: true"), 0)
     mirrored = np.zeros((3, 6, 6))
     mirrored[:, 1:, :5] = 100
@@ -458,17 +454,17 @@ def test_window_data_square_mode(tmp_path):
     image = bgr(rgb).astype(float)
     # A 2 wide, 7 high window centred at (5, 5.5): squared to half 3.5 about its centre, x 1.5..8.5 and
     # y 2..9, rounded half away from zero to x 2..9 (C's round(1.5) = 2, round(8.5) = 9) and y 2..9.
-    data, _ = run(*window_layer(source, 'batch_size: 1 fg_fraction: 1 crop_mode: "square"'), 0)
+    data, _ = data_batch(*window_layer(source, 'batch_size: 1 fg_fraction: 1 crop_mode: "square"'), 0)
     np.testing.assert_array_equal(data[0], bilinear(image[:, 2:10, 2:10], 4, 4))
-    data, _ = run(*window_layer(source, "batch_size: 1 fg_fraction: 1"), 0)  # warp: the window itself
+    data, _ = data_batch(*window_layer(source, "batch_size: 1 fg_fraction: 1"), 0)  # warp: the window itself
     np.testing.assert_array_equal(data[0], bilinear(image[:, 2:9, 4:6], 4, 4))
 
 
 def test_window_data_cache_images_and_root_folder(tmp_path, two_images):
     window_file(tmp_path / "rel.txt", [("w0.png", 8, 10, [FG[0], BG[0]]), ("w1.png", 8, 10, [BG[1], FG[1]])])
     params = f'batch_size: 4 fg_fraction: 0.5 root_folder: "{tmp_path}/"'
-    plain = run(*window_layer(tmp_path / "rel.txt", params), 0)
-    cached = run(*window_layer(tmp_path / "rel.txt", params + " cache_images: true"), 0)
+    plain = data_batch(*window_layer(tmp_path / "rel.txt", params), 0)
+    cached = data_batch(*window_layer(tmp_path / "rel.txt", params + " cache_images: true"), 0)
     np.testing.assert_array_equal(plain[0], cached[0])
     np.testing.assert_array_equal(plain[1], cached[1])
 
@@ -516,7 +512,7 @@ def test_window_data_errors(tmp_path, two_images):
         with pytest.raises(LayerError, match=message):
             window_layer(tmp_path / "good.txt", params, transform)
     # Caffe's legacy window_data_param.crop_size (mirror, mean_file) serve where transform_param is silent.
-    data, _ = run(*window_layer(tmp_path / "good.txt", "batch_size: 2 crop_size: 3", ""), 0)
+    data, _ = data_batch(*window_layer(tmp_path / "good.txt", "batch_size: 2 crop_size: 3", ""), 0)
     assert data.shape == (2, 3, 3, 3)
     with pytest.raises(LayerError, match="cannot read the window file: .*missing.txt: cannot read"):
         window_layer(tmp_path / "missing.txt", "batch_size: 2")
@@ -565,7 +561,7 @@ def test_hdf5_output_writes_data_and_label(tmp_path, dtype):
     (tmp_path / "list.txt").write_text(f"{path}\n")
     layer, top = make_layer(f'name: "h5" type: "HDF5Data" top: "data" top: "label" hdf5_data_param '
                             f'{{ source: "{tmp_path / "list.txt"}" batch_size: 2 }}', dtype=dtype)
-    data, label = run(layer, top, 0)
+    data, label = data_batch(layer, top, 0)
     np.testing.assert_array_equal(data, -x.reshape(2, 3, 1, 1))
     np.testing.assert_array_equal(label.ravel(), [7, 9])
 
