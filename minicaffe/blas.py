@@ -1,10 +1,12 @@
 """The GEMMs of the layers: matmul (out = a @ b) and gemm_accumulate (c += a @ b, with BLAS's beta = 1).
 
-On the CPU a large product is split by rows of its output over minicaffe's threads (threads.run_parts),
-each part one BLAS call on a single-threaded BLAS: the cores work on one GEMM without BLAS's own thread
-pool, whose spinning workers thrash on a busy machine (see threads.py). Small products stay whole: a
-hand-off to another thread costs tens of microseconds. Each output element is computed by one BLAS
-call either way.
+On the CPU a large product is split over minicaffe's threads (threads.run_parts), each part one BLAS
+call on a single-threaded BLAS: the cores work on one GEMM without BLAS's own thread pool, whose
+spinning workers thrash on a busy machine (see threads.py). The output is cut along its longer side:
+a convolution's (32 x 288) @ (288 x 8192) cut into two column halves took 1.2 ms, into two row halves
+1.4-3.0 ms (each part packs all of b, and 16 rows leave BLAS's micro-kernel half idle), on one thread
+2.6 ms. Small products stay whole: a hand-off to another thread costs tens of microseconds. Each
+output element is computed by one BLAS call either way.
 
 Parameter gradients add into the parameter's diff (``diff += dy.T @ x``). Written with numpy, that first
 makes a temporary the size of the parameter (150 MB for AlexNet's fc6) on every step and pays its page
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 from types import ModuleType
 
 import numpy as np
@@ -26,26 +29,32 @@ from . import backend, threads
 # A product of fewer floating-point operations per part than this is not split (a part should take
 # well over the ~20-50 us that handing it to another thread costs; BLAS does ~50 GFLOP/s per core).
 PARALLEL_MIN_FLOPS = 4e6
-# Rows per part at least: fewer leave the BLAS micro-kernel (a few rows wide) mostly idle.
+# Rows (or columns) per part at least: fewer leave the BLAS micro-kernel (a few rows wide) mostly idle.
 PARALLEL_MIN_ROWS = 8
 
 
-def _parts(rows: int, flops: float) -> int:
-    return max(1, min(threads.kernel_threads(), rows // PARALLEL_MIN_ROWS, int(flops // PARALLEL_MIN_FLOPS)))
+def _split(a, b, out, product: Callable[[object, object, object], None]) -> None:
+    """product(a, b, out) for out = a @ b (the last two axes), in parts along out's longer side."""
+    rows, cols = out.shape[-2:]
+    by_rows = rows > cols
+    length = rows if by_rows else cols
+    parts = max(1, min(threads.kernel_threads(), length // PARALLEL_MIN_ROWS,
+                       int(2.0 * out.size * a.shape[-1] // PARALLEL_MIN_FLOPS)))
+    if parts == 1:
+        product(a, b, out)
+    elif by_rows:
+        threads.run_parts(rows, parts, lambda lo, hi: product(a[..., lo:hi, :], b, out[..., lo:hi, :]))
+    else:
+        threads.run_parts(cols, parts, lambda lo, hi: product(a, b[..., lo:hi], out[..., lo:hi]))
 
 
 def matmul(a, b, out) -> None:
     """out = a @ b, as numpy/cupy matmul (stacked over leading axes, transposed views without copies);
-    on the CPU split by rows of `out` when large (see the module docstring)."""
+    on the CPU split over the threads when large (see the module docstring)."""
     if not isinstance(out, np.ndarray):
         backend.xp().matmul(a, b, out=out)
         return
-    rows = out.shape[-2]
-    parts = _parts(rows, 2.0 * out.size * a.shape[-1])
-    if parts == 1:
-        np.matmul(a, b, out=out)
-        return
-    threads.run_parts(rows, parts, lambda lo, hi: np.matmul(a[..., lo:hi, :], b, out=out[..., lo:hi, :]))
+    _split(a, b, out, lambda a, b, out: np.matmul(a, b, out=out))
 
 
 def gemm_accumulate(a, b, c) -> None:
@@ -80,13 +89,11 @@ def load_cpu_blas() -> ModuleType:
 
 def cpu_gemm(alpha: float, a, b, beta: float, c: np.ndarray) -> None:
     """c = alpha * a @ b + beta * c in place (also what tests/fake_cupy's cuBLAS runs): by numpy's own
-    OpenBLAS through its CBLAS interface when it is a known build (see numpy_cblas), split by rows of c
-    over minicaffe's threads when large; else by scipy's BLAS wrappers, whole."""
+    OpenBLAS through its CBLAS interface when it is a known build (see numpy_cblas), split over
+    minicaffe's threads when large; else by scipy's BLAS wrappers, whole."""
     cblas = numpy_cblas()
     if cblas is not None and c.dtype in cblas.functions:
-        rows = c.shape[0]
-        parts = _parts(rows, 2.0 * c.size * a.shape[1])
-        threads.run_parts(rows, parts, lambda lo, hi: cblas.gemm(alpha, a[lo:hi], b, beta, c[lo:hi]))
+        _split(a, b, c, lambda a, b, c: cblas.gemm(alpha, a, b, beta, c))
         return
     blas = load_cpu_blas()
     gemm = {np.dtype(np.float32): blas.sgemm, np.dtype(np.float64): blas.dgemm}[c.dtype]

@@ -93,7 +93,7 @@ def test_element_wise_kernels_split_their_one_plane(four_threads, probe):
     assert (out == 0).all()
 
 
-def test_large_matmuls_are_split_by_rows_over_the_threads(four_threads, monkeypatch):
+def test_large_matmuls_are_split_along_the_longer_side_over_the_threads(four_threads, monkeypatch):
     from minicaffe import blas
 
     calls = []
@@ -114,6 +114,17 @@ def test_large_matmuls_are_split_by_rows_over_the_threads(four_threads, monkeypa
         blas.gemm_accumulate(a, np.repeat(b, 2, axis=1)[:, ::2], c)  # b strided on both axes: copied
         np.testing.assert_allclose(c, a @ b + 1, rtol=1e-12)
         expected.append((40, 4))
+    # A wide output is cut into column ranges (a convolution's (M, K) @ (K, positions)).
+    wide, wide_out = rng.normal(size=(30, 48)), np.empty((3, 40, 48))
+    blas.matmul(a, wide, wide_out[1])
+    np.testing.assert_allclose(wide_out[1], a @ wide, rtol=1e-12)
+    blas.matmul(rng.normal(size=(3, 40, 30)), wide, wide_out)  # stacked, columns of every matrix
+    expected += [(48, 4), (48, 4)]
+    if blas.numpy_cblas() is not None:  # c += a @ b.T into a column range of c, b a transposed view
+        c, bt = np.ones((40, 48)), rng.normal(size=(48, 30))
+        blas.gemm_accumulate(a, bt.T, c)
+        np.testing.assert_allclose(c, a @ bt.T + 1, rtol=1e-12)
+        expected.append((48, 4))
     assert calls == expected
     monkeypatch.setattr(blas, "PARALLEL_MIN_FLOPS", 1e12)
     blas.matmul(a, b, out)
