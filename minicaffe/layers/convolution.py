@@ -23,7 +23,7 @@ from .. import backend
 from ..blas import gemm_accumulate, matmul
 from ..kernel import KernelFile
 from ..layer import Layer, register
-from .reduce import channel_sums_of
+from .reduce import channel_sums, channel_sums_of
 
 KERNELS = KernelFile("convolution.cu")
 
@@ -319,11 +319,12 @@ class ConvolutionLayer(Layer):
         """out = W * images (+ bias[m] per output channel), written: the convolution."""
         xp = backend.xp()
         if self._is_depthwise():
-            planes = self.num * self.conv_in_channels
-            KERNELS.depthwise_forward(planes, images, self.blobs[0].get_data(),
-                                      self.blobs[0].get_data() if bias is None else bias,  # unread if None
-                                      int(bias is not None), out, *self._depthwise_args(),
-                                      extents=(planes, self.out_size[1]))
+            g = self.geometry
+            padded_size = (self.height + 2 * g.pad[0], self.width + 2 * g.pad[1])
+            padded = self._spread("depthwise_input", images, (self.height, self.width), padded_size, g.pad,
+                                  (1, 1))
+            weights = self.blobs[0].get_data()
+            self._depthwise("out", padded, padded_size, weights, bias, g.stride, self.out_size, out)
             return
         weights = self._weights()
         if self._is_pointwise():  # out[n, g] = W_g @ images[n, g], one GEMM per image and group
@@ -347,12 +348,19 @@ class ConvolutionLayer(Layer):
     def _backward_gemm(self, out_diff, images_diff) -> None:
         """images_diff = W^T * out_diff, written: the adjoint of the convolution (col2im)."""
         if self._is_depthwise():
-            planes = self.num * self.conv_in_channels
-            images_diff.fill(0)
-            for kj in range(self.geometry.kernel[1]):  # one launch per kernel column keeps the GPU race-free
-                KERNELS.depthwise_backward_data_add(planes, out_diff, self.blobs[0].get_data(), images_diff,
-                                                    *self._depthwise_args(), kj,
-                                                    extents=(planes, self.out_size[1]))
+            # The adjoint is a stride-1 depthwise convolution with the taps flipped, over out_diff spread
+            # onto the input's grid (zeros between the rows and columns of a stride > 1) and padded by the
+            # kernel's extent less the padding: dx[h, w] = sum of flipped[ki, kj] * spread[h + ki d, w + kj d]
+            g = self.geometry
+            extent = [d * (k - 1) for k, d in zip(g.kernel, g.dilation)]
+            spread_size = (self.height + extent[0], self.width + extent[1])
+            spread = self._spread("depthwise_spread_diff", out_diff, self.out_size, spread_size,
+                                  (extent[0] - g.pad[0], extent[1] - g.pad[1]), g.stride)
+            weights = self.blobs[0].get_data().reshape(self.conv_in_channels, *g.kernel)
+            flipped = self.buffer("depthwise_flipped", weights.shape)
+            flipped[...] = weights[:, ::-1, ::-1]
+            image_size = (self.height, self.width)
+            self._depthwise("diff", spread, spread_size, flipped, None, (1, 1), image_size, images_diff)
             return
         weights_t = self._weights().transpose(0, 2, 1)
         if self._is_pointwise():
@@ -369,15 +377,19 @@ class ConvolutionLayer(Layer):
         """Weight diff += the gradient of <out_diff, W * images> in W, added in place (BLAS beta = 1, or
         the fixed-order depthwise sums): no weight-sized temporary."""
         weight_diff = self.blobs[0].mutable_diff()
-        if self._is_depthwise():  # per-plane partial sums, then one fixed-order sum per weight
-            kh, kw = self.geometry.kernel
-            planes, out_w = self.num * self.conv_in_channels * kh * kw, self.out_size[1]
-            weights = self.conv_in_channels * kh * kw
-            terms = self.buffer("weight_terms", (self.num * weights * out_w,))
-            KERNELS.depthwise_weight_terms(planes, out_diff, images, terms, *self._depthwise_args(),
-                                           extents=(planes, out_w))
-            KERNELS.depthwise_weight_sum(1, terms, weight_diff, weights, self.num, out_w,
-                                         extents=(1, weights))
+        if self._is_depthwise():  # per-plane partial sums, then one fixed-order sum per weight (reduce.py)
+            g = self.geometry
+            padded_size = (self.height + 2 * g.pad[0], self.width + 2 * g.pad[1])
+            padded = self._spread("depthwise_input", images, (self.height, self.width), padded_size, g.pad,
+                                  (1, 1))
+            out_h, out_w = self.out_size
+            pitched = self._spread("depthwise_pitched_diff", out_diff, self.out_size,
+                                   (out_h, padded_size[1]), (0, 0), (1, 1))  # zero in the columns >= out_w
+            taps = self.conv_in_channels * g.kernel[0] * g.kernel[1]
+            length = (out_h - 1) * padded_size[1] + out_w
+            channel_sums(self, (self.num, taps, length), KERNELS.depthwise_weight_partials,
+                         (pitched, padded, *padded_size, *g.kernel, *g.stride, *g.dilation, out_h),
+                         weight_diff.reshape(-1))
             return
         weight_diff = weight_diff.reshape(self._weights().shape)
         if self._is_pointwise():
@@ -393,6 +405,31 @@ class ConvolutionLayer(Layer):
             for g in range(self.group):
                 gemm_accumulate(columns[g], col[g].T, weight_diff[g])
 
-    def _depthwise_args(self) -> tuple[int, ...]:
-        """The geometry arguments of the depthwise_* kernels (kernels/convolution.cu)."""
-        return (self.conv_in_channels, self.height, self.width, *self.geometry.kernel_args(), *self.out_size)
+    # -- depthwise helpers (the kernels work on padded planes with a row pitch: kernels/convolution.cu) --
+    def _spread(self, name: str, source, source_size, size, offset, step):
+        """Buffer `name`, (num * C, *size) planes plus a zeroed tail: source's (num * C, *source_size)
+        planes placed at offset + step * (i, j), zeros elsewhere (depthwise_spread). The tail covers the
+        reads past the last plane that depthwise_weight_partials makes for unequal strides."""
+        planes = self.num * self.conv_in_channels
+        rows, cols = size
+        count = planes * rows * cols
+        tail = (self.geometry.stride[1] + 1) * cols + self.geometry.dilation[1] * self.geometry.kernel[1]
+        buffer = self.buffer(name, (count + tail,))
+        buffer[count:] = 0
+        KERNELS.depthwise_spread(planes, source, *source_size, buffer, rows, cols, *offset, *step,
+                                 extents=(planes, cols))
+        return buffer
+
+    def _depthwise(self, name: str, padded, padded_size, weights, bias, stride, out_size, out) -> None:
+        """out (num, C, *out_size) = the depthwise convolution with `stride` of the padded planes (+ bias),
+        through the kernel's pitched output (a buffer) copied into out without its scratch columns."""
+        g, planes = self.geometry, self.num * self.conv_in_channels
+        padded_w = padded_size[1]
+        pitched = self.buffer(f"depthwise_pitched_{name}", (planes, out_size[0], padded_w))
+        block_rows = max(1, 4096 // padded_w) if stride[0] == stride[1] else 1  # as in the kernel
+        length = (min(block_rows, out_size[0]) - 1) * padded_w + out_size[1]
+        bias_or_unread = weights if bias is None else bias
+        KERNELS.depthwise_forward(planes, padded, weights, bias_or_unread, int(bias is not None), pitched,
+                                  self.conv_in_channels, *padded_size, *g.kernel, *stride, *g.dilation,
+                                  *out_size, extents=(planes, length))
+        out.reshape(planes, *out_size)[...] = pitched[:, :, :out_size[1]]
