@@ -326,6 +326,7 @@ CASES = {
                                     f'transpose: true {FILL} }}', [X], kernels=False),
     "pooling_max_two_tops": Case('type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 }', [X],
                                  num_top=2),
+    "pooling_max_disjoint": Case('type: "Pooling" pooling_param { pool: MAX kernel_size: 2 stride: 2 }', [X]),
     "pooling_ave_pad": Case('type: "Pooling" pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }',
                             [X]),
     "pooling_global": Case('type: "Pooling" pooling_param { pool: AVE global_pooling: true }', [X]),

@@ -195,6 +195,25 @@ def test_forward_backward_vs_reference(case, method, dtype):
                                rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("spec", ["kernel_size: 2 stride: 2", "kernel_size: 2 stride: 3 pad: 1",
+                                  "kernel_h: 1 kernel_w: 2 stride: 2", "global_pooling: true"])
+def test_max_backward_of_disjoint_windows_equals_the_gather_bit_for_bit(spec, monkeypatch):
+    # Windows that share no pixel take the scatter through the argmax (pool_max_backward_disjoint); the
+    # general gather kernel must give the same bits, ties and clipped windows included.
+    from minicaffe.layers.pooling import PoolingLayer
+
+    x = np.round(np.random.default_rng(5).standard_normal((2, 3, 7, 9)), 1).astype(np.float32)  # ties
+    text = f'type: "Pooling" pooling_param {{ pool: MAX {spec} }}'
+    layer, bottom, top = run_layer(text, x, dtype=np.float32)
+    assert layer._windows_disjoint()
+    dy = np.random.default_rng(6).standard_normal(top[0].shape).astype(np.float32)
+    (scattered,) = backward_layer(layer, bottom, top, [dy])
+    monkeypatch.setattr(PoolingLayer, "_windows_disjoint", lambda self: False)
+    (gathered,) = backward_layer(layer, bottom, top, [dy])
+    np.testing.assert_array_equal(scattered, gathered)
+    assert np.count_nonzero(scattered) > 0
+
+
 def test_empty_window_gives_caffe_values():
     # stride 3 > kernel 1 without padding: the 3rd window starts past the image (Caffe allows it).
     x = np.random.default_rng(0).standard_normal((1, 1, 5, 5))

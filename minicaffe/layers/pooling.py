@@ -124,6 +124,11 @@ class PoolingLayer(Layer):
             self._columns[mode] = tuple(xp.asarray(a) for a in self._columns["host"])
         return self._columns[mode]
 
+    def _windows_disjoint(self) -> bool:
+        """No two windows share an input pixel: kernel <= stride (or a single window) on both axes."""
+        return ((self.kernel_h <= self.stride_h or self.pooled_h == 1)
+                and (self.kernel_w <= self.stride_w or self.pooled_w == 1))
+
     def _argmax(self, shape):
         """MAX: each window's argmax (forward writes it, backward reads it)."""
         return self.buffer("argmax", shape, np.int32)
@@ -156,6 +161,11 @@ class PoolingLayer(Layer):
             KERNELS.pool_ave_backward(planes, self.pooled_h, self.pooled_w, h, w, self.kernel_h,
                                       self.kernel_w, self.stride_h, self.stride_w, self.pad_h,
                                       self.pad_w, cover, col_start, col_end, dy, dx, extents=(planes, w))
+        elif self._windows_disjoint():
+            dx.fill(0)
+            rows = n * c * self.pooled_h
+            KERNELS.pool_max_backward_disjoint(rows, self.pooled_h, self.pooled_w, h, w, dy,
+                                               self._argmax(dy.shape), dx, extents=(rows, self.pooled_w))
         else:
             KERNELS.pool_max_backward(planes, self.pooled_h, self.pooled_w, h, w, self.kernel_h,
                                       self.stride_h, self.pad_h, cover, col_start, col_end, dy,
