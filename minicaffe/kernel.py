@@ -18,10 +18,10 @@ Integer arguments and loop extents must fit the kernels' 32-bit ints: a launch w
 more is refused on both devices (KernelError naming the file, kernel, argument and value) rather than
 wrapped to a negative count by ctypes or refused later by CuPy.
 
-On the CPU a launch of at least PARALLEL_MIN_WORK elements (planes * inner) over more than one plane,
-or of an element-wise kernel (ELEMENT_LOOP), runs its loops on minicaffe.threads.kernel_threads()
-OpenMP threads, through the wrapper mc_cpu_NAME(threads, args...) built with each kernel; the results
-are the same bits for any count.
+On the CPU a launch of at least PARALLEL_MIN_WORK elements (planes * inner, or the `work` it declares)
+over more than one plane, or of an element-wise kernel (ELEMENT_LOOP), runs its loops on
+minicaffe.threads.kernel_threads() OpenMP threads, through the wrapper mc_cpu_NAME(threads, args...)
+built with each kernel; the results are the same bits for any count.
 
 With MINICAFFE_RACECHECK=1 (or =spread) the CPU launches run the race-check build instead (see
 `race_grid`).
@@ -224,14 +224,17 @@ class KernelFile:
     def __getattr__(self, name: str):
         if name.startswith("_") or name not in self.signatures:
             raise AttributeError(f"{self.filename} has no kernel named {name!r}")
-        return lambda *args, extents: self.launch(name, extents, *args)
+        return lambda *args, extents, work=None: self.launch(name, extents, *args, work=work)
 
     # -- launching ---------------------------------------------------------------------------
-    def launch(self, name: str, extents: int | tuple[int, int], *args) -> None:
+    def launch(self, name: str, extents: int | tuple[int, int], *args, work: int | None = None) -> None:
         """Run kernel `name` over its loop extents: (planes, inner), or just inner for one plane.
 
         The GPU launch covers them with a grid (capped; the kernels' grid-stride loops do the rest);
-        the CPU build's loops take their bounds from the kernel's own arguments."""
+        the CPU build's loops take their bounds from the kernel's own arguments. `work`: the elements
+        the launch handles when a plane's own loops cover more than `inner` (e.g. a softmax row of C
+        classes run by one thread), for the CPU's choice of threads (PARALLEL_MIN_WORK); by default
+        planes * inner."""
         kinds = self.signatures[name]
         if len(args) != len(kinds):
             raise KernelError(f"{self.filename}:{name} takes {len(kinds)} arguments, got {len(args)}")
@@ -242,7 +245,7 @@ class KernelFile:
         if on_gpu:
             self._launch_gpu(name, extents, kinds, args, real)
         else:
-            self._launch_cpu(name, extents, kinds, args, real)
+            self._launch_cpu(name, extents, kinds, args, real, work)
 
     def _check_ints(self, name: str, extents: tuple[int, int], args) -> None:
         """Integer arguments and extents must fit the kernel's 32-bit ints (see the module docstring)."""
@@ -271,7 +274,7 @@ class KernelFile:
                 f"got {type(arg).__name__} {getattr(arg, 'dtype', '')}"
             )
 
-    def _launch_cpu(self, name, extents, kinds, args, real) -> None:
+    def _launch_cpu(self, name, extents, kinds, args, real, work=None) -> None:
         c_args = []
         for i, (kind, arg) in enumerate(zip(kinds, args)):
             if kind.endswith("*"):
@@ -287,7 +290,8 @@ class KernelFile:
         if caps is None:
             planes, inner = extents
             splits = planes > 1 or name in self.element_wise
-            count = threads.kernel_threads() if splits and planes * inner >= PARALLEL_MIN_WORK else 1
+            work = planes * inner if work is None else work
+            count = threads.kernel_threads() if splits and work >= PARALLEL_MIN_WORK else 1
             getattr(self._cpu_library(real), "mc_cpu_" + name)(count, *c_args)
         elif min(extents) > 0:
             grid, block = launch_geometry(extents, RACE_BLOCKS, *caps)

@@ -56,9 +56,9 @@ def probe(tmp_path, monkeypatch) -> KernelFile:
     return Probe("probe.cu")
 
 
-def plane_threads(probe: KernelFile, planes: int, inner: int = 3) -> list[int]:
+def plane_threads(probe: KernelFile, planes: int, inner: int = 3, work: int | None = None) -> list[int]:
     out = np.full((planes, inner), -1, np.float32)
-    probe.plane_threads(planes, inner, out, extents=(planes, inner))
+    probe.plane_threads(planes, inner, out, extents=(planes, inner), work=work)
     assert (out == out[:, :1]).all()
     return out[:, 0].astype(int).tolist()
 
@@ -76,6 +76,9 @@ def test_small_launches_stay_on_one_thread(four_threads, probe, monkeypatch):
     monkeypatch.setattr(kernel, "PARALLEL_MIN_WORK", 8 * 3 + 1)
     assert plane_threads(probe, 8) == [0] * 8  # 24 elements: below the threshold
     assert plane_threads(probe, 9) == [0, 0, 0, 1, 1, 2, 2, 3, 3]  # 27: above
+    # A launch whose planes loop over more than `inner` (a softmax row of C classes) declares its work.
+    assert plane_threads(probe, 8, work=8 * 3 * 100) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert plane_threads(probe, 9, work=9) == [0] * 9
     monkeypatch.setattr(kernel, "PARALLEL_MIN_WORK", 0)
     assert plane_threads(probe, 1, inner=1000) == [0]  # one plane: nothing to split
 

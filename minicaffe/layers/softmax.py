@@ -27,7 +27,8 @@ class SoftmaxLayer(Layer):
     def forward(self, bottom, top):
         # Correct in place: the kernel reads each element before it writes it.
         KERNELS.softmax_forward(self.outer, self.channels, self.inner, bottom[0].get_data(),
-                                top[0].mutable_data(), self._scratch(), extents=(self.outer, self.inner))
+                                top[0].mutable_data(), self._scratch(), extents=(self.outer, self.inner),
+                                work=top[0].count)  # a row's channels are its plane's loops
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -35,7 +36,7 @@ class SoftmaxLayer(Layer):
         # Uses only the top data and diff, so in place (top diff is bottom diff) is fine too.
         KERNELS.softmax_backward(self.outer, self.channels, self.inner, top[0].get_data(),
                                  top[0].get_diff(), bottom[0].mutable_diff(), self._scratch(),
-                                 extents=(self.outer, self.inner))
+                                 extents=(self.outer, self.inner), work=top[0].count)
 
     def _scratch(self):
         """Room for two running values (max and sum, or dot) per softmax vector, reused between calls."""
