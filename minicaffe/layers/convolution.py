@@ -32,9 +32,9 @@ KERNELS = KernelFile("convolution.cu")
 COL_BUFFER_LIMIT = 1 << 24
 # On the CPU, chunks of images whose column buffer fits this (elements; 2**18 is 1 MiB in float32, a
 # Zen 4 core's L2): im2col writes it and the GEMMs read it while it is still in the caches. Measured on
-# LeNet's convolutions (one thread): chunks of 2**17 to 2**19 elements took 0.8-0.9x the time of
-# 2**16, and the whole batch (2**20 and more) 1.1-1.3x; fewer, larger GEMMs gain until the buffer
-# leaves the L2 and the L3 (shared by the cores) has to hold every thread's.
+# LeNet's conv1 and conv2 forward (batch 64, one thread): chunks of 2**17 to 2**19 elements took
+# 0.7-0.9x the time of chunks of 2**16, the whole batch (2**20) 0.9-1.1x: fewer, larger GEMMs gain
+# until the buffer leaves the L2, and the L3 is shared by the cores.
 COL_CACHE_LIMIT = 1 << 18
 
 
