@@ -173,14 +173,14 @@ class ConvolutionLayer(Layer):
 
     Why one range of images per thread on the CPU: with the whole batch in one GEMM (split by
     blas.matmul over the threads) the column buffer (9.4 MB for 8x32x32x32, 3x3) left the caches
-    between im2col and the GEMM, the kernels woke the OpenMP threads once per launch, and the backward
-    pass copied dy into the GEMM's layout twice. Per thread and per chunk, im2col writes a buffer that
-    the GEMMs read from the cache, a one-image chunk's GEMM writes straight into the top (its layout is
-    (M, positions) already), and the thread hand-off happens once per pass. Measured on a 2-core Zen 4
-    (float32, one thread, so that the other agents' load on the machine moved the numbers less): the
-    kernel benchmark's 8x32x32x32 3x3 -> 32 forward 4.5-5.3 ms -> 3.2-4.0 ms, backward 10-11.7 ms ->
-    6.3-8.4 ms; LeNet's conv2 (64x20x12x12 5x5 -> 50) forward 4.8-6.0 -> 3.7-4.2 ms. The GEMMs
-    (OpenBLAS, 60-90 GFLOP/s on one core) are most of what is left.
+    between im2col and the GEMM, and every kernel launch woke the OpenMP threads. Per thread and per
+    chunk, im2col writes a buffer that the GEMMs read from the caches, a one-image chunk's GEMM writes
+    straight into the top (its layout is (M, positions) already), and the threads are handed work once
+    per pass. Measured on a 2-core Zen 4 shared with other jobs (float32, best of 3 runs of 30, one
+    thread, whose numbers the load moved less): the kernel benchmark's 8x32x32x32 3x3 -> 32 forward
+    4.1 -> 2.8 ms, backward 9.1 -> 6.1 ms; LeNet's conv1 (64x1x28x28 5x5 -> 20) forward 1.4 -> 1.1 ms;
+    conv2 (64x20x12x12 5x5 -> 50) forward 4.1 -> 3.7 ms, backward 8.9 ms both. Most of what is left is
+    the GEMMs (OpenBLAS, 45-90 GFLOP/s on one core for these shapes).
     """
 
     min_num_bottom = 1
