@@ -20,8 +20,8 @@ says). A large product is still spread over the cores, by minicaffe: blas.matmul
 its output rows into parts (run_parts), each one single-threaded BLAS call on one of our threads,
 which sleep on a queue between calls instead of spinning. Work split over the threads at a coarser
 grain (run_parts over a convolution's images) runs its kernels and GEMMs on one thread per part
-(kernel_threads() is 1 there). Kernel results are the same bits for every
-thread count (kernels/shim.h's PLANE_LOOP); GEMM results for the same thread count.
+(kernel_threads() is 1 there). Kernel results are the same bits for every thread count (kernels/shim.h's
+PLANE_LOOP); GEMM results for the same thread count.
 """
 
 from __future__ import annotations
