@@ -303,13 +303,16 @@ def test_images_split_over_threads_equal_one_pass(monkeypatch, layer_type, extra
     equal one pass over the batch, and give the same bits on every run."""
     rng = np.random.default_rng(14)
     x = rng.normal(size=(7, 4, 6, 6)).astype(np.float32)
+
+    def columns_per_image(layer):
+        return layer.conv_in_channels * 9 * layer.out_size[0] * layer.out_size[1]
+
     text = conv_text(4, extra).replace("Convolution", layer_type)
 
     def run(parts, chunk_images):
         threads.configure(parts)
         layer, bottom, top = setup_layer(text, x, np.float32)
-        rows = layer.conv_in_channels * 9 * layer.out_size[0] * layer.out_size[1]
-        monkeypatch.setattr(convolution, "COL_CACHE_LIMIT", rows * chunk_images)
+        monkeypatch.setattr(convolution, "COL_CACHE_LIMIT", columns_per_image(layer) * chunk_images)
         assert layer._parts() == parts and layer._chunk_images() == chunk_images
         layer.forward(bottom, top)
         layer.blobs[0].diff[...] = 0.5  # gradients add to the diff
@@ -325,6 +328,10 @@ def test_images_split_over_threads_equal_one_pass(monkeypatch, layer_type, extra
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     for a, b in zip(split, run(3, 2)):
         np.testing.assert_array_equal(a, b)
+    # The parts' column buffers together stay within COL_BUFFER_LIMIT: two chunks' worth, two parts.
+    layer = setup_layer(text, x, np.float32)[0]
+    monkeypatch.setattr(convolution, "COL_BUFFER_LIMIT", 2 * layer._chunk_images() * columns_per_image(layer))
+    assert layer._parts() == 2
 
 
 def test_im2col_col2im_are_adjoint_for_both_layouts():

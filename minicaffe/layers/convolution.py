@@ -269,13 +269,15 @@ class ConvolutionLayer(Layer):
     def _parts(self) -> int:
         """Threads that share the batch, each a contiguous range of images: on the CPU the kernel
         threads when the GEMMs are large enough to repay the hand-off (blas.PARALLEL_MIN_FLOPS per
-        part), on the GPU 1."""
+        part) and the parts' column buffers fit COL_BUFFER_LIMIT together (else one part, whose
+        kernels and GEMMs use the threads themselves); on the GPU 1."""
         if backend.on_gpu():
             return 1
         rows = self.conv_in_channels * self.geometry.kernel[0] * self.geometry.kernel[1]
-        flops = 2.0 * self.num * self.conv_out_channels * (rows // self.group) * \
-            self.out_size[0] * self.out_size[1]
-        return max(1, min(threads.kernel_threads(), self.num, int(flops // PARALLEL_MIN_FLOPS)))
+        positions = self.out_size[0] * self.out_size[1]
+        flops = 2.0 * self.num * self.conv_out_channels * (rows // self.group) * positions
+        buffers = COL_BUFFER_LIMIT // (rows * positions * self._chunk_images())
+        return max(1, min(threads.kernel_threads(), self.num, int(flops // PARALLEL_MIN_FLOPS), buffers))
 
     def _chunks(self, first: int = 0, stop: int | None = None) -> Iterator[tuple[int, int]]:
         """(first image, number of images) chunks of images [first, stop) of at most _chunk_images()."""
