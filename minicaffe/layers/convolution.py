@@ -299,8 +299,8 @@ class ConvolutionLayer(Layer):
     def _scratch(self, name: str, parts: int, channels: int):
         """Buffer `name`, one row per part, each for a chunk of `channels`-row columns; see _columns_of.
         Taken before the parts start (Layer.buffer is not for concurrent use)."""
-        positions = self.out_size[0] * self.out_size[1]
-        return self.buffer(name, (parts, channels * self._chunk_images() * positions))
+        size = channels * self._chunk_images() * self.out_size[0] * self.out_size[1]
+        return self.buffer(name, (parts * size,)).reshape(parts, size)
 
     def _columns_of(self, scratch, count: int, channels: int):
         """A part's row of a _scratch buffer as columns (group, channels/group, count * positions)."""
