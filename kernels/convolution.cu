@@ -56,6 +56,44 @@ KERNEL void im2col(const int planes, const real* x, real* col, const int channel
   }
 }
 
+// col2im in gather form, for stride_w == 1 (col2im_add below does any stride, in kernel_w launches):
+// x[n, c, h, w] = the sum of the column entries read from it, written once (no zeroing pass).
+// Planes: num * channels * height image rows (n, c, h); inner: width.
+//
+// Race-free on the GPU by construction: iteration (plane, w) writes pixel (n, c, h, w) only and reads
+// only col. Every inner loop runs over the same range [0, width), so one GPU thread owns the pixel for
+// the whole launch and adds its taps in program order; a tap whose output column falls outside
+// [0, out_w) is skipped by a per-element test (a masked load on the CPU). For stride_w == 1 the output
+// column ow = w + pad_w - kj * dilation_w is contiguous in w, so the CPU's inner loop is a vector add of
+// a contiguous run of col, without the per-element division a general stride would need. The output
+// row oh of a kernel row ki is one per image row (a test per plane, not per element).
+KERNEL void col2im_gather(const int planes, const real* col, real* x, const int channels, const int height,
+                          const int width, const int kernel_h, const int kernel_w, const int pad_h,
+                          const int pad_w, const int stride_h, const int dilation_h, const int dilation_w,
+                          const int out_h, const int out_w, const int row_stride, const int image_stride) {
+  PLANE_LOOP(p, planes) {
+    const int h = p % height;
+    const int c = (p / height) % channels;
+    const int n = p / (height * channels);
+    real* dst = x + (size_t)p * width;
+    INNER_LOOP(w, width) { dst[w] = real(0); }
+    for (int ki = 0; ki < kernel_h; ++ki) {
+      const int oh_times_stride = h + pad_h - ki * dilation_h;  // oh * stride_h, if this tap was read
+      if (oh_times_stride < 0 || oh_times_stride % stride_h != 0 || oh_times_stride / stride_h >= out_h)
+        continue;
+      const int oh = oh_times_stride / stride_h;
+      for (int kj = 0; kj < kernel_w; ++kj) {
+        const int row = (c * kernel_h + ki) * kernel_w + kj;
+        const real* src = col + (size_t)row * row_stride + (size_t)n * image_stride + (size_t)oh * out_w;
+        const int shift = pad_w - kj * dilation_w;  // ow = w + shift
+        INNER_LOOP(w, width) {
+          if (w + shift >= 0 && w + shift < out_w) dst[w] += src[w + shift];
+        }
+      }
+    }
+  }
+}
+
 // col2im for ONE kernel column offset kj: adds the column rows (c, ki, kj), for every ki, into x at
 // the pixels they were read from. The caller zeroes x and launches this once per kj.
 //

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minicaffe import threads
 from minicaffe.blob import Blob
 from minicaffe.layer import LayerError
 from minicaffe.layers import convolution
@@ -292,6 +293,45 @@ def test_chunked_batch_equals_one_chunk(monkeypatch, dtype):
                        + [np.array(b.diff) for b in layer.blobs])
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+@pytest.mark.parametrize("extra", ["kernel_size: 3 pad: 1 group: 2", "kernel_size: 3 stride: 2 dilation: 2"])
+def test_images_split_over_threads_equal_one_pass(monkeypatch, layer_type, extra):
+    """On the CPU the batch is cut into one range of images per thread, each in cache-sized chunks with
+    its own buffers and weight-gradient sums: forward, backward and the accumulated weight diff must
+    equal one pass over the batch, and give the same bits on every run."""
+    rng = np.random.default_rng(14)
+    x = rng.normal(size=(7, 4, 6, 6)).astype(np.float32)
+
+    def columns_per_image(layer):
+        return layer.conv_in_channels * 9 * layer.out_size[0] * layer.out_size[1]
+
+    text = conv_text(4, extra).replace("Convolution", layer_type)
+
+    def run(parts, chunk_images):
+        threads.configure(parts)
+        layer, bottom, top = setup_layer(text, x, np.float32)
+        monkeypatch.setattr(convolution, "COL_CACHE_LIMIT", columns_per_image(layer) * chunk_images)
+        assert layer._parts() == parts and layer._chunk_images() == chunk_images
+        layer.forward(bottom, top)
+        layer.blobs[0].diff[...] = 0.5  # gradients add to the diff
+        backward_with(layer, bottom, top, np.linspace(-1, 1, top[0].count).reshape(top[0].shape))
+        return [np.array(a) for a in (top[0].data, bottom[0].diff, layer.blobs[0].diff, layer.blobs[1].diff)]
+
+    monkeypatch.setattr(threads, "_threads", None)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 3)
+    monkeypatch.setattr(convolution, "PARALLEL_MIN_FLOPS", 1.0)
+    one_pass = run(1, 7)
+    split = run(3, 2)  # images 0-1, 2-3, 4-6 (chunks 4-5 and 6)
+    for a, b in zip(one_pass, split):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(split, run(3, 2)):
+        np.testing.assert_array_equal(a, b)
+    # The parts' column buffers together stay within COL_BUFFER_LIMIT: two chunks' worth, two parts.
+    layer = setup_layer(text, x, np.float32)[0]
+    monkeypatch.setattr(convolution, "COL_BUFFER_LIMIT", 2 * layer._chunk_images() * columns_per_image(layer))
+    assert layer._parts() == 2
 
 
 def test_im2col_col2im_are_adjoint_for_both_layouts():

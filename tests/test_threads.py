@@ -96,6 +96,24 @@ def test_element_wise_kernels_split_their_one_plane(four_threads, probe):
     assert (out == 0).all()
 
 
+def test_work_inside_a_part_of_run_parts_runs_on_its_own_thread(four_threads, probe, monkeypatch):
+    """A part already has its core: kernel launches in it are serial and a product in it stays whole
+    (a nested run_parts would wait on the pool it runs in); outside, the configured threads again."""
+    from minicaffe import blas
+
+    monkeypatch.setattr(blas, "PARALLEL_MIN_FLOPS", 1.0)
+    seen = {}
+
+    def part(start, stop):
+        out = np.empty((40, 20))
+        blas.matmul(np.ones((40, 30)), np.ones((30, 20)), out)  # would be split into 4 parts outside
+        seen[start] = (threads.kernel_threads(), plane_threads(probe, 8), out[0, 0])
+
+    threads.run_parts(4, 4, part)
+    assert seen == {i: (1, [0] * 8, 30.0) for i in range(4)}
+    assert threads.kernel_threads() == 4 and plane_threads(probe, 8) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
 def test_large_matmuls_are_split_along_the_longer_side_over_the_threads(four_threads, monkeypatch):
     from minicaffe import blas
 

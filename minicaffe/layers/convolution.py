@@ -1,10 +1,13 @@
 """Convolution (Caffe's ConvolutionLayer): im2col kernels (kernels/convolution.cu) + GEMM.
 
-Forward, per chunk of images: col = im2col(x) with rows (c, ki, kj) and columns (n, oh, ow), then
-one GEMM per group, y = W_g @ col_g, over the whole chunk at once rather than one per image (see the
-layer's docstring for why); the chunk size only bounds the column buffer.
-Backward: dW_g += dy_g @ col_g^T (col recomputed, as Caffe does; added in place by BLAS with beta = 1,
-minicaffe/blas.py), dcol_g = W_g^T @ dy_g then col2im. The GEMMs write into reused buffers.
+Forward, per chunk of images: col = im2col(x) with rows (c, ki, kj) and columns (n, oh, ow), then one
+GEMM per group, y = W_g @ col_g, over the chunk's images at once.
+Backward: dW_g += (col_g @ dy_g^T)^T (col recomputed, as Caffe does; summed by BLAS with beta = 1 into
+reused buffers, minicaffe/blas.py), dcol_g = W_g^T @ dy_g then col2im.
+On the CPU the batch is cut into one contiguous range of images per thread, each range worked through
+in cache-sized chunks (COL_CACHE_LIMIT) with the thread's own buffers, its kernel launches and GEMMs
+single-threaded; on the GPU a chunk is the whole batch (up to COL_BUFFER_LIMIT). See the layer's
+docstring for why.
 A 1x1 stride-1 unpadded convolution skips im2col: the input is its own column matrix (as in Caffe),
 one GEMM per image and group. A depthwise convolution (group == channels == num_output) runs the direct
 depthwise_* kernels instead of one 1-row GEMM per channel.
@@ -19,8 +22,8 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .. import backend
-from ..blas import gemm_accumulate, matmul
+from .. import backend, threads
+from ..blas import PARALLEL_MIN_FLOPS, gemm_accumulate, matmul
 from ..kernel import KernelFile
 from ..layer import Layer, register
 from .reduce import channel_sums, channel_sums_of
@@ -30,6 +33,12 @@ KERNELS = KernelFile("convolution.cu")
 # Upper bound (elements) of the im2col buffer; a batch whose columns need more is done in chunks of
 # images. 2**24 elements is 64 MiB in float32.
 COL_BUFFER_LIMIT = 1 << 24
+# On the CPU, chunks of images whose column buffer fits this (elements; 2**18 is 1 MiB in float32, a
+# Zen 4 core's L2): im2col writes it and the GEMMs read it while it is still in the caches. Measured on
+# LeNet's conv1 and conv2 forward (batch 64, one thread): chunks of 2**17 to 2**19 elements took
+# 0.7-0.9x the time of chunks of 2**16, the whole batch (2**20) 0.9-1.1x: fewer, larger GEMMs gain
+# until the buffer leaves the L2, and the L3 is shared by the cores.
+COL_CACHE_LIMIT = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -122,10 +131,19 @@ def im2col(x, col, geometry: ConvGeometry, out_size: tuple[int, int], *, images_
 def col2im(col, x, geometry: ConvGeometry, out_size: tuple[int, int], *, images_outer: bool = False) -> None:
     """The adjoint of im2col: x (num, C, H, W) = sum of the columns at the pixels they came from.
 
-    Writes x (zeroes it first). One kernel launch per kernel column offset keeps the GPU race-free
-    (see col2im_add in kernels/convolution.cu)."""
+    Writes x. With stride_w 1, one launch that gathers each pixel's terms (col2im_gather in
+    kernels/convolution.cu); else x is zeroed and col2im_add scatters the columns into it, one launch
+    per kernel column offset, which keeps the GPU race-free."""
     num, channels, height, width = x.shape
     row_stride, image_stride = _col_strides(x.shape, geometry, out_size, images_outer)
+    (kernel_h, kernel_w), (pad_h, pad_w), (stride_h, stride_w), (dilation_h, dilation_w) = \
+        geometry.kernel, geometry.pad, geometry.stride, geometry.dilation
+    if stride_w == 1:
+        planes = num * channels * height
+        KERNELS.col2im_gather(planes, col, x, channels, height, width, kernel_h, kernel_w, pad_h, pad_w,
+                              stride_h, dilation_h, dilation_w, *out_size, row_stride, image_stride,
+                              extents=(planes, width))
+        return
     x.fill(0)
     planes = num * channels
     for kj in range(geometry.kernel[1]):
@@ -154,11 +172,16 @@ class ConvolutionLayer(Layer):
     Three primitives do the work: _forward_gemm (the convolution W * x), _backward_gemm (its adjoint,
     W^T * y by col2im) and _weight_gemm (the weight gradient).
 
-    Why one GEMM per chunk of images rather than one per image: measured on LeNet's conv2 (64x20x12x12
-    -> 50 outputs, 5x5, float32) on a 2-core CPU, forward+backward took about 10 ms batched against
-    11 ms per image (numpy stacked matmul) with two BLAS threads, as large GEMMs parallelize better;
-    with one BLAS thread both took about 13 ms (the weight gradient, one GEMM over all images when
-    batched, made up for the transposes). The column buffer is bounded by COL_BUFFER_LIMIT.
+    Why one range of images per thread on the CPU: with the whole batch in one GEMM (split by
+    blas.matmul over the threads) the column buffer (9.4 MB for 8x32x32x32, 3x3) left the caches
+    between im2col and the GEMM, and every kernel launch woke the OpenMP threads. Per thread and per
+    chunk, im2col writes a buffer that the GEMMs read from the caches, a one-image chunk's GEMM writes
+    straight into the top (its layout is (M, positions) already), and the threads are handed work once
+    per pass. Measured on a 2-core Zen 4 shared with other jobs (float32, best of 3 runs of 30, one
+    thread, whose numbers the load moved less): the kernel benchmark's 8x32x32x32 3x3 -> 32 forward
+    4.1 -> 2.8 ms, backward 9.1 -> 6.1 ms; LeNet's conv1 (64x1x28x28 5x5 -> 20) forward 1.4 -> 1.1 ms;
+    conv2 (64x20x12x12 5x5 -> 50) forward 4.1 -> 3.7 ms, backward 8.9 ms both. Most of what is left is
+    the GEMMs (OpenBLAS, 45-90 GFLOP/s on one core for these shapes).
     """
 
     min_num_bottom = 1
@@ -212,10 +235,6 @@ class ConvolutionLayer(Layer):
         top_size = self._top_size(shape)
         (self.height, self.width), self.out_size = self._image_and_column_sizes(shape[-2:], top_size)
         self.num = bottom[0].count_range(0, self.channel_axis)
-        # Images per GEMM: the whole batch unless its column buffer would exceed COL_BUFFER_LIMIT.
-        col_per_image = self.conv_in_channels * self.geometry.kernel[0] * self.geometry.kernel[1] * \
-            self.out_size[0] * self.out_size[1]
-        self.chunk_images = max(1, min(self.num, COL_BUFFER_LIMIT // col_per_image))
         top_shape = (*shape[:self.channel_axis], self.num_output, *top_size)
         for t in top:
             t.reshape(top_shape)
@@ -239,36 +258,63 @@ class ConvolutionLayer(Layer):
         return tuple(bottom_size), tuple(top_size)
 
     # -- helpers -----------------------------------------------------------------------------
-    def _chunks(self) -> Iterator[tuple[int, int]]:
-        """(first image, number of images) chunks of at most self.chunk_images images."""
-        for start in range(0, self.num, self.chunk_images):
-            yield start, min(self.chunk_images, self.num - start)
-
-    def _columns(self, x):
-        """im2col of the images x (nb, C, H, W), as (group, K/group, nb * positions)."""
-        col = self._column_buffer(x.shape[0])
-        im2col(x, col, self.geometry, self.out_size)
-        return col
-
-    def _column_buffer(self, count: int):
-        """The column buffer for `count` images, as (group, K/group, count * positions)."""
-        positions = self.out_size[0] * self.out_size[1]
+    def _chunk_images(self) -> int:
+        """Images per GEMM: on the CPU as many as keep the column buffer in a core's L2 cache
+        (COL_CACHE_LIMIT), on the GPU the whole batch, in both at most COL_BUFFER_LIMIT elements."""
         rows = self.conv_in_channels * self.geometry.kernel[0] * self.geometry.kernel[1]
-        col = self.buffer("columns", (rows * self.chunk_images * positions,))
-        return col[:rows * count * positions].reshape(self.group, rows // self.group, count * positions)
+        per_image = rows * self.out_size[0] * self.out_size[1]
+        limit = COL_BUFFER_LIMIT if backend.on_gpu() else min(COL_BUFFER_LIMIT, COL_CACHE_LIMIT)
+        return max(1, min(self.num, limit // per_image))
 
-    def _output_columns(self, count: int):
-        """Scratch for a column-side chunk in the GEMM's layout (group, M/group, count * positions)."""
+    def _parts(self) -> int:
+        """Threads that share the batch, each a contiguous range of images: on the CPU the kernel
+        threads when the GEMMs are large enough to repay the hand-off (blas.PARALLEL_MIN_FLOPS per
+        part) and the parts' column buffers fit COL_BUFFER_LIMIT together (else one part, whose
+        kernels and GEMMs use the threads themselves); on the GPU 1."""
+        if backend.on_gpu():
+            return 1
+        rows = self.conv_in_channels * self.geometry.kernel[0] * self.geometry.kernel[1]
         positions = self.out_size[0] * self.out_size[1]
-        channels = self.conv_out_channels
-        buffer = self.buffer("output_columns", (channels * self.chunk_images * positions,))
-        return buffer[:channels * count * positions].reshape(self.group, channels // self.group,
-                                                             count * positions)
+        flops = 2.0 * self.num * self.conv_out_channels * (rows // self.group) * positions
+        buffers = COL_BUFFER_LIMIT // (rows * positions * self._chunk_images())
+        return max(1, min(threads.kernel_threads(), self.num, int(flops // PARALLEL_MIN_FLOPS), buffers))
 
-    def _to_output_columns(self, chunk):
-        """A column-side chunk (count, M, positions) copied into the GEMM's layout (_output_columns)."""
+    def _chunks(self, first: int = 0, stop: int | None = None) -> Iterator[tuple[int, int]]:
+        """(first image, number of images) chunks of images [first, stop) of at most _chunk_images()."""
+        stop = self.num if stop is None else stop
+        size = self._chunk_images()
+        for start in range(first, stop, size):
+            yield start, min(size, stop - start)
+
+    def _over_chunks(self, parts: int, work: Callable[[int, int, int], None]) -> None:
+        """work(part, start, count) for every chunk of the batch, the images cut into `parts` contiguous
+        ranges run at the same time (threads.run_parts; a part's kernel launches and GEMMs run on its own
+        thread), each range in chunks (_chunks) that reuse the part's buffers."""
+        def run(part: int, _: int) -> None:
+            for start, count in self._chunks(self.num * part // parts, self.num * (part + 1) // parts):
+                work(part, start, count)
+
+        threads.run_parts(parts, parts, run)
+
+    def _scratch(self, name: str, parts: int, channels: int):
+        """Buffer `name`, one row per part, each for a chunk of `channels`-row columns; see _columns_of.
+        Taken before the parts start (Layer.buffer is not for concurrent use)."""
+        size = channels * self._chunk_images() * self.out_size[0] * self.out_size[1]
+        return self.buffer(name, (parts * size,)).reshape(parts, size)
+
+    def _columns_of(self, scratch, count: int, channels: int):
+        """A part's row of a _scratch buffer as columns (group, channels/group, count * positions)."""
+        positions = self.out_size[0] * self.out_size[1]
+        return scratch[:channels * count * positions].reshape(self.group, channels // self.group,
+                                                              count * positions)
+
+    def _gemm_layout(self, chunk, scratch):
+        """A column-side chunk (count, M, positions) in the GEMM's layout (group, M/group, count *
+        positions): for one image the chunk itself, else copied into the part's `scratch` row."""
         count, channels, positions = chunk.shape
-        columns = self._output_columns(count)
+        if count == 1:
+            return chunk.reshape(self.group, channels // self.group, positions)
+        columns = self._columns_of(scratch, count, channels)
         columns.reshape(channels, count, positions)[...] = chunk.transpose(1, 0, 2)
         return columns
 
@@ -333,17 +379,31 @@ class ConvolutionLayer(Layer):
             if bias is not None:
                 out += bias[:, None]
             return
-        positions = self.out_size[0] * self.out_size[1]
-        for start, count in self._chunks():
-            col = self._columns(images[start:start + count])
-            result = self._output_columns(count)
-            matmul(weights, col, out=result)
-            result = result.reshape(self.conv_out_channels, count, positions).transpose(1, 0, 2)
+        rows = self.conv_in_channels * self.geometry.kernel[0] * self.geometry.kernel[1]
+        parts = self._parts()
+        cols = self._scratch("columns", parts, rows)
+        # Chunks of one image need no second buffer: their GEMM writes straight into out.
+        results = self._scratch("output_columns", parts, self.conv_out_channels) \
+            if self._chunk_images() > 1 else None
+
+        def work(part: int, start: int, count: int) -> None:
+            col = self._columns_of(cols[part], count, rows)
+            im2col(images[start:start + count], col, self.geometry, self.out_size)
             chunk = out[start:start + count]
+            if count == 1:  # out[start] (M, positions) is the GEMM's layout already
+                matmul(weights, col, out=chunk.reshape(self.group, -1, chunk.shape[2]))
+                if bias is not None:
+                    chunk += bias[:, None]
+                return
+            result = self._columns_of(results[part], count, self.conv_out_channels)
+            matmul(weights, col, out=result)
+            result = result.reshape(self.conv_out_channels, count, -1).transpose(1, 0, 2)
             if bias is None:
                 chunk[...] = result
             else:  # bias added in the same pass as the copy out of the GEMM's layout
                 xp.add(result, bias[:, None], out=chunk)
+
+        self._over_chunks(parts, work)
 
     def _backward_gemm(self, out_diff, images_diff) -> None:
         """images_diff = W^T * out_diff, written: the adjoint of the convolution (col2im)."""
@@ -367,11 +427,18 @@ class ConvolutionLayer(Layer):
             matmul(weights_t, self._grouped(out_diff, self.conv_out_channels),
                       out=self._grouped(images_diff, self.conv_in_channels))
             return
-        for start, count in self._chunks():
-            columns = self._to_output_columns(out_diff[start:start + count])
-            dcol = self._column_buffer(count)  # (group, K / group, count * positions)
+        rows = self.conv_in_channels * self.geometry.kernel[0] * self.geometry.kernel[1]
+        parts = self._parts()
+        dcols = self._scratch("columns", parts, rows)
+        copies = self._scratch("output_columns", parts, self.conv_out_channels)
+
+        def work(part: int, start: int, count: int) -> None:
+            columns = self._gemm_layout(out_diff[start:start + count], copies[part])
+            dcol = self._columns_of(dcols[part], count, rows)
             matmul(weights_t, columns, out=dcol)
             col2im(dcol, images_diff[start:start + count], self.geometry, self.out_size)
+
+        self._over_chunks(parts, work)
 
     def _weight_gemm(self, images, out_diff) -> None:
         """Weight diff += the gradient of <out_diff, W * images> in W, added in place (BLAS beta = 1, or
@@ -399,11 +466,28 @@ class ConvolutionLayer(Layer):
                 for g in range(self.group):
                     gemm_accumulate(dy[n, g], x[n, g].T, weight_diff[g])
             return
-        for start, count in self._chunks():
-            columns = self._to_output_columns(out_diff[start:start + count])
-            col = self._columns(images[start:start + count])
+        # Each part sums its images' gradients transposed, (K/group, M/group) per group: on one core
+        # (numpy's OpenBLAS) col @ dy^T ran at 74, 78 and 44 GFLOP/s where dy @ col^T ran at 45, 60 and
+        # 35, for the kernel benchmark's one image and LeNet's conv2 and conv1 chunks. The parts' sums
+        # are added in part order: the same bits on every run with the same thread count.
+        rows = self.conv_in_channels * self.geometry.kernel[0] * self.geometry.kernel[1]
+        parts = self._parts()
+        cols = self._scratch("columns", parts, rows)
+        copies = self._scratch("output_columns", parts, self.conv_out_channels)
+        sums = self.buffer("weight_diff_parts", (parts, self.group, rows // self.group,
+                                                 self.conv_out_channels // self.group))
+        sums.fill(0)
+
+        def work(part: int, start: int, count: int) -> None:
+            columns = self._gemm_layout(out_diff[start:start + count], copies[part])
+            col = self._columns_of(cols[part], count, rows)
+            im2col(images[start:start + count], col, self.geometry, self.out_size)
             for g in range(self.group):
-                gemm_accumulate(columns[g], col[g].T, weight_diff[g])
+                gemm_accumulate(col[g], columns[g].T, sums[part, g])
+
+        self._over_chunks(parts, work)
+        for part in range(parts):
+            weight_diff += sums[part].transpose(0, 2, 1)
 
     # -- depthwise helpers (the kernels work on padded planes with a row pitch: kernels/convolution.cu) --
     def _spread(self, name: str, source, source_size, size, offset, step):
