@@ -33,3 +33,23 @@ KERNEL void channel_total(const int outer, const int dim, const int lanes, const
     }
   }
 }
+
+// channel_total for lanes == 1 (a plane per element, e.g. an (N, C) blob's (n, c)): the same sums in the
+// same order, with the channels taken MC_LANES at a time, a block of them per plane (so the CPU threads
+// share them) and one per lane (so the CPU build vectorizes the loop over n: contiguous reads).
+KERNEL void channel_total_single_lane(const int outer, const int dim, const real* partial, real* out,
+                                      const int accumulate, const real divisor) {
+  PLANE_LOOP(block, (dim + MC_LANES - 1) / MC_LANES) {
+    const int first = block * MC_LANES;
+    const int width = dim - first < MC_LANES ? dim - first : MC_LANES;
+    real acc[MC_LANES];
+    INNER_LOOP(l, width) { acc[l] = real(0); }
+    for (int n = 0; n < outer; ++n) {
+      const real* row = partial + (size_t)n * dim + first;
+      INNER_LOOP(l, width) { acc[l] += row[l]; }
+    }
+    INNER_LOOP(l, width) {
+      out[first + l] = (accumulate ? out[first + l] : real(0)) + acc[l] / divisor;
+    }
+  }
+}

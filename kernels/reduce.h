@@ -10,7 +10,8 @@
 // one vector step, the rows run in order); on the GPU each lane is a thread (a row is one coalesced
 // read) -- the same order in both. A term may also write an element-wise result (e.g. PReLU's dx), so
 // a backward reads its inputs once for both.
-// Stage 2, reduce.cu's `channel_total`: out[c] (+)= the partials of channel c, planes in order.
+// Stage 2, reduce.cu's `channel_total` (or `channel_total_single_lane`, for lanes == 1): out[c] (+)= the
+// partials of channel c, planes in order.
 //
 // lanes = min(MC_LANES, inner) (at least 1; the launcher's `plane_lanes`), so the partials take
 // planes * lanes values: count / (inner / 32) for big planes, but as many as the elements for inner < 32
@@ -24,6 +25,10 @@
 template <class Term>
 DEVICE void mc_plane_partials(const int p, const int inner, const int lanes, const Term& term,
                               real* partial) {
+  if (inner == 1) {  // one term (lanes == 1), e.g. a plane per element of an (N, C) blob: the same sum,
+    INNER_LOOP(l, 1) { partial[p] = real(0) + term((size_t)p); }  // without the accumulators' loops
+    return;
+  }
   real acc[MC_LANES];
   INNER_LOOP(l, lanes) { acc[l] = real(0); }
   const size_t offset = (size_t)p * inner;
