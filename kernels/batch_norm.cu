@@ -1,10 +1,10 @@
 // Batch normalisation (Caffe's BatchNormLayer): y = (x - mean[c]) / sqrt(var[c] + eps).
 // Blobs are viewed as (num, channels, spatial); planes are (n, c) pairs, the inner loop runs over the
 // contiguous spatial positions. Sums over n and spatial (the channel statistics) are reduce.h's
-// deterministic two-stage sums: reduce.cu's kernels, and bn_variance_partials here.
+// deterministic two-stage sums: reduce.cu's kernels, and the *_partials kernels here.
 #include "reduce.h"
 
-// Stage-1 partial sums (reduce.h) of (x - mean[c])^2: the batch variance is their mean.
+// Stage-1 partial sums (reduce.h) of (x - mean[c])^2: a variance from a known mean (MVN's rows).
 KERNEL void bn_variance_partials(const int planes, const int spatial, const int lanes, const int channels,
                                  const real* x, const real* mean, real* partial) {
   PLANE_LOOP(p, planes) {
@@ -13,6 +13,34 @@ KERNEL void bn_variance_partials(const int planes, const int spatial, const int 
       const real v = x[j] - m;
       return v * v;
     }, partial);
+  }
+}
+
+// Stage-1 partial sums (reduce.h) of x - shift[c] and of its square, from one read of x (a plane is
+// read twice, the second time from the L1 cache). Their means m1, m2 give the batch statistics
+// (bn_batch_stats): mean = shift + m1, var = m2 - m1^2. The shift is a value of the channel, so m1 is
+// within the channel's spread and the difference keeps its precision (the one-pass formula without a
+// shift loses it when the mean is large against the standard deviation).
+KERNEL void bn_moment_partials(const int planes, const int spatial, const int lanes, const int channels,
+                               const real* x, const real* shift, real* partial, real* partial_square) {
+  PLANE_LOOP(p, planes) {
+    const real k = shift[p % channels];
+    mc_plane_partials(p, spatial, lanes, [=](size_t j) { return x[j] - k; }, partial);
+    mc_plane_partials(p, spatial, lanes, [=](size_t j) {
+      const real v = x[j] - k;
+      return v * v;
+    }, partial_square);
+  }
+}
+
+// mean = shift + m1 and var = m2 - m1^2 per channel (rounding may leave var a hair below 0: clamped).
+KERNEL void bn_batch_stats(const int channels, const real* shift, const real* shifted_mean,
+                           const real* square_mean, real* mean, real* var) {
+  ELEMENT_LOOP(c, channels) {
+    const real m1 = shifted_mean[c];
+    const real v = square_mean[c] - m1 * m1;
+    mean[c] = shift[c] + m1;
+    var[c] = v > real(0) ? v : real(0);
   }
 }
 

@@ -33,8 +33,14 @@ DEVICE void mc_plane_partials(const int p, const int inner, const int lanes, con
   INNER_LOOP(l, lanes) { acc[l] = real(0); }
   const size_t offset = (size_t)p * inner;
   const int full = inner - inner % lanes;  // whole rows of `lanes` terms
-  for (int i = 0; i < full; i += lanes) {
-    INNER_LOOP(l, lanes) { acc[l] += term(offset + i + l); }
+  if (lanes == MC_LANES) {  // the same rows; a constant width keeps acc in vector registers on the CPU
+    for (int i = 0; i < full; i += MC_LANES) {
+      INNER_LOOP(l, MC_LANES) { acc[l] += term(offset + i + l); }
+    }
+  } else {
+    for (int i = 0; i < full; i += lanes) {
+      INNER_LOOP(l, lanes) { acc[l] += term(offset + i + l); }
+    }
   }
   INNER_LOOP(l, inner - full) { acc[l] += term(offset + full + l); }
   INNER_LOOP(l, lanes) { partial[(size_t)p * lanes + l] = acc[l]; }

@@ -14,7 +14,7 @@ from .. import backend
 from ..kernel import KernelFile
 from ..layer import TEST, NeuronLayer, register
 from .reduce import KERNELS as REDUCE
-from .reduce import channel_sums, channel_sums_of
+from .reduce import channel_sums, channel_sums_of, channel_total, plane_lanes
 
 KERNELS = KernelFile("batch_norm.cu")
 
@@ -85,15 +85,34 @@ class BatchNormLayer(NeuronLayer):
             KERNELS.bn_channel_stats(channels, self.blobs[0].get_data(), self.blobs[1].get_data(), factor,
                                      self.eps, mean, inv_std, extents=channels)
         else:
-            m = num * spatial
-            batch_mean = self._channel_mean(bottom[0], "batch_mean", values=x)
-            batch_var = self._channel_mean(bottom[0], "batch_var", stage1=KERNELS.bn_variance_partials,
-                                           args=(channels, x, batch_mean))
+            batch_mean, batch_var = self._batch_statistics(x, (num, channels, spatial))
             KERNELS.bn_channel_stats(channels, batch_mean, batch_var, 1.0, self.eps, mean, inv_std,
                                      extents=channels)
-            self._update_running_stats(batch_mean, batch_var, m)
+            self._update_running_stats(batch_mean, batch_var, num * spatial)
         y = top[0].mutable_data()  # may be x (in place): bn_normalize is element-wise
         KERNELS.bn_normalize(planes, spatial, channels, x, mean, inv_std, y, extents=(planes, spatial))
+
+    def _batch_statistics(self, x, dims: tuple[int, int, int]):
+        """The buffers "batch_mean" and "batch_var": per channel, the mean and the (biased) variance over
+        num and spatial, from one read of x (bn_moment_partials: sums of x - shift and of its square,
+        shifted by the channel's first value), summed deterministically (layers/reduce.py)."""
+        num, channels, spatial = dims
+        planes, lanes, m = num * channels, plane_lanes(spatial), num * spatial
+        shift = self.buffer("shift", (channels,))
+        if x.size:
+            shift[...] = x.reshape(dims)[0, :, 0]
+        partial, partial_square = self.buffer("partial", (planes, lanes)), self.buffer("partial_square",
+                                                                                      (planes, lanes))
+        KERNELS.bn_moment_partials(planes, spatial, lanes, channels, x, shift, partial, partial_square,
+                                   extents=(planes, lanes))
+        shifted_mean, square_mean = self.buffer("shifted_mean", (channels,)), self.buffer("square_mean",
+                                                                                          (channels,))
+        channel_total(dims, lanes, partial, shifted_mean, accumulate=False, divisor=m)
+        channel_total(dims, lanes, partial_square, square_mean, accumulate=False, divisor=m)
+        batch_mean, batch_var = self.buffer("batch_mean", (channels,)), self.buffer("batch_var", (channels,))
+        KERNELS.bn_batch_stats(channels, shift, shifted_mean, square_mean, batch_mean, batch_var,
+                               extents=channels)
+        return batch_mean, batch_var
 
     def _update_running_stats(self, batch_mean, batch_var, m: int) -> None:
         decay = self.moving_average_fraction
