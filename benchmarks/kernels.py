@@ -44,8 +44,8 @@ from markdown_section import markers, update_section  # noqa: E402
 BEGIN, END = markers("benchmarks/kernels.py")
 
 # name, prototxt body, bottom shapes, phase. Activations of 2M elements (8 MB in float32): bigger than
-# the L2 caches, though a large L3 may hold them; the copy bandwidth is measured at both that size and
-# at 256 MB (main memory) for comparison.
+# the L2 caches, though a large L3 may hold them; the element-wise layers run at BIG too, and the copy
+# bandwidth is measured at both sizes for comparison.
 ACT = (32, 64, 32, 32)
 BIG = (64, 64, 128, 128)  # 256 MiB (268 MB) in float32: the element-wise layers' main-memory size
 LOGITS = (2048, 1000)  # (N, C) class scores, also 8 MB: softmax with inner == 1
@@ -302,7 +302,8 @@ def markdown(results: list[dict], command: str) -> str:
              "GB/s = bytes / time. "
              "Convolutions show GFLOP/s; pooling reads overlapping windows, so no bandwidth is shown. "
              "The element-wise layers' forward is also timed with bottoms of "
-             f"{results[0]['big_shape'] if results else '-'} (256 MiB, main memory); \"% copy\" is the "
+             f"{results[0]['big_shape'] if results else '-'} "
+             f"({results[0]['copy_large_mb'] if results else 0:.3g} MB: main memory); \"% copy\" is the "
              "forward GB/s over the copy bandwidth at the same size (np.copyto of the bottom's bytes, best "
              "of several).", ""]
     for result in results:
