@@ -93,9 +93,20 @@ KERNEL void bn_channel_stats(const int channels, const real* mean_sum, const rea
 }
 
 // Running sums: stat = stat * decay + weight * batch (Caffe's axpby on the stored blobs).
-KERNEL void bn_update_stat(const int count, const real* batch, real* stat, const real decay,
-                           const real weight) {
-  ELEMENT_LOOP(i, count) { stat[i] = stat[i] * decay + weight * batch[i]; }
+DEVICE real bn_running(const real stat, const real decay, const real weight, const real batch) {
+  return stat * decay + weight * batch;
+}
+
+// The three stored blobs in one launch: mean_sum[c] and var_sum[c] take the batch mean and the batch
+// variance times `correction` (m / (m - 1): the unbiased estimate), and their weight (one value) 1.
+KERNEL void bn_update_running(const int channels, const real* batch_mean, const real* batch_var,
+                              real* mean_sum, real* var_sum, real* weight, const real decay,
+                              const real correction) {
+  ELEMENT_LOOP(c, channels) {
+    mean_sum[c] = bn_running(mean_sum[c], decay, real(1), batch_mean[c]);
+    var_sum[c] = bn_running(var_sum[c], decay, correction, batch_var[c]);
+    if (c == 0) weight[0] = bn_running(weight[0], decay, real(1), real(1));
+  }
 }
 
 // Batch-statistics backward: dx = (dy - mean(dy)[c] - mean(dy * y)[c] * y) * inv_std[c].

@@ -10,8 +10,7 @@
 // one vector step, the rows run in order); on the GPU each lane is a thread (a row is one coalesced
 // read) -- the same order in both. A term may also write an element-wise result (e.g. PReLU's dx), so
 // a backward reads its inputs once for both.
-// Stage 2, reduce.cu's `channel_total` (or `channel_total_single_lane`, for lanes == 1): out[c] (+)= the
-// partials of channel c, planes in order.
+// Stage 2, reduce.cu's `channel_total`: out[c] (+)= the partials of channel c, planes in order.
 //
 // lanes = min(MC_LANES, inner) (at least 1; the launcher's `plane_lanes`), so the partials take
 // planes * lanes values: count / (inner / 32) for big planes, but as many as the elements for inner < 32

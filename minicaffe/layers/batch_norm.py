@@ -135,15 +135,10 @@ class BatchNormLayer(NeuronLayer):
                                    extents=(num * group, spatial))
 
     def _update_running_stats(self, batch_mean, batch_var, m: int) -> None:
-        decay = self.moving_average_fraction
-        one = self.buffer("one", (1,))
-        one.fill(1)
-        KERNELS.bn_update_stat(1, one, self.blobs[2].mutable_data(), decay, 1.0, extents=1)
-        KERNELS.bn_update_stat(self.channels, batch_mean, self.blobs[0].mutable_data(), decay, 1.0,
-                               extents=self.channels)
         correction = m / (m - 1) if m > 1 else 1.0  # the stored variance is the unbiased estimate
-        KERNELS.bn_update_stat(self.channels, batch_var, self.blobs[1].mutable_data(), decay, correction,
-                               extents=self.channels)
+        KERNELS.bn_update_running(self.channels, batch_mean, batch_var, self.blobs[0].mutable_data(),
+                                  self.blobs[1].mutable_data(), self.blobs[2].mutable_data(),
+                                  self.moving_average_fraction, correction, extents=self.channels)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:

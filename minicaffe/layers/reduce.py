@@ -50,12 +50,8 @@ def channel_sums_of(layer: Layer, dims: tuple[int, int, int], values, out, accum
 
 def channel_total(dims: tuple[int, int, int], lanes: int, partial, out, accumulate: bool,
                   divisor: float) -> None:
-    """Stage 2: out[c] (+)= channel c's partials (outer planes of `lanes`) summed in order / divisor. With
-    one lane per plane, reduce.cu's channel_total_single_lane: the same sums, vectorized and threaded."""
+    """Stage 2: out[c] (+)= channel c's partials (outer planes of `lanes`) summed in order / divisor
+    (reduce.cu's channel_total: blocks of LANES channels)."""
     outer, dim, _ = dims
-    if lanes == 1:
-        blocks = -(-dim // LANES)
-        KERNELS.channel_total_single_lane(outer, dim, partial, out, int(accumulate), divisor,
-                                          extents=(blocks, min(dim, LANES)))
-    else:
-        KERNELS.channel_total(outer, dim, lanes, partial, out, int(accumulate), divisor, extents=dim)
+    KERNELS.channel_total(outer, dim, lanes, partial, out, int(accumulate), divisor,
+                          extents=(-(-dim // LANES), min(dim, LANES)))
