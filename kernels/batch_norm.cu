@@ -16,25 +16,17 @@ KERNEL void bn_variance_partials(const int planes, const int spatial, const int 
   }
 }
 
-// The planes of channels [first, first + group), visited as q = n * group + (c - first): plane p of x.
-DEVICE int bn_group_plane(const int q, const int channels, const int first, const int group) {
-  return (q / group) * channels + first + q % group;
-}
-
-// Stage-1 partial sums (reduce.h) of x - shift[c] and of its square over a group of channels, from one
-// read of x (a plane is read twice, the second time from the L1 cache), to slot q of partial and
-// partial_square ((num, group, lanes) arrays: stage 2 sums them as the group's channels). Their means
-// m1, m2 give the batch statistics (bn_batch_stats): mean = shift + m1, var = m2 - m1^2. The shift is a
-// value of the channel, so m1 is within the channel's spread and the difference keeps its precision (the
-// one-pass formula without a shift loses it when the mean is large against the standard deviation).
-KERNEL void bn_moment_partials(const int num, const int channels, const int spatial, const int lanes,
-                               const int first, const int group, const real* x, const real* shift,
-                               real* partial, real* partial_square) {
-  PLANE_LOOP(q, num * group) {
-    const int p = bn_group_plane(q, channels, first, group);
+// Stage-1 partial sums (reduce.h) of x - shift[c] and of its square, from one read of x (a plane is
+// read twice, the second time from the L1 cache). Their means m1, m2 give the batch statistics
+// (bn_batch_stats): mean = shift + m1, var = m2 - m1^2. The shift is a value of the channel, so m1 is
+// within the channel's spread and the difference keeps its precision (the one-pass formula without a
+// shift loses it when the mean is large against the standard deviation).
+KERNEL void bn_moment_partials(const int planes, const int spatial, const int lanes, const int channels,
+                               const real* x, const real* shift, real* partial, real* partial_square) {
+  PLANE_LOOP(p, planes) {
     const real k = shift[p % channels];
-    mc_plane_partials_to(p, q, spatial, lanes, [=](size_t j) { return x[j] - k; }, partial);
-    mc_plane_partials_to(p, q, spatial, lanes, [=](size_t j) {
+    mc_plane_partials(p, spatial, lanes, [=](size_t j) { return x[j] - k; }, partial);
+    mc_plane_partials(p, spatial, lanes, [=](size_t j) {
       const real v = x[j] - k;
       return v * v;
     }, partial_square);
@@ -43,8 +35,8 @@ KERNEL void bn_moment_partials(const int num, const int channels, const int spat
 
 DEVICE real bn_inv_std(const real var, const real eps) { return real(1) / sqrt(var + eps); }
 
-// Per channel of a group (arrays from its first channel): the batch mean = shift + m1 and variance
-// var = m2 - m1^2 (rounding may leave it a hair below 0: clamped), and inv_std = 1 / sqrt(var + eps).
+// Per channel: the batch mean = shift + m1 and variance var = m2 - m1^2 (rounding may leave it a hair
+// below 0: clamped), and inv_std = 1 / sqrt(var + eps).
 KERNEL void bn_batch_stats(const int channels, const real* shift, const real* shifted_mean,
                            const real* square_mean, const real eps, real* mean, real* var, real* inv_std) {
   ELEMENT_LOOP(c, channels) {
@@ -56,8 +48,6 @@ KERNEL void bn_batch_stats(const int channels, const real* shift, const real* sh
   }
 }
 
-DEVICE real bn_normalized(const real x, const real mean, const real inv_std) { return (x - mean) * inv_std; }
-
 // y = (x - mean[c]) * inv_std[c]; with mean all zero this scales a gradient by inv_std. y may be x.
 KERNEL void bn_normalize(const int planes, const int spatial, const int channels, const real* x,
                          const real* mean, const real* inv_std, real* y) {
@@ -65,25 +55,12 @@ KERNEL void bn_normalize(const int planes, const int spatial, const int channels
     const real m = mean[p % channels];
     const real s = inv_std[p % channels];
     const size_t offset = (size_t)p * spatial;
-    INNER_LOOP(j, spatial) { y[offset + j] = bn_normalized(x[offset + j], m, s); }
+    INNER_LOOP(j, spatial) { y[offset + j] = (x[offset + j] - m) * s; }
   }
 }
 
-// bn_normalize over the planes of a group of channels (see bn_group_plane).
-KERNEL void bn_normalize_group(const int num, const int channels, const int spatial, const int first,
-                               const int group, const real* x, const real* mean, const real* inv_std,
-                               real* y) {
-  PLANE_LOOP(q, num * group) {
-    const int p = bn_group_plane(q, channels, first, group);
-    const real m = mean[p % channels];
-    const real s = inv_std[p % channels];
-    const size_t offset = (size_t)p * spatial;
-    INNER_LOOP(j, spatial) { y[offset + j] = bn_normalized(x[offset + j], m, s); }
-  }
-}
-
-// Per channel: mean = mean_sum * factor, inv_std = 1 / sqrt(var_sum * factor + eps). The batch path
-// passes the batch statistics with factor 1; the global path the stored sums with 1 / their weight.
+// Per channel: mean = mean_sum * factor, inv_std = 1 / sqrt(var_sum * factor + eps): the global
+// statistics from the stored sums, factor = 1 / their weight.
 KERNEL void bn_channel_stats(const int channels, const real* mean_sum, const real* var_sum,
                              const real factor, const real eps, real* mean, real* inv_std) {
   ELEMENT_LOOP(c, channels) {

@@ -21,13 +21,11 @@
 
 #define MC_LANES 32
 
-// The partials go to partial[slot * lanes + l]: slot p for a kernel over all planes, another for one
-// over some of them (BatchNorm's channel groups) that keeps its partials in an array of its own.
 template <class Term>
-DEVICE void mc_plane_partials_to(const int p, const int slot, const int inner, const int lanes,
-                                 const Term& term, real* partial) {
+DEVICE void mc_plane_partials(const int p, const int inner, const int lanes, const Term& term,
+                              real* partial) {
   if (inner == 1) {  // one term (lanes == 1), e.g. a plane per element of an (N, C) blob: the same sum,
-    INNER_LOOP(l, 1) { partial[slot] = real(0) + term((size_t)p); }  // without the accumulators' loops
+    INNER_LOOP(l, 1) { partial[p] = real(0) + term((size_t)p); }  // without the accumulators' loops
     return;
   }
   real acc[MC_LANES];
@@ -44,11 +42,5 @@ DEVICE void mc_plane_partials_to(const int p, const int slot, const int inner, c
     }
   }
   INNER_LOOP(l, inner - full) { acc[l] += term(offset + full + l); }
-  INNER_LOOP(l, lanes) { partial[(size_t)slot * lanes + l] = acc[l]; }
-}
-
-template <class Term>
-DEVICE void mc_plane_partials(const int p, const int inner, const int lanes, const Term& term,
-                              real* partial) {
-  mc_plane_partials_to(p, p, inner, lanes, term, partial);
+  INNER_LOOP(l, lanes) { partial[(size_t)p * lanes + l] = acc[l]; }
 }

@@ -313,24 +313,3 @@ def test_train_statistics_keep_their_precision_when_the_mean_dwarfs_the_spread(s
     np.testing.assert_allclose(layer.blobs[1].data, var * m / (m - 1), rtol=1e-4)
     np.testing.assert_allclose(top[0].data, expected, rtol=1e-3, atol=1e-3)
 
-
-@pytest.mark.parametrize("in_place", [False, True])
-def test_train_forward_in_channel_groups_gives_the_same_bits(monkeypatch, in_place):
-    """A big x is normalized a group of channels at a time (its planes still cached for the second read):
-    with groups of 2 channels and a last group of 1, every output, statistic and gradient is the same
-    bits as in one group."""
-    from minicaffe.layers import batch_norm
-
-    x = np.random.default_rng(8).normal(3.0, 2.0, size=(3, 5, 4, 6)).astype(np.float32)
-    dy = np.random.default_rng(9).normal(size=x.shape)
-    results = []
-    for group_bytes in (1 << 30, 2 * 3 * 4 * 6 * 4):  # all 5 channels; 2 (3 * 24 floats each) at a time
-        monkeypatch.setattr(batch_norm, "GROUP_BYTES", group_bytes)
-        layer, bottom, top = run_layer(BN, x, phase=TRAIN, dtype=np.float32, in_place=in_place)
-        assert layer._channel_group(3, 5, 24) == (5 if group_bytes > 1e6 else 2)
-        y = np.array(top[0].data)
-        (dx,) = backward_layer(layer, bottom, top, [dy])
-        results.append([y, dx, *(np.array(b.data) for b in layer.blobs)])
-    for grouped, whole in zip(results[1], results[0]):
-        np.testing.assert_array_equal(grouped, whole)
-    np.testing.assert_allclose(results[0][0], reference_batch(x)[0], rtol=1e-4, atol=1e-5)

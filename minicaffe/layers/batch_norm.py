@@ -17,9 +17,6 @@ from .reduce import KERNELS as REDUCE
 from .reduce import channel_sums, channel_sums_of, channel_total, plane_lanes
 
 KERNELS = KernelFile("batch_norm.cu")
-# A training forward on the CPU takes channels in groups of about this many bytes of x when x is more than
-# twice as big (see BatchNormLayer._channel_group).
-GROUP_BYTES = 8 << 20
 
 
 @register("BatchNorm")
@@ -90,49 +87,32 @@ class BatchNormLayer(NeuronLayer):
                                      self.eps, mean, inv_std, extents=channels)
             KERNELS.bn_normalize(planes, spatial, channels, x, mean, inv_std, y, extents=(planes, spatial))
             return
-        batch_mean, batch_var = self.buffer("batch_mean", (channels,)), self.buffer("batch_var", (channels,))
-        group = self._channel_group(num, channels, spatial)
-        lanes = plane_lanes(spatial)
-        partials = (self.buffer("moment_partial", (num * group, lanes)),
-                    self.buffer("moment_partial_square", (num * group, lanes)))
-        for first in range(0, channels, group):
-            self._normalize_group(x, y, (num, channels, spatial), first, min(group, channels - first),
-                                  partials)
+        batch_mean, batch_var = self._batch_statistics(x, (num, channels, spatial), inv_std)
+        KERNELS.bn_normalize(planes, spatial, channels, x, batch_mean, inv_std, y, extents=(planes, spatial))
         self._update_running_stats(batch_mean, batch_var, num * spatial)
 
-    def _channel_group(self, num: int, channels: int, spatial: int) -> int:
-        """How many channels forward takes at a time on the CPU: all when x fits in the last-level cache,
-        else as many as fill GROUP_BYTES, so that a group's planes are still cached when normalizing reads
-        them again. (The results do not depend on it: each channel's sums are its own.)"""
-        channel_bytes = max(num * spatial * self.dtype.itemsize, 1)
-        if backend.on_gpu() or channels * channel_bytes <= 2 * GROUP_BYTES:
-            return max(channels, 1)
-        return max(1, GROUP_BYTES // channel_bytes)
-
-    def _normalize_group(self, x, y, dims: tuple[int, int, int], first: int, group: int, partials) -> None:
-        """For channels [first, first + group): the batch statistics into the buffers "batch_mean",
-        "batch_var" and "inv_std", from one read of x (bn_moment_partials: sums of x - shift and
-        of its square, shifted by the channel's first value, into `partials`; then summed
-        deterministically: layers/reduce.py), then y = the normalized x of those channels."""
+    def _batch_statistics(self, x, dims: tuple[int, int, int], inv_std):
+        """The buffers "batch_mean" and "batch_var" (per channel, the mean and the biased variance over num
+        and spatial) and inv_std = 1 / sqrt(var + eps), from one read of x (bn_moment_partials: sums of
+        x - shift and of its square, shifted by the channel's first value, then summed deterministically:
+        layers/reduce.py)."""
         num, channels, spatial = dims
-        lanes, end = plane_lanes(spatial), first + group
+        planes, lanes, m = num * channels, plane_lanes(spatial), num * spatial
         shift = self.buffer("shift", (channels,))
         if x.size:
-            shift[first:end] = x.reshape(dims)[0, first:end, 0]
-        partial, partial_square = (array[:num * group] for array in partials)
-        KERNELS.bn_moment_partials(num, channels, spatial, lanes, first, group, x, shift, partial,
-                                   partial_square, extents=(num * group, lanes))
-        shifted_mean = self.buffer("shifted_mean", (channels,))[first:end]
-        square_mean = self.buffer("square_mean", (channels,))[first:end]
-        channel_total((num, group, spatial), lanes, partial, shifted_mean, accumulate=False,
-                      divisor=num * spatial)
-        channel_total((num, group, spatial), lanes, partial_square, square_mean, accumulate=False,
-                      divisor=num * spatial)
-        mean, var, inv_std = (self.buffers[name] for name in ("batch_mean", "batch_var", "inv_std"))
-        KERNELS.bn_batch_stats(group, shift[first:end], shifted_mean, square_mean, self.eps, mean[first:end],
-                               var[first:end], inv_std[first:end], extents=group)
-        KERNELS.bn_normalize_group(num, channels, spatial, first, group, x, mean, inv_std, y,
-                                   extents=(num * group, spatial))
+            shift[...] = x.reshape(dims)[0, :, 0]
+        partial = self.buffer("moment_partial", (planes, lanes))
+        partial_square = self.buffer("moment_partial_square", (planes, lanes))
+        KERNELS.bn_moment_partials(planes, spatial, lanes, channels, x, shift, partial, partial_square,
+                                   extents=(planes, lanes))
+        shifted_mean, square_mean = self.buffer("shifted_mean", (channels,)), self.buffer("square_mean",
+                                                                                          (channels,))
+        channel_total(dims, lanes, partial, shifted_mean, accumulate=False, divisor=m)
+        channel_total(dims, lanes, partial_square, square_mean, accumulate=False, divisor=m)
+        batch_mean, batch_var = self.buffer("batch_mean", (channels,)), self.buffer("batch_var", (channels,))
+        KERNELS.bn_batch_stats(channels, shift, shifted_mean, square_mean, self.eps, batch_mean, batch_var,
+                               inv_std, extents=channels)
+        return batch_mean, batch_var
 
     def _update_running_stats(self, batch_mean, batch_var, m: int) -> None:
         correction = m / (m - 1) if m > 1 else 1.0  # the stored variance is the unbiased estimate
