@@ -305,7 +305,8 @@ def markdown(results: list[dict], command: str) -> str:
              f"{results[0]['big_shape'] if results else '-'} "
              f"({results[0]['copy_large_mb'] if results else 0:.3g} MB: main memory); \"% copy\" is the "
              "forward GB/s over the copy bandwidth at the same size (np.copyto of the bottom's bytes, best "
-             "of several).", ""]
+             "of several; np.copyto runs on one thread and the kernels on all kernel threads, so a kernel "
+             "may pass 100%).", ""]
     for result in results:
         where = "CPU" if result["device"] == "cpu" else f"GPU ({result.get('gpu', '')})"
         lines.append(f"### {where}: {copy_text(result)}")
