@@ -94,24 +94,21 @@ class BatchNormLayer(NeuronLayer):
     def _batch_statistics(self, x, dims: tuple[int, int, int], inv_std):
         """The buffers "batch_mean" and "batch_var" (per channel, the mean and the biased variance over num
         and spatial) and inv_std = 1 / sqrt(var + eps), from one read of x (bn_moment_partials: sums of
-        x - shift and of its square, shifted by the channel's first value, then summed deterministically:
-        layers/reduce.py)."""
+        x - shift and of its square, shifted by the channel's first value, then both totalled in one
+        deterministic stage 2: layers/reduce.py)."""
         num, channels, spatial = dims
         planes, lanes, m = num * channels, plane_lanes(spatial), num * spatial
         shift = self.buffer("shift", (channels,))
         if x.size:
             shift[...] = x.reshape(dims)[0, :, 0]
-        partial = self.buffer("moment_partial", (planes, lanes))
-        partial_square = self.buffer("moment_partial_square", (planes, lanes))
-        KERNELS.bn_moment_partials(planes, spatial, lanes, channels, x, shift, partial, partial_square,
+        partial = self.buffer("moment_partial", (2 * planes, lanes))
+        KERNELS.bn_moment_partials(planes, spatial, lanes, channels, x, shift, partial,
                                    extents=(planes, lanes))
-        shifted_mean, square_mean = self.buffer("shifted_mean", (channels,)), self.buffer("square_mean",
-                                                                                          (channels,))
-        channel_total(dims, lanes, partial, shifted_mean, accumulate=False, divisor=m)
-        channel_total(dims, lanes, partial_square, square_mean, accumulate=False, divisor=m)
+        means = self.buffer("moment_means", (2 * channels,))  # of x - shift, then of its square
+        channel_total((num, 2 * channels, spatial), lanes, partial, means, accumulate=False, divisor=m)
         batch_mean, batch_var = self.buffer("batch_mean", (channels,)), self.buffer("batch_var", (channels,))
-        KERNELS.bn_batch_stats(channels, shift, shifted_mean, square_mean, self.eps, batch_mean, batch_var,
-                               inv_std, extents=channels)
+        KERNELS.bn_batch_stats(channels, shift, means[:channels], means[channels:], self.eps, batch_mean,
+                               batch_var, inv_std, extents=channels)
         return batch_mean, batch_var
 
     def _update_running_stats(self, batch_mean, batch_var, m: int) -> None:
