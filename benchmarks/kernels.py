@@ -4,10 +4,14 @@ kernels/*.cu kernels), the bandwidth the element-wise ones reach, and the machin
     python benchmarks/kernels.py                # CPU (and the GPU too when CuPy sees one)
     python benchmarks/kernels.py --device gpu   # only the GPU
     python benchmarks/kernels.py --no-write     # print only; by default BENCHMARKS.md is updated
+    python benchmarks/kernels.py --only ReLU,Dropout   # some rows only (as in the table); prints only
 
 Bytes are counted as `minicaffe time` counts them: forward = bottoms read + tops written + parameters,
 backward = 2x forward; GB/s = bytes / median time (1 GB = 1e9 B). Copy bandwidth counts the read and
-the write of one large array copy, so an element-wise kernel at the copy rate is memory-bound optimal.
+the write of one array copy (np.copyto, best of several) of the size of the layer's bottom, so an
+element-wise kernel at the copy rate is memory-bound optimal; "% copy" is a layer's forward GB/s over it.
+The element-wise layers are timed at two bottom sizes: 8 MB (which the last-level cache may hold) and
+256 MB (main memory; forward only, fewer runs).
 Convolutions report GFLOP/s instead (2 * multiply-adds; backward = 2x forward: data and weight grads).
 When PyTorch is importable the same operations are timed with it on the CPU for comparison (optional;
 not a dependency). float32 throughout.
@@ -40,9 +44,10 @@ from markdown_section import markers, update_section  # noqa: E402
 BEGIN, END = markers("benchmarks/kernels.py")
 
 # name, prototxt body, bottom shapes, phase. Activations of 2M elements (8 MB in float32): bigger than
-# the L2 caches, though a large L3 may hold them; the copy bandwidth is measured at both that size and
-# at 256 MB (main memory) for comparison.
+# the L2 caches, though a large L3 may hold them; the element-wise layers run at BIG too, and the copy
+# bandwidth is measured at both sizes for comparison.
 ACT = (32, 64, 32, 32)
+BIG = (64, 64, 128, 128)  # 256 MiB (268 MB) in float32: the element-wise layers' main-memory size
 LOGITS = (2048, 1000)  # (N, C) class scores, also 8 MB: softmax with inner == 1
 CASES = [
     ("ReLU", 'type: "ReLU"', [ACT], TEST),
@@ -65,7 +70,11 @@ CASES = [
     ("Softmax (N,C)", 'type: "Softmax"', [LOGITS], TEST),
     ("LRN", 'type: "LRN" lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }', [ACT], TEST),
 ]
-QUICK_SHAPES = {ACT: (2, 8, 16, 16), (8, 32, 32, 32): (2, 4, 8, 8), LOGITS: (16, 10)}
+QUICK_SHAPES = {ACT: (2, 8, 16, 16), BIG: (4, 8, 16, 16), (8, 32, 32, 32): (2, 4, 8, 8), LOGITS: (16, 10)}
+# The layers that read and write each element once (up to a per-channel parameter): their forward is
+# also timed at BIG, and both sizes are set against the copy bandwidth (#8: >= 80% at both).
+ELEMENT_WISE = ("ReLU", "PReLU", "Power", "Eltwise SUM", "Eltwise PROD", "Sigmoid", "TanH", "AbsVal",
+                "Dropout", "BatchNorm", "Scale", "Bias")
 
 
 def median_time(fn, min_runs: int, min_seconds: float) -> float:
@@ -90,31 +99,37 @@ def conv_flops(layer, bottom: Blob, top: Blob) -> float:
     return 2.0 * top.count * bottom.shape[1] * k * k / max(p.group, 1)
 
 
-def bench_layer(name: str, text: str, shapes, phase: int, min_runs: int, min_seconds: float) -> dict:
+def bench_layer(name: str, text: str, shapes, phase: int, min_runs: int, min_seconds: float,
+                backward: bool = True) -> dict:
+    """The layer's forward (and backward) times and rates; without `backward`, forward only."""
     layer = layer_from_prototxt(f'name: "{name.split()[0].lower()}" {text}', phase=phase, dtype=np.float32)
     rng = np.random.default_rng(0)
     bottoms = []
     for shape in shapes:
         blob = Blob(shape, np.float32)
-        blob.data[...] = rng.standard_normal(shape)
+        blob.data[...] = rng.standard_normal(shape, dtype=np.float32)
         bottoms.append(blob)
     tops = [Blob((), np.float32)]
     layer.setup(bottoms, tops)
-    tops[0].diff[...] = rng.standard_normal(tops[0].shape)
+    if backward:
+        tops[0].diff[...] = rng.standard_normal(tops[0].shape, dtype=np.float32)
     propagate = [True] * len(bottoms)
 
     def forward():
         layer.reshape(bottoms, tops)
         layer.forward(bottoms, tops)
 
-    def backward():
+    def run_backward():
         layer.backward(tops, propagate, bottoms)
 
     fwd_s = median_time(forward, min_runs, min_seconds)
-    bwd_s = median_time(backward, min_runs, min_seconds)
     nbytes = forward_bytes(bottoms, tops, layer.blobs)
     result = {"name": name, "shape": "x".join(map(str, shapes[0])), "fwd_ms": fwd_s * 1e3,
-              "bwd_ms": bwd_s * 1e3, "fwd_gbs": nbytes / fwd_s / 1e9, "bwd_gbs": 2 * nbytes / bwd_s / 1e9}
+              "fwd_gbs": nbytes / fwd_s / 1e9}
+    if not backward:
+        return result
+    bwd_s = median_time(run_backward, min_runs, min_seconds)
+    result.update(bwd_ms=bwd_s * 1e3, bwd_gbs=2 * nbytes / bwd_s / 1e9)
     if layer.type == "Convolution":
         flops = conv_flops(layer, bottoms[0], tops[0])
         result.update(fwd_gbs=None, bwd_gbs=None, fwd_gflops=flops / fwd_s / 1e9,
@@ -193,28 +208,38 @@ def bench_torch(case_name: str, shapes, min_runs: int, min_seconds: float,
             median_time(backward, min_runs, min_seconds) * 1e3)
 
 
-def run_device(device: str, quick: bool) -> dict:
+def run_device(device: str, quick: bool, only: set[str] | None = None) -> dict:
+    """The rows of the device's table (of the cases named in `only`, else all) and its copy bandwidths."""
     if device == "gpu":
         backend.set_mode_gpu()
     else:
         backend.set_mode_cpu()
     min_runs, min_seconds = (2, 0.0) if quick else (5, 0.4)
+    big_runs = 2 if quick else 5  # a 256 MB forward takes 10-100 ms: a few runs suffice
+    small, big = (QUICK_SHAPES[ACT], QUICK_SHAPES[BIG]) if quick else (ACT, BIG)
+    small_bytes, big_bytes = int(np.prod(small)) * 4, int(np.prod(big)) * 4
+    # The copy first: the rows print their % of it as they go. Best of many copies: the machine's rate.
+    copy_small = copy_bandwidth(small_bytes, repeats=20)
+    copy_big = copy_bandwidth(big_bytes, repeats=5)
     rows = []
-    torch_columns = torch_peer_columns() if device == "cpu" and not quick else None
+    torch_columns = torch_peer_columns() if device == "cpu" and not quick and only is None else None
     for name, text, shapes, phase in CASES:
+        if only is not None and name not in only:
+            continue
         shapes = [QUICK_SHAPES.get(s, s) for s in shapes] if quick else shapes
         row = bench_layer(name, text, shapes, phase, min_runs, min_seconds)
+        if name in ELEMENT_WISE:
+            large = bench_layer(name, text, [big] * len(shapes), phase, big_runs, 0.0, backward=False)
+            row.update(fwd_copy=row["fwd_gbs"] / copy_small, big_fwd_ms=large["fwd_ms"],
+                       big_fwd_gbs=large["fwd_gbs"], big_fwd_copy=large["fwd_gbs"] / copy_big)
         if torch_columns and name in torch_columns:
             row["torch_fwd_ms"], row["torch_bwd_ms"] = torch_columns[name]
         rows.append(row)
         print(format_row(row), flush=True)
-    activation_bytes = int(np.prod(QUICK_SHAPES[ACT] if quick else ACT)) * 4
-    copy_small = copy_bandwidth(activation_bytes)
-    copy_large = copy_bandwidth(8 << 20 if quick else 256 << 20)
     backend.set_mode_cpu()
-    return {"device": device, "rows": rows, "copy_gbs": copy_large, "copy_small_gbs": copy_small,
-            "copy_small_mb": activation_bytes / 1e6, "copy_large_mb": (8 << 20 if quick else 256 << 20) / 1e6,
-            "torch": bool(torch_columns)}
+    return {"device": device, "rows": rows, "copy_gbs": copy_big, "copy_small_gbs": copy_small,
+            "copy_small_mb": small_bytes / 1e6, "copy_large_mb": big_bytes / 1e6,
+            "big_shape": "x".join(map(str, big)), "torch": bool(torch_columns)}
 
 
 def copy_text(result: dict) -> str:
@@ -223,11 +248,17 @@ def copy_text(result: dict) -> str:
             "(read + write of one array copy)")
 
 
-HEADER = ("layer", "bottom shape", "fwd ms", "fwd GB/s", "bwd ms", "bwd GB/s", "torch fwd ms", "torch bwd ms")
+HEADER = ("layer", "bottom shape", "fwd ms", "fwd GB/s", "% copy", "bwd ms", "bwd GB/s", "256 MB fwd ms",
+          "256 MB fwd GB/s", "256 MB % copy", "torch fwd ms", "torch bwd ms")
+WIDTHS = (-18, -12, 8, 16, 6, 8, 16, 13, 15, 13, 12, 12)  # negative: left-aligned
 
 
 def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}g}"
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
 
 
 def cells(row: dict) -> list[str]:
@@ -235,12 +266,14 @@ def cells(row: dict) -> list[str]:
         f"{row['fwd_gflops']:.3g} GFLOP/s" if "fwd_gflops" in row else "-")
     bwd_rate = _fmt(row["bwd_gbs"]) if row.get("bwd_gbs") is not None else (
         f"{row['bwd_gflops']:.3g} GFLOP/s" if "bwd_gflops" in row else "-")
-    return [row["name"], row["shape"], _fmt(row["fwd_ms"]), fwd_rate, _fmt(row["bwd_ms"]), bwd_rate,
-            _fmt(row.get("torch_fwd_ms")), _fmt(row.get("torch_bwd_ms"))]
+    return [row["name"], row["shape"], _fmt(row["fwd_ms"]), fwd_rate, _percent(row.get("fwd_copy")),
+            _fmt(row["bwd_ms"]), bwd_rate, _fmt(row.get("big_fwd_ms")), _fmt(row.get("big_fwd_gbs")),
+            _percent(row.get("big_fwd_copy")), _fmt(row.get("torch_fwd_ms")), _fmt(row.get("torch_bwd_ms"))]
 
 
 def format_line(c) -> str:
-    return f"{c[0]:<18} {c[1]:<12} {c[2]:>8} {c[3]:>16} {c[4]:>8} {c[5]:>16} {c[6]:>12} {c[7]:>12}"
+    return " ".join(f"{text:<{-width}}" if width < 0 else f"{text:>{width}}"
+                    for text, width in zip(c, WIDTHS))
 
 
 def format_row(row: dict) -> str:
@@ -267,12 +300,18 @@ def markdown(results: list[dict], command: str) -> str:
              "Forward/backward of one layer (median time, float32). Bytes as `minicaffe time` counts them: "
              "forward = bottoms read + tops written + parameters, backward = 2x forward; "
              "GB/s = bytes / time. "
-             "Convolutions show GFLOP/s; pooling reads overlapping windows, so no bandwidth is shown.", ""]
+             "Convolutions show GFLOP/s; pooling reads overlapping windows, so no bandwidth is shown. "
+             "The element-wise layers' forward is also timed with bottoms of "
+             f"{results[0]['big_shape'] if results else '-'} "
+             f"({results[0]['copy_large_mb'] if results else 0:.3g} MB: main memory); \"% copy\" is the "
+             "forward GB/s over the copy bandwidth at the same size (np.copyto of the bottom's bytes, best "
+             "of several; np.copyto runs on one thread and the kernels on all kernel threads, so a kernel "
+             "may pass 100%).", ""]
     for result in results:
         where = "CPU" if result["device"] == "cpu" else f"GPU ({result.get('gpu', '')})"
         lines.append(f"### {where}: {copy_text(result)}")
         lines.append("")
-        header = list(HEADER) if result["torch"] else list(HEADER[:6])
+        header = list(HEADER) if result["torch"] else list(HEADER[:-2])
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|")
         for row in result["rows"]:
@@ -301,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu, gpu, or all (default: the CPU, and the GPU when one is usable)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few runs (a smoke test)")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    parser.add_argument("--only", help="comma-separated layer names of the table (implies --no-write)")
     parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update")
     args = parser.parse_args(argv)
     devices = ["cpu"] if args.device == "cpu" else ["gpu"] if args.device == "gpu" else ["cpu", "gpu"]
@@ -314,12 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     for device in devices:
         print(f"\n{device.upper()}")
         print(format_line(HEADER))
-        result = run_device(device, args.quick)
+        result = run_device(device, args.quick, set(args.only.split(",")) if args.only else None)
         if device == "gpu":
             result["gpu"] = gpu_name()
         print(f"{device}: {copy_text(result)}")
         results.append(result)
-    if not args.no_write:
+    if not args.no_write and not args.only:
         command = "python benchmarks/kernels.py"
         if args.device != "all":
             command += f" --device {args.device}"

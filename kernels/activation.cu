@@ -5,9 +5,12 @@
 // place the layer keeps it as one byte per element (the *_masked kernels).
 #include "shim.h"
 
-// sigmoid(x) = 0.5 * tanh(0.5 x) + 0.5: no overflow of exp(-x) for large negative x.
+// sigmoid(x) = 1 / (1 + e^-x). e^-x may overflow to inf for large negative x, which gives the right 0
+// (no nan: the build does not trap). Caffe's 0.5 tanh(x / 2) + 0.5 cancels there (relative error) and
+// is slower: on the CPU libmvec's vector tanh costs more than its exp and a division (0.45 against
+// 0.35 ns an element per core, which made the kernel compute-bound at the 8 MB size).
 KERNEL void sigmoid_forward(const int count, const real* x, real* y) {
-  ELEMENT_LOOP(i, count) { y[i] = real(0.5) * tanh(real(0.5) * x[i]) + real(0.5); }
+  ELEMENT_LOOP(i, count) { y[i] = real(1) / (real(1) + exp(-x[i])); }
 }
 
 KERNEL void sigmoid_backward(const int count, const real* y, const real* dy, real* dx) {

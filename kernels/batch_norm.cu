@@ -1,10 +1,10 @@
 // Batch normalisation (Caffe's BatchNormLayer): y = (x - mean[c]) / sqrt(var[c] + eps).
 // Blobs are viewed as (num, channels, spatial); planes are (n, c) pairs, the inner loop runs over the
 // contiguous spatial positions. Sums over n and spatial (the channel statistics) are reduce.h's
-// deterministic two-stage sums: reduce.cu's kernels, and bn_variance_partials here.
+// deterministic two-stage sums: reduce.cu's kernels, and the *_partials kernels here.
 #include "reduce.h"
 
-// Stage-1 partial sums (reduce.h) of (x - mean[c])^2: the batch variance is their mean.
+// Stage-1 partial sums (reduce.h) of (x - mean[c])^2: a variance from a known mean (MVN's rows).
 KERNEL void bn_variance_partials(const int planes, const int spatial, const int lanes, const int channels,
                                  const real* x, const real* mean, real* partial) {
   PLANE_LOOP(p, planes) {
@@ -13,6 +13,42 @@ KERNEL void bn_variance_partials(const int planes, const int spatial, const int 
       const real v = x[j] - m;
       return v * v;
     }, partial);
+  }
+}
+
+// Stage-1 partial sums (reduce.h) of x - shift[c] and of its square, from one read of x (a plane is
+// read twice, the second time from the L1 cache). Their means m1, m2 give the batch statistics
+// (bn_batch_stats): mean = shift + m1, var = m2 - m1^2. The shift is a value of the channel, so m1 is
+// within the channel's spread and the difference keeps its precision (the one-pass formula without a
+// shift loses it when the mean is large against the standard deviation).
+// Both go to one (num, 2 channels, lanes) array, plane (n, c)'s sums at "channel" c and its squares at
+// channels + c, so that one stage-2 launch over 2 channels totals both: plane p = n * channels + c writes
+// from row p + n * channels (mc_plane_partials writes row p of the array it is given).
+KERNEL void bn_moment_partials(const int planes, const int spatial, const int lanes, const int channels,
+                               const real* x, const real* shift, real* partial) {
+  PLANE_LOOP(p, planes) {
+    const real k = shift[p % channels];
+    real* sums = partial + (size_t)(p / channels) * channels * lanes;
+    mc_plane_partials(p, spatial, lanes, [=](size_t j) { return x[j] - k; }, sums);
+    mc_plane_partials(p, spatial, lanes, [=](size_t j) {
+      const real v = x[j] - k;
+      return v * v;
+    }, sums + (size_t)channels * lanes);
+  }
+}
+
+DEVICE real bn_inv_std(const real var, const real eps) { return real(1) / sqrt(var + eps); }
+
+// Per channel: the batch mean = shift + m1 and variance var = m2 - m1^2 (rounding may leave it a hair
+// below 0: clamped), and inv_std = 1 / sqrt(var + eps).
+KERNEL void bn_batch_stats(const int channels, const real* shift, const real* shifted_mean,
+                           const real* square_mean, const real eps, real* mean, real* var, real* inv_std) {
+  ELEMENT_LOOP(c, channels) {
+    const real m1 = shifted_mean[c];
+    const real v = square_mean[c] - m1 * m1;
+    mean[c] = shift[c] + m1;
+    var[c] = v > real(0) ? v : real(0);
+    inv_std[c] = bn_inv_std(var[c], eps);
   }
 }
 
@@ -27,20 +63,31 @@ KERNEL void bn_normalize(const int planes, const int spatial, const int channels
   }
 }
 
-// Per channel: mean = mean_sum * factor, inv_std = 1 / sqrt(var_sum * factor + eps). The batch path
-// passes the batch statistics with factor 1; the global path the stored sums with 1 / their weight.
+// Per channel: mean = mean_sum * factor, inv_std = 1 / sqrt(var_sum * factor + eps): the global
+// statistics from the stored sums, factor = 1 / their weight.
 KERNEL void bn_channel_stats(const int channels, const real* mean_sum, const real* var_sum,
                              const real factor, const real eps, real* mean, real* inv_std) {
   ELEMENT_LOOP(c, channels) {
     mean[c] = mean_sum[c] * factor;
-    inv_std[c] = real(1) / sqrt(var_sum[c] * factor + eps);
+    inv_std[c] = bn_inv_std(var_sum[c] * factor, eps);
   }
 }
 
 // Running sums: stat = stat * decay + weight * batch (Caffe's axpby on the stored blobs).
-KERNEL void bn_update_stat(const int count, const real* batch, real* stat, const real decay,
-                           const real weight) {
-  ELEMENT_LOOP(i, count) { stat[i] = stat[i] * decay + weight * batch[i]; }
+DEVICE real bn_running(const real stat, const real decay, const real weight, const real batch) {
+  return stat * decay + weight * batch;
+}
+
+// The three stored blobs in one launch: mean_sum[c] and var_sum[c] take the batch mean and the batch
+// variance times `correction` (m / (m - 1): the unbiased estimate), and their weight (one value) 1.
+KERNEL void bn_update_running(const int channels, const real* batch_mean, const real* batch_var,
+                              real* mean_sum, real* var_sum, real* weight, const real decay,
+                              const real correction) {
+  ELEMENT_LOOP(c, channels) {
+    mean_sum[c] = bn_running(mean_sum[c], decay, real(1), batch_mean[c]);
+    var_sum[c] = bn_running(var_sum[c], decay, correction, batch_var[c]);
+    if (c == 0) weight[0] = bn_running(weight[0], decay, real(1), real(1));
+  }
 }
 
 // Batch-statistics backward: dx = (dy - mean(dy)[c] - mean(dy * y)[c] * y) * inv_std[c].

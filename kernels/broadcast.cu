@@ -1,4 +1,5 @@
-// Broadcast kernels of the Scale and Bias layers: y = x * v[d] and y = x + v[d].
+// Broadcast kernels of the Scale and Bias layers: y = x * v[d], y = x + v[d], and Scale with a bias term
+// in one pass: y = x * v[d] + b[d] (the product rounded first, as the two passes round it).
 //
 // x is viewed as (outer, dim, inner): dim = the count of the broadcast blob v, which covers axes
 // [axis, axis + its num_axes), outer = the axes before, inner = the axes after.
@@ -37,5 +38,41 @@ KERNEL void broadcast_add_rows(const int outer, const int dim, const real* x, co
   PLANE_LOOP(p, outer) {
     const size_t offset = (size_t)p * dim;
     INNER_LOOP(d, dim) { y[offset + d] = x[offset + d] + v[d]; }
+  }
+}
+
+// The product and the sum are rounded separately, so the bits are those of broadcast_mul then
+// broadcast_add (and Caffe's two passes): no fused multiply-add. GCC contracts across statements unless
+// told not to (from here to the end of the file: the kernels below), clang within an expression only;
+// on the GPU the _rn intrinsics are never contracted.
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+DEVICE float mul_rn(const float a, const float b) { return __fmul_rn(a, b); }
+DEVICE double mul_rn(const double a, const double b) { return __dmul_rn(a, b); }
+#else
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+DEVICE real mul_rn(const real a, const real b) { return a * b; }
+#endif
+
+DEVICE real mul_add(const real x, const real s, const real b) {
+  const real scaled = mul_rn(x, s);
+  return scaled + b;
+}
+
+KERNEL void broadcast_mul_add_planes(const int planes, const int inner, const int dim, const real* x,
+                                     const real* v, const real* bias, real* y) {
+  PLANE_LOOP(p, planes) {
+    const real s = v[p % dim], b = bias[p % dim];
+    const size_t offset = (size_t)p * inner;
+    INNER_LOOP(j, inner) { y[offset + j] = mul_add(x[offset + j], s, b); }
+  }
+}
+
+KERNEL void broadcast_mul_add_rows(const int outer, const int dim, const real* x, const real* v,
+                                   const real* bias, real* y) {
+  PLANE_LOOP(p, outer) {
+    const size_t offset = (size_t)p * dim;
+    INNER_LOOP(d, dim) { y[offset + d] = mul_add(x[offset + d], v[d], bias[d]); }
   }
 }

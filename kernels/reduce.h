@@ -24,12 +24,22 @@
 template <class Term>
 DEVICE void mc_plane_partials(const int p, const int inner, const int lanes, const Term& term,
                               real* partial) {
+  if (inner == 1) {  // one term (lanes == 1), e.g. a plane per element of an (N, C) blob: the same sum,
+    INNER_LOOP(l, 1) { partial[p] = real(0) + term((size_t)p); }  // without the accumulators' loops
+    return;
+  }
   real acc[MC_LANES];
   INNER_LOOP(l, lanes) { acc[l] = real(0); }
   const size_t offset = (size_t)p * inner;
   const int full = inner - inner % lanes;  // whole rows of `lanes` terms
-  for (int i = 0; i < full; i += lanes) {
-    INNER_LOOP(l, lanes) { acc[l] += term(offset + i + l); }
+  if (lanes == MC_LANES) {  // the same rows; a constant width keeps acc in vector registers on the CPU
+    for (int i = 0; i < full; i += MC_LANES) {
+      INNER_LOOP(l, MC_LANES) { acc[l] += term(offset + i + l); }
+    }
+  } else {
+    for (int i = 0; i < full; i += lanes) {
+      INNER_LOOP(l, lanes) { acc[l] += term(offset + i + l); }
+    }
   }
   INNER_LOOP(l, inner - full) { acc[l] += term(offset + full + l); }
   INNER_LOOP(l, lanes) { partial[(size_t)p * lanes + l] = acc[l]; }

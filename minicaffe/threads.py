@@ -11,6 +11,9 @@ the thread that runs the net), and idle threads sleep rather than spin:
   * OpenMP's threads wait passively (OMP_WAIT_POLICY=passive unless the environment says otherwise;
     libgomp reads it when the first kernel library loads it). Spinning, they thrash with any other
     busy process: the quickstart took 24-54 s instead of 3.5-6.6 s on a loaded 2-core machine.
+    But only after a short spin (GOMP_SPINCOUNT=SPIN_COUNT, when the user set neither variable):
+    waking a sleeping thread took 50-150 us on a 2-core VM, a third of an 8 MB element-wise launch,
+    while the launches of one net follow each other within tens of microseconds.
   * OpenBLAS's threads busy-wait (the caller for its workers, and idle workers for ~0.1 s), which no
     call can turn off once numpy has loaded it. With one core taken by another process, every
     threaded GEMM then waits for a worker that is not running: the quickstart took 55-90 s with 2
@@ -42,7 +45,13 @@ _part = threading.local()  # .running: True on a thread while it runs one part o
 # user had set, if anything, is kept for child processes that must run at their own defaults: the
 # PyTorch peer of benchmarks/nets.py.)
 USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+USER_SPIN_COUNT = os.environ.get("GOMP_SPINCOUNT")
+# libgomp's spins before a waiting thread sleeps: about 0.1 ms here (a spin is a pause instruction). Not
+# set when the user chose a policy: GOMP_SPINCOUNT would cut OMP_WAIT_POLICY=active's spinning short.
+SPIN_COUNT = 3000
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+if USER_WAIT_POLICY is None and USER_SPIN_COUNT is None:
+    os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
 
 
 def usable_cores() -> int:

@@ -86,11 +86,14 @@ def time_net(net, iterations: int, report=print) -> dict:
 # -- the machine ---------------------------------------------------------------------------------------
 
 def peer_environment() -> dict[str, str]:
-    """This process's environment without what minicaffe added to it (OMP_WAIT_POLICY, unless the user
-    had set it): for a benchmark's peer process (PyTorch) that must run at its own defaults."""
+    """This process's environment without what minicaffe added to it (OMP_WAIT_POLICY and GOMP_SPINCOUNT,
+    unless the user had set them): for a benchmark's peer process (PyTorch) that must run at its own
+    defaults."""
     env = dict(os.environ)
     if threads.USER_WAIT_POLICY is None:
         env.pop("OMP_WAIT_POLICY", None)
+    if threads.USER_SPIN_COUNT is None:
+        env.pop("GOMP_SPINCOUNT", None)
     return env
 
 

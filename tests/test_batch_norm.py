@@ -296,3 +296,20 @@ def test_loaded_blob_of_wrong_shape_is_rejected():
 def test_scalar_bottom_is_rejected():
     with pytest.raises(LayerError, match="scalar"):
         run_layer(BN, np.float64(1.0), phase=TRAIN)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 8, 9), (64, 2)])  # stage-1 partials of 32 lanes; of one
+def test_train_statistics_keep_their_precision_when_the_mean_dwarfs_the_spread(shape):
+    """The batch variance comes from one read of x (sums of x - shift and its square), shifted by a value
+    of the channel: with a mean of 1e4 and a standard deviation of 1, float32 sums of x and x^2 would
+    leave no correct digit of the variance (x^2 ~ 1e8 has an ulp of 8); shifted, it stays accurate."""
+    rng = np.random.default_rng(7)
+    spread = np.array([1.0, 0.5, 2.0][:shape[1]]).reshape(1, -1, *[1] * (len(shape) - 2))
+    x = (1e4 + rng.normal(size=shape) * spread).astype(np.float32)
+    layer, _, top = run_layer(BN, x, phase=TRAIN, dtype=np.float32)
+    expected, mean, var = reference_batch(x)
+    m = x.size // x.shape[1]
+    np.testing.assert_allclose(layer.blobs[0].data, mean, rtol=1e-6)
+    np.testing.assert_allclose(layer.blobs[1].data, var * m / (m - 1), rtol=1e-4)
+    np.testing.assert_allclose(top[0].data, expected, rtol=1e-3, atol=1e-3)
+

@@ -239,3 +239,15 @@ def test_gpu_mask_matches_cpu():
     cpu_layer, _, cpu_top = dropout(x, forward_index=21)
     np.testing.assert_array_equal(gpu_mask, cpu_layer.buffers["mask"])
     np.testing.assert_array_equal(gpu_y, cpu_top[0].data)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_train_keeps_a_byte_per_element(in_place):
+    """The mask backward needs is kept as bytes (0 or 1): what `minicaffe summary` plans is what forward
+    keeps, a byte per element, also in place; at TEST nothing is kept."""
+    x = np.random.default_rng(4).normal(size=(3, 4, 5))
+    layer, bottom, top = dropout(x, in_place=in_place)
+    assert layer.buffers["mask"].dtype == np.uint8 and set(np.unique(layer.buffers["mask"])) == {0, 1}
+    assert layer.kept_bytes() == layer.planned_kept_bytes(bottom, top) == x.size
+    layer, bottom, top = dropout(x, phase=TEST)
+    assert layer.kept_bytes() == layer.planned_kept_bytes(bottom, top) == 0

@@ -341,6 +341,9 @@ CASES = {
     "batch_norm_global": Case('type: "BatchNorm" batch_norm_param { use_global_stats: true }', [X]),
     "scale_bias_term": Case('type: "Scale" scale_param { axis: 1 num_axes: 1 bias_term: true '
                             'filler { type: "gaussian" } bias_filler { type: "gaussian" } }', [X]),
+    "scale_bias_term_trailing_axes": Case('type: "Scale" scale_param { axis: 2 num_axes: 2 bias_term: true '
+                                          'filler { type: "gaussian" } bias_filler { type: "gaussian" } }',
+                                          [X]),  # inner 1: broadcast_mul_add_rows
     "scale_two_bottoms": Case('type: "Scale" scale_param { axis: 1 }', [X, (3, 5)]),
     "scale_in_place": Case('type: "Scale" scale_param { filler { type: "gaussian" } }', [X], in_place=True),
     "scale_trailing_axes": Case('type: "Scale" scale_param { axis: 2 num_axes: 2 '

@@ -115,6 +115,21 @@ def test_scale_bias_term_two_bottoms_has_only_the_bias_blob():
     np.testing.assert_allclose(forward(layer, bottom, top), x * expand(s, 1, 4) + expand(b, 1, 4), rtol=1e-14)
 
 
+@pytest.mark.parametrize("params", ["", "axis: 2 num_axes: 2"])  # the _planes and (inner 1) _rows kernels
+def test_scale_bias_term_in_one_pass_rounds_the_product_first(params):
+    """Scale with bias_term runs one kernel, y = x * s + b, rounding x * s before adding b as two passes
+    (and Caffe) do: in float32 (1 + 2^-12)^2 rounds to 1 + 2^-11 (its 2^-24 is half an ulp, ties to
+    even), so adding b = -(1 + 2^-11) gives exactly 0, where a fused multiply-add would give 2^-24."""
+    one = 1 + 2.0 ** -12
+    x = np.full((2, 3, 4, 2), one)
+    layer, bottom, top = make(f'type: "Scale" scale_param {{ bias_term: true {params} }}', [x], np.float32)
+    layer.blobs[0].data[...] = one
+    layer.blobs[1].data[...] = -(1 + 2.0 ** -11)
+    np.testing.assert_array_equal(forward(layer, bottom, top), 0.0)
+    layer.blobs[1].data[...] = 0.5  # and the bias is added: 1 + 2^-11 + 0.5
+    np.testing.assert_array_equal(forward(layer, bottom, top), np.float32(1.5 + 2.0 ** -11))
+
+
 def test_scale_random_filler_is_seeded():
     text = 'type: "Scale" scale_param { filler { type: "uniform" min: 1 max: 2 } }'
     first, _, _ = make(text, [np.ones(X_SHAPE)])

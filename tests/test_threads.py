@@ -271,3 +271,22 @@ def test_every_blas_library_is_limited_scipys_too():
     assert result.returncode == 0, result.stderr
     libraries, most = map(int, result.stdout.split())
     assert libraries >= 2 and most == threads.blas_threads()
+
+
+@pytest.mark.parametrize("user, expected", [
+    ({}, f"passive {threads.SPIN_COUNT} -"),  # minicaffe's defaults: sleep after a short spin
+    ({"GOMP_SPINCOUNT": "7"}, "passive 7 7"),  # the user's spin count is kept
+    ({"OMP_WAIT_POLICY": "active"}, "active - -"),  # no spin count would cut the user's policy short
+])
+def test_wait_policy_and_spin_count_defaults_leave_the_users_settings(user, expected):
+    """Importing minicaffe sets OpenMP's waiting (threads.py) only where the user set nothing, and the
+    PyTorch peer's environment (timing.peer_environment) drops what minicaffe added."""
+    code = ("import os\n"
+            "from minicaffe import timing\n"
+            "peer = timing.peer_environment().get('GOMP_SPINCOUNT', '-')\n"
+            "print(os.environ['OMP_WAIT_POLICY'], os.environ.get('GOMP_SPINCOUNT', '-'), peer)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**env, **user})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected

@@ -14,7 +14,7 @@ from .. import backend
 from ..kernel import KernelFile
 from ..layer import TEST, NeuronLayer, register
 from .reduce import KERNELS as REDUCE
-from .reduce import channel_sums, channel_sums_of
+from .reduce import channel_sums, channel_sums_of, channel_total, plane_lanes
 
 KERNELS = KernelFile("batch_norm.cu")
 
@@ -77,34 +77,45 @@ class BatchNormLayer(NeuronLayer):
         x = bottom[0].get_data()
         num, channels, spatial = self._dims(bottom[0])
         planes = num * channels
-        mean = self.buffer("mean", (channels,))
         inv_std = self.buffer("inv_std", (channels,), kept=True)  # also for backward
+        y = top[0].mutable_data()  # may be x (in place): normalizing is element-wise
         if self.use_global_stats:
+            mean = self.buffer("mean", (channels,))
             weight = float(backend.to_host(self.blobs[2].get_data()).reshape(-1)[0])
             factor = 0.0 if weight == 0 else 1.0 / weight
             KERNELS.bn_channel_stats(channels, self.blobs[0].get_data(), self.blobs[1].get_data(), factor,
                                      self.eps, mean, inv_std, extents=channels)
-        else:
-            m = num * spatial
-            batch_mean = self._channel_mean(bottom[0], "batch_mean", values=x)
-            batch_var = self._channel_mean(bottom[0], "batch_var", stage1=KERNELS.bn_variance_partials,
-                                           args=(channels, x, batch_mean))
-            KERNELS.bn_channel_stats(channels, batch_mean, batch_var, 1.0, self.eps, mean, inv_std,
-                                     extents=channels)
-            self._update_running_stats(batch_mean, batch_var, m)
-        y = top[0].mutable_data()  # may be x (in place): bn_normalize is element-wise
-        KERNELS.bn_normalize(planes, spatial, channels, x, mean, inv_std, y, extents=(planes, spatial))
+            KERNELS.bn_normalize(planes, spatial, channels, x, mean, inv_std, y, extents=(planes, spatial))
+            return
+        batch_mean, batch_var = self._batch_statistics(x, (num, channels, spatial), inv_std)
+        KERNELS.bn_normalize(planes, spatial, channels, x, batch_mean, inv_std, y, extents=(planes, spatial))
+        self._update_running_stats(batch_mean, batch_var, num * spatial)
+
+    def _batch_statistics(self, x, dims: tuple[int, int, int], inv_std):
+        """The buffers "batch_mean" and "batch_var" (per channel, the mean and the biased variance over num
+        and spatial) and inv_std = 1 / sqrt(var + eps), from one read of x (bn_moment_partials: sums of
+        x - shift and of its square, shifted by the channel's first value, then both totalled in one
+        deterministic stage 2: layers/reduce.py)."""
+        num, channels, spatial = dims
+        planes, lanes, m = num * channels, plane_lanes(spatial), num * spatial
+        shift = self.buffer("shift", (channels,))
+        if x.size:
+            shift[...] = x.reshape(dims)[0, :, 0]
+        partial = self.buffer("moment_partial", (2 * planes, lanes))
+        KERNELS.bn_moment_partials(planes, spatial, lanes, channels, x, shift, partial,
+                                   extents=(planes, lanes))
+        means = self.buffer("moment_means", (2 * channels,))  # of x - shift, then of its square
+        channel_total((num, 2 * channels, spatial), lanes, partial, means, accumulate=False, divisor=m)
+        batch_mean, batch_var = self.buffer("batch_mean", (channels,)), self.buffer("batch_var", (channels,))
+        KERNELS.bn_batch_stats(channels, shift, means[:channels], means[channels:], self.eps, batch_mean,
+                               batch_var, inv_std, extents=channels)
+        return batch_mean, batch_var
 
     def _update_running_stats(self, batch_mean, batch_var, m: int) -> None:
-        decay = self.moving_average_fraction
-        one = self.buffer("one", (1,))
-        one.fill(1)
-        KERNELS.bn_update_stat(1, one, self.blobs[2].mutable_data(), decay, 1.0, extents=1)
-        KERNELS.bn_update_stat(self.channels, batch_mean, self.blobs[0].mutable_data(), decay, 1.0,
-                               extents=self.channels)
         correction = m / (m - 1) if m > 1 else 1.0  # the stored variance is the unbiased estimate
-        KERNELS.bn_update_stat(self.channels, batch_var, self.blobs[1].mutable_data(), decay, correction,
-                               extents=self.channels)
+        KERNELS.bn_update_running(self.channels, batch_mean, batch_var, self.blobs[0].mutable_data(),
+                                  self.blobs[1].mutable_data(), self.blobs[2].mutable_data(),
+                                  self.moving_average_fraction, correction, extents=self.channels)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:

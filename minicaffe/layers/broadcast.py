@@ -62,14 +62,19 @@ class BroadcastLayer(Layer):
         if top[0] is not x:
             top[0].reshape_like(x)
 
-    def broadcast(self, op: str, x, v, y) -> None:
-        """y = x (op) v[d], op "mul" or "add"; y may be x."""
+    def broadcast(self, op: str, x, v, y, bias=None) -> None:
+        """y = x (op) v[d], op "mul" or "add"; "mul" with a `bias`: y = x * v[d] + bias[d] in one pass
+        (the same bits as the two). y may be x."""
         outer, dim, inner = self.dims
+        if bias is not None:
+            op, operands = f"{op}_add", (v, bias)
+        else:
+            operands = (v,)
         if inner == 1:
-            KERNELS.launch(f"broadcast_{op}_rows", (outer, dim), outer, dim, x, v, y)
+            KERNELS.launch(f"broadcast_{op}_rows", (outer, dim), outer, dim, x, *operands, y)
         else:
             planes = outer * dim
-            KERNELS.launch(f"broadcast_{op}_planes", (planes, inner), planes, inner, dim, x, v, y)
+            KERNELS.launch(f"broadcast_{op}_planes", (planes, inner), planes, inner, dim, x, *operands, y)
 
     def reduce_to_operand(self, stage1, args: tuple, out, accumulate: bool) -> None:
         """out (v's gradient) (+)= the terms of stage1 (a reduce.h stage-1 kernel over x's planes, e.g.

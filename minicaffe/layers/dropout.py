@@ -3,7 +3,8 @@ with mask ~ Bernoulli(1 - ratio) (Caffe's "inverted" dropout, scaled while train
 
 The mask comes from a counter-based hash in the kernel (see kernels/dropout.cu), keyed by
 rng.key32("dropout", layer name) and the layer's forward_index, so it is the same on CPU and GPU and
-a resumed run replays it. The mask is kept for backward, which makes in-place use correct.
+a resumed run replays it. The mask is kept for backward (a byte per element), which makes in-place use
+correct.
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ class DropoutLayer(NeuronLayer):
         # Caffe keeps scale_ as a float, also in double nets.
         self.scale = float(np.float32(1.0 / (1.0 - self.ratio)))
 
+    def planned_kept_bytes(self, bottom, top):
+        return bottom[0].count if self.phase == TRAIN else 0  # the mask
+
     def forward(self, bottom, top):
         x = bottom[0].get_data()
         if self.phase != TRAIN:
             if top[0] is not bottom[0]:
                 top[0].mutable_data()[...] = x
             return
-        mask = self.buffer("mask", x.shape)  # kept for backward
+        mask = self.buffer("mask", x.shape, np.uint8, kept=True)
         key = rng.key32("dropout", self.name)
         counter = int(self.forward_index) & 0xFFFFFFFF
         KERNELS.dropout_forward(x.size, x, top[0].mutable_data(), mask, key, counter,
@@ -46,5 +50,5 @@ class DropoutLayer(NeuronLayer):
             if top[0] is not bottom[0]:
                 bottom[0].mutable_diff()[...] = dy
             return
-        mask = self.buffer("mask", dy.shape)  # as forward left it
+        mask = self.buffer("mask", dy.shape, np.uint8)  # as forward left it
         KERNELS.dropout_backward(dy.size, dy, mask, bottom[0].mutable_diff(), self.scale, extents=dy.size)

@@ -34,7 +34,7 @@ def channel_sums(layer: Layer, dims: tuple[int, int, int], stage1, args: tuple, 
     partial = layer.buffer("partial", (planes, lanes))
     stage1(planes, inner, lanes, *args, partial, extents=(planes, lanes))
     if out is not None:
-        channel_total(outer, dim, lanes, partial, out, accumulate, divisor)
+        channel_total(dims, lanes, partial, out, accumulate, divisor)
 
 
 def channel_sums_of(layer: Layer, dims: tuple[int, int, int], values, out, accumulate: bool = True,
@@ -43,13 +43,15 @@ def channel_sums_of(layer: Layer, dims: tuple[int, int, int], values, out, accum
     them (one term per lane), so stage 2 sums `values` itself: the same bits, and no partials buffer."""
     outer, dim, inner = dims
     if plane_lanes(inner) == inner:
-        channel_total(outer, dim, inner, values, out, accumulate, divisor)
+        channel_total(dims, inner, values, out, accumulate, divisor)
     else:
         channel_sums(layer, dims, KERNELS.sum_partials, (values,), out, accumulate, divisor)
 
 
-def channel_total(outer: int, dim: int, lanes: int, partial, out, accumulate: bool, divisor: float) -> None:
-    """Stage 2: out[c] (+)= (the sum of channel c's partials, (outer, dim, lanes)) / divisor."""
-    blocks = -(-dim // LANES)
-    KERNELS.channel_total(blocks, outer, dim, lanes, partial, out, int(accumulate), divisor,
-                          extents=(blocks, min(LANES, dim)))
+def channel_total(dims: tuple[int, int, int], lanes: int, partial, out, accumulate: bool,
+                  divisor: float) -> None:
+    """Stage 2: out[c] (+)= channel c's partials (outer planes of `lanes`) summed in order / divisor
+    (reduce.cu's channel_total: blocks of LANES channels)."""
+    outer, dim, _ = dims
+    KERNELS.channel_total(outer, dim, lanes, partial, out, int(accumulate), divisor,
+                          extents=(-(-dim // LANES), min(dim, LANES)))

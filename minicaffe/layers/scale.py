@@ -56,9 +56,14 @@ class ScaleLayer(BroadcastLayer):
 
     def forward(self, bottom, top):
         scale = self.operand_blob(bottom)
+        bias = self.bias_layer
+        if bias is not None and bias.dims == self.dims:  # the bias term in the same pass
+            self.broadcast("mul", bottom[0].get_data(), scale.get_data(), top[0].mutable_data(),
+                           bias=bias.blobs[0].get_data())
+            return
         self.broadcast("mul", bottom[0].get_data(), scale.get_data(), top[0].mutable_data())
-        if self.bias_layer is not None:
-            self.bias_layer.run_forward([top[0]], [top[0]])
+        if bias is not None:
+            bias.run_forward([top[0]], [top[0]])
 
     def backward(self, top, propagate_down, bottom):
         # Both parameter gradients read dy before dx overwrites it (in place they share memory).
