@@ -19,12 +19,12 @@ the thread that runs the net), and idle threads sleep rather than spin:
     threaded GEMM then waits for a worker that is not running: the quickstart took 55-90 s with 2
     BLAS threads against 5-13 s with one (and its GEMMs are small, so one thread loses little).
 So BLAS runs on the calling thread only, set through threadpoolctl (whatever OPENBLAS_NUM_THREADS
-says). A large product is still spread over the cores, by minicaffe: blas.matmul and blas.cpu_gemm split
-its output rows into parts (run_parts), each one single-threaded BLAS call on one of our threads,
-which sleep on a queue between calls instead of spinning. Work split over the threads at a coarser
-grain (run_parts over a convolution's images) runs its kernels and GEMMs on one thread per part
-(kernel_threads() is 1 there). Kernel results are the same bits for every thread count (kernels/shim.h's
-PLANE_LOOP); GEMM results for the same thread count.
+says). A large product is still spread over the cores, by minicaffe: blas.matmul and blas.cpu_gemm cut
+its output into parts along its longer side (run_parts), each one single-threaded BLAS call on one of
+our threads, which sleep on a queue between calls instead of spinning. Work split over the threads at
+a coarser grain (run_parts over a convolution's images) runs its kernels and GEMMs on one thread per
+part (kernel_threads() is 1 there). Kernel results are the same bits for every thread count
+(kernels/shim.h's PLANE_LOOP); GEMM results for the same thread count.
 """
 
 from __future__ import annotations
