@@ -323,11 +323,14 @@ def test_images_split_over_threads_equal_one_pass(monkeypatch, layer_type, extra
     monkeypatch.setattr(threads, "usable_cores", lambda: 3)
     monkeypatch.setattr(convolution, "PARALLEL_MIN_FLOPS", 1.0)
     one_pass = run(1, 7)
-    split = run(3, 2)  # images 0-1, 2-3, 4-6 (chunks 4-5 and 6)
-    for a, b in zip(one_pass, split):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    for a, b in zip(split, run(3, 2)):
-        np.testing.assert_array_equal(a, b)
+    # The weight gradient summed per part, and (few positions per part) added straight into the diff.
+    for min_positions in (0, 10**9):
+        monkeypatch.setattr(convolution, "WEIGHT_PARTS_MIN_POSITIONS", min_positions)
+        split = run(3, 2)  # images 0-1, 2-3, 4-6 (chunks 4-5 and 6)
+        for a, b in zip(one_pass, split):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        for a, b in zip(split, run(3, 2)):
+            np.testing.assert_array_equal(a, b)
     # The parts' column buffers together stay within COL_BUFFER_LIMIT: two chunks' worth, two parts.
     layer = setup_layer(text, x, np.float32)[0]
     monkeypatch.setattr(convolution, "COL_BUFFER_LIMIT", 2 * layer._chunk_images() * columns_per_image(layer))

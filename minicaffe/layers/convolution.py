@@ -30,6 +30,9 @@ from .reduce import channel_sums, channel_sums_of
 
 KERNELS = KernelFile("convolution.cu")
 
+# Output positions (images x out_h x out_w) per thread below which the weight gradient is not summed per
+# thread (see ConvolutionLayer._weight_gemm).
+WEIGHT_PARTS_MIN_POSITIONS = 1024
 # Upper bound (elements) of the im2col buffer; a batch whose columns need more is done in chunks of
 # images. 2**24 elements is 64 MiB in float32.
 COL_BUFFER_LIMIT = 1 << 24
@@ -470,10 +473,25 @@ class ConvolutionLayer(Layer):
         # (numpy's OpenBLAS) col @ dy^T ran at 74, 78 and 44 GFLOP/s where dy @ col^T ran at 45, 60 and
         # 35, for the kernel benchmark's one image and LeNet's conv2 and conv1 chunks. The parts' sums
         # are added in part order: the same bits on every run with the same thread count.
+        # Those sums cost passes over weight-sized arrays (zeroing, the transposed add), which a large
+        # weight with few output positions cannot repay (SphereFace's 512-channel 7x6 layers at batch 1:
+        # 11 ms against 2.8 ms): with fewer than WEIGHT_PARTS_MIN_POSITIONS positions per part, one part
+        # adds dy @ col^T straight into the diff (BLAS beta = 1), the product split by blas.py instead.
         rows = self.conv_in_channels * self.geometry.kernel[0] * self.geometry.kernel[1]
         parts = self._parts()
-        cols = self._scratch("columns", parts, rows)
+        positions = self.num * self.out_size[0] * self.out_size[1]
+        cols = self._scratch("columns", parts, rows)  # as forward takes them: no new memory
         copies = self._scratch("output_columns", parts, self.conv_out_channels)
+        if parts == 1 or positions < WEIGHT_PARTS_MIN_POSITIONS * parts:
+            def accumulate(part: int, start: int, count: int) -> None:
+                columns = self._gemm_layout(out_diff[start:start + count], copies[0])
+                col = self._columns_of(cols[0], count, rows)
+                im2col(images[start:start + count], col, self.geometry, self.out_size)
+                for g in range(self.group):
+                    gemm_accumulate(columns[g], col[g].T, weight_diff[g])
+
+            self._over_chunks(1, accumulate)
+            return
         sums = self.buffer("weight_diff_parts", (parts, self.group, rows // self.group,
                                                  self.conv_out_channels // self.group))
         sums.fill(0)
