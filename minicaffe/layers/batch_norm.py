@@ -103,7 +103,7 @@ class BatchNormLayer(NeuronLayer):
             shift[...] = x.reshape(dims)[0, :, 0]
         partial = self.buffer("moment_partial", (2 * planes, lanes))
         KERNELS.bn_moment_partials(planes, spatial, lanes, channels, x, shift, partial,
-                                   extents=(planes, lanes))
+                                   extents=(planes, lanes), work=x.size)
         means = self.buffer("moment_means", (2 * channels,))  # of x - shift, then of its square
         channel_total((num, 2 * channels, spatial), lanes, partial, means, accumulate=False, divisor=m)
         batch_mean, batch_var = self.buffer("batch_mean", (channels,)), self.buffer("batch_var", (channels,))

@@ -32,7 +32,8 @@ def channel_sums(layer: Layer, dims: tuple[int, int, int], stage1, args: tuple, 
     outer, dim, inner = dims
     planes, lanes = outer * dim, plane_lanes(inner)
     partial = layer.buffer("partial", (planes, lanes))
-    stage1(planes, inner, lanes, *args, partial, extents=(planes, lanes))
+    # Each lane loops over its share of the plane: the work is the elements, for the CPU's threads.
+    stage1(planes, inner, lanes, *args, partial, extents=(planes, lanes), work=planes * inner)
     if out is not None:
         channel_total(dims, lanes, partial, out, accumulate, divisor)
 
