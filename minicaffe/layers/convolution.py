@@ -128,7 +128,8 @@ def im2col(x, col, geometry: ConvGeometry, out_size: tuple[int, int], *, images_
     row_stride, image_stride = _col_strides(x.shape, geometry, out_size, images_outer)
     planes = num * channels * geometry.kernel[0] * geometry.kernel[1]
     KERNELS.im2col(planes, x, col, channels, height, width, *geometry.kernel_args(), *out_size,
-                   row_stride, image_stride, extents=(planes, out_size[1]))
+                   row_stride, image_stride, extents=(planes, out_size[1]),
+                   work=planes * out_size[0] * out_size[1])  # each plane loops over the output rows
 
 
 def col2im(col, x, geometry: ConvGeometry, out_size: tuple[int, int], *, images_outer: bool = False) -> None:
@@ -145,13 +146,14 @@ def col2im(col, x, geometry: ConvGeometry, out_size: tuple[int, int], *, images_
         planes = num * channels * height
         KERNELS.col2im_gather(planes, col, x, channels, height, width, kernel_h, kernel_w, pad_h, pad_w,
                               stride_h, dilation_h, dilation_w, *out_size, row_stride, image_stride,
-                              extents=(planes, width))
+                              extents=(planes, width), work=planes * width * kernel_h * kernel_w)
         return
     x.fill(0)
     planes = num * channels
     for kj in range(geometry.kernel[1]):
         KERNELS.col2im_add(planes, col, x, channels, height, width, *geometry.kernel_args(), *out_size,
-                           row_stride, image_stride, kj, extents=(planes, out_size[1]))
+                           row_stride, image_stride, kj, extents=(planes, out_size[1]),
+                           work=planes * kernel_h * out_size[0] * out_size[1])
 
 
 def _col_strides(x_shape, geometry: ConvGeometry, out_size, images_outer: bool) -> tuple[int, int]:
@@ -519,7 +521,7 @@ class ConvolutionLayer(Layer):
         buffer = self.buffer(name, (count + tail,))
         buffer[count:] = 0
         KERNELS.depthwise_spread(planes, source, *source_size, buffer, rows, cols, *offset, *step,
-                                 extents=(planes, cols))
+                                 extents=(planes, cols), work=count)
         return buffer
 
     def _depthwise(self, name: str, padded, padded_size, weights, bias, stride, out_size, out) -> None:
@@ -533,5 +535,6 @@ class ConvolutionLayer(Layer):
         bias_or_unread = weights if bias is None else bias
         KERNELS.depthwise_forward(planes, padded, weights, bias_or_unread, int(bias is not None), pitched,
                                   self.conv_in_channels, *padded_size, *g.kernel, *stride, *g.dilation,
-                                  *out_size, extents=(planes, length))
+                                  *out_size, extents=(planes, length),
+                                  work=planes * out_size[0] * padded_w * g.kernel[0] * g.kernel[1])
         out.reshape(planes, *out_size)[...] = pitched[:, :, :out_size[1]]
