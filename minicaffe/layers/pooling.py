@@ -140,11 +140,12 @@ class PoolingLayer(Layer):
         geometry = (self.pooled_h, self.pooled_w, h, w, self.kernel_h, self.kernel_w,
                     self.stride_h, self.stride_w, self.pad_h, self.pad_w)
         y = top[0].mutable_data()
+        work = y.size * self.kernel_h * self.kernel_w  # each output reads its window
         if self.method == AVE:
-            KERNELS.pool_ave_forward(planes, *geometry, x, y, extents=(planes, self.pooled_w))
+            KERNELS.pool_ave_forward(planes, *geometry, x, y, extents=(planes, self.pooled_w), work=work)
             return
         mask = self._argmax(y.shape)
-        KERNELS.pool_max_forward(planes, *geometry, x, y, mask, extents=(planes, self.pooled_w))
+        KERNELS.pool_max_forward(planes, *geometry, x, y, mask, extents=(planes, self.pooled_w), work=work)
         if len(top) > 1:
             top[1].mutable_data()[...] = mask
 
@@ -157,10 +158,12 @@ class PoolingLayer(Layer):
         cover = self._columns["cover"]
         dy = top[0].get_diff()
         dx = bottom[0].mutable_diff()
+        work = dx.size * cover * -(-self.kernel_h // self.stride_h)  # the covering cells of each input
         if self.method == AVE:
             KERNELS.pool_ave_backward(planes, self.pooled_h, self.pooled_w, h, w, self.kernel_h,
                                       self.kernel_w, self.stride_h, self.stride_w, self.pad_h,
-                                      self.pad_w, cover, col_start, col_end, dy, dx, extents=(planes, w))
+                                      self.pad_w, cover, col_start, col_end, dy, dx, extents=(planes, w),
+                                      work=work)
         elif self._windows_disjoint():
             dx.fill(0)
             rows = n * c * self.pooled_h
@@ -169,4 +172,4 @@ class PoolingLayer(Layer):
         else:
             KERNELS.pool_max_backward(planes, self.pooled_h, self.pooled_w, h, w, self.kernel_h,
                                       self.stride_h, self.pad_h, cover, col_start, col_end, dy,
-                                      self._argmax(dy.shape), dx, extents=(planes, w))
+                                      self._argmax(dy.shape), dx, extents=(planes, w), work=work)
