@@ -30,9 +30,9 @@ def main() -> int:
     launched: set[str] = set()
     launch = KernelFile.launch
 
-    def recording_launch(self, name, extents, *args):
+    def recording_launch(self, name, extents, *args, **kwargs):
         launched.add(f"{self.filename}:{name}")
-        return launch(self, name, extents, *args)
+        return launch(self, name, extents, *args, **kwargs)
 
     KernelFile.launch = recording_launch
     no_gpu = types.SimpleNamespace(launches=[])  # run_case counts fake-GPU launches; there are none
