@@ -242,10 +242,10 @@ KERNEL void depthwise_weight_partials(const int planes, const int inner, const i
         return grad[o] * from[o * stride_w];
       }, partial);
     } else {  // row by row: output o = (row, col) reads from[row * stride_h * padded_w + col * stride_w]
-      const int row_step = (stride_h - stride_w) * padded_w;
+      const long long row_step = (long long)(stride_h - stride_w) * padded_w;  // < 0 if stride_h < stride_w
       mc_plane_partials(p, inner, lanes, [=](size_t j) {
         const int o = int(j - base);
-        return grad[o] * from[(size_t)(o / padded_w) * row_step + (size_t)o * stride_w];
+        return grad[o] * from[(o / padded_w) * row_step + (long long)o * stride_w];
       }, partial);
     }
   }

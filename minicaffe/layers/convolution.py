@@ -263,11 +263,14 @@ class ConvolutionLayer(Layer):
         return tuple(bottom_size), tuple(top_size)
 
     # -- helpers -----------------------------------------------------------------------------
+    def _column_rows(self) -> int:
+        """Rows of the column buffer: one per (input channel, kernel row, kernel column)."""
+        return self.conv_in_channels * self.geometry.kernel[0] * self.geometry.kernel[1]
+
     def _chunk_images(self) -> int:
         """Images per GEMM: on the CPU as many as keep the column buffer in a core's L2 cache
         (COL_CACHE_LIMIT), on the GPU the whole batch, in both at most COL_BUFFER_LIMIT elements."""
-        rows = self.conv_in_channels * self.geometry.kernel[0] * self.geometry.kernel[1]
-        per_image = rows * self.out_size[0] * self.out_size[1]
+        per_image = self._column_rows() * self.out_size[0] * self.out_size[1]
         limit = COL_BUFFER_LIMIT if backend.on_gpu() else min(COL_BUFFER_LIMIT, COL_CACHE_LIMIT)
         return max(1, min(self.num, limit // per_image))
 
@@ -278,7 +281,7 @@ class ConvolutionLayer(Layer):
         kernels and GEMMs use the threads themselves); on the GPU 1."""
         if backend.on_gpu():
             return 1
-        rows = self.conv_in_channels * self.geometry.kernel[0] * self.geometry.kernel[1]
+        rows = self._column_rows()
         positions = self.out_size[0] * self.out_size[1]
         flops = 2.0 * self.num * self.conv_out_channels * (rows // self.group) * positions
         buffers = COL_BUFFER_LIMIT // (rows * positions * self._chunk_images())
@@ -370,12 +373,9 @@ class ConvolutionLayer(Layer):
         """out = W * images (+ bias[m] per output channel), written: the convolution."""
         xp = backend.xp()
         if self._is_depthwise():
-            g = self.geometry
-            padded_size = (self.height + 2 * g.pad[0], self.width + 2 * g.pad[1])
-            padded = self._spread("depthwise_input", images, (self.height, self.width), padded_size, g.pad,
-                                  (1, 1))
-            weights = self.blobs[0].get_data()
-            self._depthwise("out", padded, padded_size, weights, bias, g.stride, self.out_size, out)
+            padded, padded_size = self._padded_images(images)
+            weights, stride = self.blobs[0].get_data(), self.geometry.stride
+            self._depthwise("out", padded, padded_size, weights, bias, stride, self.out_size, out)
             return
         weights = self._weights()
         if self._is_pointwise():  # out[n, g] = W_g @ images[n, g], one GEMM per image and group
@@ -384,7 +384,7 @@ class ConvolutionLayer(Layer):
             if bias is not None:
                 out += bias[:, None]
             return
-        rows = self.conv_in_channels * self.geometry.kernel[0] * self.geometry.kernel[1]
+        rows = self._column_rows()
         parts = self._parts()
         cols = self._scratch("columns", parts, rows)
         # Chunks of one image need no second buffer: their GEMM writes straight into out.
@@ -432,7 +432,7 @@ class ConvolutionLayer(Layer):
             matmul(weights_t, self._grouped(out_diff, self.conv_out_channels),
                       out=self._grouped(images_diff, self.conv_in_channels))
             return
-        rows = self.conv_in_channels * self.geometry.kernel[0] * self.geometry.kernel[1]
+        rows = self._column_rows()
         parts = self._parts()
         dcols = self._scratch("columns", parts, rows)
         copies = self._scratch("output_columns", parts, self.conv_out_channels)
@@ -451,9 +451,7 @@ class ConvolutionLayer(Layer):
         weight_diff = self.blobs[0].mutable_diff()
         if self._is_depthwise():  # per-plane partial sums, then one fixed-order sum per weight (reduce.py)
             g = self.geometry
-            padded_size = (self.height + 2 * g.pad[0], self.width + 2 * g.pad[1])
-            padded = self._spread("depthwise_input", images, (self.height, self.width), padded_size, g.pad,
-                                  (1, 1))
+            padded, padded_size = self._padded_images(images)
             out_h, out_w = self.out_size
             pitched = self._spread("depthwise_pitched_diff", out_diff, self.out_size,
                                    (out_h, padded_size[1]), (0, 0), (1, 1))  # zero in the columns >= out_w
@@ -479,37 +477,39 @@ class ConvolutionLayer(Layer):
         # weight with few output positions cannot repay (SphereFace's 512-channel 7x6 layers at batch 1:
         # 11 ms against 2.8 ms): with fewer than WEIGHT_PARTS_MIN_POSITIONS positions per part, one part
         # adds dy @ col^T straight into the diff (BLAS beta = 1), the product split by blas.py instead.
-        rows = self.conv_in_channels * self.geometry.kernel[0] * self.geometry.kernel[1]
+        rows = self._column_rows()
         parts = self._parts()
         positions = self.num * self.out_size[0] * self.out_size[1]
         cols = self._scratch("columns", parts, rows)  # as forward takes them: no new memory
         copies = self._scratch("output_columns", parts, self.conv_out_channels)
-        if parts == 1 or positions < WEIGHT_PARTS_MIN_POSITIONS * parts:
-            def accumulate(part: int, start: int, count: int) -> None:
-                columns = self._gemm_layout(out_diff[start:start + count], copies[0])
-                col = self._columns_of(cols[0], count, rows)
-                im2col(images[start:start + count], col, self.geometry, self.out_size)
-                for g in range(self.group):
-                    gemm_accumulate(columns[g], col[g].T, weight_diff[g])
-
-            self._over_chunks(1, accumulate)
-            return
-        sums = self.buffer("weight_diff_parts", (parts, self.group, rows // self.group,
-                                                 self.conv_out_channels // self.group))
-        sums.fill(0)
+        per_part = parts > 1 and positions >= WEIGHT_PARTS_MIN_POSITIONS * parts
+        if per_part:
+            sums = self.buffer("weight_diff_parts", (parts, self.group, rows // self.group,
+                                                     self.conv_out_channels // self.group))
+            sums.fill(0)
 
         def work(part: int, start: int, count: int) -> None:
             columns = self._gemm_layout(out_diff[start:start + count], copies[part])
             col = self._columns_of(cols[part], count, rows)
             im2col(images[start:start + count], col, self.geometry, self.out_size)
             for g in range(self.group):
-                gemm_accumulate(col[g], columns[g].T, sums[part, g])
+                if per_part:
+                    gemm_accumulate(col[g], columns[g].T, sums[part, g])
+                else:
+                    gemm_accumulate(columns[g], col[g].T, weight_diff[g])
 
-        self._over_chunks(parts, work)
-        for part in range(parts):
-            weight_diff += sums[part].transpose(0, 2, 1)
+        self._over_chunks(parts if per_part else 1, work)
+        if per_part:
+            for part in range(parts):
+                weight_diff += sums[part].transpose(0, 2, 1)
 
     # -- depthwise helpers (the kernels work on padded planes with a row pitch: kernels/convolution.cu) --
+    def _padded_images(self, images):
+        """The images zero-padded by the geometry's pad (buffer "depthwise_input"), and their plane size."""
+        g = self.geometry
+        size = (self.height + 2 * g.pad[0], self.width + 2 * g.pad[1])
+        return self._spread("depthwise_input", images, (self.height, self.width), size, g.pad, (1, 1)), size
+
     def _spread(self, name: str, source, source_size, size, offset, step):
         """Buffer `name`, (num * C, *size) planes plus a zeroed tail: source's (num * C, *source_size)
         planes placed at offset + step * (i, j), zeros elsewhere (depthwise_spread). The tail covers the
