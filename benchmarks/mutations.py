@@ -36,8 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # markdown_section.py,
 from markdown_section import markers, update_section  # noqa: E402
 
 BEGIN, END = markers("benchmarks/mutations.py")
-IGNORED = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis",
-                                 ".ruff_cache", "build", "dist", ".venv", "venv")
+CACHES = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis",
+                                ".ruff_cache", "build", "dist", ".venv*", "venv")
+
+
+def ignored(folder: str, names: list[str]) -> set[str]:
+    """Caches and every virtual environment, whatever its name: .ci/run makes .venv-ci inside the
+    clone, and copying its 1.3 GB for each mutation filled the CI machine's disk."""
+    skipped = set(CACHES(folder, names))
+    return skipped | {name for name in names if (Path(folder) / name / "pyvenv.cfg").is_file()}
 
 
 @dataclass(frozen=True)
@@ -127,7 +134,7 @@ MUTATIONS = (
 def copy_repo(folder: Path) -> Path:
     """The repository without .git and caches, at folder/repo; folder/shared links to ../shared."""
     root = folder / "repo"
-    shutil.copytree(REPO, root, ignore=IGNORED)
+    shutil.copytree(REPO, root, ignore=ignored)
     shared = REPO.parent / "shared"
     if shared.is_dir():
         (folder / "shared").symlink_to(shared)

@@ -4,6 +4,7 @@ mutation that no longer applies tests nothing), and one that does not is reporte
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -48,3 +49,16 @@ def test_a_mutation_whose_text_is_gone_is_not_applied(tmp_path):
 
 def test_the_copy_imports_its_own_minicaffe(tmp_path):
     mutations.check_import(mutations.copy_repo(tmp_path))
+
+
+def test_the_copy_leaves_out_virtual_environments_whatever_their_name(tmp_path):
+    # .ci/run builds .venv-ci inside the clone; one copy of it per mutation filled CI's disk.
+    source = tmp_path / "source"
+    for venv in ("env-of-mine", ".venv-ci"):
+        (source / venv / "lib").mkdir(parents=True)
+        (source / venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (source / "minicaffe").mkdir()
+    (source / "minicaffe" / "net.py").write_text("")
+    (source / "environment").mkdir()  # a plain folder whose name looks like one is kept
+    shutil.copytree(source, tmp_path / "copy", ignore=mutations.ignored)
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["environment", "minicaffe"]
