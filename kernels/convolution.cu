@@ -136,20 +136,33 @@ KERNEL void col2im_add(const int planes, const real* col, real* x, const int cha
 // -- depthwise convolution (group == channels == num_output): one kernel per pass, no GEMM ----------
 //
 // Each output channel reads only its own input channel through a kernel_h x kernel_w filter, so a GEMM
-// per group would be a 1-row GEMM per channel. These kernels do the taps directly, on a zero-padded
-// copy of the input (depthwise_spread), so no tap needs a bounds test. The output is computed with the
-// padded input's row pitch: output (oh, ow) sits at o = oh * padded_w + ow, and with equal strides s
-// its tap reads the padded input at s * o + (ki * dilation_h * padded_w + kj * dilation_w). So a block
-// of rows is one contiguous loop per tap (MobileNet's 7x7 planes: 9 loops of 61 elements, where a loop
-// per output row made 63 loops of 7: forward and backward measured 1.5-2x faster on its 7x7 to 28x28
-// planes, about even on 56x56 and larger); the columns ow >= out_w of that pitched output are
-// scratch, dropped by the caller's copy into the top. (Unequal strides: one loop per row.)
+// per group would be a 1-row GEMM per channel. These kernels do the taps directly, on the input split
+// into its stride phases: phase (a, b) of a plane is the zero-padded input's rows a, a + stride_h, ...
+// and columns b, b + stride_w, ..., a (phase_h, phase_w) plane (im2col with a stride_h x stride_w
+// "kernel": layers/convolution.py). Tap (ki, kj) of output (oh, ow) then reads phase
+// (ki * dilation_h % stride_h, kj * dilation_w % stride_w) at (oh + ki * dilation_h / stride_h,
+// ow + kj * dilation_w / stride_w): with the output laid out at the phases' row pitch, o = oh * phase_w
+// + ow, every tap reads the phase at o + a fixed offset. So a block of output rows is one contiguous loop
+// per tap, for every stride, and no tap needs a bounds test. (Reading the padded input at stride * o
+// instead computed the scratch columns of a stride-2 output as well and gathered every other value:
+// MobileNet's stride-2 layers ran 2-3x slower.) With stride 1 there is one phase, the padded input.
+// MobileNet's 7x7 planes are 9 loops of 61 elements where a loop per output row made 63 loops of 7. The
+// columns ow >= out_w of that pitched output are scratch, dropped by the caller's copy into the top.
 // Race-freedom on the GPU: every inner loop of a plane runs over the same range and touches its own
 // element o only, so one GPU thread owns each element for the whole launch.
 
+// Where tap (ki, kj) reads in a plane's phases: the phase's offset plus the tap's within it.
+DEVICE size_t depthwise_tap_offset(const int ki, const int kj, const int phase_h, const int phase_w,
+                                   const int stride_h, const int stride_w, const int dilation_h,
+                                   const int dilation_w) {
+  const int di = ki * dilation_h, dj = kj * dilation_w;
+  const int phase = (di % stride_h) * stride_w + dj % stride_w;
+  return ((size_t)phase * phase_h + di / stride_h) * phase_w + dj / stride_w;
+}
+
 // dst[image, r, q] = src[image, (r - offset_h) / step_h, (q - offset_w) / step_w] where both divide
-// evenly and land inside src, else 0: the zero-padded input (step 1, offset = pad), or the output
-// gradient spread over the input's grid for the backward pass (step = stride).
+// evenly and land inside src, else 0: the output gradient spread over the input's grid for the backward
+// pass (step = stride), or laid out at the forward's row pitch for the weight gradient (step 1).
 // Planes: images; each loops over its dst_h rows; inner: dst_w.
 KERNEL void depthwise_spread(const int planes, const real* src, const int src_h, const int src_w, real* dst,
                              const int dst_h, const int dst_w, const int offset_h, const int offset_w,
@@ -179,38 +192,36 @@ KERNEL void depthwise_spread(const int planes, const real* src, const int src_h,
   }
 }
 
-// y[n, c, oh, ow] at o = oh * padded_w + ow = bias[c] (if bias_term) + the sum over taps (ki, kj), in
-// order, of weights[c, ki, kj] * xpad[n, c, oh * stride_h + ki * dilation_h, ow * stride_w + kj * dilation_w].
-// y is (planes, out_h, padded_w); elements o < (out_h - 1) * padded_w + out_w are written (row by row
-// when stride_h != stride_w).
+// y[n, c, oh, ow] at o = oh * phase_w + ow = bias[c] (if bias_term) + the sum over taps (ki, kj), in
+// order, of weights[c, ki, kj] * (the padded input at (oh * stride_h + ki * dilation_h, ow * stride_w +
+// kj * dilation_w)), read from the plane's phases (planes, stride_h * stride_w, phase_h, phase_w).
+// y is (planes, out_h, phase_w); elements o < (out_h - 1) * phase_w + out_w are written.
 // Planes: num * channels in (n, c) order.
-KERNEL void depthwise_forward(const int planes, const real* xpad, const real* weights, const real* bias,
-                              const int bias_term, real* y, const int channels, const int padded_h,
-                              const int padded_w, const int kernel_h, const int kernel_w,
+KERNEL void depthwise_forward(const int planes, const real* phases, const real* weights, const real* bias,
+                              const int bias_term, real* y, const int channels, const int phase_h,
+                              const int phase_w, const int kernel_h, const int kernel_w,
                               const int stride_h, const int stride_w, const int dilation_h,
                               const int dilation_w, const int out_h, const int out_w) {
   // Output rows per contiguous run of o: as many as keep the run within ~16 KB (in the L1 cache while
-  // the taps pass over it) for equal strides; one for unequal strides.
-  const int block_rows = stride_h != stride_w ? 1 : (4096 / padded_w > 0 ? 4096 / padded_w : 1);
+  // the taps pass over it).
+  const int block_rows = 4096 / phase_w > 0 ? 4096 / phase_w : 1;
+  const size_t plane_size = (size_t)stride_h * stride_w * phase_h * phase_w;
   PLANE_LOOP(p, planes) {
     const int c = p % channels;
     const real* filter = weights + (size_t)c * kernel_h * kernel_w;
     const real start = bias_term ? bias[c] : real(0);
     for (int first_row = 0; first_row < out_h; first_row += block_rows) {
       const int rows = out_h - first_row < block_rows ? out_h - first_row : block_rows;
-      const int length = (rows - 1) * padded_w + out_w;
-      const real* src = xpad + ((size_t)p * padded_h + (size_t)first_row * stride_h) * padded_w;
-      real* dst = y + ((size_t)p * out_h + first_row) * padded_w;
+      const int length = (rows - 1) * phase_w + out_w;
+      const real* src = phases + p * plane_size + (size_t)first_row * phase_w;
+      real* dst = y + ((size_t)p * out_h + first_row) * phase_w;
       INNER_LOOP(o, length) { dst[o] = start; }
       for (int ki = 0; ki < kernel_h; ++ki) {
         for (int kj = 0; kj < kernel_w; ++kj) {
           const real tap = filter[ki * kernel_w + kj];
-          const real* from = src + (size_t)ki * dilation_h * padded_w + kj * dilation_w;
-          if (stride_w == 1) {  // contiguous loads (the vectorizer does not split this case off itself)
-            INNER_LOOP(o, length) { dst[o] += tap * from[o]; }
-          } else {
-            INNER_LOOP(o, length) { dst[o] += tap * from[(size_t)o * stride_w]; }
-          }
+          const real* from = src + depthwise_tap_offset(ki, kj, phase_h, phase_w, stride_h, stride_w,
+                                                        dilation_h, dilation_w);
+          INNER_LOOP(o, length) { dst[o] += tap * from[o]; }
         }
       }
     }
@@ -218,35 +229,23 @@ KERNEL void depthwise_forward(const int planes, const real* xpad, const real* we
 }
 
 // Weight gradient, stage 1 (reduce.h): plane p = ((n * channels + c) * kernel_h + ki) * kernel_w + kj
-// sums dy_pitched[n, c, o] * xpad[n, c, the cell tap (ki, kj) of output o reads] over o, the output
-// gradient in the pitched layout above (zero in the columns ow >= out_w, so they add nothing).
+// sums dy_pitched[n, c, o] * (the phase value tap (ki, kj) of output o reads) over o, the output gradient
+// at the forward's row pitch phase_w (zero in the columns ow >= out_w, so they add nothing).
 // Stage 2 (reduce.cu's channel_total) adds the images' partials per weight in a fixed order.
 KERNEL void depthwise_weight_partials(const int planes, const int inner, const int lanes, const real* dy_pitched,
-                                      const real* xpad, const int padded_h, const int padded_w,
+                                      const real* phases, const int phase_h, const int phase_w,
                                       const int kernel_h, const int kernel_w, const int stride_h,
                                       const int stride_w, const int dilation_h, const int dilation_w,
                                       const int out_h, real* partial) {
+  const size_t plane_size = (size_t)stride_h * stride_w * phase_h * phase_w;
   PLANE_LOOP(p, planes) {
     const int kj = p % kernel_w;
     const int ki = (p / kernel_w) % kernel_h;
     const size_t image_channel = p / (kernel_w * kernel_h);  // n * channels + c
-    const real* grad = dy_pitched + image_channel * out_h * padded_w;
-    const real* from = xpad + image_channel * padded_h * padded_w + (size_t)ki * dilation_h * padded_w +
-                       kj * dilation_w;
+    const real* grad = dy_pitched + image_channel * out_h * phase_w;
+    const real* from = phases + image_channel * plane_size +
+                       depthwise_tap_offset(ki, kj, phase_h, phase_w, stride_h, stride_w, dilation_h, dilation_w);
     const size_t base = (size_t)p * inner;  // mc_plane_partials passes p * inner + o
-    if (stride_h == 1 && stride_w == 1) {  // tap (ki, kj) of output o reads from[o]: contiguous loads
-      mc_plane_partials(p, inner, lanes, [=](size_t j) { return grad[j - base] * from[j - base]; }, partial);
-    } else if (stride_h == stride_w) {  // from[o * stride]
-      mc_plane_partials(p, inner, lanes, [=](size_t j) {
-        const size_t o = j - base;
-        return grad[o] * from[o * stride_w];
-      }, partial);
-    } else {  // row by row: output o = (row, col) reads from[row * stride_h * padded_w + col * stride_w]
-      const long long row_step = (long long)(stride_h - stride_w) * padded_w;  // < 0 if stride_h < stride_w
-      mc_plane_partials(p, inner, lanes, [=](size_t j) {
-        const int o = int(j - base);
-        return grad[o] * from[(o / padded_w) * row_step + (long long)o * stride_w];
-      }, partial);
-    }
+    mc_plane_partials(p, inner, lanes, [=](size_t j) { return grad[j - base] * from[j - base]; }, partial);
   }
 }

@@ -373,9 +373,9 @@ class ConvolutionLayer(Layer):
         """out = W * images (+ bias[m] per output channel), written: the convolution."""
         xp = backend.xp()
         if self._is_depthwise():
-            padded, padded_size = self._padded_images(images)
+            phases, phase_size = self._phases(images)
             weights, stride = self.blobs[0].get_data(), self.geometry.stride
-            self._depthwise("out", padded, padded_size, weights, bias, stride, self.out_size, out)
+            self._depthwise("out", phases, phase_size, weights, bias, stride, self.out_size, out)
             return
         weights = self._weights()
         if self._is_pointwise():  # out[n, g] = W_g @ images[n, g], one GEMM per image and group
@@ -416,6 +416,7 @@ class ConvolutionLayer(Layer):
             # The adjoint is a stride-1 depthwise convolution with the taps flipped, over out_diff spread
             # onto the input's grid (zeros between the rows and columns of a stride > 1) and padded by the
             # kernel's extent less the padding: dx[h, w] = sum of flipped[ki, kj] * spread[h + ki d, w + kj d]
+            # (at stride 1 the spread planes are their own single phase)
             g = self.geometry
             extent = [d * (k - 1) for k, d in zip(g.kernel, g.dilation)]
             spread_size = (self.height + extent[0], self.width + extent[1])
@@ -451,14 +452,14 @@ class ConvolutionLayer(Layer):
         weight_diff = self.blobs[0].mutable_diff()
         if self._is_depthwise():  # per-plane partial sums, then one fixed-order sum per weight (reduce.py)
             g = self.geometry
-            padded, padded_size = self._padded_images(images)
+            phases, phase_size = self._phases(images)
             out_h, out_w = self.out_size
             pitched = self._spread("depthwise_pitched_diff", out_diff, self.out_size,
-                                   (out_h, padded_size[1]), (0, 0), (1, 1))  # zero in the columns >= out_w
+                                   (out_h, phase_size[1]), (0, 0), (1, 1))  # zero in the columns >= out_w
             taps = self.conv_in_channels * g.kernel[0] * g.kernel[1]
-            length = (out_h - 1) * padded_size[1] + out_w
+            length = (out_h - 1) * phase_size[1] + out_w
             channel_sums(self, (self.num, taps, length), KERNELS.depthwise_weight_partials,
-                         (pitched, padded, *padded_size, *g.kernel, *g.stride, *g.dilation, out_h),
+                         (pitched, phases, *phase_size, *g.kernel, *g.stride, *g.dilation, out_h),
                          weight_diff.reshape(-1))
             return
         weight_diff = weight_diff.reshape(self._weights().shape)
@@ -503,38 +504,39 @@ class ConvolutionLayer(Layer):
             for part in range(parts):
                 weight_diff += sums[part].transpose(0, 2, 1)
 
-    # -- depthwise helpers (the kernels work on padded planes with a row pitch: kernels/convolution.cu) --
-    def _padded_images(self, images):
-        """The images zero-padded by the geometry's pad (buffer "depthwise_input"), and their plane size."""
+    # -- depthwise helpers (the kernels work on pitched planes: kernels/convolution.cu) ----------------
+    def _phases(self, images):
+        """The zero-padded images split into their stride phases (buffer "depthwise_input"): per image and
+        channel stride_h * stride_w planes of (phase_h, phase_w), phase (a, b) holding the padded rows
+        a + i * stride_h and columns b + j * stride_w. That is im2col with a stride-sized kernel and
+        stride; each phase is large enough for every tap's reads (out + the kernel's extent / stride)."""
         g = self.geometry
-        size = (self.height + 2 * g.pad[0], self.width + 2 * g.pad[1])
-        return self._spread("depthwise_input", images, (self.height, self.width), size, g.pad, (1, 1)), size
+        size = tuple(o + (d * (k - 1)) // s for o, k, d, s in zip(self.out_size, g.kernel, g.dilation, g.stride))
+        phases = g.stride[0] * g.stride[1]
+        buffer = self.buffer("depthwise_input", (self.num, self.conv_in_channels * phases, size[0] * size[1]))
+        im2col(images, buffer, ConvGeometry(g.stride, g.pad, g.stride, (1, 1)), size, images_outer=True)
+        return buffer, size
 
     def _spread(self, name: str, source, source_size, size, offset, step):
-        """Buffer `name`, (num * C, *size) planes plus a zeroed tail: source's (num * C, *source_size)
-        planes placed at offset + step * (i, j), zeros elsewhere (depthwise_spread). The tail covers the
-        reads past the last plane that depthwise_weight_partials makes for unequal strides."""
+        """Buffer `name`, (num * C, *size) planes: source's (num * C, *source_size) planes placed at
+        offset + step * (i, j), zeros elsewhere (depthwise_spread)."""
         planes = self.num * self.conv_in_channels
-        rows, cols = size
-        count = planes * rows * cols
-        tail = (self.geometry.stride[1] + 1) * cols + self.geometry.dilation[1] * self.geometry.kernel[1]
-        buffer = self.buffer(name, (count + tail,))
-        buffer[count:] = 0
-        KERNELS.depthwise_spread(planes, source, *source_size, buffer, rows, cols, *offset, *step,
-                                 extents=(planes, cols), work=count)
+        buffer = self.buffer(name, (planes, *size))
+        KERNELS.depthwise_spread(planes, source, *source_size, buffer, *size, *offset, *step,
+                                 extents=(planes, size[1]), work=buffer.size)
         return buffer
 
-    def _depthwise(self, name: str, padded, padded_size, weights, bias, stride, out_size, out) -> None:
-        """out (num, C, *out_size) = the depthwise convolution with `stride` of the padded planes (+ bias),
+    def _depthwise(self, name: str, phases, phase_size, weights, bias, stride, out_size, out) -> None:
+        """out (num, C, *out_size) = the depthwise convolution with `stride` of the planes' phases (+ bias),
         through the kernel's pitched output (a buffer) copied into out without its scratch columns."""
         g, planes = self.geometry, self.num * self.conv_in_channels
-        padded_w = padded_size[1]
-        pitched = self.buffer(f"depthwise_pitched_{name}", (planes, out_size[0], padded_w))
-        block_rows = max(1, 4096 // padded_w) if stride[0] == stride[1] else 1  # as in the kernel
-        length = (min(block_rows, out_size[0]) - 1) * padded_w + out_size[1]
+        phase_w = phase_size[1]
+        pitched = self.buffer(f"depthwise_pitched_{name}", (planes, out_size[0], phase_w))
+        block_rows = max(1, 4096 // phase_w)  # as in the kernel
+        length = (min(block_rows, out_size[0]) - 1) * phase_w + out_size[1]
         bias_or_unread = weights if bias is None else bias
-        KERNELS.depthwise_forward(planes, padded, weights, bias_or_unread, int(bias is not None), pitched,
-                                  self.conv_in_channels, *padded_size, *g.kernel, *stride, *g.dilation,
+        KERNELS.depthwise_forward(planes, phases, weights, bias_or_unread, int(bias is not None), pitched,
+                                  self.conv_in_channels, *phase_size, *g.kernel, *stride, *g.dilation,
                                   *out_size, extents=(planes, length),
-                                  work=planes * out_size[0] * padded_w * g.kernel[0] * g.kernel[1])
+                                  work=planes * out_size[0] * phase_w * g.kernel[0] * g.kernel[1])
         out.reshape(planes, *out_size)[...] = pitched[:, :, :out_size[1]]
