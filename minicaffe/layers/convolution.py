@@ -511,7 +511,8 @@ class ConvolutionLayer(Layer):
         a + i * stride_h and columns b + j * stride_w. That is im2col with a stride-sized kernel and
         stride; each phase is large enough for every tap's reads (out + the kernel's extent / stride)."""
         g = self.geometry
-        size = tuple(o + (d * (k - 1)) // s for o, k, d, s in zip(self.out_size, g.kernel, g.dilation, g.stride))
+        size = tuple(out + (d * (k - 1)) // s
+                     for out, k, d, s in zip(self.out_size, g.kernel, g.dilation, g.stride))
         phases = g.stride[0] * g.stride[1]
         buffer = self.buffer("depthwise_input", (self.num, self.conv_in_channels * phases, size[0] * size[1]))
         im2col(images, buffer, ConvGeometry(g.stride, g.pad, g.stride, (1, 1)), size, images_outer=True)
