@@ -17,6 +17,19 @@ KERNEL void product_sum_partials(const int planes, const int inner, const int la
   }
 }
 
+// Two stage-1 sums from one read of a and b: plane p = n * dim + c writes its partial sums of a to row
+// p + n * dim of an (outer, 2 dim, lanes) array and those of a * b to row p + (n + 1) * dim, so that one
+// stage-2 launch over 2 dim "channels" totals both, the sums of a first. Each sum's bits are those of
+// sum_partials and product_sum_partials (the same lanes, the same order).
+KERNEL void sum_and_product_partials(const int planes, const int inner, const int lanes, const int dim,
+                                     const real* a, const real* b, real* partial) {
+  PLANE_LOOP(p, planes) {
+    real* sums = partial + (size_t)(p / dim) * dim * lanes;
+    mc_plane_partials(p, inner, lanes, [=](size_t j) { return a[j]; }, sums);
+    mc_plane_partials(p, inner, lanes, [=](size_t j) { return a[j] * b[j]; }, sums + (size_t)dim * lanes);
+  }
+}
+
 // Stage 2. The partials are (outer, dim, lanes): plane p = n * dim + c belongs to channel c.
 // out[c] = (accumulate ? out[c] : 0) + (sum over n, then l, in order) / divisor. A divisor of 1 is exact
 // (a gradient); the count of elements gives a mean. The channels go MC_LANES at a time, a block of them

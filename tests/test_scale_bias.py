@@ -198,6 +198,26 @@ def test_scale_gradient_values():
         np.testing.assert_allclose(bottom[1].diff, (dy * x).sum(axis=(0, 2)), rtol=1e-12)
 
 
+@pytest.mark.parametrize("params, x_shape", [(params, X_SHAPE) for params, _, _ in CONFIGS] +
+                         [("", (2, 3, 40, 5))])  # inner 200: more than reduce.h's 32 lanes per plane
+def test_scale_and_bias_gradients_from_one_read_equal_the_two_sums(params, x_shape):
+    """With bias_term both gradients come from one read of dy (reduce.cu's sum_and_product_partials):
+    the same bits as a Scale without bias and a Bias layer summing apart, and both accumulate."""
+    rng = np.random.default_rng(11)
+    x, dy = rng.normal(size=x_shape), rng.normal(size=x_shape)
+    both, bottom, top = make(f'type: "Scale" scale_param {{ bias_term: true {params} }}', [x], np.float32)
+    scale, scale_bottom, scale_top = make(f'type: "Scale" scale_param {{ {params} }}', [x], np.float32)
+    bias, bias_bottom, bias_top = make(f'type: "Bias" bias_param {{ {params} }}', [x], np.float32)
+    scale.blobs[0].data[...] = both.blobs[0].data[...] = rng.normal(size=both.blobs[0].shape)
+    for layer, b, t in ((both, bottom, top), (scale, scale_bottom, scale_top), (bias, bias_bottom, bias_top)):
+        forward(layer, b, t)
+        backward_layer(layer, b, t, [dy])
+        layer.run_backward(t, [True], b)  # parameter diffs accumulate
+    np.testing.assert_array_equal(both.blobs[0].diff, scale.blobs[0].diff)
+    np.testing.assert_array_equal(both.blobs[1].diff, bias.blobs[0].diff)
+    np.testing.assert_array_equal(bottom[0].diff, scale_bottom[0].diff)
+
+
 def test_scale_respects_propagate_down_flags():
     rng = np.random.default_rng(7)
     x, s, dy = rng.normal(size=(2, 3)), rng.normal(size=(3,)), rng.normal(size=(2, 3))

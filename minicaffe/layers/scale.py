@@ -13,6 +13,7 @@ from ..proto import caffe_pb2
 from .bias import BiasLayer
 from .broadcast import BroadcastLayer
 from .reduce import KERNELS as REDUCE
+from .reduce import channel_total, plane_lanes
 
 
 @register("Scale")
@@ -67,14 +68,39 @@ class ScaleLayer(BroadcastLayer):
 
     def backward(self, top, propagate_down, bottom):
         # Both parameter gradients read dy before dx overwrites it (in place they share memory).
-        if self.bias_layer is not None and self.param_propagate_down[self.bias_index]:
-            self.bias_layer.run_backward(top, [False], [top[0]])
         scale = self.operand_blob(bottom)
         learned = len(bottom) == 1
         dy = top[0].get_diff()
-        if (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1]):
+        scale_grad = (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1])
+        bias = self.bias_layer
+        bias_grad = bias is not None and self.param_propagate_down[self.bias_index]
+        if scale_grad and bias_grad and bias.dims == self.dims:
+            self._scale_and_bias_gradients(dy, self.kept_input(bottom), scale, learned)
+            scale_grad = bias_grad = False
+        if bias_grad:
+            bias.run_backward(top, [False], [top[0]])
+        if scale_grad:
             # The scale's gradient: dy * x summed over outer and inner (the learned one accumulates).
             self.reduce_to_operand(REDUCE.product_sum_partials, (dy, self.kept_input(bottom)),
                                    scale.mutable_diff(), accumulate=learned)
         if propagate_down[0]:
             self.broadcast("mul", dy, scale.get_data(), bottom[0].mutable_diff())
+
+    def _scale_and_bias_gradients(self, dy, x, scale, learned: bool) -> None:
+        """The bias gradient (dy summed over outer and inner) and the scale's (dy * x summed), both from
+        one read of dy: reduce.cu's sum_and_product_partials, then one stage 2 over both. The same bits
+        as the two sums apart (Bias's and the one above)."""
+        outer, dim, inner = self.dims
+        planes, lanes = outer * dim, plane_lanes(inner)
+        partial = self.buffer("partial", (2 * planes, lanes))
+        REDUCE.sum_and_product_partials(planes, inner, lanes, dim, dy, x, partial, extents=(planes, lanes),
+                                        work=2 * planes * inner)
+        totals = self.buffer("gradient_totals", (2 * dim,))
+        channel_total((outer, 2 * dim, inner), lanes, partial, totals, accumulate=False, divisor=1.0)
+        bias_diff = self.bias_layer.blobs[0].mutable_diff().reshape(-1)
+        bias_diff += totals[:dim]
+        scale_diff = scale.mutable_diff().reshape(-1)
+        if learned:
+            scale_diff += totals[dim:]
+        else:  # a second bottom's gradient is written
+            scale_diff[...] = totals[dim:]
