@@ -377,7 +377,7 @@ CASES = {
     "concat": Case('type: "Concat"', [X, (2, 2, 5, 4)]),
     "concat_axis_0": Case('type: "Concat" concat_param { axis: 0 }', [X, (1, 3, 5, 4)]),
     "slice": Case('type: "Slice" slice_param { slice_point: 1 slice_point: 3 axis: 2 }', [X], num_top=3),
-    "split": Case('type: "Split"', [X], num_top=3, kernels=False),
+    "split": Case('type: "Split"', [X], num_top=3),  # backward: Eltwise's sum kernels
     "silence": Case('type: "Silence"', [X, X], num_top=0, kernels=False),
     # issue 10: python layer (numpy on host copies; tests/pylayers.py, on the path under pytest)
     "python_channel_scale": Case('type: "Python" python_param { module: "pylayers" layer: "ChannelScale" '

@@ -193,3 +193,27 @@ def test_a_user_blob_named_like_a_split_top_does_not_rebind():
             'layer { name: "r" type: "ReLU" bottom: "x_user_0_split_0" top: "x" }\n')
     with pytest.raises(NetError, match="top blob 'x' is produced by two layers"):
         make(text)
+
+
+@pytest.mark.parametrize("tops", [1, 2, 3])
+def test_split_backward_adds_the_top_diffs_in_order(tops):
+    """dx = dy0 + dy1 + ... summed left to right (float32 bits), data shared with every top."""
+    from minicaffe.blob import Blob
+    from minicaffe.layer import create_layer
+
+    param = caffe_pb2.LayerParameter(name="split", type="Split")
+    layer = create_layer(param, minicaffe.TRAIN, np.float32)
+    rng = np.random.default_rng(3)
+    bottom, top = [Blob((2, 3, 5), np.float32)], [Blob((), np.float32) for _ in range(tops)]
+    bottom[0].data[...] = rng.normal(size=(2, 3, 5))
+    layer.setup(bottom, top)
+    layer.run_forward(bottom, top)
+    diffs = [rng.normal(size=(2, 3, 5)).astype(np.float32) * 10.0 ** i for i in range(tops)]
+    for blob, diff in zip(top, diffs):
+        assert np.shares_memory(blob.data, bottom[0].data)
+        blob.diff[...] = diff
+    layer.run_backward(top, [True], bottom)
+    expected = diffs[0].copy()
+    for diff in diffs[1:]:
+        expected += diff
+    np.testing.assert_array_equal(bottom[0].diff, expected)
