@@ -60,19 +60,37 @@ DEVICE real mul_add(const real x, const real s, const real b) {
   return scaled + b;
 }
 
+// With keep (Scale in place, whose backward reads x): x is also copied to kept in the same pass, where a
+// separate copy before the kernel read and wrote x once more (on one core). y may be x; kept is not.
 KERNEL void broadcast_mul_add_planes(const int planes, const int inner, const int dim, const real* x,
-                                     const real* v, const real* bias, real* y) {
+                                     const real* v, const real* bias, real* y, real* kept, const int keep) {
   PLANE_LOOP(p, planes) {
     const real s = v[p % dim], b = bias[p % dim];
     const size_t offset = (size_t)p * inner;
-    INNER_LOOP(j, inner) { y[offset + j] = mul_add(x[offset + j], s, b); }
+    if (keep) {
+      INNER_LOOP(j, inner) {
+        const real value = x[offset + j];
+        kept[offset + j] = value;
+        y[offset + j] = mul_add(value, s, b);
+      }
+    } else {
+      INNER_LOOP(j, inner) { y[offset + j] = mul_add(x[offset + j], s, b); }
+    }
   }
 }
 
 KERNEL void broadcast_mul_add_rows(const int outer, const int dim, const real* x, const real* v,
-                                   const real* bias, real* y) {
+                                   const real* bias, real* y, real* kept, const int keep) {
   PLANE_LOOP(p, outer) {
     const size_t offset = (size_t)p * dim;
-    INNER_LOOP(d, dim) { y[offset + d] = mul_add(x[offset + d], v[d], bias[d]); }
+    if (keep) {
+      INNER_LOOP(d, dim) {
+        const real value = x[offset + d];
+        kept[offset + d] = value;
+        y[offset + d] = mul_add(value, v[d], bias[d]);
+      }
+    } else {
+      INNER_LOOP(d, dim) { y[offset + d] = mul_add(x[offset + d], v[d], bias[d]); }
+    }
   }
 }

@@ -150,7 +150,8 @@ class Layer:
         self._kept_names = set()
         in_place = bool(top and bottom and top[0] is bottom[0])
         self.kept_lean = self.keeps == "input" and in_place and self.lean_keep(bottom, top)
-        if self.keeps == "input" and in_place and not self.kept_lean:
+        copy = self.keeps == "input" and in_place and not self.kept_lean
+        if copy and not self.keeps_in_forward(bottom, top):
             self._keep(bottom[0].get_data())
         try:
             self.forward(bottom, top)
@@ -180,6 +181,12 @@ class Layer:
         which forward and backward read; kept_input is not available.
         A layer whose backward also reads its output back from top[0] may answer True only when
         ``self.top_data_survives``. Default: False (a full copy)."""
+        return False
+
+    def keeps_in_forward(self, bottom: list[Blob], top: list[Blob]) -> bool:
+        """Asked by run_forward before an in-place forward of a layer with keeps = "input" that keeps a
+        full copy: True when forward writes that copy itself, into the buffer "kept" taken with
+        ``kept=True``, in the pass that reads x anyway (run_forward then copies nothing). Default: False."""
         return False
 
     def kept_bytes(self) -> int:

@@ -239,6 +239,9 @@ def test_scale_respects_propagate_down_flags():
 @pytest.mark.parametrize("text, extra", [
     ('type: "Scale" scale_param { bias_term: true filler { type: "uniform" min: -2 max: 2 } '
      'bias_filler { type: "uniform" min: -1 max: 1 } }', []),
+    # inner == 1: the rows kernel, which in place also writes the kept copy of x
+    ('type: "Scale" scale_param { axis: -1 bias_term: true filler { type: "uniform" min: -2 max: 2 } '
+     'bias_filler { type: "uniform" min: -1 max: 1 } }', []),
     ('type: "Scale" scale_param { num_axes: -1 filler { type: "uniform" min: -2 max: 2 } }', []),
     ('type: "Scale" scale_param { bias_term: true }', [(3, 2)]),
     ('type: "Bias" bias_param { filler { type: "uniform" min: -1 max: 1 } }', []),

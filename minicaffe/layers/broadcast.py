@@ -62,19 +62,23 @@ class BroadcastLayer(Layer):
         if top[0] is not x:
             top[0].reshape_like(x)
 
-    def broadcast(self, op: str, x, v, y, bias=None) -> None:
+    def broadcast(self, op: str, x, v, y, bias=None, kept=None) -> None:
         """y = x (op) v[d], op "mul" or "add"; "mul" with a `bias`: y = x * v[d] + bias[d] in one pass
-        (the same bits as the two). y may be x."""
+        (the same bits as the two), which also copies x to `kept` if given. y may be x."""
         outer, dim, inner = self.dims
+        keep = ()
         if bias is not None:
             op, operands = f"{op}_add", (v, bias)
+            keep = (y if kept is None else kept, int(kept is not None))  # kept unused without keep
         else:
+            assert kept is None, "only mul with a bias copies x"
             operands = (v,)
         if inner == 1:
-            KERNELS.launch(f"broadcast_{op}_rows", (outer, dim), outer, dim, x, *operands, y)
+            KERNELS.launch(f"broadcast_{op}_rows", (outer, dim), outer, dim, x, *operands, y, *keep)
         else:
             planes = outer * dim
-            KERNELS.launch(f"broadcast_{op}_planes", (planes, inner), planes, inner, dim, x, *operands, y)
+            KERNELS.launch(f"broadcast_{op}_planes", (planes, inner), planes, inner, dim, x, *operands, y,
+                           *keep)
 
     def reduce_to_operand(self, stage1, args: tuple, out, accumulate: bool) -> None:
         """out (v's gradient) (+)= the terms of stage1 (a reduce.h stage-1 kernel over x's planes, e.g.

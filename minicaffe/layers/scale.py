@@ -55,12 +55,20 @@ class ScaleLayer(BroadcastLayer):
             self.bias_layer.blobs[0] = self.blobs[self.bias_index]
             self.bias_layer.reshape([top[0]], [top[0]])  # in place on the scaled top
 
+    def keeps_in_forward(self, bottom, top) -> bool:
+        return self._bias_in_one_pass()
+
+    def _bias_in_one_pass(self) -> bool:
+        return self.bias_layer is not None and self.bias_layer.dims == self.dims
+
     def forward(self, bottom, top):
         scale = self.operand_blob(bottom)
         bias = self.bias_layer
-        if bias is not None and bias.dims == self.dims:  # the bias term in the same pass
-            self.broadcast("mul", bottom[0].get_data(), scale.get_data(), top[0].mutable_data(),
-                           bias=bias.blobs[0].get_data())
+        if self._bias_in_one_pass():  # the bias term, and in place the copy of x, in the same pass
+            x = bottom[0].get_data()
+            kept = self.buffer("kept", x.shape, kept=True) if top[0] is bottom[0] else None
+            self.broadcast("mul", x, scale.get_data(), top[0].mutable_data(), bias=bias.blobs[0].get_data(),
+                           kept=kept)
             return
         self.broadcast("mul", bottom[0].get_data(), scale.get_data(), top[0].mutable_data())
         if bias is not None:
@@ -74,7 +82,7 @@ class ScaleLayer(BroadcastLayer):
         scale_grad = (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1])
         bias = self.bias_layer
         bias_grad = bias is not None and self.param_propagate_down[self.bias_index]
-        if scale_grad and bias_grad and bias.dims == self.dims:
+        if scale_grad and bias_grad and self._bias_in_one_pass():
             self._scale_and_bias_gradients(dy, self.kept_input(bottom), scale, learned)
             scale_grad = bias_grad = False
         if bias_grad:
