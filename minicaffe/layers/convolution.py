@@ -26,6 +26,7 @@ from .. import backend, threads
 from ..blas import PARALLEL_MIN_FLOPS, gemm_accumulate, matmul
 from ..kernel import KernelFile
 from ..layer import Layer, register
+from .concat import copy_block
 from .reduce import channel_sums, channel_sums_of
 
 KERNELS = KernelFile("convolution.cu")
@@ -540,4 +541,6 @@ class ConvolutionLayer(Layer):
                                   self.conv_in_channels, *phase_size, *g.kernel, *stride, *g.dilation,
                                   *out_size, extents=(planes, length),
                                   work=planes * out_size[0] * phase_w * g.kernel[0] * g.kernel[1])
-        out.reshape(planes, *out_size)[...] = pitched[:, :, :out_size[1]]
+        # Into out without the scratch columns: rows of out_w values read at the pitch (one threaded
+        # kernel; numpy's strided copy ran on one core).
+        copy_block(pitched, out, planes * out_size[0], out_size[1], phase_w, 0, out_size[1], 0)
