@@ -71,8 +71,8 @@ DECAY_MULT = r"((?:[\w()\[\]]+\.)+\w*decay_mults?\b(?:\(\))?(?:\[[\w.]+\])?)"
 
 MUTATIONS = (
     Mutation("maxpool-backward-accumulates", "max-pool backward adds into dx instead of overwriting it",
-             (edit("kernels/pooling.cu",
-                   r"(KERNEL void pool_max_backward.*?)INNER_LOOP\(w, width\) \{ dxp\[w\] = real\(0\); \}",
+             (edit("minicaffe/layers/pooling.py",
+                   r"(# MAX: a scatter through the argmax[^\n]*\n)\s*dx\.fill\(0\)\n",
                    r"\1"),),
              ("tests/test_pooling.py",)),
     Mutation("col2im-one-launch", "col2im as one launch over all kernel columns (a race on the GPU)",

@@ -1,12 +1,12 @@
 // Max and average pooling, following Caffe's PoolingLayer exactly (window clipping, divisor, ties).
 //
 // Forward: one plane per (n, c, output row); the inner index is the output column, and the window is
-// looped inside. Backward is a gather (as Caffe's GPU MaxPoolBackward / AvePoolBackward): one plane
-// per (n, c, input row), the inner index the input column, summing over the output cells whose windows
-// cover that pixel, so every iteration writes only its own dx and nothing races on the GPU.
-//
-// The range of output columns covering input column w needs a division by the stride; it is
-// precomputed per column on the host (col_start[w], col_end[w]) so the inner loop has none.
+// looped inside. Average backward is a gather (as Caffe's GPU AvePoolBackward): one plane per (n, c,
+// input row), the inner index the input column, summing over the output cells whose windows cover that
+// pixel, so every iteration writes only its own dx and nothing races on the GPU. The range of output
+// columns covering input column w needs a division by the stride; it is precomputed per column on the
+// host (col_start[w], col_end[w]) so the inner loop has none. Max backward scatters through the argmax
+// (pool_max_backward).
 #include "shim.h"
 
 #define MC_NEG_FLT_MAX real(-3.402823466e+38f)  // -FLT_MAX, where Caffe starts (also for double)
@@ -55,53 +55,36 @@ KERNEL void pool_max_forward(const int planes, const int pooled_h, const int poo
   }
 }
 
-// dx[h, w] = sum of dy over the output cells covering (h, w) whose argmax is (h, w). The loop over
-// the covering cells has the same trip count for every w (cover = max over w of col_end - col_start,
-// out-of-range cells masked) and sits outside the loop over w, which then vectorizes (measured 2-7x
-// faster than looping over each column's own range inside). Each w still owns its dx[w].
-KERNEL void pool_max_backward(const int planes, const int pooled_h, const int pooled_w,
-                              const int height, const int width, const int kernel_h,
-                              const int stride_h, const int pad_h, const int cover,
-                              const int* col_start, const int* col_end, const real* dy,
-                              const int* mask, real* dx) {
+// Max-pool backward: dx[argmax of cell] += dy[cell] over the output cells (ph, pw) of one class, ph =
+// first_ph + i * step_h and pw = first_pw + j * step_w, with steps such that step * stride >= kernel on
+// each axis (1 where windows never overlap): the windows of one class share no pixel, so each pixel takes
+// at most one term per launch and nothing races on the GPU. The caller zeroes dx and launches once per
+// class, (first_ph, first_pw) in order. One term per output cell, where a gather per input pixel tests
+// every covering cell (2-3x2-3 masked gathers per pixel for a 3x3 / 2 window; the scatter was measured
+// 4-5x faster on 2x2 / 2). A pixel that is the argmax of several overlapping windows gets their terms in
+// class order (Caffe adds them in output order: the same sum, rounded in another order at times).
+// Planes: num * channels * class_rows (this class's output rows); inner: class_cols.
+KERNEL void pool_max_backward(const int planes, const int class_rows, const int class_cols,
+                              const int first_ph, const int first_pw, const int step_h, const int step_w,
+                              const int pooled_h, const int pooled_w, const int height, const int width,
+                              const real* dy, const int* mask, real* dx) {
   PLANE_LOOP(p, planes) {
-    const int h = p % height;
-    const size_t out_offset = (size_t)(p / height) * pooled_h * pooled_w;
-    const real* dyp = dy + out_offset;
-    const int* mp = mask + out_offset;
-    real* dxp = dx + (size_t)p * width;
-    int phstart, phend;
-    pool_covering_rows(h + pad_h, kernel_h, stride_h, pooled_h, &phstart, &phend);
-    INNER_LOOP(w, width) { dxp[w] = real(0); }
-    for (int ph = phstart; ph < phend; ++ph) {
-      for (int j = 0; j < cover; ++j) {
-        INNER_LOOP(w, width) {
-          const int pw = col_start[w] + j;
-          const bool covers = pw < col_end[w];
-          const int cell = ph * pooled_w + (covers ? pw : 0);  // 0: always a valid address
-          dxp[w] += covers && mp[cell] == h * width + w ? dyp[cell] : real(0);
-        }
+    const size_t image = p / class_rows;  // n * channels + c
+    const int ph = first_ph + (p % class_rows) * step_h;
+    real* dxp = dx + image * height * width;
+    const size_t cells = (image * pooled_h + ph) * pooled_w + first_pw;
+    const real* dyp = dy + cells;
+    const int* mp = mask + cells;
+    if (step_w == 1) {  // contiguous loads (the vectorizer does not split this case off itself)
+      INNER_LOOP(j, class_cols) {
+        const int index = mp[j];
+        if (index >= 0) dxp[index] += dyp[j];
       }
-    }
-  }
-}
-
-// dx[argmax] = dy for windows that do not overlap (kernel <= stride, or one window, on each axis), the
-// usual 2x2 / stride 2: each input pixel is in at most one window, so the scatter through the mask
-// writes every pixel at most once (race-free on the GPU) and needs no sum, giving the bits of
-// pool_max_backward, which gathers. The caller zeroes dx first. Measured 4-5x faster than the gather
-// on LeNet's pooling layers (no covering-column tables, one element per output instead of per input).
-// Planes: num * channels * pooled_h (output rows); inner: pooled_w.
-KERNEL void pool_max_backward_disjoint(const int planes, const int pooled_h, const int pooled_w,
-                                       const int height, const int width, const real* dy, const int* mask,
-                                       real* dx) {
-  PLANE_LOOP(p, planes) {
-    real* dxp = dx + (size_t)(p / pooled_h) * height * width;
-    const real* dyp = dy + (size_t)p * pooled_w;
-    const int* mp = mask + (size_t)p * pooled_w;
-    INNER_LOOP(pw, pooled_w) {
-      const int index = mp[pw];
-      if (index >= 0) dxp[index] = dyp[pw];
+    } else {
+      INNER_LOOP(j, class_cols) {
+        const int index = mp[(size_t)j * step_w];
+        if (index >= 0) dxp[index] += dyp[(size_t)j * step_w];
+      }
     }
   }
 }

@@ -196,22 +196,26 @@ def test_forward_backward_vs_reference(case, method, dtype):
 
 
 @pytest.mark.parametrize("spec", ["kernel_size: 2 stride: 2", "kernel_size: 2 stride: 3 pad: 1",
-                                  "kernel_h: 1 kernel_w: 2 stride: 2", "global_pooling: true"])
-def test_max_backward_of_disjoint_windows_equals_the_gather_bit_for_bit(spec, monkeypatch):
-    # Windows that share no pixel take the scatter through the argmax (pool_max_backward_disjoint); the
-    # general gather kernel must give the same bits, ties and clipped windows included.
-    from minicaffe.layers.pooling import PoolingLayer
-
+                                  "kernel_h: 1 kernel_w: 2 stride: 2", "global_pooling: true",
+                                  "kernel_size: 3 stride: 2", "kernel_size: 3 stride: 1 pad: 1",
+                                  "kernel_h: 3 kernel_w: 5 stride_h: 1 stride_w: 2 pad: 1",
+                                  "kernel_size: 4 stride: 1"])
+def test_max_backward_adds_dy_at_each_windows_argmax(spec):
+    """Caffe's CPU backward, dx[argmax] += dy over the output cells in order, with ties and clipped and
+    overlapping windows (the kernel scatters one class of non-overlapping windows per launch). The dy
+    values are small integers, so every sum is exact whatever the order."""
     x = np.round(np.random.default_rng(5).standard_normal((2, 3, 7, 9)), 1).astype(np.float32)  # ties
     text = f'type: "Pooling" pooling_param {{ pool: MAX {spec} }}'
-    layer, bottom, top = run_layer(text, x, dtype=np.float32)
-    assert layer._windows_disjoint()
-    dy = np.random.default_rng(6).standard_normal(top[0].shape).astype(np.float32)
-    (scattered,) = backward_layer(layer, bottom, top, [dy])
-    monkeypatch.setattr(PoolingLayer, "_windows_disjoint", lambda self: False)
-    (gathered,) = backward_layer(layer, bottom, top, [dy])
-    np.testing.assert_array_equal(scattered, gathered)
-    assert np.count_nonzero(scattered) > 0
+    layer, bottom, top = run_layer(text, x, dtype=np.float32, num_top=2)
+    dy = np.random.default_rng(6).integers(-8, 9, size=top[0].shape).astype(np.float32)
+    (dx,) = backward_layer(layer, bottom, top, [dy, np.zeros_like(dy)])
+    expected = np.zeros(x.shape, np.float32)
+    argmax = top[1].data.astype(int)
+    for n, c, ph, pw in np.ndindex(*dy.shape):
+        if argmax[n, c, ph, pw] >= 0:
+            expected[n, c].reshape(-1)[argmax[n, c, ph, pw]] += dy[n, c, ph, pw]
+    np.testing.assert_array_equal(dx, expected)
+    assert np.count_nonzero(dx) > 0
 
 
 def test_empty_window_gives_caffe_values():

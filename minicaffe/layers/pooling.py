@@ -124,10 +124,12 @@ class PoolingLayer(Layer):
             self._columns[mode] = tuple(xp.asarray(a) for a in self._columns["host"])
         return self._columns[mode]
 
-    def _windows_disjoint(self) -> bool:
-        """No two windows share an input pixel: kernel <= stride (or a single window) on both axes."""
-        return ((self.kernel_h <= self.stride_h or self.pooled_h == 1)
-                and (self.kernel_w <= self.stride_w or self.pooled_w == 1))
+    def _disjoint_steps(self) -> tuple[int, int]:
+        """(rows, columns) between output cells whose windows share no input pixel: 1 on an axis where
+        kernel <= stride (or there is one window), else the fewest steps that span a kernel."""
+        return tuple(1 if kernel <= stride or pooled == 1 else -(-kernel // stride)
+                     for kernel, stride, pooled in ((self.kernel_h, self.stride_h, self.pooled_h),
+                                                    (self.kernel_w, self.stride_w, self.pooled_w)))
 
     def _argmax(self, shape):
         """MAX: each window's argmax (forward writes it, backward reads it)."""
@@ -153,23 +155,25 @@ class PoolingLayer(Layer):
         if not propagate_down[0]:
             return
         n, c, h, w = bottom[0].shape
-        planes = n * c * h
-        col_start, col_end = self._covering_columns()
-        cover = self._columns["cover"]
         dy = top[0].get_diff()
         dx = bottom[0].mutable_diff()
-        work = dx.size * cover * -(-self.kernel_h // self.stride_h)  # the covering cells of each input
         if self.method == AVE:
+            planes = n * c * h
+            col_start, col_end = self._covering_columns()
+            cover = self._columns["cover"]
+            work = dx.size * cover * -(-self.kernel_h // self.stride_h)  # the covering cells of each input
             KERNELS.pool_ave_backward(planes, self.pooled_h, self.pooled_w, h, w, self.kernel_h,
                                       self.kernel_w, self.stride_h, self.stride_w, self.pad_h,
                                       self.pad_w, cover, col_start, col_end, dy, dx, extents=(planes, w),
                                       work=work)
-        elif self._windows_disjoint():
-            dx.fill(0)
-            rows = n * c * self.pooled_h
-            KERNELS.pool_max_backward_disjoint(rows, self.pooled_h, self.pooled_w, h, w, dy,
-                                               self._argmax(dy.shape), dx, extents=(rows, self.pooled_w))
-        else:
-            KERNELS.pool_max_backward(planes, self.pooled_h, self.pooled_w, h, w, self.kernel_h,
-                                      self.stride_h, self.pad_h, cover, col_start, col_end, dy,
-                                      self._argmax(dy.shape), dx, extents=(planes, w), work=work)
+            return
+        # MAX: a scatter through the argmax, one launch per class of windows that share no pixel.
+        dx.fill(0)
+        argmax = self._argmax(dy.shape)
+        steps = self._disjoint_steps()
+        for first_ph in range(min(steps[0], self.pooled_h)):
+            for first_pw in range(min(steps[1], self.pooled_w)):
+                rows = -(-(self.pooled_h - first_ph) // steps[0])
+                cols = -(-(self.pooled_w - first_pw) // steps[1])
+                KERNELS.pool_max_backward(n * c * rows, rows, cols, first_ph, first_pw, *steps, self.pooled_h,
+                                          self.pooled_w, h, w, dy, argmax, dx, extents=(n * c * rows, cols))
