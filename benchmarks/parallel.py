@@ -39,7 +39,6 @@ SCRIPT = "benchmarks/parallel.py"
 NETS = ("LeNet-PReLU", "SphereFace-20")
 LINKS_GBIT = (10, 100)
 SCALING_RANKS = 8
-LOAD_BEFORE = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
 def build(name: str):
@@ -131,8 +130,8 @@ def section(rows: list[dict], command: str) -> str:
     links = " | ".join(f"{SCALING_RANKS} ranks at {g} Gbit/s" for g in LINKS_GBIT)
     lines = [begin, f"## Data-parallel training over MPI ({SCRIPT})", "",
              f"Reproduce: `{command}` (updates this section). Measured {dt.date.today().isoformat()} on "
-             f"{timing.machine()}; MPICH from the `mpi` extra, one CPU thread per rank; load average "
-             f"{LOAD_BEFORE:.2f} before the runs (other processes busy on the cores).", "",
+             f"{timing.machine()} (other processes busy on the cores); MPICH from the `mpi` extra, one CPU "
+             "thread per rank.", "",
              f"**This machine has {cores} cores**: ranks beyond {cores} share cores, and the other "
              "processes of the machine compete for them, so the 2-rank rows show the exchange's cost, not "
              "a speed-up one would see with a core (or a GPU) per rank. The expected speed-up columns "

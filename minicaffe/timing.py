@@ -97,9 +97,16 @@ def peer_environment() -> dict[str, str]:
     return env
 
 
+# The 1-minute load average when this module was imported, i.e. before a benchmark's runs: on a shared
+# machine it says how quiet the runs were (their own load would count if it were read afterwards).
+LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def machine() -> str:
-    """The line benchmarks print about the hardware: CPU model, usable cores, OS and architecture."""
-    return f"{cpu_model()}, {usable_cores()} cores usable, {platform.system()} {platform.machine()}"
+    """The line benchmarks print about the hardware: CPU model, usable cores, OS and architecture, and
+    the load average before the runs."""
+    load = "" if LOAD_AT_START is None else f", load average {LOAD_AT_START:.2f} before the runs"
+    return f"{cpu_model()}, {usable_cores()} cores usable, {platform.system()} {platform.machine()}{load}"
 
 
 def software() -> str:
