@@ -18,6 +18,15 @@ PROD, SUM, MAX = (caffe_pb2.EltwiseParameter.PROD, caffe_pb2.EltwiseParameter.SU
                   caffe_pb2.EltwiseParameter.MAX)
 
 
+def weighted_sum(arrays, coeffs, out) -> None:
+    """out = sum of coeffs[i] * arrays[i] (at least two arrays of out's size), added in order: the
+    first two in one pass (eltwise_sum2), then one axpy each. Also Split's backward (coefficients 1)."""
+    n = out.size
+    KERNELS.eltwise_sum2(n, arrays[0], arrays[1], out, coeffs[0], coeffs[1], extents=n)
+    for array, coeff in zip(arrays[2:], coeffs[2:]):
+        KERNELS.eltwise_axpy(n, array, out, coeff, extents=n)
+
+
 @register("Eltwise")
 class EltwiseLayer(Layer):
     min_num_bottom = 2
@@ -57,9 +66,7 @@ class EltwiseLayer(Layer):
             for x in xs[2:]:
                 KERNELS.eltwise_prod_into(n, x, y, extents=n)
         elif self.operation == SUM:
-            KERNELS.eltwise_sum2(n, xs[0], xs[1], y, self.coeffs[0], self.coeffs[1], extents=n)
-            for x, coeff in zip(xs[2:], self.coeffs[2:]):
-                KERNELS.eltwise_axpy(n, x, y, coeff, extents=n)
+            weighted_sum(xs, self.coeffs, y)
         elif self.operation == MAX:
             mask = self.max_index(y.shape)
             KERNELS.eltwise_max_first(n, xs[0], xs[1], y, mask, extents=n)
