@@ -14,7 +14,7 @@ from .. import backend
 from ..kernel import KernelFile
 from ..layer import TEST, NeuronLayer, register
 from .reduce import KERNELS as REDUCE
-from .reduce import channel_sums, channel_sums_of, channel_total, plane_lanes
+from .reduce import channel_sums, channel_sums_of, paired_channel_sums
 
 KERNELS = KernelFile("batch_norm.cu")
 
@@ -97,15 +97,11 @@ class BatchNormLayer(NeuronLayer):
         x - shift and of its square, shifted by the channel's first value, then both totalled in one
         deterministic stage 2: layers/reduce.py)."""
         num, channels, spatial = dims
-        planes, lanes, m = num * channels, plane_lanes(spatial), num * spatial
         shift = self.buffer("shift", (channels,))
         if x.size:
             shift[...] = x.reshape(dims)[0, :, 0]
-        partial = self.buffer("moment_partial", (2 * planes, lanes))
-        KERNELS.bn_moment_partials(planes, spatial, lanes, channels, x, shift, partial,
-                                   extents=(planes, lanes), work=x.size)
-        means = self.buffer("moment_means", (2 * channels,))  # of x - shift, then of its square
-        channel_total((num, 2 * channels, spatial), lanes, partial, means, accumulate=False, divisor=m)
+        means = paired_channel_sums(self, dims, KERNELS.bn_moment_partials, (channels, x, shift),
+                                    "moment_means", divisor=num * spatial)  # of x - shift, then its square
         batch_mean, batch_var = self.buffer("batch_mean", (channels,)), self.buffer("batch_var", (channels,))
         KERNELS.bn_batch_stats(channels, shift, means[:channels], means[channels:], self.eps, batch_mean,
                                batch_var, inv_std, extents=channels)

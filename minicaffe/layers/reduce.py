@@ -38,6 +38,22 @@ def channel_sums(layer: Layer, dims: tuple[int, int, int], stage1, args: tuple, 
         channel_total(dims, lanes, partial, out, accumulate, divisor)
 
 
+def paired_channel_sums(layer: Layer, dims: tuple[int, int, int], stage1, args: tuple, name: str,
+                        divisor: float = 1.0):
+    """Two channel sums from one read: the buffer `name` of 2 * dim values, the first sum of each channel
+    then the second, / divisor. stage1 takes (planes, inner, lanes, *args, partial) and writes plane
+    p = n * dim + c's partial sums of its two terms at rows p + n * dim and p + (n + 1) * dim of an
+    (outer, 2 dim, lanes) array (e.g. reduce.cu's sum_and_product_partials), so that one stage 2 over
+    2 * dim channels totals both, each in the order channel_sums would."""
+    outer, dim, inner = dims
+    planes, lanes = outer * dim, plane_lanes(inner)
+    partial = layer.buffer(f"{name}_partial", (2 * planes, lanes))
+    stage1(planes, inner, lanes, *args, partial, extents=(planes, lanes), work=planes * inner)
+    totals = layer.buffer(name, (2 * dim,))
+    channel_total((outer, 2 * dim, inner), lanes, partial, totals, accumulate=False, divisor=divisor)
+    return totals
+
+
 def channel_sums_of(layer: Layer, dims: tuple[int, int, int], values, out, accumulate: bool = True,
                     divisor: float = 1.0) -> None:
     """channel_sums of the elements of `values` (of shape dims). For inner <= LANES stage 1 would copy

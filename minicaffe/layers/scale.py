@@ -13,7 +13,7 @@ from ..proto import caffe_pb2
 from .bias import BiasLayer
 from .broadcast import BroadcastLayer
 from .reduce import KERNELS as REDUCE
-from .reduce import channel_total, plane_lanes
+from .reduce import paired_channel_sums
 
 
 @register("Scale")
@@ -98,13 +98,9 @@ class ScaleLayer(BroadcastLayer):
         """The bias gradient (dy summed over outer and inner) and the scale's (dy * x summed), both from
         one read of dy: reduce.cu's sum_and_product_partials, then one stage 2 over both. The same bits
         as the two sums apart (Bias's and the one above)."""
-        outer, dim, inner = self.dims
-        planes, lanes = outer * dim, plane_lanes(inner)
-        partial = self.buffer("partial", (2 * planes, lanes))
-        REDUCE.sum_and_product_partials(planes, inner, lanes, dim, dy, x, partial, extents=(planes, lanes),
-                                        work=2 * planes * inner)
-        totals = self.buffer("gradient_totals", (2 * dim,))
-        channel_total((outer, 2 * dim, inner), lanes, partial, totals, accumulate=False, divisor=1.0)
+        dim = self.dims[1]
+        totals = paired_channel_sums(self, self.dims, REDUCE.sum_and_product_partials, (dim, dy, x),
+                                     "gradient_totals")
         bias_diff = self.bias_layer.blobs[0].mutable_diff().reshape(-1)
         bias_diff += totals[:dim]
         scale_diff = scale.mutable_diff().reshape(-1)
