@@ -112,7 +112,7 @@ class PoolingLayer(Layer):
         for blob in top:
             blob.reshape(shape)
         key = (w, self.kernel_w, self.stride_w, self.pad_w, self.pooled_w)
-        if self._columns.get("key") != key:
+        if self.method == AVE and self._columns.get("key") != key:  # only AVE's backward gathers
             start, end = covering_columns(*key)
             self._columns = {"key": key, "host": (start, end), "cover": int((end - start).max())}
 
