@@ -284,9 +284,8 @@ class KernelFile:
 
     def _check_ints(self, name: str, plan: ArgumentPlan, extents: tuple[int, int], args) -> None:
         """Integer arguments and extents must fit the kernel's 32-bit ints (see the module docstring)."""
-        for value in extents:
+        for which, value in zip(("extents[0] (planes)", "extents[1] (inner)"), extents):
             if not INT_MIN <= value <= INT_MAX:
-                which = "extents[0] (planes)" if value is extents[0] else "extents[1] (inner)"
                 self._int_error(name, which, "int", value)
         for i, low, high in plan.int_ranges:
             if not low <= args[i] <= high:
