@@ -21,19 +21,17 @@ KERNEL void bn_variance_partials(const int planes, const int spatial, const int 
 // (bn_batch_stats): mean = shift + m1, var = m2 - m1^2. The shift is a value of the channel, so m1 is
 // within the channel's spread and the difference keeps its precision (the one-pass formula without a
 // shift loses it when the mean is large against the standard deviation).
-// Both go to one (num, 2 channels, lanes) array, plane (n, c)'s sums at "channel" c and its squares at
-// channels + c, so that one stage-2 launch over 2 channels totals both: plane p = n * channels + c writes
-// from row p + n * channels (mc_plane_partials writes row p of the array it is given).
+// Both in the (num, 2 channels, lanes) layout of mc_plane_partials_pair (reduce.h): the sums, then the
+// squares, totalled by one stage-2 launch.
 KERNEL void bn_moment_partials(const int planes, const int spatial, const int lanes, const int channels,
                                const real* x, const real* shift, real* partial) {
   PLANE_LOOP(p, planes) {
     const real k = shift[p % channels];
-    real* sums = partial + (size_t)(p / channels) * channels * lanes;
-    mc_plane_partials(p, spatial, lanes, [=](size_t j) { return x[j] - k; }, sums);
-    mc_plane_partials(p, spatial, lanes, [=](size_t j) {
-      const real v = x[j] - k;
-      return v * v;
-    }, sums + (size_t)channels * lanes);
+    mc_plane_partials_pair(p, spatial, lanes, channels, [=](size_t j) { return x[j] - k; },
+                           [=](size_t j) {
+                             const real v = x[j] - k;
+                             return v * v;
+                           }, partial);
   }
 }
 

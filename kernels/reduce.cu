@@ -17,16 +17,13 @@ KERNEL void product_sum_partials(const int planes, const int inner, const int la
   }
 }
 
-// Two stage-1 sums from one read of a and b: plane p = n * dim + c writes its partial sums of a to row
-// p + n * dim of an (outer, 2 dim, lanes) array and those of a * b to row p + (n + 1) * dim, so that one
-// stage-2 launch over 2 dim "channels" totals both, the sums of a first. Each sum's bits are those of
-// sum_partials and product_sum_partials (the same lanes, the same order).
+// Two stage-1 sums from one read of a and b (mc_plane_partials_pair): those of a, then those of a * b.
+// Each sum's bits are those of sum_partials and product_sum_partials (the same lanes, the same order).
 KERNEL void sum_and_product_partials(const int planes, const int inner, const int lanes, const int dim,
                                      const real* a, const real* b, real* partial) {
   PLANE_LOOP(p, planes) {
-    real* sums = partial + (size_t)(p / dim) * dim * lanes;
-    mc_plane_partials(p, inner, lanes, [=](size_t j) { return a[j]; }, sums);
-    mc_plane_partials(p, inner, lanes, [=](size_t j) { return a[j] * b[j]; }, sums + (size_t)dim * lanes);
+    mc_plane_partials_pair(p, inner, lanes, dim, [=](size_t j) { return a[j]; },
+                           [=](size_t j) { return a[j] * b[j]; }, partial);
   }
 }
 

@@ -44,3 +44,14 @@ DEVICE void mc_plane_partials(const int p, const int inner, const int lanes, con
   INNER_LOOP(l, inner - full) { acc[l] += term(offset + full + l); }
   INNER_LOOP(l, lanes) { partial[(size_t)p * lanes + l] = acc[l]; }
 }
+
+// Two sums of plane p = n * dim + c at once, in the (outer, 2 dim, lanes) layout of layers/reduce.py's
+// paired_channel_sums: the partials of `first` at row p + n * dim, those of `second` at row
+// p + (n + 1) * dim, so that one stage-2 launch over 2 dim "channels" totals both.
+template <class First, class Second>
+DEVICE void mc_plane_partials_pair(const int p, const int inner, const int lanes, const int dim,
+                                   const First& first, const Second& second, real* partial) {
+  real* sums = partial + (size_t)(p / dim) * dim * lanes;
+  mc_plane_partials(p, inner, lanes, first, sums);
+  mc_plane_partials(p, inner, lanes, second, sums + (size_t)dim * lanes);
+}
