@@ -249,3 +249,228 @@ KERNEL void depthwise_weight_partials(const int planes, const int inner, const i
     mc_plane_partials(p, inner, lanes, [=](size_t j) { return grad[j - base] * from[j - base]; }, partial);
   }
 }
+
+// -- Winograd F(4x4, 3x3): 3x3 stride-1 convolutions with a quarter of the multiplications ------------
+//
+// Lavin & Gray's minimal filtering (arXiv:1509.09308), with the interpolation points 0, +-1, +-2: a 4x4
+// block of outputs of a 3x3 filter g over a 6x6 input tile d is A^T [(G g G^T) .* (B^T d B)] A. Summed
+// over input channels, the 36 element-wise products become 36 GEMMs, M[xi] = U[xi] @ V[xi], with
+//   U[xi] (out_channels x in_channels)  = (G g G^T)[xi]   per filter   (winograd_weights)
+//   V[xi] (in_channels x tiles)         = (B^T d B)[xi]   per tile     (winograd_input)
+// and y = A^T M A per tile (winograd_output): 36 multiplications per 4x4 block and channel pair in the
+// GEMMs where a direct convolution does 9 * 16. Tile t = (n * tiles_h + th) * tiles_w + tw covers outputs
+// (4 th .. 4 th + 3, 4 tw .. 4 tw + 3) and reads the input rows and columns from 4 th - pad and 4 tw - pad,
+// six of each (zero outside the image, as padding). Point xi = 6 * row + column of the 6x6 transform.
+// The gradients are the same transforms transposed: the weight gradient is G^T (sum over tiles of
+// (A dy A^T) .* (B^T d B)) G (winograd_output_diff, one GEMM per xi, winograd_weight_diff); the input
+// gradient is the forward of dy padded by 2 - pad with the filters flipped and in and out swapped
+// (winograd_weights with flip = 1).
+// U, V and M (and the gradients' W and dU) are 36 matrices point_step elements apart, a little more than
+// a matrix: the kernels read or write all 36 at once, and at a power-of-two distance those 36 streams
+// fell into the same few cache sets (the input transform of 8x32x32x32 took 1.3 ms, 5x the copy).
+// Every kernel loops over planes of one tile row (or one filter row) with its tiles (filters) as the
+// inner loop; one inner iteration owns its tile's (filter's) outputs, so the launches are race-free.
+// The transforms are products with small constants (B and A: integers; G: 1/4, 1/6, 1/12, 1/24), which
+// add a few ulp of rounding where the direct sum of 9 products adds one per product.
+//
+// index clamped to [0, size): an address inside the plane's row for any tile.
+DEVICE int clamp_index(const int index, const int size) {
+  return index < 0 ? 0 : (index < size ? index : size - 1);
+}
+
+// One axis of each transform, as statements declaring its outputs o##0, o##1, ... (scalars, so that the
+// inner loops vectorize: see EACHn in shim.h). The inputs are scalar names (each is read several times).
+// B^T d: the input transform.
+#define WINOGRAD_BT(o, d0, d1, d2, d3, d4, d5)                     \
+  const real o##0 = real(4) * d0 - real(5) * d2 + d4;              \
+  const real o##1 = d3 + d4 - real(4) * (d1 + d2);                 \
+  const real o##2 = real(4) * (d1 - d2) + d4 - d3;                 \
+  const real o##3 = real(2) * (d3 - d1) + d4 - d2;                 \
+  const real o##4 = real(2) * (d1 - d3) + d4 - d2;                 \
+  const real o##5 = real(4) * d1 - real(5) * d3 + d5;
+// A^T m: the output transform.
+#define WINOGRAD_AT(o, m0, m1, m2, m3, m4, m5)                                  \
+  const real o##0 = m0 + (m1 + m2) + (m3 + m4);                                 \
+  const real o##1 = (m1 - m2) + real(2) * (m3 - m4);                            \
+  const real o##2 = (m1 + m2) + real(4) * (m3 + m4);                            \
+  const real o##3 = (m1 - m2) + real(8) * (m3 - m4) + m5;
+// G g: the filter transform.
+#define WINOGRAD_G(o, g0, g1, g2)                                               \
+  const real o##0 = g0 / real(4);                                               \
+  const real o##1 = -(g0 + g2 + g1) / real(6);                                  \
+  const real o##2 = (g1 - g0 - g2) / real(6);                                   \
+  const real o##3 = g0 / real(24) + g1 / real(12) + g2 / real(6);               \
+  const real o##4 = g0 / real(24) - g1 / real(12) + g2 / real(6);               \
+  const real o##5 = g2;
+// A y: the adjoint of A^T, for the output gradient.
+#define WINOGRAD_A(o, y0, y1, y2, y3)                                           \
+  const real o##0 = y0;                                                         \
+  const real o##1 = y0 + y1 + y2 + y3;                                          \
+  const real o##2 = y0 - y1 + y2 - y3;                                          \
+  const real o##3 = y0 + real(2) * y1 + real(4) * y2 + real(8) * y3;            \
+  const real o##4 = y0 - real(2) * y1 + real(4) * y2 - real(8) * y3;            \
+  const real o##5 = y3;
+// G^T u: the adjoint of G, for the weight gradient.
+#define WINOGRAD_GT(o, u0, u1, u2, u3, u4, u5)                                  \
+  const real o##0 = u0 / real(4) - (u1 + u2) / real(6) + (u3 + u4) / real(24);  \
+  const real o##1 = (u2 - u1) / real(6) + (u3 - u4) / real(12);                 \
+  const real o##2 = (u3 + u4 - u1 - u2) / real(6) + u5;
+
+// U[xi, o, i] = (G g G^T)[xi] for the filter g = weights[o, i] (3x3), or with flip = 1 the filter
+// weights[i, o] turned by 180 degrees (weights then being (in_channels, out_channels, 3, 3)): the input
+// gradient's filters. Planes: out_channels; inner: in_channels.
+// (Indices inside the inner loops are ints off per-plane pointers, as in every kernel here: GCC proves
+// an int index affine in the loop variable, which it cannot for a size_t sum that includes it.)
+KERNEL void winograd_weights(const int planes, const real* weights, real* u, const int point_step,
+                             const int in_channels, const int flip) {
+  PLANE_LOOP(o, planes) {
+    // tap (a, b) of filter i at first[i * filter_step + tap_step * (3 a + b)]
+    const real* first = weights + (flip ? (size_t)o * 9 + 8 : (size_t)o * in_channels * 9);
+    const int filter_step = flip ? planes * 9 : 9;
+    const int tap_step = flip ? -1 : 1;
+    real* dst = u + (size_t)o * in_channels;
+    INNER_LOOP(i, in_channels) {
+      const real* g = first + i * filter_step;
+#define TAPS(a) const real g##a##0 = g[tap_step * (3 * a)], g##a##1 = g[tap_step * (3 * a + 1)], \
+                           g##a##2 = g[tap_step * (3 * a + 2)];
+      EACH3(TAPS)
+#define COLUMN(b) WINOGRAD_G(c##b##_, g0##b, g1##b, g2##b)  // column b of G g: c<b>_<row>
+      EACH3(COLUMN)
+// Row r of the 6x6 result (its values v0 .. v5) into U, V or W[6 r .. 6 r + 5] at `index` of the
+// plane's pointer dst (EACHn cannot nest, so the six stores are written out).
+#define STORE_ROW(r, index) (dst + (size_t)(6 * r) * point_step)[index] = v0; (dst + (size_t)(6 * r + 1) * point_step)[index] = v1; \
+  (dst + (size_t)(6 * r + 2) * point_step)[index] = v2; (dst + (size_t)(6 * r + 3) * point_step)[index] = v3;                  \
+  (dst + (size_t)(6 * r + 4) * point_step)[index] = v4; (dst + (size_t)(6 * r + 5) * point_step)[index] = v5;
+#define ROW(r) { WINOGRAD_G(v, c0_##r, c1_##r, c2_##r) STORE_ROW(r, i) }
+      EACH6(ROW)
+#undef TAPS
+#undef COLUMN
+#undef ROW
+    }
+  }
+}
+
+// V[xi, c, t] = (B^T d B)[xi] for the input tile d of tile t: padded images (num, channels, padded_h,
+// padded_w), the zero padding already in place (im2col with a 1x1 kernel: layers/convolution.py), at least
+// 4 tiles_h + 2 by 4 tiles_w + 2; V (36, channels, tiles), tiles = num * tiles_h * tiles_w. Planes:
+// (n, c, th); inner: tw. (Without the padded copy, the zeros at the border were loads under a condition:
+// masked loads at a stride, which GCC does not vectorize; the transform took 5x as long as the copy.)
+KERNEL void winograd_input(const int planes, const real* padded, real* v, const int point_step,
+                           const int channels, const int padded_h, const int padded_w, const int tiles_h,
+                           const int tiles_w) {
+  const int tiles = planes / channels * tiles_w;
+  PLANE_LOOP(p, planes) {
+    const int th = p % tiles_h;
+    const int c = (p / tiles_h) % channels;
+    const int n = p / (tiles_h * channels);
+    const real* image = padded + (((size_t)n * channels + c) * padded_h + th * 4) * padded_w;
+    real* dst = v + (size_t)c * tiles + ((size_t)n * tiles_h + th) * tiles_w;
+#define INPUT_ROW(r) const real* const row##r = image + r * padded_w;
+    EACH6(INPUT_ROW)
+    INNER_LOOP(tw, tiles_w) {
+#define LOAD(r, j) const real d##r##j = row##r[tw * 4 + j];
+#define COLUMN(j) LOAD(0, j) LOAD(1, j) LOAD(2, j) LOAD(3, j) LOAD(4, j) LOAD(5, j) \
+                  WINOGRAD_BT(c##j##_, d0##j, d1##j, d2##j, d3##j, d4##j, d5##j)  // column j of B^T d
+      EACH6(COLUMN)
+#define ROW(r) { WINOGRAD_BT(v, c0_##r, c1_##r, c2_##r, c3_##r, c4_##r, c5_##r) STORE_ROW(r, tw) }
+      EACH6(ROW)
+#undef INPUT_ROW
+#undef LOAD
+#undef COLUMN
+#undef ROW
+    }
+  }
+}
+
+// W[xi, k, t] = (A dy A^T)[xi] for the 4x4 block of dy (num, channels, out_h, out_w) that tile t covers
+// (zero outside out_h x out_w): the output gradient in the GEMMs' space. Planes: (n, k, th); inner: tw.
+KERNEL void winograd_output_diff(const int planes, const real* dy, real* w, const int point_step,
+                                 const int channels, const int out_h, const int out_w, const int tiles_h,
+                                 const int tiles_w) {
+  const int tiles = planes / channels * tiles_w;
+  PLANE_LOOP(p, planes) {
+    const int th = p % tiles_h;
+    const int k = (p / tiles_h) % channels;
+    const int n = p / (tiles_h * channels);
+    const real* plane = dy + ((size_t)n * channels + k) * out_h * out_w;
+    real* dst = w + (size_t)k * tiles + ((size_t)n * tiles_h + th) * tiles_w;
+// Row r of the tile row's 4x4 blocks, in the plane; one past out_h (in the last tile row) reads as zeros
+// or is not written, and points at row 0, in bounds.
+#define BLOCK_ROW(r) const bool inside##r = th * 4 + r < out_h; \
+                     auto* const row##r = plane + (size_t)(inside##r ? th * 4 + r : 0) * out_w;
+    EACH4(BLOCK_ROW)
+    INNER_LOOP(tw, tiles_w) {
+#define LOAD(r, j) const real d##r##j = inside##r && tw * 4 + j < out_w \
+                                        ? row##r[clamp_index(tw * 4 + j, out_w)] : real(0);  // as above
+#define COLUMN(j) LOAD(0, j) LOAD(1, j) LOAD(2, j) LOAD(3, j) \
+                  WINOGRAD_A(c##j##_, d0##j, d1##j, d2##j, d3##j)  // column j of A dy
+      EACH4(COLUMN)
+#define ROW(r) { WINOGRAD_A(v, c0_##r, c1_##r, c2_##r, c3_##r) STORE_ROW(r, tw) }
+      EACH6(ROW)
+#undef LOAD
+#undef COLUMN
+#undef ROW
+    }
+  }
+}
+
+// y = (A^T m A) (+ bias[k]) for every tile of M (36, channels, tiles): y (num, channels, out_h, out_w),
+// the outputs of a tile that fall outside out_h x out_w not written. Planes: (n, k, th); inner: tw.
+KERNEL void winograd_output(const int planes, const real* m, const int point_step, const real* bias,
+                            const int bias_term, real* y, const int channels, const int out_h, const int out_w,
+                            const int tiles_h, const int tiles_w) {
+  const int tiles = planes / channels * tiles_w;
+  PLANE_LOOP(p, planes) {
+    const int th = p % tiles_h;
+    const int k = (p / tiles_h) % channels;
+    const int n = p / (tiles_h * channels);
+    const real* src = m + (size_t)k * tiles + ((size_t)n * tiles_h + th) * tiles_w;
+    real* plane = y + ((size_t)n * channels + k) * out_h * out_w;
+    const real offset = bias_term ? bias[k] : real(0);
+#define STORE_ROW_OF(r) real* const store_row##r = plane + (size_t)(th * 4 + r < out_h ? th * 4 + r : out_h - 1) * out_w;
+    EACH4(STORE_ROW_OF)
+#undef STORE_ROW_OF
+    INNER_LOOP(tw, tiles_w) {
+#define LOAD(r, j) const real m##r##j = (src + (size_t)(6 * r + j) * point_step)[tw];
+#define COLUMN(j) LOAD(0, j) LOAD(1, j) LOAD(2, j) LOAD(3, j) LOAD(4, j) LOAD(5, j) \
+                  WINOGRAD_AT(c##j##_, m0##j, m1##j, m2##j, m3##j, m4##j, m5##j)  // column j of A^T m
+      EACH6(COLUMN)
+      // No store under a condition (masked stores do not vectorize at a stride): an output past the
+      // plane's last row or column goes to that last row or column instead, before the value that
+      // belongs there (rows and columns in decreasing order), which then overwrites it. One inner
+      // iteration owns those elements, so on the GPU too the last store wins.
+#define STORE(r, j) store_row##r[clamp_index(tw * 4 + j, out_w)] = v##j + offset;
+#define ROW(r) { WINOGRAD_AT(v, c0_##r, c1_##r, c2_##r, c3_##r, c4_##r, c5_##r) \
+                 STORE(r, 3) STORE(r, 2) STORE(r, 1) STORE(r, 0) }
+      ROW(3) ROW(2) ROW(1) ROW(0)
+#undef LOAD
+#undef COLUMN
+#undef STORE
+#undef ROW
+    }
+  }
+}
+#undef BLOCK_ROW
+
+// weight_diff[o, i] += G^T du[:, o, i] G (3x3) for du (36, out_channels, in_channels): the weight
+// gradient out of the GEMMs' space, added in place. Planes: out_channels; inner: in_channels.
+KERNEL void winograd_weight_diff(const int planes, const real* du, const int point_step, real* weight_diff,
+                                 const int in_channels) {
+  PLANE_LOOP(o, planes) {
+    const real* src = du + (size_t)o * in_channels;
+    real* dst = weight_diff + (size_t)o * in_channels * 9;
+    INNER_LOOP(i, in_channels) {
+#define LOAD(r, c) const real u##r##c = (src + (size_t)(6 * r + c) * point_step)[i];
+#define ROW(r) LOAD(r, 0) LOAD(r, 1) LOAD(r, 2) LOAD(r, 3) LOAD(r, 4) LOAD(r, 5) \
+               WINOGRAD_GT(t##r##_, u##r##0, u##r##1, u##r##2, u##r##3, u##r##4, u##r##5)  // row r of du G
+      EACH6(ROW)
+#define COLUMN(c) { WINOGRAD_GT(v, t0_##c, t1_##c, t2_##c, t3_##c, t4_##c, t5_##c) \
+                    dst[i * 9 + c] += v0; dst[i * 9 + 3 + c] += v1; dst[i * 9 + 6 + c] += v2; }
+      EACH3(COLUMN)
+#undef LOAD
+#undef ROW
+#undef COLUMN
+    }
+  }
+}
+#undef STORE_ROW

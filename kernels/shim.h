@@ -139,6 +139,14 @@ DEVICE int mc_next_index(const int j, const long long stride, const long long n)
 #define ELEMENT_LOOP(i, n) PLANE_LOOP(mc_plane, 1) INNER_LOOP(i, n)
 #endif
 
+// EACHn(M): M(0) M(1) ... M(n - 1), the macro M expanded for each constant. A loop of a fixed small count
+// (one axis of a 6-point transform) written out this way can name its values by token pasting (x##i),
+// so they are scalars: an inner loop whose body holds a local array (or takes a local's address) does
+// not vectorize on the CPU -- GCC gives each SIMD lane its own copy of the array in memory.
+#define EACH3(M) M(0) M(1) M(2)
+#define EACH4(M) EACH3(M) M(3)
+#define EACH6(M) EACH4(M) M(4) M(5)
+
 // max/min as plain selects: std::fmax/fmin block GCC's vectorizer (they handle NaN specially).
 DEVICE real rmax(real a, real b) { return a > b ? a : b; }
 DEVICE real rmin(real a, real b) { return a < b ? a : b; }

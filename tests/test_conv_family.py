@@ -14,6 +14,7 @@ import pytest
 
 from minicaffe.blob import Blob
 from minicaffe.layer import LayerError
+from minicaffe.layers import convolution
 from minicaffe.solver import Solver
 from minicaffe.testing import check_layer, layer_from_prototxt
 from tests.conftest import backward_layer, run_layer
@@ -162,6 +163,22 @@ def test_deconvolution_gradients(case):
     extra, shape, num_output, _ = DECONV_CASES[case]
     x = np.random.default_rng(3).normal(size=shape)
     check_layer(layer_from_prototxt(deconv_text(num_output, extra)), [x], stepsize=1e-3, threshold=1e-5)
+
+
+@pytest.mark.parametrize("extra, pad", [("kernel_size: 3", 0), ("kernel_size: 3 pad: 1", 1),
+                                        ("kernel_size: 3 pad: 2 bias_term: false", 2)])
+def test_deconvolution_through_winograd_matches_reference_and_gradients(monkeypatch, extra, pad):
+    """A 3x3 stride-1 Deconvolution runs the Winograd kernels (thresholds 0 here) with the sides swapped:
+    its forward is the convolution's input gradient (pad 2 - pad), its weight gradient the same."""
+    monkeypatch.setattr(convolution, "WINOGRAD_MIN_TILES", 0)
+    monkeypatch.setattr(convolution, "WINOGRAD_MIN_CHANNELS", 0)
+    x = np.random.default_rng(4).normal(size=(2, 3, 5, 6))
+    layer, _, top = run_layer(deconv_text(4, extra), x)
+    assert layer._is_winograd()
+    bias = layer.blobs[1].data if len(layer.blobs) > 1 else None
+    expected = deconv_reference(x, layer.blobs[0].data, bias, pad=(pad, pad))
+    np.testing.assert_allclose(top[0].data, expected, rtol=1e-11, atol=1e-11)
+    check_layer(layer_from_prototxt(deconv_text(4, extra)), [x], stepsize=1e-3, threshold=1e-5)
 
 
 def test_deconvolution_axis_2_treats_leading_axes_as_batch():

@@ -415,3 +415,136 @@ def test_loaded_weights_of_wrong_shape_are_rejected():
     message = r"parameter blob 0 has shape \[2, 1, 2, 2\], expected \[2, 1, 3, 3\]"
     with pytest.raises(LayerError, match=message):
         layer.setup([Blob((1, 1, 4, 4), np.float64)], [Blob((), np.float64)])
+
+
+# -- Winograd F(4x4, 3x3) ---------------------------------------------------------------------------
+
+@pytest.fixture
+def winograd_always(monkeypatch):
+    """The Winograd kernels for every 3x3 stride-1 convolution, however small (thresholds 0)."""
+    monkeypatch.setattr(convolution, "WINOGRAD_MIN_TILES", 0)
+    monkeypatch.setattr(convolution, "WINOGRAD_MIN_CHANNELS", 0)
+
+
+def test_winograd_transforms_give_the_3_tap_correlation():
+    """The 1-d F(4, 3) identity the kernels are built on, with the matrices written out by hand from
+    Lavin & Gray: y = A^T [(G g) * (B^T d)] is y[i] = sum_j g[j] d[i + j] for any d (6) and g (3)."""
+    bt = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                   [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], float)
+    g_matrix = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                         [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+    at = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], float)
+    rng = np.random.default_rng(30)
+    d, g = rng.normal(size=6), rng.normal(size=3)
+    np.testing.assert_allclose(at @ ((g_matrix @ g) * (bt @ d)), np.correlate(d, g, "valid"), rtol=1e-12)
+
+
+def test_winograd_hand_checked_ones(winograd_always):
+    """All-ones 3x3 filter, pad 1, on a 5x6 ramp: each output is the sum of its 3x3 neighbourhood (9
+    inner values, 6 on an edge, 4 in a corner), across two 4x4 tiles with a cut edge."""
+    x = np.arange(30, dtype=np.float64).reshape(1, 1, 5, 6)
+    layer, _, top = setup_layer(conv_text(1, "kernel_size: 3 pad: 1", fillers=False), x,
+                                weights=np.ones((1, 1, 3, 3)), bias=[0.5])
+    assert layer._is_winograd()
+    padded = np.pad(x[0, 0], 1)
+    expected = [[padded[i:i + 3, j:j + 3].sum() + 0.5 for j in range(6)] for i in range(5)]
+    assert expected[0][0] == 0 + 1 + 6 + 7 + 0.5
+    np.testing.assert_allclose(top[0].data[0, 0], expected, rtol=1e-13)
+
+
+WINOGRAD_CASES = {
+    "pad 1, tiles cut by both edges": ("kernel_size: 3 pad: 1", (2, 3, 9, 7), 4),
+    "pad 0": ("kernel_size: 3", (1, 5, 6, 10), 2),
+    "pad 2, no bias": ("kernel_size: 3 pad: 2 bias_term: false", (3, 2, 5, 5), 3),
+    "pad_h 0, pad_w 2": ("kernel_size: 3 pad_h: 0 pad_w: 2", (2, 2, 8, 3), 3),
+    "one output row": ("kernel_size: 3", (1, 2, 3, 9), 2),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", WINOGRAD_CASES)
+def test_winograd_forward_and_backward_match_the_direct_convolution(winograd_always, monkeypatch, case,
+                                                                    dtype):
+    """Forward against the float64 direct loop; both gradients against the im2col path on the same
+    layer (thresholds raised), which the other tests check against the reference."""
+    extra, shape, num_output = WINOGRAD_CASES[case]
+    rng = np.random.default_rng(31)
+    x = rng.normal(size=shape)
+    layer, bottom, top = setup_layer(conv_text(num_output, extra), x, dtype)
+    assert layer._is_winograd()
+    bias = layer.blobs[1].data if len(layer.blobs) > 1 else None
+    pad = layer.geometry.pad
+    expected = conv_reference(x.astype(dtype), layer.blobs[0].data, bias, pad=pad)
+    # fp32: the transforms round a few times per product (constants up to 8 and 1/24) where the direct
+    # sum rounds once per product; measured errors are within 4e-6 of the largest output
+    tolerance = 2e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(top[0].data, expected, rtol=0, atol=tolerance * np.abs(expected).max())
+    dy = rng.normal(size=top[0].shape)
+    grads = []
+    for winograd in (True, False):
+        monkeypatch.setattr(convolution, "WINOGRAD_MIN_TILES", 0 if winograd else 1 << 40)
+        assert layer._is_winograd() == winograd
+        for blob in layer.blobs:
+            blob.diff[...] = 0
+        backward_with(layer, bottom, top, dy)
+        grads.append([np.array(bottom[0].diff)] + [np.array(b.diff) for b in layer.blobs])
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=0, atol=tolerance * np.abs(b).max())
+
+
+@pytest.mark.parametrize("case", ["pad 1, tiles cut by both edges", "pad 2, no bias", "pad_h 0, pad_w 2"])
+def test_winograd_gradients_of_bottom_weights_and_bias(winograd_always, case):
+    extra, shape, num_output = WINOGRAD_CASES[case]
+    x = np.random.default_rng(32).normal(size=shape)
+    layer = layer_from_prototxt(conv_text(num_output, extra))
+    check_layer(layer, [x], stepsize=1e-3, threshold=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_winograd_in_chunks_equals_one_chunk(winograd_always, monkeypatch, dtype):
+    """Images taken through the Winograd buffers a few at a time (the weight gradient summed over the
+    chunks in order) give what one pass gives."""
+    rng = np.random.default_rng(33)
+    x, dy = rng.normal(size=(5, 3, 6, 7)), rng.normal(size=(5, 4, 6, 7))
+    results = []
+    for limit in (1 << 20, 36 * 4 * 4 * 2):  # all 5 images at once; chunks of 2 (4 tiles per image)
+        monkeypatch.setattr(convolution, "WINOGRAD_BUFFER_LIMIT", limit)
+        layer, bottom, top = setup_layer(conv_text(4, "kernel_size: 3 pad: 1"), x, dtype)
+        assert [count for _, count in layer._winograd_chunks(4)] == ([5] if limit > 1 << 16 else [2, 2, 1])
+        backward_with(layer, bottom, top, dy)
+        results.append([np.array(top[0].data), np.array(bottom[0].diff)]
+                       + [np.array(b.diff) for b in layer.blobs])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+
+
+def test_winograd_is_chosen_where_it_was_measured_faster():
+    """The default thresholds: the kernel benchmark's 8x32x32x32 3x3 -> 32 and ResNet-50's 64-channel
+    56x56 layers take Winograd; other geometries, narrow GEMMs and engine CAFFE take im2col."""
+    def chosen(extra, shape, num_output=32):
+        layer, _, _ = setup_layer(conv_text(num_output, extra), np.zeros(shape), np.float32)
+        return layer._is_winograd()
+
+    assert chosen("kernel_size: 3 pad: 1", (8, 32, 32, 32))
+    assert chosen("kernel_size: 3 pad: 1", (1, 64, 56, 56), 64)
+    assert not chosen("kernel_size: 3 pad: 1 engine: CAFFE", (8, 32, 32, 32))
+    assert not chosen("kernel_size: 3 pad: 1 stride: 2", (8, 32, 32, 32))
+    assert not chosen("kernel_size: 3 pad: 1 dilation: 2", (8, 32, 32, 32))
+    assert not chosen("kernel_size: 3 pad: 1 group: 2", (8, 32, 32, 32))
+    assert not chosen("kernel_size: 3 pad: 3", (8, 32, 32, 32))
+    assert not chosen("kernel_size: 5 pad: 2", (8, 32, 32, 32))
+    assert not chosen("kernel_size: 3 pad: 1", (8, 16, 32, 32))  # 16 input channels
+    assert not chosen("kernel_size: 3 pad: 1", (1, 256, 14, 14), 256)  # 16 tiles
+
+
+def test_engine_caffe_gives_the_im2col_results(winograd_always, monkeypatch):
+    """engine: CAFFE asks for Caffe's own im2col + GEMM: the same bits as the im2col path."""
+    x = np.random.default_rng(34).normal(size=(2, 3, 6, 6)).astype(np.float32)
+    caffe, _, caffe_top = setup_layer(conv_text(2, "kernel_size: 3 pad: 1 engine: CAFFE"), x, np.float32)
+    weights, bias = caffe.blobs[0].data, caffe.blobs[1].data
+    default, _, default_top = setup_layer(conv_text(2, "kernel_size: 3 pad: 1"), x, np.float32, weights, bias)
+    assert default._is_winograd() and not caffe._is_winograd()
+    assert not np.array_equal(default_top[0].data, caffe_top[0].data)  # Winograd rounds otherwise
+    monkeypatch.setattr(convolution, "WINOGRAD_MIN_TILES", 1 << 40)
+    _, _, im2col_top = setup_layer(conv_text(2, "kernel_size: 3 pad: 1"), x, np.float32, weights, bias)
+    np.testing.assert_array_equal(caffe_top[0].data, im2col_top[0].data)

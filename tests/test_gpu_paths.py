@@ -43,6 +43,7 @@ from minicaffe.kernel import (
     gpu_options,
     launch_geometry,
 )
+from minicaffe.layers import convolution
 from minicaffe.net import Net, NetError
 from minicaffe.proto import caffe_pb2
 from minicaffe.solver import Solver
@@ -277,8 +278,10 @@ class Case:
     kernels: bool = True  # the layer launches kernels
     inputs: list = field(default_factory=list)  # fixed bottom arrays instead of random ones
     top_survives: bool = False  # as a Net sets it when no later layer writes the top (Layer.lean_keep)
+    settings: dict = field(default_factory=dict)  # module constants set for the case: {(module, name): value}
 
 
+WINOGRAD_ALWAYS = {(convolution, "WINOGRAD_MIN_TILES"): 0, (convolution, "WINOGRAD_MIN_CHANNELS"): 0}
 FILL = 'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.3 }'
 X = (2, 3, 5, 4)
 CASES = {
@@ -318,6 +321,12 @@ CASES = {
                                   f'{FILL} }}', [X]),
     "convolution_depthwise_no_bias": Case(f'type: "Convolution" convolution_param {{ num_output: 3 group: 3 '
                                           f'kernel_size: 2 bias_term: false {FILL} }}', [X]),
+    # Winograd F(4x4, 3x3) at any size (its thresholds set to 0): tiles cut by the output's edges
+    "convolution_winograd": Case(f'type: "Convolution" convolution_param {{ num_output: 4 kernel_size: 3 '
+                                 f'pad: 1 {FILL} }}', [X], settings=WINOGRAD_ALWAYS),
+    "convolution_winograd_pad_2_no_bias": Case(
+        f'type: "Convolution" convolution_param {{ num_output: 2 kernel_size: 3 pad: 2 bias_term: false '
+        f'{FILL} }}', [(2, 3, 6, 9)], settings=WINOGRAD_ALWAYS),
     "convolution_1x1": Case(f'type: "Convolution" convolution_param {{ num_output: 2 kernel_size: 1 '
                             f'{FILL} }}', [X], kernels=False),
     "inner_product": Case(f'type: "InnerProduct" inner_product_param {{ num_output: 5 {FILL} }}', [X],
@@ -484,6 +493,17 @@ def make_inputs(case: Case, dtype, seed: int) -> list[np.ndarray]:
 def run_case(case: Case, dtype, gpu: bool | tuple[bool, bool], cupy) -> dict[str, np.ndarray]:
     """Set up, then twice (new inputs, next forward index): forward, backward; every top, bottom diff
     and parameter (data and accumulated diff) as host copies. `gpu` may give the mode of each pass."""
+    saved = {(module, name): getattr(module, name) for module, name in case.settings}
+    try:
+        for (module, name), value in case.settings.items():
+            setattr(module, name, value)
+        return _run_case(case, dtype, gpu, cupy)
+    finally:
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
+
+
+def _run_case(case: Case, dtype, gpu: bool | tuple[bool, bool], cupy) -> dict[str, np.ndarray]:
     modes = gpu if isinstance(gpu, tuple) else (gpu, gpu)
     set_mode(modes[0])
     minicaffe.set_random_seed(1701)
