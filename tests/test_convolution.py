@@ -548,3 +548,34 @@ def test_engine_caffe_gives_the_im2col_results(winograd_always, monkeypatch):
     monkeypatch.setattr(convolution, "WINOGRAD_MIN_TILES", 1 << 40)
     _, _, im2col_top = setup_layer(conv_text(2, "kernel_size: 3 pad: 1"), x, np.float32, weights, bias)
     np.testing.assert_array_equal(caffe_top[0].data, im2col_top[0].data)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_winograd_backward_with_two_bottoms_and_twice(winograd_always, monkeypatch, dtype):
+    """Forward keeps the last pair's transformed input for the weight gradient: with two bottom/top pairs
+    (and a second backward after the first) every pair's gradient still comes from its own input."""
+    rng = np.random.default_rng(35)
+    xs = [rng.normal(size=(2, 3, 5, 6)) for _ in range(2)]
+    dys = [rng.normal(size=(2, 4, 5, 6)) for _ in range(2)]
+    results = []
+    for limit in (0, 1 << 40):  # Winograd, then im2col
+        monkeypatch.setattr(convolution, "WINOGRAD_MIN_TILES", limit)
+        layer = layer_from_prototxt(conv_text(4, "kernel_size: 3 pad: 1"), dtype=dtype)
+        bottom = [Blob(x.shape, dtype) for x in xs]
+        top = [Blob((), dtype), Blob((), dtype)]
+        for blob, x in zip(bottom, xs):
+            blob.data[...] = x
+        layer.setup(bottom, top)
+        layer.blobs[0].data[...] = rng.normal(size=layer.blobs[0].shape) if not results else results[0][0]
+        assert layer._is_winograd() == (limit == 0)
+        layer.forward(bottom, top)
+        for blob, dy in zip(top, dys):
+            blob.diff[...] = dy
+        layer.backward(top, [True, True], bottom)
+        once = np.array(layer.blobs[0].diff)
+        layer.backward(top, [True, True], bottom)
+        np.testing.assert_allclose(layer.blobs[0].diff, 2 * once, rtol=1e-5 if dtype == np.float32 else 1e-12)
+        results.append([np.array(layer.blobs[0].data), once] + [np.array(b.diff) for b in bottom])
+    tolerance = 2e-5 if dtype == np.float32 else 1e-12
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=0, atol=tolerance * np.abs(b).max())

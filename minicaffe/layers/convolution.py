@@ -25,6 +25,8 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import backend, threads
 from ..blas import PARALLEL_MIN_FLOPS, gemm_accumulate, matmul
 from ..kernel import KernelFile
@@ -180,6 +182,11 @@ def winograd_point_step(size: int) -> int:
     kernels/convolution.cu)."""
     step = -(-size // 16) * 16
     return step + 16 if (step // 16) % 2 == 0 else step
+
+
+def _address(array) -> int:
+    """Where a numpy or cupy array's data starts."""
+    return array.__array_interface__["data"][0] if isinstance(array, np.ndarray) else array.data.ptr
 
 
 @dataclass(frozen=True)
@@ -395,8 +402,14 @@ class ConvolutionLayer(Layer):
     # -- forward / backward ------------------------------------------------------------------
     def forward(self, bottom, top):
         bias = self.blobs[1].get_data() if self.bias_term else None
-        for b, t in zip(bottom, top):
-            self._forward_gemm(self._images(b.get_data()), self._outputs(t.mutable_data()), bias)
+        self._winograd_inputs_of = None
+        for i, (b, t) in enumerate(zip(bottom, top)):
+            images = self._images(b.get_data())
+            self._forward_gemm(images, self._outputs(t.mutable_data()), bias)
+            if self._is_winograd() and len(list(self._winograd_chunks(_tile_count(self.out_size)))) == 1:
+                # the last pair's transformed input stays in its buffer for the weight gradient, as
+                # pooling keeps its argmax: backward works from what forward saw
+                self._winograd_inputs_of = (i, _address(images))
 
     def backward(self, top, propagate_down, bottom):
         weight_grad = self.param_propagate_down[0]
@@ -406,7 +419,11 @@ class ConvolutionLayer(Layer):
             if bias_grad:
                 channel_sums_of(self, dy.shape, dy, self.blobs[1].mutable_diff())  # fixed order, no temporary
             if weight_grad:
-                self._weight_gemm(self._images(b.get_data()), dy)
+                images = self._images(b.get_data())
+                kept = getattr(self, "_winograd_inputs_of", None) == (i, _address(images))
+                if not kept:  # the buffer is about to hold this pair's transform instead
+                    self._winograd_inputs_of = None
+                self._weight_gemm(images, dy, winograd_inputs_kept=kept)
             if propagate_down[i]:
                 self._backward_gemm(dy, self._images(b.mutable_diff()))
 
@@ -497,9 +514,10 @@ class ConvolutionLayer(Layer):
 
         self._over_chunks(parts, work)
 
-    def _weight_gemm(self, images, out_diff) -> None:
+    def _weight_gemm(self, images, out_diff, winograd_inputs_kept: bool = False) -> None:
         """Weight diff += the gradient of <out_diff, W * images> in W, added in place (BLAS beta = 1, or
-        the fixed-order depthwise sums): no weight-sized temporary."""
+        the fixed-order depthwise sums): no weight-sized temporary. winograd_inputs_kept: the Winograd
+        input transform of these images is still in its buffer from the forward pass."""
         weight_diff = self.blobs[0].mutable_diff()
         if self._is_depthwise():  # per-plane partial sums, then one fixed-order sum per weight (reduce.py)
             g = self.geometry
@@ -514,7 +532,7 @@ class ConvolutionLayer(Layer):
                          weight_diff.reshape(-1))
             return
         if self._is_winograd():
-            self._winograd_weight_diff(images, out_diff, weight_diff)
+            self._winograd_weight_diff(images, out_diff, weight_diff, winograd_inputs_kept)
             return
         weight_diff = weight_diff.reshape(self._weights().shape)
         if self._is_pointwise():
@@ -596,8 +614,10 @@ class ConvolutionLayer(Layer):
         filters = self._winograd_points("winograd_filters", out_channels, in_channels)
         KERNELS.winograd_weights(out_channels, weights, filters.flat, filters.step, in_channels, flip,
                                  extents=(out_channels, in_channels))
+        # The input gradient's own buffer keeps forward's transformed input for the weight gradient.
+        inputs_name = "winograd_inputs" if flip == 0 else "winograd_diff_inputs"
         for start, count in self._winograd_chunks(tiles_h * tiles_w):
-            inputs = self._winograd_points("winograd_inputs", in_channels, count * tiles_h * tiles_w)
+            inputs = self._winograd_points(inputs_name, in_channels, count * tiles_h * tiles_w)
             products = self._winograd_points("winograd_products", out_channels, count * tiles_h * tiles_w)
             self._winograd_input(x[start:start + count], in_size, pad, (tiles_h, tiles_w), inputs)
             matmul(filters.matrices, inputs.matrices, out=products.matrices)
@@ -626,17 +646,19 @@ class ConvolutionLayer(Layer):
         KERNELS.winograd_input(planes, padded, inputs.flat, inputs.step, channels, *padded_size, *tiles,
                                extents=(planes, tiles[1]), work=36 * planes * tiles[1])
 
-    def _winograd_weight_diff(self, images, out_diff, weight_diff) -> None:
+    def _winograd_weight_diff(self, images, out_diff, weight_diff, inputs_kept: bool) -> None:
         """weight_diff += G^T (sum over tiles of (A dy A^T) .* (B^T x B)) G: one GEMM per point xi
-        over all tiles (the chunks' products added in chunk order), then one kernel adds it in."""
+        over all tiles (the chunks' products added in chunk order), then one kernel adds it in.
+        inputs_kept: B^T x B is in the "winograd_inputs" buffer already (forward's, one chunk)."""
         in_channels, out_channels = self.conv_in_channels, self.conv_out_channels
         tiles_h, tiles_w = (self.out_size[0] + 3) // 4, (self.out_size[1] + 3) // 4
         sums = self._winograd_points("winograd_filters", out_channels, in_channels)
         for start, count in self._winograd_chunks(tiles_h * tiles_w):
             inputs = self._winograd_points("winograd_inputs", in_channels, count * tiles_h * tiles_w)
             diffs = self._winograd_points("winograd_products", out_channels, count * tiles_h * tiles_w)
-            self._winograd_input(images[start:start + count], (self.height, self.width), self.geometry.pad,
-                                 (tiles_h, tiles_w), inputs)
+            if not inputs_kept:
+                self._winograd_input(images[start:start + count], (self.height, self.width),
+                                     self.geometry.pad, (tiles_h, tiles_w), inputs)
             planes = count * out_channels * tiles_h
             KERNELS.winograd_output_diff(planes, out_diff[start:start + count], diffs.flat, diffs.step,
                                          out_channels, *self.out_size, tiles_h, tiles_w,
