@@ -415,11 +415,13 @@ KERNEL void winograd_output_diff(const int planes, const real* dy, real* w, cons
 }
 
 // y = (A^T m A) (+ bias[k]) for every tile of M (36, channels, tiles): y (num, channels, out_h, out_w),
-// the outputs of a tile that fall outside out_h x out_w not written. Planes: (n, k, th); inner: tw.
+// the outputs of a tile that fall outside out_h x out_w not written. Planes: (n, k, th); inner: tw, in two
+// loops: the tiles inside the plane's columns, then the last if the edge cuts it.
 KERNEL void winograd_output(const int planes, const real* m, const int point_step, const real* bias,
                             const int bias_term, real* y, const int channels, const int out_h, const int out_w,
                             const int tiles_h, const int tiles_w) {
   const int tiles = planes / channels * tiles_w;
+  const int whole_tiles = out_w / 4;  // tiles whose four columns are all inside
   PLANE_LOOP(p, planes) {
     const int th = p % tiles_h;
     const int k = (p / tiles_h) % channels;
@@ -427,27 +429,37 @@ KERNEL void winograd_output(const int planes, const real* m, const int point_ste
     const real* src = m + (size_t)k * tiles + ((size_t)n * tiles_h + th) * tiles_w;
     real* plane = y + ((size_t)n * channels + k) * out_h * out_w;
     const real offset = bias_term ? bias[k] : real(0);
+    // No store under a condition (masked stores do not vectorize at a stride): an output past the
+    // plane's last row or column goes to that last row or column instead, before the value that belongs
+    // there (rows and columns in decreasing order), which then overwrites it. One inner iteration owns
+    // those elements, so on the GPU too the last store wins.
 #define STORE_ROW_OF(r) real* const store_row##r = plane + (size_t)(th * 4 + r < out_h ? th * 4 + r : out_h - 1) * out_w;
     EACH4(STORE_ROW_OF)
 #undef STORE_ROW_OF
-    INNER_LOOP(tw, tiles_w) {
 #define LOAD(r, j) const real m##r##j = (src + (size_t)(6 * r + j) * point_step)[tw];
 #define COLUMN(j) LOAD(0, j) LOAD(1, j) LOAD(2, j) LOAD(3, j) LOAD(4, j) LOAD(5, j) \
                   WINOGRAD_AT(c##j##_, m0##j, m1##j, m2##j, m3##j, m4##j, m5##j)  // column j of A^T m
+#define STORE(r, j, COLUMN_OF) store_row##r[COLUMN_OF(tw * 4 + j)] = v##j + offset;
+#define ROW(r, COLUMN_OF) { WINOGRAD_AT(v, c0_##r, c1_##r, c2_##r, c3_##r, c4_##r, c5_##r) \
+    STORE(r, 3, COLUMN_OF) STORE(r, 2, COLUMN_OF) STORE(r, 1, COLUMN_OF) STORE(r, 0, COLUMN_OF) }
+#define AS_IS(column) (column)
+#define CLAMPED(column) clamp_index(column, out_w)
+    // Inside: plain stores at stride 4, which the CPU build writes with permutes rather than scatters.
+    INNER_LOOP(tw, whole_tiles) {
       EACH6(COLUMN)
-      // No store under a condition (masked stores do not vectorize at a stride): an output past the
-      // plane's last row or column goes to that last row or column instead, before the value that
-      // belongs there (rows and columns in decreasing order), which then overwrites it. One inner
-      // iteration owns those elements, so on the GPU too the last store wins.
-#define STORE(r, j) store_row##r[clamp_index(tw * 4 + j, out_w)] = v##j + offset;
-#define ROW(r) { WINOGRAD_AT(v, c0_##r, c1_##r, c2_##r, c3_##r, c4_##r, c5_##r) \
-                 STORE(r, 3) STORE(r, 2) STORE(r, 1) STORE(r, 0) }
-      ROW(3) ROW(2) ROW(1) ROW(0)
+      ROW(3, AS_IS) ROW(2, AS_IS) ROW(1, AS_IS) ROW(0, AS_IS)
+    }
+    INNER_LOOP(edge, tiles_w - whole_tiles) {
+      const int tw = whole_tiles + edge;
+      EACH6(COLUMN)
+      ROW(3, CLAMPED) ROW(2, CLAMPED) ROW(1, CLAMPED) ROW(0, CLAMPED)
+    }
 #undef LOAD
 #undef COLUMN
 #undef STORE
 #undef ROW
-    }
+#undef AS_IS
+#undef CLAMPED
   }
 }
 #undef BLOCK_ROW
