@@ -262,7 +262,7 @@ KERNEL void depthwise_weight_partials(const int planes, const int inner, const i
 // (4 th .. 4 th + 3, 4 tw .. 4 tw + 3) and reads the input rows and columns from 4 th - pad and 4 tw - pad,
 // six of each (zero outside the image, as padding). Point xi = 6 * row + column of the 6x6 transform.
 // The gradients are the same transforms transposed: the weight gradient is G^T (sum over tiles of
-// (A dy A^T) .* (B^T d B)) G (winograd_output_diff, one GEMM per xi, winograd_weight_diff); the input
+// (A dy A^T) .* (B^T d B)) G (winograd_output_diff, one GEMM per xi, winograd_filter_diff); the input
 // gradient is the forward of dy padded by 2 - pad with the filters flipped and in and out swapped
 // (winograd_weights with flip = 1).
 // U, V and M (and the gradients' W and dU) are 36 matrices point_step elements apart, a little more than
@@ -464,20 +464,22 @@ KERNEL void winograd_output(const int planes, const real* m, const int point_ste
 }
 #undef BLOCK_ROW
 
-// weight_diff[o, i] += G^T du[:, o, i] G (3x3) for du (36, out_channels, in_channels): the weight
-// gradient out of the GEMMs' space, added in place. Planes: out_channels; inner: in_channels.
-KERNEL void winograd_weight_diff(const int planes, const real* du, const int point_step, real* weight_diff,
+// filter_diff[o, i] = G^T du[:, o, i] G (3x3) for du (36, out_channels, in_channels): the weight
+// gradient out of the GEMMs' space, written (the caller adds it to the weight diff: a += at the filters'
+// stride of 9 is a gather and a scatter, which GCC does not vectorize; plain stores it does).
+// Planes: out_channels; inner: in_channels.
+KERNEL void winograd_filter_diff(const int planes, const real* du, const int point_step, real* filter_diff,
                                  const int in_channels) {
   PLANE_LOOP(o, planes) {
     const real* src = du + (size_t)o * in_channels;
-    real* dst = weight_diff + (size_t)o * in_channels * 9;
+    real* dst = filter_diff + (size_t)o * in_channels * 9;
     INNER_LOOP(i, in_channels) {
 #define LOAD(r, c) const real u##r##c = (src + (size_t)(6 * r + c) * point_step)[i];
 #define ROW(r) LOAD(r, 0) LOAD(r, 1) LOAD(r, 2) LOAD(r, 3) LOAD(r, 4) LOAD(r, 5) \
                WINOGRAD_GT(t##r##_, u##r##0, u##r##1, u##r##2, u##r##3, u##r##4, u##r##5)  // row r of du G
       EACH6(ROW)
 #define COLUMN(c) { WINOGRAD_GT(v, t0_##c, t1_##c, t2_##c, t3_##c, t4_##c, t5_##c) \
-                    dst[i * 9 + c] += v0; dst[i * 9 + 3 + c] += v1; dst[i * 9 + 6 + c] += v2; }
+                    dst[i * 9 + c] = v0; dst[i * 9 + 3 + c] = v1; dst[i * 9 + 6 + c] = v2; }
       EACH3(COLUMN)
 #undef LOAD
 #undef ROW

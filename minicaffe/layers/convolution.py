@@ -32,6 +32,7 @@ from ..blas import PARALLEL_MIN_FLOPS, gemm_accumulate, matmul
 from ..kernel import KernelFile
 from ..layer import Layer, register
 from .concat import copy_block
+from .eltwise import KERNELS as ELTWISE
 from .reduce import channel_sums, channel_sums_of
 
 KERNELS = KernelFile("convolution.cu")
@@ -648,7 +649,7 @@ class ConvolutionLayer(Layer):
 
     def _winograd_weight_diff(self, images, out_diff, weight_diff, inputs_kept: bool) -> None:
         """weight_diff += G^T (sum over tiles of (A dy A^T) .* (B^T x B)) G: one GEMM per point xi
-        over all tiles (the chunks' products added in chunk order), then one kernel adds it in.
+        over all tiles (the chunks' products added in chunk order), then G^T . G, added in.
         inputs_kept: B^T x B is in the "winograd_inputs" buffer already (forward's, one chunk)."""
         in_channels, out_channels = self.conv_in_channels, self.conv_out_channels
         tiles_h, tiles_w = (self.out_size[0] + 3) // 4, (self.out_size[1] + 3) // 4
@@ -669,8 +670,10 @@ class ConvolutionLayer(Layer):
                 more = self.buffer("winograd_filter_diff_chunk", sums.matrices.shape)
                 matmul(diffs.matrices, inputs.matrices.transpose(0, 2, 1), out=more)
                 sums.matrices[...] += more
-        KERNELS.winograd_weight_diff(out_channels, sums.flat, sums.step, weight_diff, in_channels,
+        filter_diff = self.buffer("winograd_filter_diff", weight_diff.shape)
+        KERNELS.winograd_filter_diff(out_channels, sums.flat, sums.step, filter_diff, in_channels,
                                      extents=(out_channels, in_channels))
+        ELTWISE.eltwise_axpy(filter_diff.size, filter_diff, weight_diff, 1.0, extents=filter_diff.size)
 
     # -- depthwise helpers (the kernels work on pitched planes: kernels/convolution.cu) ----------------
     def _phases(self, images):
