@@ -168,10 +168,10 @@ def test_deconvolution_gradients(case):
 @pytest.mark.parametrize("extra, pad", [("kernel_size: 3", 0), ("kernel_size: 3 pad: 1", 1),
                                         ("kernel_size: 3 pad: 2 bias_term: false", 2)])
 def test_deconvolution_through_winograd_matches_reference_and_gradients(monkeypatch, extra, pad):
-    """A 3x3 stride-1 Deconvolution runs the Winograd kernels (thresholds 0 here) with the sides swapped:
-    its forward is the convolution's input gradient (pad 2 - pad), its weight gradient the same."""
-    monkeypatch.setattr(convolution, "WINOGRAD_MIN_TILES", 0)
-    monkeypatch.setattr(convolution, "WINOGRAD_MIN_CHANNELS", 0)
+    """A 3x3 stride-1 Deconvolution runs the Winograd kernels (WINOGRAD_CHOICE always) with the sides
+    swapped: its forward is the convolution's input gradient (pad 2 - pad), its weight gradient the
+    same."""
+    monkeypatch.setattr(convolution, "WINOGRAD_CHOICE", "always")
     x = np.random.default_rng(4).normal(size=(2, 3, 5, 6))
     layer, _, top = run_layer(deconv_text(4, extra), x)
     assert layer._is_winograd()

@@ -421,9 +421,8 @@ def test_loaded_weights_of_wrong_shape_are_rejected():
 
 @pytest.fixture
 def winograd_always(monkeypatch):
-    """The Winograd kernels for every 3x3 stride-1 convolution, however small (thresholds 0)."""
-    monkeypatch.setattr(convolution, "WINOGRAD_MIN_TILES", 0)
-    monkeypatch.setattr(convolution, "WINOGRAD_MIN_CHANNELS", 0)
+    """The Winograd kernels for every 3x3 stride-1 convolution, however small (WINOGRAD_CHOICE)."""
+    monkeypatch.setattr(convolution, "WINOGRAD_CHOICE", "always")
 
 
 def test_winograd_transforms_give_the_3_tap_correlation():
@@ -466,7 +465,7 @@ WINOGRAD_CASES = {
 def test_winograd_forward_and_backward_match_the_direct_convolution(winograd_always, monkeypatch, case,
                                                                     dtype):
     """Forward against the float64 direct loop; both gradients against the im2col path on the same
-    layer (thresholds raised), which the other tests check against the reference."""
+    layer (WINOGRAD_CHOICE never), which the other tests check against the reference."""
     extra, shape, num_output = WINOGRAD_CASES[case]
     rng = np.random.default_rng(31)
     x = rng.normal(size=shape)
@@ -482,7 +481,7 @@ def test_winograd_forward_and_backward_match_the_direct_convolution(winograd_alw
     dy = rng.normal(size=top[0].shape)
     grads = []
     for winograd in (True, False):
-        monkeypatch.setattr(convolution, "WINOGRAD_MIN_TILES", 0 if winograd else 1 << 40)
+        monkeypatch.setattr(convolution, "WINOGRAD_CHOICE", "always" if winograd else "never")
         assert layer._is_winograd() == winograd
         for blob in layer.blobs:
             blob.diff[...] = 0
@@ -519,22 +518,27 @@ def test_winograd_in_chunks_equals_one_chunk(winograd_always, monkeypatch, dtype
 
 
 def test_winograd_is_chosen_where_it_was_measured_faster():
-    """The default thresholds: the kernel benchmark's 8x32x32x32 3x3 -> 32 and ResNet-50's 64-channel
-    56x56 layers take Winograd; other geometries, narrow GEMMs and engine CAFFE take im2col."""
+    """The measured rule (convolution.py): the kernel benchmark's 8x32x32x32 3x3 -> 32, ResNet-50's and
+    SphereFace's 3x3 layers down to 14x14 / 14x12 take Winograd; other geometries, fewer than 32
+    channels, 13x13 (1.51x the outputs computed), 7x7 (4 tiles per image) and engine CAFFE take im2col."""
     def chosen(extra, shape, num_output=32):
         layer, _, _ = setup_layer(conv_text(num_output, extra), np.zeros(shape), np.float32)
         return layer._is_winograd()
 
     assert chosen("kernel_size: 3 pad: 1", (8, 32, 32, 32))
     assert chosen("kernel_size: 3 pad: 1", (1, 64, 56, 56), 64)
+    assert chosen("kernel_size: 3 pad: 1", (1, 256, 14, 14), 256)  # 16 tiles, 1.31x
+    assert chosen("kernel_size: 3 pad: 1", (1, 256, 14, 12), 256)  # 12 tiles, 1.14x
+    assert not chosen("kernel_size: 3 pad: 1", (1, 64, 13, 13), 256)  # 1.51x
+    assert not chosen("kernel_size: 3 pad: 1", (4, 512, 7, 7), 512)  # 4 tiles per image
+    assert not chosen("kernel_size: 3 pad: 1", (8, 16, 32, 32))  # 16 input channels
+    assert not chosen("kernel_size: 3 pad: 1", (8, 32, 32, 32), 16)  # 16 output channels
     assert not chosen("kernel_size: 3 pad: 1 engine: CAFFE", (8, 32, 32, 32))
     assert not chosen("kernel_size: 3 pad: 1 stride: 2", (8, 32, 32, 32))
     assert not chosen("kernel_size: 3 pad: 1 dilation: 2", (8, 32, 32, 32))
     assert not chosen("kernel_size: 3 pad: 1 group: 2", (8, 32, 32, 32))
     assert not chosen("kernel_size: 3 pad: 3", (8, 32, 32, 32))
     assert not chosen("kernel_size: 5 pad: 2", (8, 32, 32, 32))
-    assert not chosen("kernel_size: 3 pad: 1", (8, 16, 32, 32))  # 16 input channels
-    assert not chosen("kernel_size: 3 pad: 1", (1, 256, 14, 14), 256)  # 16 tiles
 
 
 def test_engine_caffe_gives_the_im2col_results(winograd_always, monkeypatch):
@@ -545,7 +549,7 @@ def test_engine_caffe_gives_the_im2col_results(winograd_always, monkeypatch):
     default, _, default_top = setup_layer(conv_text(2, "kernel_size: 3 pad: 1"), x, np.float32, weights, bias)
     assert default._is_winograd() and not caffe._is_winograd()
     assert not np.array_equal(default_top[0].data, caffe_top[0].data)  # Winograd rounds otherwise
-    monkeypatch.setattr(convolution, "WINOGRAD_MIN_TILES", 1 << 40)
+    monkeypatch.setattr(convolution, "WINOGRAD_CHOICE", "never")
     _, _, im2col_top = setup_layer(conv_text(2, "kernel_size: 3 pad: 1"), x, np.float32, weights, bias)
     np.testing.assert_array_equal(caffe_top[0].data, im2col_top[0].data)
 
@@ -558,8 +562,8 @@ def test_winograd_backward_with_two_bottoms_and_twice(winograd_always, monkeypat
     xs = [rng.normal(size=(2, 3, 5, 6)) for _ in range(2)]
     dys = [rng.normal(size=(2, 4, 5, 6)) for _ in range(2)]
     results = []
-    for limit in (0, 1 << 40):  # Winograd, then im2col
-        monkeypatch.setattr(convolution, "WINOGRAD_MIN_TILES", limit)
+    for choice in ("always", "never"):  # Winograd, then im2col
+        monkeypatch.setattr(convolution, "WINOGRAD_CHOICE", choice)
         layer = layer_from_prototxt(conv_text(4, "kernel_size: 3 pad: 1"), dtype=dtype)
         bottom = [Blob(x.shape, dtype) for x in xs]
         top = [Blob((), dtype), Blob((), dtype)]
@@ -567,7 +571,7 @@ def test_winograd_backward_with_two_bottoms_and_twice(winograd_always, monkeypat
             blob.data[...] = x
         layer.setup(bottom, top)
         layer.blobs[0].data[...] = rng.normal(size=layer.blobs[0].shape) if not results else results[0][0]
-        assert layer._is_winograd() == (limit == 0)
+        assert layer._is_winograd() == (choice == "always")
         layer.forward(bottom, top)
         for blob, dy in zip(top, dys):
             blob.diff[...] = dy

@@ -281,7 +281,7 @@ class Case:
     settings: dict = field(default_factory=dict)  # module constants set for the case: {(module, name): value}
 
 
-WINOGRAD_ALWAYS = {(convolution, "WINOGRAD_MIN_TILES"): 0, (convolution, "WINOGRAD_MIN_CHANNELS"): 0}
+WINOGRAD_ALWAYS = {(convolution, "WINOGRAD_CHOICE"): "always"}
 FILL = 'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.3 }'
 X = (2, 3, 5, 4)
 CASES = {
@@ -321,7 +321,7 @@ CASES = {
                                   f'{FILL} }}', [X]),
     "convolution_depthwise_no_bias": Case(f'type: "Convolution" convolution_param {{ num_output: 3 group: 3 '
                                           f'kernel_size: 2 bias_term: false {FILL} }}', [X]),
-    # Winograd F(4x4, 3x3) at any size (its thresholds set to 0): tiles cut by the output's edges
+    # Winograd F(4x4, 3x3) at any size (WINOGRAD_CHOICE always): tiles cut by the output's edges
     "convolution_winograd": Case(f'type: "Convolution" convolution_param {{ num_output: 4 kernel_size: 3 '
                                  f'pad: 1 {FILL} }}', [X], settings=WINOGRAD_ALWAYS),
     "convolution_winograd_pad_2_no_bias": Case(

@@ -51,14 +51,20 @@ COL_BUFFER_LIMIT = 1 << 24
 COL_CACHE_LIMIT = 1 << 18
 # ConvolutionParameter.Engine CAFFE: the user asks for Caffe's own im2col + GEMM, never Winograd.
 CAFFE_ENGINE = 1
-# Winograd F(4x4, 3x3) is used from this many 4x4 output tiles in the batch and this many input and
-# output channels (the GEMMs' widths): below them im2col + one GEMM was faster. Measured forward /
-# backward (ms, float32, 2 cores, against im2col): 8x32x32x32 -> 32: 0.94 / 2.1 (1.74 / 3.4);
-# 1x64x56x56 -> 64: 0.90 / 2.05 (1.66 / 3.73); 1x128x28x28 (49 tiles): 0.99 / 2.5 (1.54 / 3.13); but
-# 1x256x14x14 (16 tiles): 0.95 / 3.5 (1.6 / 3.1), 1x48x13x13 -> 192: 0.55 / 1.43 (0.45 / 0.88), and
-# 64x20x12x12 -> 50 (20 channels): 1.70 / 4.1 (1.56 / 3.6).
-WINOGRAD_MIN_TILES = 32
+# Where Winograd F(4x4, 3x3) is used (ConvolutionLayer._is_winograd), from forward + backward times
+# (ms, float32, 2 cores) against im2col + GEMM. It paid with the input and output channels >= 32, at
+# least 12 tiles per image, and at most 1.35x the outputs computed (tiles cut by the edges compute the
+# rest and drop it): 8x32x32x32 -> 32: 3.1 (6.0); 64x56x56: 3.2 (6.0); 128x28x28: 3.0 (4.7); 256x14x14
+# (16 tiles, 1.31x): 3.6 (4.7); 256x14x12 (12 tiles, 1.14x): 3.7 (4.3); 32x27x27 -> 128: 1.6 (1.7).
+# It lost at 13x13 (16 tiles, 1.51x): 64 -> 256: 2.2 (1.6), 48 -> 192: 1.4 (1.1), 256 -> 384: 6.2 (6.0);
+# at 7x7 (4 tiles per image) with 512 channels, batch 1: 18 (5.7), batch 4: 23 (20); and with 20 input
+# channels (64x20x12x12 -> 50, pad 0): 4.6 (4.1).
 WINOGRAD_MIN_CHANNELS = 32
+WINOGRAD_MIN_TILES_PER_IMAGE = 12
+WINOGRAD_MAX_WASTE = 1.35
+# "measured": the rule above; "always" (every 3x3 stride-1 convolution that Winograd can do) or "never":
+# for tests and A/B measurements.
+WINOGRAD_CHOICE = "measured"
 # Upper bound (elements) of each Winograd buffer (36 x channels x tiles); a batch that needs more is
 # done in chunks of images. 2**20 elements is 4 MiB in float32: a layer keeps three such buffers.
 WINOGRAD_BUFFER_LIMIT = 1 << 20
@@ -579,14 +585,19 @@ class ConvolutionLayer(Layer):
 
     # -- Winograd F(4x4, 3x3) (kernels/convolution.cu) --------------------------------------------------
     def _is_winograd(self) -> bool:
-        """3x3, stride 1, no dilation, pad <= 2 (the input gradient pads by 2 - pad), one group, GEMMs
-        wide enough to repay the transforms (WINOGRAD_MIN_TILES, WINOGRAD_MIN_CHANNELS), and engine not
-        CAFFE (Caffe's own im2col + GEMM, asked for by name): the Winograd kernels."""
+        """3x3, stride 1, no dilation, pad <= 2 (the input gradient pads by 2 - pad), one group, and
+        engine not CAFFE (Caffe's own im2col + GEMM, asked for by name): the Winograd kernels, where
+        they were measured faster (WINOGRAD_CHOICE and the thresholds above it)."""
         g = self.geometry
-        return (self.param.convolution_param.engine != CAFFE_ENGINE and self.group == 1
-                and g.kernel == (3, 3) and g.stride == (1, 1) and g.dilation == (1, 1) and max(g.pad) <= 2
-                and min(self.conv_in_channels, self.conv_out_channels) >= WINOGRAD_MIN_CHANNELS
-                and self.num * _tile_count(self.out_size) >= WINOGRAD_MIN_TILES)
+        possible = (self.param.convolution_param.engine != CAFFE_ENGINE and self.group == 1
+                    and g.kernel == (3, 3) and g.stride == (1, 1) and g.dilation == (1, 1)
+                    and max(g.pad) <= 2)
+        if not possible or WINOGRAD_CHOICE != "measured":
+            return possible and WINOGRAD_CHOICE != "never"
+        tiles = _tile_count(self.out_size)
+        return (min(self.conv_in_channels, self.conv_out_channels) >= WINOGRAD_MIN_CHANNELS
+                and tiles >= WINOGRAD_MIN_TILES_PER_IMAGE
+                and 16 * tiles <= WINOGRAD_MAX_WASTE * self.out_size[0] * self.out_size[1])
 
     def _winograd_images_per_chunk(self, tiles_per_image: int) -> int:
         """Images per pass through the Winograd buffers: as many as keep each (36 x channels x tiles)
