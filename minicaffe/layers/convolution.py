@@ -183,10 +183,13 @@ def col2im(col, x, geometry: ConvGeometry, out_size: tuple[int, int], *, images_
 
 
 def winograd_point_step(size: int) -> int:
-    """Elements between the 36 matrices of `size` elements of a Winograd buffer: size rounded up to 16
-    (a 64-byte line in float32), plus 16 if that is an even number of lines. The distance is then an odd
-    number of lines, so the kernels' 36 streams, one per matrix, go to different cache sets (see
-    kernels/convolution.cu)."""
+    """Elements between the 36 matrices of `size` elements of a Winograd buffer. On the CPU: size rounded
+    up to 16 (a 64-byte line in float32), plus 16 if that is an even number of lines. The distance is then
+    an odd number of lines, so the kernels' 36 streams, one per matrix, go to different cache sets (see
+    kernels/convolution.cu). On the GPU: size, so that each stack of matrices is contiguous (CuPy's
+    matmul copies any other into a contiguous one first)."""
+    if backend.on_gpu():
+        return size
     step = -(-size // 16) * 16
     return step + 16 if (step // 16) % 2 == 0 else step
 
