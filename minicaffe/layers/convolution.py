@@ -52,16 +52,22 @@ COL_CACHE_LIMIT = 1 << 18
 # ConvolutionParameter.Engine CAFFE: the user asks for Caffe's own im2col + GEMM, never Winograd.
 CAFFE_ENGINE = 1
 # Where Winograd F(4x4, 3x3) is used (ConvolutionLayer._is_winograd), from forward + backward times
-# (ms, float32, 2 cores) against im2col + GEMM. It paid with the input and output channels >= 32, at
-# least 12 tiles per image, and at most 1.35x the outputs computed (tiles cut by the edges compute the
-# rest and drop it): 8x32x32x32 -> 32: 3.1 (6.0); 64x56x56: 3.2 (6.0); 128x28x28: 3.0 (4.7); 256x14x14
-# (16 tiles, 1.31x): 3.6 (4.7); 256x14x12 (12 tiles, 1.14x): 3.7 (4.3); 32x27x27 -> 128: 1.6 (1.7).
-# It lost at 13x13 (16 tiles, 1.51x): 64 -> 256: 2.2 (1.6), 48 -> 192: 1.4 (1.1), 256 -> 384: 6.2 (6.0);
-# at 7x7 (4 tiles per image) with 512 channels, batch 1: 18 (5.7), batch 4: 23 (20); and with 20 input
-# channels (64x20x12x12 -> 50, pad 0): 4.6 (4.1).
+# (ms, float32, 2 cores) against im2col + GEMM. Layer by layer it paid with the input and output channels
+# >= 32, at least 12 tiles per image, and at most 1.35x the outputs computed (tiles cut by the edges
+# compute the rest and drop it): 8x32x32x32 -> 32: 3.1 (6.0); 64x56x56: 3.2 (6.0); 128x28x28: 3.0 (4.7);
+# 32x27x27 -> 128: 1.6 (1.7). It lost at 13x13 (16 tiles, 1.51x): 64 -> 256: 2.2 (1.6), 48 -> 192: 1.4
+# (1.1), 256 -> 384: 6.2 (6.0); at 7x7 (4 tiles per image) with 512 channels, batch 1: 18 (5.7), batch
+# 4: 23 (20); and with 20 input channels (64x20x12x12 -> 50, pad 0): 4.6 (4.1).
+# In a net the 36 filter matrices (4x the weights, written and read in every pass) come from memory,
+# not from the caches a layer timed alone keeps them in: SphereFace-20's eight 256-channel 14x12 layers
+# (batch 1, 12 tiles) took 57-65 ms with Winograd and 44-45 ms without, where alone they had gained
+# (3.7 against 4.3 ms). ResNet-50's 64- and 128-channel stages gained in the net (27-28 against 33-38 ms,
+# 36-37 against 47 ms). So the filter matrices must also be at most WINOGRAD_MAX_FILTER_SHARE times the
+# batch's tile matrices: out * in <= 4 * (in + out) * tiles (128x28x28: 1.3x; 256x14x14 at batch 1: 8x).
 WINOGRAD_MIN_CHANNELS = 32
 WINOGRAD_MIN_TILES_PER_IMAGE = 12
 WINOGRAD_MAX_WASTE = 1.35
+WINOGRAD_MAX_FILTER_SHARE = 4
 # "measured": the rule above; "always" (every 3x3 stride-1 convolution that Winograd can do) or "never":
 # for tests and A/B measurements.
 WINOGRAD_CHOICE = "measured"
@@ -607,9 +613,12 @@ class ConvolutionLayer(Layer):
         if not possible or WINOGRAD_CHOICE != "measured":
             return possible and WINOGRAD_CHOICE != "never"
         tiles = _tile_count(self.out_size)
-        return (min(self.conv_in_channels, self.conv_out_channels) >= WINOGRAD_MIN_CHANNELS
+        channels_in, channels_out = self.conv_in_channels, self.conv_out_channels
+        return (min(channels_in, channels_out) >= WINOGRAD_MIN_CHANNELS
                 and tiles >= WINOGRAD_MIN_TILES_PER_IMAGE
-                and 16 * tiles <= WINOGRAD_MAX_WASTE * self.out_size[0] * self.out_size[1])
+                and 16 * tiles <= WINOGRAD_MAX_WASTE * self.out_size[0] * self.out_size[1]
+                and channels_in * channels_out
+                <= WINOGRAD_MAX_FILTER_SHARE * (channels_in + channels_out) * tiles * self.num)
 
     def _winograd_images_per_chunk(self, tiles_per_image: int) -> int:
         """Images per pass through the Winograd buffers: as many as keep each (36 x channels x tiles)
