@@ -146,10 +146,16 @@ def torch_ops():
         import torch.nn.functional as F
     except ImportError:
         return None
-    slopes = torch.full((ACT[1],), 0.25, requires_grad=True)
+    slopes = {}  # per channel count (the --quick shapes have fewer channels)
+
+    def prelu(x):
+        if x.shape[1] not in slopes:
+            slopes[x.shape[1]] = torch.full((x.shape[1],), 0.25, requires_grad=True)
+        return F.prelu(x, slopes[x.shape[1]])
+
     ops = {
         "ReLU": lambda x: F.relu(x),
-        "PReLU": lambda x: F.prelu(x, slopes),
+        "PReLU": prelu,
         "Power": lambda x: (0.5 * x + 1) ** 2,
         "Sigmoid": torch.sigmoid,
         "TanH": torch.tanh,
@@ -165,17 +171,53 @@ def torch_ops():
     return torch, F, ops, two
 
 
-def torch_peer_columns() -> dict[str, list[float]] | None:
-    """PyTorch's columns, measured first by benchmarks/torch_peer.py in a process of its own at PyTorch's
-    own defaults (see nets.Peer: in this process PyTorch would share minicaffe's passive OpenMP wait
-    policy); None without PyTorch."""
-    if importlib.util.find_spec("torch") is None:
-        return None
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("torch_peer.py")), "kernels"],
-                            capture_output=True, text=True, env=timing.peer_environment(), timeout=1200)
-    if result.returncode != 0:
-        raise RuntimeError(f"the PyTorch peer process failed: {result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+class TorchPeer:
+    """PyTorch's side of the rows, measured by benchmarks/torch_peer.py in a process of its own at
+    PyTorch's own defaults (see nets.Peer: in this process PyTorch would share minicaffe's passive OpenMP
+    wait policy). It answers one row at a time, so that the two sides of a row are measured minutes
+    apart no more: on a shared machine the speed drifts by tens of percent within minutes."""
+
+    def __init__(self, quick: bool):
+        command = [sys.executable, str(Path(__file__).with_name("torch_peer.py")), "kernel-rows"]
+        self.process = subprocess.Popen(command + (["--quick"] if quick else []), stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env=timing.peer_environment())
+        self.rows = set(json.loads(self.ask("rows")))
+
+    def ask(self, request: str) -> str:
+        self.process.stdin.write(request + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the PyTorch peer process failed: {self.process.stderr.read()[-2000:]}")
+        return answer.strip()
+
+    def row(self, name: str) -> tuple[float, float]:
+        """(forward ms, backward ms) of the row `name` (one of self.rows)."""
+        forward, backward = json.loads(self.ask(name))
+        return forward, backward
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def lowest_of(rows: list[dict]) -> dict:
+    """One row from bench_layer's rows of the same case: the forward figures of the fastest forward, the
+    backward figures of the fastest backward."""
+    forward = min(rows, key=lambda row: row["fwd_ms"])
+    backward = min(rows, key=lambda row: row.get("bwd_ms", 0.0))
+    return {**forward, **{key: value for key, value in backward.items() if key.startswith("bwd")}}
+
+
+def torch_peer(quick: bool) -> TorchPeer | None:
+    """The PyTorch peer process, or None without PyTorch."""
+    return TorchPeer(quick) if importlib.util.find_spec("torch") is not None else None
+
+
+# Each row's two sides are measured alternately, minicaffe then PyTorch, ROUNDS times; each side's time is
+# the lowest of its medians (the same rule for both).
+ROUNDS = 2
 
 
 def bench_torch(case_name: str, shapes, min_runs: int, min_seconds: float,
@@ -222,24 +264,33 @@ def run_device(device: str, quick: bool, only: set[str] | None = None) -> dict:
     copy_small = copy_bandwidth(small_bytes, repeats=20)
     copy_big = copy_bandwidth(big_bytes, repeats=5)
     rows = []
-    torch_columns = torch_peer_columns() if device == "cpu" and not quick and only is None else None
+    peer = torch_peer(quick) if device == "cpu" and not quick and only is None else None
     for name, text, shapes, phase in CASES:
         if only is not None and name not in only:
             continue
         shapes = [QUICK_SHAPES.get(s, s) for s in shapes] if quick else shapes
-        row = bench_layer(name, text, shapes, phase, min_runs, min_seconds)
+        rounds = ROUNDS if peer and name in peer.rows else 1
+        measured, torch_times = [], []
+        for _ in range(rounds):
+            measured.append(bench_layer(name, text, shapes, phase, min_runs, min_seconds))
+            if peer and name in peer.rows:
+                torch_times.append(peer.row(name))
+        row = lowest_of(measured)
         if name in ELEMENT_WISE:
             large = bench_layer(name, text, [big] * len(shapes), phase, big_runs, 0.0, backward=False)
             row.update(fwd_copy=row["fwd_gbs"] / copy_small, big_fwd_ms=large["fwd_ms"],
                        big_fwd_gbs=large["fwd_gbs"], big_fwd_copy=large["fwd_gbs"] / copy_big)
-        if torch_columns and name in torch_columns:
-            row["torch_fwd_ms"], row["torch_bwd_ms"] = torch_columns[name]
+        if torch_times:
+            row["torch_fwd_ms"] = min(forward for forward, _ in torch_times)
+            row["torch_bwd_ms"] = min(backward for _, backward in torch_times)
         rows.append(row)
         print(format_row(row), flush=True)
+    if peer:
+        peer.close()
     backend.set_mode_cpu()
     return {"device": device, "rows": rows, "copy_gbs": copy_big, "copy_small_gbs": copy_small,
             "copy_small_mb": small_bytes / 1e6, "copy_large_mb": big_bytes / 1e6,
-            "big_shape": "x".join(map(str, big)), "torch": bool(torch_columns)}
+            "big_shape": "x".join(map(str, big)), "torch": peer is not None}
 
 
 def copy_text(result: dict) -> str:
@@ -306,7 +357,9 @@ def markdown(results: list[dict], command: str) -> str:
              f"({results[0]['copy_large_mb'] if results else 0:.3g} MB: main memory); \"% copy\" is the "
              "forward GB/s over the copy bandwidth at the same size (np.copyto of the bottom's bytes, best "
              "of several; np.copyto runs on one thread and the kernels on all kernel threads, so a kernel "
-             "may pass 100%).", ""]
+             "may pass 100%). PyTorch's columns (torch fwd/bwd ms) come from a process of its own at its "
+             f"defaults, each row measured alternately with minicaffe's, {ROUNDS} rounds, each side the "
+             "lowest of its medians.", ""]
     for result in results:
         where = "CPU" if result["device"] == "cpu" else f"GPU ({result.get('gpu', '')})"
         lines.append(f"### {where}: {copy_text(result)}")

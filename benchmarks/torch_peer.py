@@ -1,7 +1,7 @@
 """The PyTorch side of the benchmarks, in a process of its own (see nets.Peer).
 
     python benchmarks/torch_peer.py ROW     # a row of nets.py: lenet, or a zoo net's name
-    python benchmarks/torch_peer.py kernels [--quick]   # kernels.py's PyTorch columns, as JSON
+    python benchmarks/torch_peer.py kernel-rows [--quick]   # kernels.py's PyTorch rows, one per request
 
 PyTorch is imported before minicaffe, so that its OpenMP runtime starts with the settings the user
 started the benchmark with, not the passive wait policy minicaffe sets for its own kernels. The row's
@@ -21,25 +21,29 @@ import nets  # benchmarks/nets.py, beside this file; it imports minicaffe
 # isort: on
 
 
-def kernel_columns(quick: bool) -> dict[str, tuple[float, float]]:
-    """{case: (forward ms, backward ms)} of kernels.py's cases that PyTorch has."""
+def serve_kernel_rows(quick: bool) -> None:
+    """kernels.py's rows one at a time: "rows" -> the JSON list of the rows PyTorch has; a row's name ->
+    its JSON [forward ms, backward ms], measured then."""
     import kernels  # benchmarks/kernels.py
 
     bundle = kernels.torch_ops()
     min_runs, min_seconds = (2, 0.0) if quick else (5, 0.4)
-    columns = {}
-    for name, _, shapes, _ in kernels.CASES:
-        shapes = [kernels.QUICK_SHAPES.get(s, s) for s in shapes] if quick else shapes
-        times = kernels.bench_torch(name, shapes, min_runs, min_seconds, bundle)
-        if times:
-            columns[name] = times
-    return columns
+    cases = {name: [kernels.QUICK_SHAPES.get(s, s) for s in shapes] if quick else shapes
+             for name, _, shapes, _ in kernels.CASES}
+    rows = [name for name in cases if kernels.bench_torch(name, cases[name], 1, 0.0, bundle)]
+    for request in sys.stdin:
+        name = request.strip()
+        if name == "rows":
+            print(json.dumps(rows), flush=True)
+        else:
+            times = kernels.bench_torch(name, cases[name], min_runs, min_seconds, bundle)
+            print(json.dumps(times), flush=True)
 
 
 def main() -> int:
     row = sys.argv[1]
-    if row == "kernels":
-        print(json.dumps(kernel_columns("--quick" in sys.argv)))
+    if row == "kernel-rows":
+        serve_kernel_rows("--quick" in sys.argv)
         return 0
     if row == "lenet":
         runs = nets.lenet_runs(torch, check=False)[0]

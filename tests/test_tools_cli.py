@@ -379,6 +379,28 @@ def test_draw_command(capsys, lenet_prelu, tmp_path):
 
 # -- benchmarks/kernels.py ----------------------------------------------------------------------------
 
+def test_kernel_benchmark_peer_answers_one_row_at_a_time():
+    """PyTorch's side of kernels.py runs in its own process and measures a row when asked, so that each
+    row's two sides are measured one right after the other."""
+    import importlib.util
+
+    pytest.importorskip("torch", reason="PyTorch is an optional benchmark peer")
+    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "benchmarks" / "kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    peer = bench.TorchPeer(quick=True)
+    try:
+        assert {"ReLU", "Convolution 3x3"} <= peer.rows and "Scale" not in peer.rows
+        forward, backward = peer.row("Convolution 3x3")
+        assert 0 < forward < 10_000 and 0 < backward < 10_000
+    finally:
+        peer.close()
+    assert peer.process.returncode == 0
+    rows = [{"fwd_ms": 2.0, "fwd_gbs": 1.0, "bwd_ms": 3.0, "bwd_gbs": 1.0},
+            {"fwd_ms": 1.0, "fwd_gbs": 2.0, "bwd_ms": 4.0, "bwd_gbs": 0.5}]
+    assert bench.lowest_of(rows) == {"fwd_ms": 1.0, "fwd_gbs": 2.0, "bwd_ms": 3.0, "bwd_gbs": 1.0}
+
+
 def test_kernel_benchmark_quick_updates_its_section(tmp_path, capsys):
     import importlib.util
 
