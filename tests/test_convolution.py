@@ -509,8 +509,7 @@ def test_winograd_in_chunks_equals_one_chunk(winograd_always, monkeypatch, dtype
     for limit in (1 << 20, 36 * 4 * 4 * 2):  # all 5 images at once; chunks of 2 (4 tiles per image)
         monkeypatch.setattr(convolution, "WINOGRAD_BUFFER_LIMIT", limit)
         layer, bottom, top = setup_layer(conv_text(4, "kernel_size: 3 pad: 1"), x, dtype)
-        chunks = layer._chunks(0, None, layer._winograd_images_per_chunk(4))
-        assert [count for _, count in chunks] == ([5] if limit > 1 << 16 else [2, 2, 1])
+        assert [count for _, count in layer._winograd_chunks(4)] == ([5] if limit > 1 << 16 else [2, 2, 1])
         backward_with(layer, bottom, top, dy)
         results.append([np.array(top[0].data), np.array(bottom[0].diff)]
                        + [np.array(b.diff) for b in layer.blobs])
@@ -584,27 +583,5 @@ def test_winograd_backward_with_two_bottoms_and_twice(winograd_always, monkeypat
         np.testing.assert_allclose(layer.blobs[0].diff, 2 * once, rtol=1e-5 if dtype == np.float32 else 1e-12)
         results.append([np.array(layer.blobs[0].data), once] + [np.array(b.diff) for b in bottom])
     tolerance = 2e-5 if dtype == np.float32 else 1e-12
-    for a, b in zip(*results):
-        np.testing.assert_allclose(a, b, rtol=0, atol=tolerance * np.abs(b).max())
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("limit", [1 << 20, 36 * 8 * 64 * 2], ids=["one chunk per part", "chunks of 2"])
-def test_winograd_images_shared_out_over_threads_equal_one_pass(winograd_always, monkeypatch, dtype, limit):
-    """With two threads each takes its half of the batch through every stage (its weight gradient summed
-    apart, the halves added in order): the results are one pass's, up to the GEMMs' rounding."""
-    monkeypatch.setattr(convolution, "WINOGRAD_BUFFER_LIMIT", limit)
-    rng = np.random.default_rng(36)
-    x, dy = rng.normal(size=(5, 3, 32, 30)), rng.normal(size=(5, 8, 32, 30))
-    results = []
-    for count in (1, 2):
-        monkeypatch.setattr(threads, "_threads", count)
-        layer, bottom, top = setup_layer(conv_text(8, "kernel_size: 3 pad: 1"), x, dtype)
-        assert layer._winograd_parts(64) == count
-        backward_with(layer, bottom, top, dy)
-        backward_with(layer, bottom, top, dy)  # kept inputs again; the parameter diffs add up
-        results.append([np.array(top[0].data), np.array(bottom[0].diff)]
-                       + [np.array(b.diff) for b in layer.blobs])
-    tolerance = 1e-5 if dtype == np.float32 else 1e-12
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=0, atol=tolerance * np.abs(b).max())

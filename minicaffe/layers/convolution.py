@@ -74,11 +74,6 @@ WINOGRAD_CHOICE = "measured"
 # Upper bound (elements) of each Winograd buffer (36 x channels x tiles); a batch that needs more is
 # done in chunks of images. 2**20 elements is 4 MiB in float32: a layer keeps three such buffers.
 WINOGRAD_BUFFER_LIMIT = 1 << 20
-# Tiles per thread at least, for the batch's images to be shared out between the threads (each taking its
-# images through every stage, ConvolutionLayer._winograd_parts); below, one pass over the batch uses
-# the threads stage by stage. 8x32x32x32 -> 32 (2 x 256 tiles): forward 0.82 -> 0.57 ms, backward
-# 2.1 -> 1.0 ms, measured as one thread on half the batch.
-WINOGRAD_PART_MIN_TILES = 64
 
 
 @dataclass(frozen=True)
@@ -357,22 +352,19 @@ class ConvolutionLayer(Layer):
         buffers = COL_BUFFER_LIMIT // (rows * positions * self._chunk_images())
         return max(1, min(threads.kernel_threads(), self.num, int(flops // PARALLEL_MIN_FLOPS), buffers))
 
-    def _chunks(self, first: int = 0, stop: int | None = None, size: int | None = None
-                ) -> Iterator[tuple[int, int]]:
-        """(first image, number of images) chunks of images [first, stop) of at most `size` images
-        (default _chunk_images())."""
+    def _chunks(self, first: int = 0, stop: int | None = None) -> Iterator[tuple[int, int]]:
+        """(first image, number of images) chunks of images [first, stop) of at most _chunk_images()."""
         stop = self.num if stop is None else stop
-        size = size or self._chunk_images()
+        size = self._chunk_images()
         for start in range(first, stop, size):
             yield start, min(size, stop - start)
 
-    def _over_chunks(self, parts: int, work: Callable[[int, int, int], None],
-                     size: int | None = None) -> None:
+    def _over_chunks(self, parts: int, work: Callable[[int, int, int], None]) -> None:
         """work(part, start, count) for every chunk of the batch, the images cut into `parts` contiguous
         ranges run at the same time (threads.run_parts; a part's kernel launches and GEMMs run on its own
-        thread), each range in chunks of at most `size` images (_chunks) that reuse the part's buffers."""
+        thread), each range in chunks (_chunks) that reuse the part's buffers."""
         def run(part: int, _: int) -> None:
-            for start, count in self._chunks(self.num * part // parts, self.num * (part + 1) // parts, size):
+            for start, count in self._chunks(self.num * part // parts, self.num * (part + 1) // parts):
                 work(part, start, count)
 
         threads.run_parts(parts, parts, run)
@@ -430,10 +422,10 @@ class ConvolutionLayer(Layer):
         for i, (b, t) in enumerate(zip(bottom, top)):
             images = self._images(b.get_data())
             self._forward_gemm(images, self._outputs(t.mutable_data()), bias)
-            if self._is_winograd() and self._winograd_keeps_inputs():
-                # the last pair's transformed input stays in its buffers for the weight gradient, as
+            if self._is_winograd() and len(list(self._winograd_chunks(_tile_count(self.out_size)))) == 1:
+                # the last pair's transformed input stays in its buffer for the weight gradient, as
                 # pooling keeps its argmax: backward works from what forward saw
-                self._winograd_inputs_of = (i, _address(images), self._winograd_keeps_inputs())
+                self._winograd_inputs_of = (i, _address(images))
 
     def backward(self, top, propagate_down, bottom):
         weight_grad = self.param_propagate_down[0]
@@ -444,8 +436,7 @@ class ConvolutionLayer(Layer):
                 channel_sums_of(self, dy.shape, dy, self.blobs[1].mutable_diff())  # fixed order, no temporary
             if weight_grad:
                 images = self._images(b.get_data())
-                kept = getattr(self, "_winograd_inputs_of", None) == (i, _address(images),
-                                                                       self._winograd_keeps_inputs())
+                kept = getattr(self, "_winograd_inputs_of", None) == (i, _address(images))
                 if not kept:  # the buffer is about to hold this pair's transform instead
                     self._winograd_inputs_of = None
                 self._weight_gemm(images, dy, winograd_inputs_kept=kept)
@@ -626,51 +617,17 @@ class ConvolutionLayer(Layer):
         per_image = 36 * max(self.conv_in_channels, self.conv_out_channels) * tiles_per_image
         return max(1, min(self.num, WINOGRAD_BUFFER_LIMIT // per_image))
 
-    def _winograd_parts(self, tiles_per_image: int) -> int:
-        """Threads that share the batch in a Winograd pass, each a contiguous range of images that it takes
-        through every stage on its own (its transforms and GEMMs single-threaded, its buffers in its
-        core's caches): on the CPU the kernel threads, with at least one image and
-        WINOGRAD_PART_MIN_TILES tiles each; on the GPU 1 (each stage over the whole batch at once)."""
-        if backend.on_gpu():
-            return 1
-        by_tiles = self.num * tiles_per_image // WINOGRAD_PART_MIN_TILES
-        return max(1, min(threads.kernel_threads(), self.num, by_tiles))
-
-    def _winograd_scratch(self, name: str, parts: int):
-        """Buffer `name`, one row per part, each for 36 matrices (_winograd_points) of either direction
-        (the forward's tiles cover the top, the input gradient's the bottom) or of the filters, sized for
-        the largest. Taken before the parts start (Layer.buffer is not for concurrent use)."""
+    def _winograd_points(self, name: str, rows: int, columns: int) -> WinogradPoints:
+        """Buffer `name` as 36 (rows x columns) matrices, winograd_point_step apart. One buffer serves
+        both directions (the forward's tiles cover the top, the input gradient's the bottom) and the
+        filters, sized for the largest."""
         channels = max(self.conv_in_channels, self.conv_out_channels)
         tiles = max(_tile_count(self.out_size), _tile_count((self.height, self.width)))
         largest = max(channels * tiles * self._winograd_images_per_chunk(tiles), channels * channels)
-        size = 36 * winograd_point_step(largest)
-        return self.buffer(name, (parts * size,)).reshape(parts, size)
-
-    @staticmethod
-    def _winograd_points(row, rows: int, columns: int) -> WinogradPoints:
-        """A _winograd_scratch row as 36 (rows x columns) matrices, winograd_point_step apart."""
         step = winograd_point_step(rows * columns)
-        flat = row[:36 * step]
+        flat = self.buffer(name, (36 * winograd_point_step(largest),))[:36 * step]
         matrices = flat.reshape(36, step)[:, :rows * columns].reshape(36, rows, columns)
         return WinogradPoints(matrices, flat, step)
-
-    def _winograd_padded(self, parts: int):
-        """Buffer "winograd_padded", one row per part: a chunk of zero-padded images for the input
-        transform (_winograd_input), of either direction."""
-        largest = 0
-        for channels, size in ((self.conv_in_channels, self.out_size), (self.conv_out_channels,
-                                                                         (self.height, self.width))):
-            tiles = _tile_count(size)
-            area = (4 * ((size[0] + 3) // 4) + 2) * (4 * ((size[1] + 3) // 4) + 2)
-            largest = max(largest, self._winograd_images_per_chunk(tiles) * channels * area)
-        return self.buffer("winograd_padded", (parts * largest,)).reshape(parts, largest)
-
-    def _winograd_keeps_inputs(self) -> tuple[int, int] | None:
-        """(parts, images per chunk) when the forward pass leaves every part's transformed input in its
-        buffer (one chunk per part), else None."""
-        per_image = _tile_count(self.out_size)
-        parts, chunk = self._winograd_parts(per_image), self._winograd_images_per_chunk(per_image)
-        return (parts, chunk) if -(-self.num // parts) <= chunk else None
 
     def _winograd(self, x, in_size, weights, flip: int, pad, bias, y, out_size) -> None:
         """y (num, out_channels, *out_size) = the 3x3 stride-1 convolution of x (num, in_channels,
@@ -678,39 +635,35 @@ class ConvolutionLayer(Layer):
         weights (in, out, 3, 3), each filter turned by 180 degrees (the input gradient)."""
         in_channels, out_channels = x.shape[1], y.shape[1]
         tiles_h, tiles_w = (out_size[0] + 3) // 4, (out_size[1] + 3) // 4
-        per_image = tiles_h * tiles_w
-        filters = self._winograd_points(self._winograd_scratch("winograd_filters", 1)[0], out_channels,
-                                        in_channels)
+        filters = self._winograd_points("winograd_filters", out_channels, in_channels)
         KERNELS.winograd_weights(out_channels, weights, filters.flat, filters.step, in_channels, flip,
                                  extents=(out_channels, in_channels))
-        parts = self._winograd_parts(per_image)
         # The input gradient's own buffer keeps forward's transformed input for the weight gradient.
-        inputs = self._winograd_scratch("winograd_inputs" if flip == 0 else "winograd_diff_inputs", parts)
-        products = self._winograd_scratch("winograd_products", parts)
-        padded = self._winograd_padded(parts)
-        bias_or_unread = filters.flat if bias is None else bias
-
-        def work(part: int, start: int, count: int) -> None:
-            tiles = count * per_image
-            part_inputs = self._winograd_points(inputs[part], in_channels, tiles)
-            part_products = self._winograd_points(products[part], out_channels, tiles)
-            self._winograd_input(x[start:start + count], in_size, pad, (tiles_h, tiles_w), part_inputs,
-                                 padded[part])
-            matmul(filters.matrices, part_inputs.matrices, out=part_products.matrices)
+        inputs_name = "winograd_inputs" if flip == 0 else "winograd_diff_inputs"
+        for start, count in self._winograd_chunks(tiles_h * tiles_w):
+            inputs = self._winograd_points(inputs_name, in_channels, count * tiles_h * tiles_w)
+            products = self._winograd_points("winograd_products", out_channels, count * tiles_h * tiles_w)
+            self._winograd_input(x[start:start + count], in_size, pad, (tiles_h, tiles_w), inputs)
+            matmul(filters.matrices, inputs.matrices, out=products.matrices)
             planes = count * out_channels * tiles_h
-            KERNELS.winograd_output(planes, part_products.flat, part_products.step, bias_or_unread,
+            bias_or_unread = filters.flat if bias is None else bias
+            KERNELS.winograd_output(planes, products.flat, products.step, bias_or_unread,
                                     int(bias is not None), y[start:start + count], out_channels, *out_size,
                                     tiles_h, tiles_w, extents=(planes, tiles_w), work=36 * planes * tiles_w)
 
-        self._over_chunks(parts, work, self._winograd_images_per_chunk(per_image))
+    def _winograd_chunks(self, tiles_per_image: int) -> Iterator[tuple[int, int]]:
+        """(first image, number of images) chunks of the batch for the Winograd buffers."""
+        size = self._winograd_images_per_chunk(tiles_per_image)
+        for start in range(0, self.num, size):
+            yield start, min(size, self.num - start)
 
-    def _winograd_input(self, x, size, pad, tiles, inputs: WinogradPoints, padded) -> None:
+    def _winograd_input(self, x, size, pad, tiles, inputs: WinogradPoints) -> None:
         """inputs = B^T d B for the (tiles_h, tiles_w) tiles of x (count, channels, *size) padded by
-        `pad`: x is first copied into `padded`, zero-padded so that every tile fits (im2col with a 1x1
-        kernel), and the transform reads without tests (see winograd_input)."""
+        `pad`: x is first copied into a zero-padded buffer that every tile fits (im2col with a 1x1
+        kernel), so the transform reads without tests (see winograd_input)."""
         count, channels = x.shape[0], x.shape[1]
         padded_size = (4 * tiles[0] + 2, 4 * tiles[1] + 2)
-        padded = padded[:count * channels * padded_size[0] * padded_size[1]].reshape(count, channels, -1)
+        padded = self.buffer("winograd_padded", (count, channels, padded_size[0] * padded_size[1]))
         im2col(x.reshape(count, channels, *size), padded, ConvGeometry((1, 1), tuple(pad), (1, 1), (1, 1)),
                padded_size, images_outer=True)
         planes = count * channels * tiles[0]
@@ -718,48 +671,30 @@ class ConvolutionLayer(Layer):
                                extents=(planes, tiles[1]), work=36 * planes * tiles[1])
 
     def _winograd_weight_diff(self, images, out_diff, weight_diff, inputs_kept: bool) -> None:
-        """weight_diff += G^T (sum over tiles of (A dy A^T) .* (B^T x B)) G: one GEMM per point xi over
-        each part's tiles (its chunks' products added in chunk order), the parts' sums added in part
-        order, then G^T . G, added in. inputs_kept: every part's B^T x B is in its "winograd_inputs" row
-        already (forward's, one chunk per part: _winograd_keeps_inputs)."""
+        """weight_diff += G^T (sum over tiles of (A dy A^T) .* (B^T x B)) G: one GEMM per point xi
+        over all tiles (the chunks' products added in chunk order), then G^T . G, added in.
+        inputs_kept: B^T x B is in the "winograd_inputs" buffer already (forward's, one chunk)."""
         in_channels, out_channels = self.conv_in_channels, self.conv_out_channels
         tiles_h, tiles_w = (self.out_size[0] + 3) // 4, (self.out_size[1] + 3) // 4
-        per_image = tiles_h * tiles_w
-        parts = self._winograd_parts(per_image)
-        sums = self._winograd_scratch("winograd_filters", parts)
-        more = self._winograd_scratch("winograd_filter_diff_chunk", parts) \
-            if -(-self.num // parts) > self._winograd_images_per_chunk(per_image) else None
-        inputs = self._winograd_scratch("winograd_inputs", parts)
-        diffs = self._winograd_scratch("winograd_products", parts)
-        padded = self._winograd_padded(parts)
-
-        def work(part: int, start: int, count: int) -> None:
-            tiles = count * per_image
-            part_inputs = self._winograd_points(inputs[part], in_channels, tiles)
-            part_diffs = self._winograd_points(diffs[part], out_channels, tiles)
+        sums = self._winograd_points("winograd_filters", out_channels, in_channels)
+        for start, count in self._winograd_chunks(tiles_h * tiles_w):
+            inputs = self._winograd_points("winograd_inputs", in_channels, count * tiles_h * tiles_w)
+            diffs = self._winograd_points("winograd_products", out_channels, count * tiles_h * tiles_w)
             if not inputs_kept:
                 self._winograd_input(images[start:start + count], (self.height, self.width),
-                                     self.geometry.pad, (tiles_h, tiles_w), part_inputs, padded[part])
+                                     self.geometry.pad, (tiles_h, tiles_w), inputs)
             planes = count * out_channels * tiles_h
-            KERNELS.winograd_output_diff(planes, out_diff[start:start + count], part_diffs.flat,
-                                         part_diffs.step, out_channels, *self.out_size, tiles_h, tiles_w,
+            KERNELS.winograd_output_diff(planes, out_diff[start:start + count], diffs.flat, diffs.step,
+                                         out_channels, *self.out_size, tiles_h, tiles_w,
                                          extents=(planes, tiles_w), work=36 * planes * tiles_w)
-            part_sums = self._winograd_points(sums[part], out_channels, in_channels)
-            if start == self.num * part // parts:  # the part's first chunk
-                matmul(part_diffs.matrices, part_inputs.matrices.transpose(0, 2, 1), out=part_sums.matrices)
+            if start == 0:
+                matmul(diffs.matrices, inputs.matrices.transpose(0, 2, 1), out=sums.matrices)
             else:  # a later chunk's sums through a second buffer, added in chunk order
-                part_more = self._winograd_points(more[part], out_channels, in_channels)
-                matmul(part_diffs.matrices, part_inputs.matrices.transpose(0, 2, 1), out=part_more.matrices)
-                part_sums.matrices[...] += part_more.matrices
-
-        self._over_chunks(parts, work, self._winograd_images_per_chunk(per_image))
-        total = self._winograd_points(sums[0], out_channels, in_channels)
-        for part in range(1, parts):  # in part order: the same bits on every run with as many threads
-            ELTWISE.eltwise_axpy(total.flat.size, self._winograd_points(sums[part], out_channels,
-                                                                        in_channels).flat, total.flat, 1.0,
-                                 extents=total.flat.size)
+                more = self.buffer("winograd_filter_diff_chunk", sums.matrices.shape)
+                matmul(diffs.matrices, inputs.matrices.transpose(0, 2, 1), out=more)
+                sums.matrices[...] += more
         filter_diff = self.buffer("winograd_filter_diff", weight_diff.shape)
-        KERNELS.winograd_filter_diff(out_channels, total.flat, total.step, filter_diff, in_channels,
+        KERNELS.winograd_filter_diff(out_channels, sums.flat, sums.step, filter_diff, in_channels,
                                      extents=(out_channels, in_channels))
         ELTWISE.eltwise_axpy(filter_diff.size, filter_diff, weight_diff, 1.0, extents=filter_diff.size)
 
