@@ -585,3 +585,22 @@ def test_winograd_backward_with_two_bottoms_and_twice(winograd_always, monkeypat
     tolerance = 2e-5 if dtype == np.float32 else 1e-12
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=0, atol=tolerance * np.abs(b).max())
+
+
+def test_winograd_buffers_are_reused_by_both_directions(winograd_always):
+    """Forward and backward with 3 input and 5 output channels (so the two directions' transforms differ
+    in size) keep every scratch buffer once made: no pass makes one anew (#8: no per-step allocations)."""
+    rng = np.random.default_rng(38)
+    layer, bottom, top = setup_layer(conv_text(5, "kernel_size: 3 pad: 1"), rng.normal(size=(2, 3, 9, 7)))
+    dy = rng.normal(size=top[0].shape)
+    backward_with(layer, bottom, top, dy)
+    def memory():
+        return {name: id(array.base if array.base is not None else array)
+                for name, array in layer.buffers.items()}
+
+    made = memory()
+    assert {"winograd_inputs", "winograd_diff_inputs", "winograd_products", "winograd_padded"} <= set(made)
+    for _ in range(2):
+        layer.forward(bottom, top)
+        backward_with(layer, bottom, top, dy)
+    assert memory() == made

@@ -640,13 +640,13 @@ class ConvolutionLayer(Layer):
                                  extents=(out_channels, in_channels))
         # The input gradient's own buffer keeps forward's transformed input for the weight gradient.
         inputs_name = "winograd_inputs" if flip == 0 else "winograd_diff_inputs"
+        bias_or_unread = filters.flat if bias is None else bias
         for start, count in self._winograd_chunks(tiles_h * tiles_w):
             inputs = self._winograd_points(inputs_name, in_channels, count * tiles_h * tiles_w)
             products = self._winograd_points("winograd_products", out_channels, count * tiles_h * tiles_w)
             self._winograd_input(x[start:start + count], in_size, pad, (tiles_h, tiles_w), inputs)
             matmul(filters.matrices, inputs.matrices, out=products.matrices)
             planes = count * out_channels * tiles_h
-            bias_or_unread = filters.flat if bias is None else bias
             KERNELS.winograd_output(planes, products.flat, products.step, bias_or_unread,
                                     int(bias is not None), y[start:start + count], out_channels, *out_size,
                                     tiles_h, tiles_w, extents=(planes, tiles_w), work=36 * planes * tiles_w)
@@ -663,12 +663,23 @@ class ConvolutionLayer(Layer):
         kernel), so the transform reads without tests (see winograd_input)."""
         count, channels = x.shape[0], x.shape[1]
         padded_size = (4 * tiles[0] + 2, 4 * tiles[1] + 2)
-        padded = self.buffer("winograd_padded", (count, channels, padded_size[0] * padded_size[1]))
+        padded = self._winograd_padded()[:count * channels * padded_size[0] * padded_size[1]]
+        padded = padded.reshape(count, channels, -1)
         im2col(x.reshape(count, channels, *size), padded, ConvGeometry((1, 1), tuple(pad), (1, 1), (1, 1)),
                padded_size, images_outer=True)
         planes = count * channels * tiles[0]
         KERNELS.winograd_input(planes, padded, inputs.flat, inputs.step, channels, *padded_size, *tiles,
                                extents=(planes, tiles[1]), work=36 * planes * tiles[1])
+
+    def _winograd_padded(self):
+        """Buffer "winograd_padded": a chunk of zero-padded images for _winograd_input, of either
+        direction, sized for the larger (one size, so that no pass makes it anew)."""
+        largest = 0
+        for channels, size in ((self.conv_in_channels, self.out_size),
+                               (self.conv_out_channels, (self.height, self.width))):
+            area = (4 * ((size[0] + 3) // 4) + 2) * (4 * ((size[1] + 3) // 4) + 2)
+            largest = max(largest, self._winograd_images_per_chunk(_tile_count(size)) * channels * area)
+        return self.buffer("winograd_padded", (largest,))
 
     def _winograd_weight_diff(self, images, out_diff, weight_diff, inputs_kept: bool) -> None:
         """weight_diff += G^T (sum over tiles of (A dy A^T) .* (B^T x B)) G: one GEMM per point xi
