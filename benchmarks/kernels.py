@@ -217,7 +217,7 @@ def torch_peer(quick: bool) -> TorchPeer | None:
 
 # Each row's two sides are measured alternately, minicaffe then PyTorch, ROUNDS times; each side's time is
 # the lowest of its medians (the same rule for both).
-ROUNDS = 2
+ROUNDS = 3
 
 
 def bench_torch(case_name: str, shapes, min_runs: int, min_seconds: float,
