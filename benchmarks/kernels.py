@@ -24,7 +24,6 @@ import datetime as dt
 import importlib.util
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -173,33 +172,24 @@ def torch_ops():
 
 class TorchPeer:
     """PyTorch's side of the rows, measured by benchmarks/torch_peer.py in a process of its own at
-    PyTorch's own defaults (see nets.Peer: in this process PyTorch would share minicaffe's passive OpenMP
-    wait policy). It answers one row at a time, so that the two sides of a row are measured minutes
-    apart no more: on a shared machine the speed drifts by tens of percent within minutes."""
+    PyTorch's own defaults (nets.Peer, which says why). It answers one row at a time, so that the two sides
+    of a row are measured seconds apart, not minutes: on a shared machine the speed drifts by tens of
+    percent within minutes."""
 
     def __init__(self, quick: bool):
-        command = [sys.executable, str(Path(__file__).with_name("torch_peer.py")), "kernel-rows"]
-        self.process = subprocess.Popen(command + (["--quick"] if quick else []), stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env=timing.peer_environment())
-        self.rows = set(json.loads(self.ask("rows")))
+        from nets import Peer  # benchmarks/nets.py
 
-    def ask(self, request: str) -> str:
-        self.process.stdin.write(request + "\n")
-        self.process.stdin.flush()
-        answer = self.process.stdout.readline()
-        if not answer:
-            raise RuntimeError(f"the PyTorch peer process failed: {self.process.stderr.read()[-2000:]}")
-        return answer.strip()
+        self.peer = Peer("kernel-rows", *(["--quick"] if quick else []))
+        self.rows = set(json.loads(self.peer.ask("rows")))
+        self.process = self.peer.process
 
     def row(self, name: str) -> tuple[float, float]:
         """(forward ms, backward ms) of the row `name` (one of self.rows)."""
-        forward, backward = json.loads(self.ask(name))
+        forward, backward = json.loads(self.peer.ask(name))
         return forward, backward
 
     def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
+        self.peer.close()
 
 
 def lowest_of(rows: list[dict]) -> dict:

@@ -539,10 +539,10 @@ class Peer:
     runs at its own defaults: the child gets the environment the user started this script with. It
     times each run itself and answers one number per request, so the rows still alternate."""
 
-    def __init__(self, row: str):
-        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("torch_peer.py")), row],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True, env=timing.peer_environment())
+    def __init__(self, row: str, *options: str):
+        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("torch_peer.py")), row,
+                                         *options], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env=timing.peer_environment())
         self.ask("ready")
 
     def ask(self, request: str) -> str:

@@ -22,8 +22,8 @@ import nets  # benchmarks/nets.py, beside this file; it imports minicaffe
 
 
 def serve_kernel_rows(quick: bool) -> None:
-    """kernels.py's rows one at a time: "rows" -> the JSON list of the rows PyTorch has; a row's name ->
-    its JSON [forward ms, backward ms], measured then."""
+    """kernels.py's rows one at a time: "ready" -> "ready"; "rows" -> the JSON list of the rows PyTorch
+    has; a row's name -> its JSON [forward ms, backward ms], measured then."""
     import kernels  # benchmarks/kernels.py
 
     bundle = kernels.torch_ops()
@@ -33,7 +33,9 @@ def serve_kernel_rows(quick: bool) -> None:
     rows = [name for name in cases if kernels.bench_torch(name, cases[name], 1, 0.0, bundle)]
     for request in sys.stdin:
         name = request.strip()
-        if name == "rows":
+        if name == "ready":
+            print("ready", flush=True)
+        elif name == "rows":
             print(json.dumps(rows), flush=True)
         else:
             times = kernels.bench_torch(name, cases[name], min_runs, min_seconds, bundle)
