@@ -509,7 +509,8 @@ def test_winograd_in_chunks_equals_one_chunk(winograd_always, monkeypatch, dtype
     for limit in (1 << 20, 36 * 4 * 4 * 2):  # all 5 images at once; chunks of 2 (4 tiles per image)
         monkeypatch.setattr(convolution, "WINOGRAD_BUFFER_LIMIT", limit)
         layer, bottom, top = setup_layer(conv_text(4, "kernel_size: 3 pad: 1"), x, dtype)
-        assert [count for _, count in layer._winograd_chunks(4)] == ([5] if limit > 1 << 16 else [2, 2, 1])
+        chunks = layer._chunks(size=layer._winograd_images_per_chunk(4))
+        assert [count for _, count in chunks] == ([5] if limit > 1 << 16 else [2, 2, 1])
         backward_with(layer, bottom, top, dy)
         results.append([np.array(top[0].data), np.array(bottom[0].diff)]
                        + [np.array(b.diff) for b in layer.blobs])

@@ -31,6 +31,7 @@ from .. import backend, threads
 from ..blas import PARALLEL_MIN_FLOPS, gemm_accumulate, matmul
 from ..kernel import KernelFile
 from ..layer import Layer, register
+from ..proto import caffe_pb2
 from .concat import copy_block
 from .eltwise import KERNELS as ELTWISE
 from .reduce import channel_sums, channel_sums_of
@@ -49,8 +50,8 @@ COL_BUFFER_LIMIT = 1 << 24
 # 0.7-0.9x the time of chunks of 2**16, the whole batch (2**20) 0.9-1.1x: fewer, larger GEMMs gain
 # until the buffer leaves the L2, and the L3 is shared by the cores.
 COL_CACHE_LIMIT = 1 << 18
-# ConvolutionParameter.Engine CAFFE: the user asks for Caffe's own im2col + GEMM, never Winograd.
-CAFFE_ENGINE = 1
+# engine: CAFFE: the user asks for Caffe's own im2col + GEMM, never Winograd.
+CAFFE_ENGINE = caffe_pb2.ConvolutionParameter.CAFFE
 # Where Winograd F(4x4, 3x3) is used (ConvolutionLayer._is_winograd), from forward + backward times
 # (ms, float32, 2 cores) against im2col + GEMM. Layer by layer it paid with the input and output channels
 # >= 32, at least 12 tiles per image, and at most 1.35x the outputs computed (tiles cut by the edges
@@ -216,9 +217,18 @@ class WinogradPoints:
     step: int
 
 
+def _tile_grid(size: tuple[int, int]) -> tuple[int, int]:
+    """(tiles_h, tiles_w): the 4x4 tiles (Winograd F(4x4, 3x3)) that cover an output of `size`."""
+    return (size[0] + 3) // 4, (size[1] + 3) // 4
+
+
 def _tile_count(size: tuple[int, int]) -> int:
-    """4x4 tiles (Winograd F(4x4, 3x3)) that cover an output of `size`."""
-    return ((size[0] + 3) // 4) * ((size[1] + 3) // 4)
+    return math.prod(_tile_grid(size))
+
+
+def _padded_size(tiles: tuple[int, int]) -> tuple[int, int]:
+    """The zero-padded input that (tiles_h, tiles_w) 6x6 tiles at a step of 4 read (winograd_input)."""
+    return 4 * tiles[0] + 2, 4 * tiles[1] + 2
 
 
 def _col_strides(x_shape, geometry: ConvGeometry, out_size, images_outer: bool) -> tuple[int, int]:
@@ -276,6 +286,8 @@ class ConvolutionLayer(Layer):
         if self.num_output % self.group:
             self.fail(f"num_output ({self.num_output}) must be a multiple of group ({self.group})")
         self.conv_in_channels, self.conv_out_channels = self._conv_channels()
+        # (bottom index, data address) whose Winograd input transform forward left in its buffer
+        self._winograd_inputs_of: tuple[int, int] | None = None
 
         # The top must fit before the weights are made and filled: a kernel larger than the padded input
         # fails here, so does a top too large for the memory (pad 4294967295 asks for 2^67 values).
@@ -352,10 +364,12 @@ class ConvolutionLayer(Layer):
         buffers = COL_BUFFER_LIMIT // (rows * positions * self._chunk_images())
         return max(1, min(threads.kernel_threads(), self.num, int(flops // PARALLEL_MIN_FLOPS), buffers))
 
-    def _chunks(self, first: int = 0, stop: int | None = None) -> Iterator[tuple[int, int]]:
-        """(first image, number of images) chunks of images [first, stop) of at most _chunk_images()."""
+    def _chunks(self, first: int = 0, stop: int | None = None, size: int | None = None
+                ) -> Iterator[tuple[int, int]]:
+        """(first image, number of images) chunks of images [first, stop) of at most `size` images
+        (default _chunk_images(), the im2col buffer's)."""
         stop = self.num if stop is None else stop
-        size = self._chunk_images()
+        size = size or self._chunk_images()
         for start in range(first, stop, size):
             yield start, min(size, stop - start)
 
@@ -422,7 +436,8 @@ class ConvolutionLayer(Layer):
         for i, (b, t) in enumerate(zip(bottom, top)):
             images = self._images(b.get_data())
             self._forward_gemm(images, self._outputs(t.mutable_data()), bias)
-            if self._is_winograd() and len(list(self._winograd_chunks(_tile_count(self.out_size)))) == 1:
+            one_chunk = self._winograd_images_per_chunk(_tile_count(self.out_size)) >= self.num
+            if self._is_winograd() and one_chunk:
                 # the last pair's transformed input stays in its buffer for the weight gradient, as
                 # pooling keeps its argmax: backward works from what forward saw
                 self._winograd_inputs_of = (i, _address(images))
@@ -436,7 +451,7 @@ class ConvolutionLayer(Layer):
                 channel_sums_of(self, dy.shape, dy, self.blobs[1].mutable_diff())  # fixed order, no temporary
             if weight_grad:
                 images = self._images(b.get_data())
-                kept = getattr(self, "_winograd_inputs_of", None) == (i, _address(images))
+                kept = self._winograd_inputs_of == (i, _address(images))
                 if not kept:  # the buffer is about to hold this pair's transform instead
                     self._winograd_inputs_of = None
                 self._weight_gemm(images, dy, winograd_inputs_kept=kept)
@@ -634,14 +649,14 @@ class ConvolutionLayer(Layer):
         *in_size) padded by `pad` (+ bias), written. flip 0: weights (out, in, 3, 3) as they are; flip 1:
         weights (in, out, 3, 3), each filter turned by 180 degrees (the input gradient)."""
         in_channels, out_channels = x.shape[1], y.shape[1]
-        tiles_h, tiles_w = (out_size[0] + 3) // 4, (out_size[1] + 3) // 4
+        tiles_h, tiles_w = _tile_grid(out_size)
         filters = self._winograd_points("winograd_filters", out_channels, in_channels)
         KERNELS.winograd_weights(out_channels, weights, filters.flat, filters.step, in_channels, flip,
                                  extents=(out_channels, in_channels))
         # The input gradient's own buffer keeps forward's transformed input for the weight gradient.
         inputs_name = "winograd_inputs" if flip == 0 else "winograd_diff_inputs"
         bias_or_unread = filters.flat if bias is None else bias
-        for start, count in self._winograd_chunks(tiles_h * tiles_w):
+        for start, count in self._chunks(size=self._winograd_images_per_chunk(tiles_h * tiles_w)):
             inputs = self._winograd_points(inputs_name, in_channels, count * tiles_h * tiles_w)
             products = self._winograd_points("winograd_products", out_channels, count * tiles_h * tiles_w)
             self._winograd_input(x[start:start + count], in_size, pad, (tiles_h, tiles_w), inputs)
@@ -651,18 +666,12 @@ class ConvolutionLayer(Layer):
                                     int(bias is not None), y[start:start + count], out_channels, *out_size,
                                     tiles_h, tiles_w, extents=(planes, tiles_w), work=36 * planes * tiles_w)
 
-    def _winograd_chunks(self, tiles_per_image: int) -> Iterator[tuple[int, int]]:
-        """(first image, number of images) chunks of the batch for the Winograd buffers."""
-        size = self._winograd_images_per_chunk(tiles_per_image)
-        for start in range(0, self.num, size):
-            yield start, min(size, self.num - start)
-
     def _winograd_input(self, x, size, pad, tiles, inputs: WinogradPoints) -> None:
         """inputs = B^T d B for the (tiles_h, tiles_w) tiles of x (count, channels, *size) padded by
         `pad`: x is first copied into a zero-padded buffer that every tile fits (im2col with a 1x1
         kernel), so the transform reads without tests (see winograd_input)."""
         count, channels = x.shape[0], x.shape[1]
-        padded_size = (4 * tiles[0] + 2, 4 * tiles[1] + 2)
+        padded_size = _padded_size(tiles)
         padded = self._winograd_padded()[:count * channels * padded_size[0] * padded_size[1]]
         padded = padded.reshape(count, channels, -1)
         im2col(x.reshape(count, channels, *size), padded, ConvGeometry((1, 1), tuple(pad), (1, 1), (1, 1)),
@@ -677,7 +686,7 @@ class ConvolutionLayer(Layer):
         largest = 0
         for channels, size in ((self.conv_in_channels, self.out_size),
                                (self.conv_out_channels, (self.height, self.width))):
-            area = (4 * ((size[0] + 3) // 4) + 2) * (4 * ((size[1] + 3) // 4) + 2)
+            area = math.prod(_padded_size(_tile_grid(size)))
             largest = max(largest, self._winograd_images_per_chunk(_tile_count(size)) * channels * area)
         return self.buffer("winograd_padded", (largest,))
 
@@ -686,9 +695,9 @@ class ConvolutionLayer(Layer):
         over all tiles (the chunks' products added in chunk order), then G^T . G, added in.
         inputs_kept: B^T x B is in the "winograd_inputs" buffer already (forward's, one chunk)."""
         in_channels, out_channels = self.conv_in_channels, self.conv_out_channels
-        tiles_h, tiles_w = (self.out_size[0] + 3) // 4, (self.out_size[1] + 3) // 4
+        tiles_h, tiles_w = _tile_grid(self.out_size)
         sums = self._winograd_points("winograd_filters", out_channels, in_channels)
-        for start, count in self._winograd_chunks(tiles_h * tiles_w):
+        for start, count in self._chunks(size=self._winograd_images_per_chunk(tiles_h * tiles_w)):
             inputs = self._winograd_points("winograd_inputs", in_channels, count * tiles_h * tiles_w)
             diffs = self._winograd_points("winograd_products", out_channels, count * tiles_h * tiles_w)
             if not inputs_kept:
