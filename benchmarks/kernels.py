@@ -210,10 +210,16 @@ def torch_peer(quick: bool) -> TorchPeer | None:
 ROUNDS = 3
 
 
+def torch_has(case_name: str, bundle) -> bool:
+    """Whether PyTorch has the operation of the row `case_name` (bundle: torch_ops())."""
+    _, _, ops, two = bundle
+    return case_name in ops or case_name in two or case_name.startswith("Convolution")
+
+
 def bench_torch(case_name: str, shapes, min_runs: int, min_seconds: float,
                 bundle) -> tuple[float, float] | None:
     torch, F, ops, two = bundle
-    if case_name not in ops and case_name not in two and not case_name.startswith("Convolution"):
+    if not torch_has(case_name, bundle):
         return None
     inputs = [torch.randn(*shape, requires_grad=True) for shape in shapes]
     if case_name.startswith("Convolution"):
