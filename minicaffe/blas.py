@@ -25,6 +25,7 @@ from types import ModuleType
 import numpy as np
 
 from . import backend, threads
+from .kernel import data_address
 
 # A product of fewer floating-point operations per part than this is not split (a part should take
 # well over the ~20-50 us that handing it to another thread costs; BLAS does ~50 GFLOP/s per core).
@@ -161,8 +162,8 @@ class Cblas:
         a, trans_a, lda = self.operand(a)
         b, trans_b, ldb = self.operand(b)
         ldc = max(1, row_step // c.itemsize)
-        self.functions[c.dtype](self.ROW_MAJOR, trans_a, trans_b, rows, cols, inner, alpha, a.ctypes.data,
-                                lda, b.ctypes.data, ldb, beta, c.ctypes.data, ldc)
+        self.functions[c.dtype](self.ROW_MAJOR, trans_a, trans_b, rows, cols, inner, alpha, data_address(a),
+                                lda, data_address(b), ldb, beta, data_address(c), ldc)
 
 
 # CBLAS entry points of the OpenBLAS builds numpy's wheels ship (scipy-openblas): ILP64 with the

@@ -59,6 +59,28 @@ def test_kernel_checks_dtype_and_contiguity():
         relu.launch("relu_forward", 8, 8, x)
 
 
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from([np.float32, np.float64, np.uint8, np.int32]),
+       size=st.integers(0, 40), start=st.integers(0, 5))
+def test_data_address_is_the_first_element(dtype, size, start):
+    # kernel.data_address reads numpy's data pointer from the array object; it must be the address
+    # __array_interface__ gives, for whole arrays, views at an offset and empty arrays alike.
+    from minicaffe.kernel import _DATA_OFFSET, data_address
+    base = np.zeros(size + start, dtype)
+    for array in (base, base[start:], base.reshape(1, -1)[0, start:], base.view(np.uint8)):
+        assert data_address(array) == array.__array_interface__["data"][0]
+    assert sys.implementation.name != "cpython" or _DATA_OFFSET is not None  # the fast read is in use
+
+
+def test_kernel_reads_data_at_an_offset_view():
+    # A view's data starts inside its base: the launch must pass the view's start, not the base's.
+    relu = KernelFile("relu.cu")
+    x = np.array([-1, -2, 3, -4, 5, 6], np.float32)
+    y = np.full(6, 9.0, np.float32)
+    relu.relu_forward(3, x[2:5], y[1:4], 0.0, extents=3)
+    np.testing.assert_array_equal(y, [9, 3, 0, 5, 9, 9])
+
+
 def test_kernel_cache_is_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("MINICAFFE_CACHE_DIR", str(tmp_path))
     first = KernelFile("relu.cu").build_cpu("float")

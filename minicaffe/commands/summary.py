@@ -16,6 +16,7 @@ import argparse
 import numpy as np
 
 from .. import inspect
+from ..kernel import data_address
 from ..layer import TEST, TRAIN
 
 
@@ -39,8 +40,7 @@ def human_bytes(n: int) -> str:
 
 def memory_address(blob) -> int:
     """Where a blob's data starts (numpy or CuPy): blobs sharing their data share it."""
-    array = blob.get_data()
-    return array.ctypes.data if isinstance(array, np.ndarray) else array.data.ptr
+    return data_address(blob.get_data())
 
 
 def summarize(net) -> dict:

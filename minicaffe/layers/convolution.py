@@ -25,11 +25,9 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
-
 from .. import backend, threads
 from ..blas import PARALLEL_MIN_FLOPS, gemm_accumulate, matmul
-from ..kernel import KernelFile
+from ..kernel import KernelFile, data_address
 from ..layer import Layer, register
 from ..proto import caffe_pb2
 from .concat import copy_block
@@ -199,11 +197,6 @@ def winograd_point_step(size: int) -> int:
         return size
     step = -(-size // 16) * 16
     return step + 16 if (step // 16) % 2 == 0 else step
-
-
-def _address(array) -> int:
-    """Where a numpy or cupy array's data starts."""
-    return array.__array_interface__["data"][0] if isinstance(array, np.ndarray) else array.data.ptr
 
 
 @dataclass(frozen=True)
@@ -440,7 +433,7 @@ class ConvolutionLayer(Layer):
             if self._is_winograd() and one_chunk:
                 # the last pair's transformed input stays in its buffer for the weight gradient, as
                 # pooling keeps its argmax: backward works from what forward saw
-                self._winograd_inputs_of = (i, _address(images))
+                self._winograd_inputs_of = (i, data_address(images))
 
     def backward(self, top, propagate_down, bottom):
         weight_grad = self.param_propagate_down[0]
@@ -451,7 +444,7 @@ class ConvolutionLayer(Layer):
                 channel_sums_of(self, dy.shape, dy, self.blobs[1].mutable_diff())  # fixed order, no temporary
             if weight_grad:
                 images = self._images(b.get_data())
-                kept = self._winograd_inputs_of == (i, _address(images))
+                kept = self._winograd_inputs_of == (i, data_address(images))
                 if not kept:  # the buffer is about to hold this pair's transform instead
                     self._winograd_inputs_of = None
                 self._weight_gemm(images, dy, winograd_inputs_kept=kept)
