@@ -1,6 +1,6 @@
 """The GEMMs of the layers: matmul (out = a @ b) and gemm_accumulate (c += a @ b, with BLAS's beta = 1).
 
-On the CPU a large product is split over minicaffe's threads (threads.run_parts), each part one BLAS
+On the CPU a large product is split over minicaffe's threads (kernel.run_parts), each part one BLAS
 call on a single-threaded BLAS: the cores work on one GEMM without BLAS's own thread pool, whose
 spinning workers thrash on a busy machine (see threads.py). The output is cut along its longer side:
 a convolution's (32 x 288) @ (288 x 8192) cut into two column halves took 1.2 ms, into two row halves
@@ -24,7 +24,7 @@ from types import ModuleType
 
 import numpy as np
 
-from . import backend, threads
+from . import backend, kernel, threads
 from .kernel import data_address
 
 # A product of fewer floating-point operations per part than this is not split (a part should take
@@ -44,9 +44,9 @@ def _split(a, b, out, product: Callable[[object, object, object], None]) -> None
     if parts == 1:
         product(a, b, out)
     elif by_rows:
-        threads.run_parts(rows, parts, lambda lo, hi: product(a[..., lo:hi, :], b, out[..., lo:hi, :]))
+        kernel.run_parts(rows, parts, lambda lo, hi: product(a[..., lo:hi, :], b, out[..., lo:hi, :]))
     else:
-        threads.run_parts(cols, parts, lambda lo, hi: product(a, b[..., lo:hi], out[..., lo:hi]))
+        kernel.run_parts(cols, parts, lambda lo, hi: product(a, b[..., lo:hi], out[..., lo:hi]))
 
 
 def matmul(a, b, out) -> None:

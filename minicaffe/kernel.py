@@ -30,6 +30,7 @@ With MINICAFFE_RACECHECK=1 (or =spread) the CPU launches run the race-check buil
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -38,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -482,6 +484,44 @@ class KernelFile:
             module = cupy.RawModule(code=self.source, options=gpu_options(REAL_TYPES[real]))
             self._gpu_modules[key] = module
         return self._gpu_modules[key]
+
+
+_PART = ctypes.CFUNCTYPE(None, ctypes.c_int)
+_PARTS_LIBRARY = "eltwise.cu"  # any CPU kernel library has mc_run_parts; this one nearly every net loads
+
+
+def run_parts(count: int, parts: int, task: Callable[[int, int], None]) -> None:
+    """task(start, stop) over [0, count) cut into `parts` contiguous ranges (at most
+    threads.kernel_threads()), run at the same time on the kernels' OpenMP threads (kernels/shim.h's
+    mc_run_parts; the calling thread runs the first range). ctypes lets go of the GIL for that call and
+    each range takes it back while it runs Python, so ranges overlap where they release it (BLAS, kernel
+    launches). Exceptions from any range are raised here, after all ranges have finished (one cannot
+    cross the C frames). Within a range, threads.kernel_threads() is 1."""
+    parts = max(1, min(parts, threads.kernel_threads(), count))
+    if parts == 1:
+        task(0, count)
+        return
+    bounds = [count * i // parts for i in range(parts + 1)]
+    errors: list[BaseException] = []
+
+    def part(index: int) -> None:
+        try:
+            with threads.one_part():
+                task(bounds[index], bounds[index + 1])
+        except BaseException as error:  # noqa: BLE001 -- raised below, on the calling thread
+            errors.append(error)
+
+    _parts_function()(parts, _PART(part))
+    if errors:
+        raise errors[0]
+
+
+@functools.cache
+def _parts_function():
+    function = KernelFile(_PARTS_LIBRARY)._cpu_library(np.dtype(np.float32)).mc_run_parts
+    function.argtypes = [ctypes.c_int, _PART]
+    function.restype = None
+    return function
 
 
 def gpu_options(ctype: str) -> tuple[str, ...]:

@@ -20,26 +20,25 @@ the thread that runs the net), and idle threads sleep rather than spin:
     BLAS threads against 5-13 s with one (and its GEMMs are small, so one thread loses little).
 So BLAS runs on the calling thread only, set through threadpoolctl (whatever OPENBLAS_NUM_THREADS
 says). A large product is still spread over the cores, by minicaffe: blas.matmul and blas.cpu_gemm cut
-its output into parts along its longer side (run_parts), each one single-threaded BLAS call on one of
-our threads, which sleep on a queue between calls instead of spinning. Work split over the threads at
-a coarser grain (run_parts over a convolution's images) runs its kernels and GEMMs on one thread per
+its output into parts along its longer side (kernel.run_parts), each one single-threaded BLAS call on one of
+the kernels' OpenMP threads (one team for both, so the threads a GEMM used are still spinning when the
+next kernel launches, and sleep like them after). Work split over the threads at
+a coarser grain (kernel.run_parts over a convolution's images) runs its kernels and GEMMs on one thread per
 part (kernel_threads() is 1 there). Kernel results are the same bits for every thread count
 (kernels/shim.h's PLANE_LOOP); GEMM results for the same thread count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 
 ENV = "MINICAFFE_THREADS"
 
 _threads: int | None = None  # the configured count, None until configure() runs
-_pool: ThreadPoolExecutor | None = None  # run_parts' helper threads, made on first use
-_pool_size = 0
-_part = threading.local()  # .running: True on a thread while it runs one part of run_parts
+_part = threading.local()  # .running: True on a thread while it runs one part of kernel.run_parts
 
 # libgomp reads its wait policy once, when the first kernel library loads it; set before that. (What the
 # user had set, if anything, is kept for child processes that must run at their own defaults: the
@@ -91,42 +90,21 @@ def configure(count: int | None = None) -> int:
 
 def kernel_threads() -> int:
     """Threads for a kernel launch's plane loops (configures with the defaults on first use); 1 inside
-    a part of run_parts, which already has its core: a kernel launched there runs serially, and a
-    product split there (blas.py) stays whole rather than waiting on the pool it runs in."""
+    a part of kernel.run_parts, which already has its core: a kernel launched there runs serially, and a
+    product split there (blas.py) stays whole rather than nesting a team on threads already busy."""
     if getattr(_part, "running", False):
         return 1
     return _threads if _threads is not None else configure()
 
 
-def run_parts(count: int, parts: int, task: Callable[[int, int], None]) -> None:
-    """task(start, stop) over [0, count) cut into `parts` contiguous ranges (at most kernel_threads()),
-    run at the same time: the caller runs the first range, helper threads the others. Exceptions from
-    any range are raised here, after all ranges have finished. Within a range, kernel_threads() is 1."""
-    global _pool, _pool_size
-    parts = max(1, min(parts, kernel_threads(), count))
-    bounds = [count * i // parts for i in range(parts + 1)]
-    if parts == 1:
-        task(0, count)
-        return
-    if _pool_size < parts - 1:  # more threads configured since: a bigger pool, the old one let go
-        if _pool is not None:
-            _pool.shutdown(wait=False)
-        _pool = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="minicaffe-gemm")
-        _pool_size = parts - 1
-
-    def part(start: int, stop: int) -> None:
-        _part.running = True
-        try:
-            task(start, stop)
-        finally:
-            _part.running = False
-
-    futures = [_pool.submit(part, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+@contextlib.contextmanager
+def one_part() -> Iterator[None]:
+    """While this thread runs one part of kernel.run_parts: kernel_threads() is 1 here."""
+    _part.running = True
     try:
-        part(bounds[0], bounds[1])
+        yield
     finally:
-        for future in futures:
-            future.result()
+        _part.running = False
 
 
 def blas_threads() -> int:

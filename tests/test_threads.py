@@ -98,7 +98,7 @@ def test_element_wise_kernels_split_their_one_plane(four_threads, probe):
 
 def test_work_inside_a_part_of_run_parts_runs_on_its_own_thread(four_threads, probe, monkeypatch):
     """A part already has its core: kernel launches in it are serial and a product in it stays whole
-    (a nested run_parts would wait on the pool it runs in); outside, the configured threads again."""
+    (a nested team would wait on threads already busy); outside, the configured threads again."""
     from minicaffe import blas
 
     monkeypatch.setattr(blas, "PARALLEL_MIN_FLOPS", 1.0)
@@ -109,17 +109,47 @@ def test_work_inside_a_part_of_run_parts_runs_on_its_own_thread(four_threads, pr
         blas.matmul(np.ones((40, 30)), np.ones((30, 20)), out)  # would be split into 4 parts outside
         seen[start] = (threads.kernel_threads(), plane_threads(probe, 8), out[0, 0])
 
-    threads.run_parts(4, 4, part)
+    kernel.run_parts(4, 4, part)
     assert seen == {i: (1, [0] * 8, 30.0) for i in range(4)}
     assert threads.kernel_threads() == 4 and plane_threads(probe, 8) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_run_parts_runs_its_parts_at_once_on_the_kernel_threads(four_threads):
+    """Each part on its own thread, the caller's first, all at the same time (each waits at a barrier
+    for the others: parts run one after another would time out); an exception is raised after all
+    parts finished, on the calling thread."""
+    import threading
+
+    barrier = threading.Barrier(4, timeout=20)
+    ran = {}
+
+    def part(start, stop):
+        ran[start] = (stop, threading.get_native_id())
+        barrier.wait()
+
+    kernel.run_parts(8, 4, part)
+    assert sorted(ran) == [0, 2, 4, 6] and [ran[s][0] for s in sorted(ran)] == [2, 4, 6, 8]
+    assert len({ident for _, ident in ran.values()}) == 4
+    assert ran[0][1] == threading.get_native_id()
+
+    finished = []
+
+    def failing(start, stop):
+        if start == 2:
+            raise ValueError("part 1 failed")
+        finished.append(start)
+
+    with pytest.raises(ValueError, match="part 1 failed"):
+        kernel.run_parts(8, 4, failing)
+    assert sorted(finished) == [0, 4, 6]
 
 
 def test_large_matmuls_are_split_along_the_longer_side_over_the_threads(four_threads, monkeypatch):
     from minicaffe import blas
 
     calls = []
-    run_parts = threads.run_parts
-    monkeypatch.setattr(threads, "run_parts", lambda count, parts, task: (calls.append((count, parts)),
+    run_parts = kernel.run_parts
+    monkeypatch.setattr(kernel, "run_parts", lambda count, parts, task: (calls.append((count, parts)),
                                                                           run_parts(count, parts, task)))
     monkeypatch.setattr(blas, "PARALLEL_MIN_FLOPS", 1.0)
     rng = np.random.default_rng(0)

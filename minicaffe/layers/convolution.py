@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from .. import backend, threads
 from ..blas import PARALLEL_MIN_FLOPS, gemm_accumulate, matmul
-from ..kernel import KernelFile, data_address
+from ..kernel import KernelFile, data_address, run_parts
 from ..layer import Layer, register
 from ..proto import caffe_pb2
 from .concat import copy_block
@@ -368,13 +368,13 @@ class ConvolutionLayer(Layer):
 
     def _over_chunks(self, parts: int, work: Callable[[int, int, int], None]) -> None:
         """work(part, start, count) for every chunk of the batch, the images cut into `parts` contiguous
-        ranges run at the same time (threads.run_parts; a part's kernel launches and GEMMs run on its own
+        ranges run at the same time (kernel.run_parts; a part's kernel launches and GEMMs run on its own
         thread), each range in chunks (_chunks) that reuse the part's buffers."""
         def run(part: int, _: int) -> None:
             for start, count in self._chunks(self.num * part // parts, self.num * (part + 1) // parts):
                 work(part, start, count)
 
-        threads.run_parts(parts, parts, run)
+        run_parts(parts, parts, run)
 
     def _scratch(self, name: str, parts: int, channels: int):
         """Buffer `name`, one row per part, each for a chunk of `channels`-row columns; see _columns_of.
