@@ -7,7 +7,7 @@
 //   *_rows kernels:   one plane per outer index, contiguous loop over d; for inner == 1, where a
 //                     plane per element would leave nothing to vectorize.
 // y may be x (in place). Scale's backward uses broadcast_mul too: dx = dy * v[d].
-#include "shim.h"
+#include "reduce.h"
 
 KERNEL void broadcast_mul_planes(const int planes, const int inner, const int dim, const real* x,
                                  const real* v, real* y) {
@@ -38,6 +38,25 @@ KERNEL void broadcast_add_rows(const int outer, const int dim, const real* x, co
   PLANE_LOOP(p, outer) {
     const size_t offset = (size_t)p * dim;
     INNER_LOOP(d, dim) { y[offset + d] = x[offset + d] + v[d]; }
+  }
+}
+
+// Scale's backward with a bias term, from one read of dy and x: the bias gradient's and the scale
+// gradient's partial sums (reduce.h; the terms dy and dy * x of reduce.cu's sum_and_product_partials, in
+// its layout and order: the same bits) and dx = dy * v[d] (broadcast_mul's). dx is written by the second
+// term, after the plane's last read of dy, so dx may be dy (in place); the first term's read of a plane
+// leaves it in the cache for the second's.
+KERNEL void scale_bias_backward_partials(const int planes, const int inner, const int lanes, const int dim,
+                                         const real* dy, const real* x, const real* v, real* dx,
+                                         real* partial) {
+  PLANE_LOOP(p, planes) {
+    const real s = v[p % dim];
+    mc_plane_partials_pair(p, inner, lanes, dim, [=](size_t j) { return dy[j]; },
+                           [=](size_t j) {
+                             const real g = dy[j];
+                             dx[j] = g * s;
+                             return g * x[j];
+                           }, partial);
   }
 }
 

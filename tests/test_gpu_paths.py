@@ -353,6 +353,9 @@ CASES = {
     "scale_bias_term_trailing_axes": Case('type: "Scale" scale_param { axis: 2 num_axes: 2 bias_term: true '
                                           'filler { type: "gaussian" } bias_filler { type: "gaussian" } }',
                                           [X]),  # inner 1: broadcast_mul_add_rows
+    # Without dx the two parameter gradients come from reduce.cu's sum_and_product_partials instead.
+    "scale_bias_term_no_dx": Case('type: "Scale" scale_param { bias_term: true filler { type: "gaussian" } }',
+                                  [X], propagate=[False]),
     "scale_two_bottoms": Case('type: "Scale" scale_param { axis: 1 }', [X, (3, 5)]),
     "scale_in_place": Case('type: "Scale" scale_param { filler { type: "gaussian" } }', [X], in_place=True),
     "scale_trailing_axes": Case('type: "Scale" scale_param { axis: 2 num_axes: 2 '

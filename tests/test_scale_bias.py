@@ -201,8 +201,9 @@ def test_scale_gradient_values():
 @pytest.mark.parametrize("params, x_shape", [(params, X_SHAPE) for params, _, _ in CONFIGS] +
                          [("", (2, 3, 40, 5))])  # inner 200: more than reduce.h's 32 lanes per plane
 def test_scale_and_bias_gradients_from_one_read_equal_the_two_sums(params, x_shape):
-    """With bias_term both gradients come from one read of dy (reduce.cu's sum_and_product_partials):
-    the same bits as a Scale without bias and a Bias layer summing apart, and both accumulate."""
+    """With bias_term both gradients, and dx, come from one read of dy (broadcast.cu's
+    scale_bias_backward_partials): the same bits as a Scale without bias and a Bias layer summing apart,
+    and both accumulate."""
     rng = np.random.default_rng(11)
     x, dy = rng.normal(size=x_shape), rng.normal(size=x_shape)
     both, bottom, top = make(f'type: "Scale" scale_param {{ bias_term: true {params} }}', [x], np.float32)

@@ -11,7 +11,7 @@ from .. import filler, rng
 from ..layer import register
 from ..proto import caffe_pb2
 from .bias import BiasLayer
-from .broadcast import BroadcastLayer
+from .broadcast import KERNELS, BroadcastLayer
 from .reduce import KERNELS as REDUCE
 from .reduce import paired_channel_sums
 
@@ -83,8 +83,11 @@ class ScaleLayer(BroadcastLayer):
         bias = self.bias_layer
         bias_grad = bias is not None and self.param_propagate_down[self.bias_index]
         if scale_grad and bias_grad and self._bias_in_one_pass():
-            self._scale_and_bias_gradients(dy, self.kept_input(bottom), scale, learned)
+            dx = bottom[0].mutable_diff() if propagate_down[0] else None
+            self._scale_and_bias_gradients(dy, self.kept_input(bottom), scale, learned, dx)
             scale_grad = bias_grad = False
+            if dx is not None:
+                return
         if bias_grad:
             bias.run_backward(top, [False], [top[0]])
         if scale_grad:
@@ -94,13 +97,17 @@ class ScaleLayer(BroadcastLayer):
         if propagate_down[0]:
             self.broadcast("mul", dy, scale.get_data(), bottom[0].mutable_diff())
 
-    def _scale_and_bias_gradients(self, dy, x, scale, learned: bool) -> None:
+    def _scale_and_bias_gradients(self, dy, x, scale, learned: bool, dx=None) -> None:
         """The bias gradient (dy summed over outer and inner) and the scale's (dy * x summed), both from
         one read of dy: reduce.cu's sum_and_product_partials, then one stage 2 over both. The same bits
-        as the two sums apart (Bias's and the one above)."""
+        as the two sums apart (Bias's and the one above). With dx, also dx = dy * scale in that pass
+        (broadcast.cu's scale_bias_backward_partials; dx may be dy)."""
         dim = self.dims[1]
-        totals = paired_channel_sums(self, self.dims, REDUCE.sum_and_product_partials, (dim, dy, x),
-                                     "gradient_totals")
+        if dx is None:
+            stage1, args = REDUCE.sum_and_product_partials, (dim, dy, x)
+        else:
+            stage1, args = KERNELS.scale_bias_backward_partials, (dim, dy, x, scale.get_data(), dx)
+        totals = paired_channel_sums(self, self.dims, stage1, args, "gradient_totals")
         bias_diff = self.bias_layer.blobs[0].mutable_diff().reshape(-1)
         bias_diff += totals[:dim]
         scale_diff = scale.mutable_diff().reshape(-1)
