@@ -417,5 +417,6 @@ def test_kernel_benchmark_quick_updates_its_section(tmp_path, capsys):
     rows = [line for line in first.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split(" | ")[0].lstrip("| ") for row in rows] == [case[0] for case in bench.CASES]
     assert "`python benchmarks/kernels.py --device cpu --quick`" in first
+    assert re.search(r"the Exp row, one exp per element and nothing else, runs at \d+% of copy", first)
     bench.main(["--device", "cpu", "--quick", "--output", str(target)])  # replaces, never appends
     assert target.read_text().count(bench.BEGIN) == 1 and "Someone else's section." in target.read_text()
