@@ -43,18 +43,20 @@ KERNEL void broadcast_add_rows(const int outer, const int dim, const real* x, co
 
 // Scale's backward with a bias term, from one read of dy and x: the bias gradient's and the scale
 // gradient's partial sums (reduce.h; the terms dy and dy * x of reduce.cu's sum_and_product_partials, in
-// its layout and order: the same bits) and dx = dy * v[d] (broadcast_mul's). dx is written by the second
-// term, after the plane's last read of dy, so dx may be dy (in place); the first term's read of a plane
-// leaves it in the cache for the second's.
+// its layout and order: the same bits) and dx = (dy * v[d]) * factor[d]: broadcast_mul's dy * v[d] for a
+// factor of ones, or with the factor 1 / sqrt(var + eps) also the input gradient of the BatchNorm (global
+// statistics) that the Net fused with this Scale (bn_normalize's, rounded the same). dx is written by the
+// second term, after the plane's last read of dy, so dx may be dy (in place); the first term's read of a
+// plane leaves it in the cache for the second's.
 KERNEL void scale_bias_backward_partials(const int planes, const int inner, const int lanes, const int dim,
-                                         const real* dy, const real* x, const real* v, real* dx,
-                                         real* partial) {
+                                         const real* dy, const real* x, const real* v, const real* factor,
+                                         real* dx, real* partial) {
   PLANE_LOOP(p, planes) {
-    const real s = v[p % dim];
+    const real s = v[p % dim], f = factor[p % dim];
     mc_plane_partials_pair(p, inner, lanes, dim, [=](size_t j) { return dy[j]; },
                            [=](size_t j) {
                              const real g = dy[j];
-                             dx[j] = g * s;
+                             dx[j] = (g * s) * f;
                              return g * x[j];
                            }, partial);
   }
@@ -77,6 +79,25 @@ DEVICE real mul_rn(const real a, const real b) { return a * b; }
 DEVICE real mul_add(const real x, const real s, const real b) {
   const real scaled = mul_rn(x, s);
   return scaled + b;
+}
+
+// Scale with a bias term applied to a BatchNorm's output in the pass that normalizes (the Net fuses an
+// in-place BatchNorm with global statistics and the in-place Scale after it): t = (x - mean[c]) *
+// inv_std[c], rounded as bn_normalize rounds it, kept for Scale's backward, and y = t * v[c] + bias[c]
+// rounded as broadcast_mul_add_planes rounds it, so y and kept have the bits of the two layers apart.
+// One read of x and two writes, where the two layers read and wrote the blob twice and kept t too.
+KERNEL void normalize_mul_add_planes(const int planes, const int inner, const int dim, const real* x,
+                                     const real* mean, const real* inv_std, const real* v, const real* bias,
+                                     real* y, real* kept) {
+  PLANE_LOOP(p, planes) {
+    const real m = mean[p % dim], r = inv_std[p % dim], s = v[p % dim], b = bias[p % dim];
+    const size_t offset = (size_t)p * inner;
+    INNER_LOOP(j, inner) {
+      const real t = (x[offset + j] - m) * r;
+      kept[offset + j] = t;
+      y[offset + j] = mul_add(t, s, b);
+    }
+  }
 }
 
 // With keep (Scale in place, whose backward reads x): x is also copied to kept in the same pass, where a

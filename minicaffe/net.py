@@ -20,6 +20,10 @@ from .blob import Blob
 from .layer import TEST, TRAIN, Layer, LayerError, create_layer
 from .proto import caffe_pb2
 
+# Whether a BatchNorm with global statistics and the Scale after it run as one pass (see
+# Net._fusable_batch_norm_scales); read when a Net is built.
+FUSE_BATCH_NORM_SCALE = True
+
 
 class NetError(ValueError):
     """A net that cannot be built or run; the message names the net, layer and blob."""
@@ -306,6 +310,7 @@ class Net:
         self.outputs = list(available)
         self._prune_backward(param.force_backward)
         self._mark_surviving_tops()
+        self._batch_norm_scales = self._fusable_batch_norm_scales()
         self.params: OrderedDict[str, list[Blob]] = OrderedDict(
             (name, layer.blobs) for name, layer in zip(self._layer_names, self.layers) if layer.blobs
         )
@@ -326,6 +331,26 @@ class Net:
         for i, layer in enumerate(self.layers):
             tops = self.top_vecs[i]
             layer.top_data_survives = bool(tops) and last_writer.get(id(tops[0]._data)) == i
+
+    def _fusable_batch_norm_scales(self) -> list[tuple[int, int]]:
+        """(i, i + 1) for each BatchNorm with global statistics, in place, followed by a Scale with a bias
+        term in place on the same blob, one scale per channel (the Caffe way to write a torch.nn
+        BatchNorm2d). forward_range and backward_range run such a pair in one pass over the blob each way
+        when they run both layers (ScaleLayer.normalizing / propagating_for): the same bits as the two
+        layers apart, 7 instead of 11 blob-sized reads and writes. (With FUSE_BATCH_NORM_SCALE False,
+        never: for tests and measurements.)"""
+        pairs = []
+        for i in range(len(self.layers) - 1) if FUSE_BATCH_NORM_SCALE else ():
+            bn, scale = self.layers[i], self.layers[i + 1]
+            if bn.type != "BatchNorm" or scale.type != "Scale" or not bn.use_global_stats:
+                continue
+            blob = self.top_vecs[i][0]
+            in_place = (self.bottom_vecs[i] == [blob] and self.top_vecs[i] == [blob]
+                        and self.bottom_vecs[i + 1] == [blob] and self.top_vecs[i + 1] == [blob])
+            if (in_place and blob.num_axes >= 2 and scale.bias_layer is not None
+                    and scale.dims == bn._dims(blob) and not any(bn.loss_weights + scale.loss_weights)):
+                pairs.append((i, i + 1))
+        return pairs
 
     def _append_param(self, layer: Layer, index: int, spec, where: str) -> None:
         if not spec.name:
@@ -390,6 +415,10 @@ class Net:
             layer.reshape(bottoms, tops)
 
     def forward_range(self, start: int, end: int) -> float:
+        for i, j in self._batch_norm_scales:  # a fused pair only when both run (_fusable_batch_norm_scales)
+            both = start <= i and j <= end
+            self.layers[i].scale_normalizes = both
+            self.layers[j].normalizing = self.layers[i] if both else None
         loss = 0.0
         for i in range(start, end + 1):
             layer = self.layers[i]
@@ -403,6 +432,11 @@ class Net:
         return loss
 
     def backward_range(self, start: int, end: int) -> None:
+        for i, j in self._batch_norm_scales:
+            both = (end <= i and j <= start and self.layer_need_backward[i]
+                    and self.bottom_need_backward[i][0] and self.bottom_need_backward[j][0])
+            self.layers[i].scale_propagates = both
+            self.layers[j].propagating_for = self.layers[i] if both else None
         for i in range(start, end - 1, -1):
             if self.layer_need_backward[i]:
                 self.layers[i].run_backward(self.top_vecs[i], self.bottom_need_backward[i],

@@ -313,3 +313,111 @@ def test_train_statistics_keep_their_precision_when_the_mean_dwarfs_the_spread(s
     np.testing.assert_allclose(layer.blobs[1].data, var * m / (m - 1), rtol=1e-4)
     np.testing.assert_allclose(top[0].data, expected, rtol=1e-3, atol=1e-3)
 
+
+
+# -- a BatchNorm with global statistics and the in-place Scale after it, run as one pass (net.py) ------
+
+FUSABLE = """
+name: "fusable" force_backward: true
+layer { name: "data" type: "Input" top: "x" input_param { shape { dim: 3 dim: 4 dim: 5 dim: 6 } } }
+layer { name: "conv" type: "Convolution" bottom: "x" top: "c"
+        convolution_param { num_output: 5 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" } } }
+layer { name: "bn" type: "BatchNorm" bottom: "c" top: "%s" batch_norm_param { use_global_stats: true } }
+layer { name: "sc" type: "Scale" bottom: "%s" top: "%s"
+        scale_param { bias_term: %s filler { type: "gaussian" } bias_filler { type: "gaussian" } } }
+layer { name: "relu" type: "ReLU" bottom: "%s" top: "%s" }
+layer { name: "ip" type: "InnerProduct" bottom: "%s" top: "out"
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" } } }
+"""
+
+
+def fusable_net(fuse: bool, dtype=np.float32, bn_top="c", scale_top="c", bias_term="true",
+                monkeypatch=None) -> Net:
+    from minicaffe import net as net_module
+
+    monkeypatch.setattr(net_module, "FUSE_BATCH_NORM_SCALE", fuse)
+    text = FUSABLE % (bn_top, bn_top, scale_top, bias_term, scale_top, scale_top, scale_top)
+    net = Net(io.parse_text(text, caffe_pb2.NetParameter()), TEST, dtype=dtype)
+    rng = np.random.default_rng(5)
+    for name in ("conv", "sc", "ip"):
+        for blob in net.params[name]:
+            blob.data[...] = rng.normal(size=blob.shape)
+    mean, var = rng.normal(size=5), rng.uniform(0.5, 2.0, size=5)
+    bn = net.params["bn"]
+    bn[0].data[...], bn[1].data[...], bn[2].data[...] = 2.5 * mean, 2.5 * var, 2.5  # weight 2.5
+    net.blobs["x"].data[...] = rng.normal(size=net.blobs["x"].shape)
+    return net
+
+
+def run_all(net: Net, dy) -> dict:
+    net.clear_param_diffs()
+    net.forward()
+    net.blobs["out"].diff[...] = dy
+    net.backward()
+    return {"out": np.array(net.blobs["out"].data), "dx": np.array(net.blobs["x"].diff),
+            **{f"{name} {i}": np.array(blob.diff) for name, blobs in net.params.items()
+               for i, blob in enumerate(blobs)}}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batch_norm_and_scale_in_one_pass_give_the_bits_of_the_two_layers(dtype, monkeypatch):
+    """The Net runs an in-place BatchNorm (global statistics) and the in-place Scale with a bias term
+    after it as one pass each way: the output, the input gradient and every parameter gradient are the
+    same bits as with the two layers run apart (and the gradients are not zero)."""
+    dy = np.random.default_rng(6).normal(size=(3, 3))
+    fused_net = fusable_net(True, dtype, monkeypatch=monkeypatch)
+    assert fused_net._batch_norm_scales == [(2, 3)]
+    fused = run_all(fused_net, dy)
+    assert fused_net.layers[3].normalizing is fused_net.layers[2]  # the fused kernels ran
+    assert fused_net.layers[3].propagating_for is fused_net.layers[2]
+    apart_net = fusable_net(False, dtype, monkeypatch=monkeypatch)
+    assert apart_net._batch_norm_scales == []
+    apart = run_all(apart_net, dy)
+    assert fused.keys() == apart.keys()
+    for name in fused:
+        np.testing.assert_array_equal(fused[name], apart[name], err_msg=name)
+    assert all(np.abs(apart[name]).max() > 1e-3 for name in ("dx", "sc 0", "sc 1", "conv 0"))
+
+
+def test_batch_norm_and_scale_fuse_only_when_one_range_runs_both(monkeypatch):
+    """net.forward(end="bn") must leave BatchNorm's own output in the blob, and a backward over the
+    Scale alone must leave the BatchNorm's gradient to the BatchNorm: the pair is fused per range."""
+    net = fusable_net(True, monkeypatch=monkeypatch)
+    reference = fusable_net(False, monkeypatch=monkeypatch)
+    for n in (net, reference):
+        n.forward(end="bn")
+    np.testing.assert_array_equal(net.blobs["c"].data, reference.blobs["c"].data)
+    mean, var, weight = (np.array(b.data, np.float64) for b in net.params["bn"])
+    reference.forward_range(1, 1)  # the convolution's output again, normalized here by numpy
+    expected = reference_global(np.array(reference.blobs["c"].data), mean, var, weight[0])
+    np.testing.assert_allclose(net.blobs["c"].data, expected, rtol=1e-5, atol=1e-6)
+    dy = np.random.default_rng(8).normal(size=(3, 3))
+    for n in (net, reference):
+        n.forward()
+        n.clear_param_diffs()
+        n.blobs["out"].diff[...] = dy
+        n.backward_range(len(n.layers) - 1, 3)  # down to the Scale: not the BatchNorm
+        n.backward_range(2, 0)
+    assert not net.layers[2].scale_propagates and net.layers[3].propagating_for is None
+    np.testing.assert_array_equal(net.blobs["x"].diff, reference.blobs["x"].diff)
+    for a, b in zip(net.params["sc"], reference.params["sc"]):
+        np.testing.assert_array_equal(a.diff, b.diff)
+
+
+@pytest.mark.parametrize("change", ["bn not in place", "scale not in place", "no bias term", "train"])
+def test_batch_norm_and_scale_that_are_not_the_pattern_stay_apart(change, monkeypatch):
+    from minicaffe import net as net_module
+
+    monkeypatch.setattr(net_module, "FUSE_BATCH_NORM_SCALE", True)
+    bn_top, scale_top, bias_term, phase = "c", "c", "true", TEST
+    if change == "bn not in place":
+        bn_top = scale_top = "n"  # BatchNorm writes a blob of its own, the Scale is in place on it
+    elif change == "scale not in place":
+        scale_top = "s"
+    elif change == "no bias term":
+        bias_term = "false"
+    text = FUSABLE % (bn_top, bn_top, scale_top, bias_term, scale_top, scale_top, scale_top)
+    if change == "train":
+        text, phase = text.replace("use_global_stats: true", "use_global_stats: false"), TRAIN
+    net = Net(io.parse_text(text, caffe_pb2.NetParameter()), phase)
+    assert net._batch_norm_scales == []

@@ -279,6 +279,26 @@ class Case:
     inputs: list = field(default_factory=list)  # fixed bottom arrays instead of random ones
     top_survives: bool = False  # as a Net sets it when no later layer writes the top (Layer.lean_keep)
     settings: dict = field(default_factory=dict)  # module constants set for the case: {(module, name): value}
+    before_forward: object = None  # called as before_forward(layer, bottom, dtype) before each forward
+
+
+def after_batch_norm(scale, bottom, dtype) -> None:
+    """Run the Scale as a Net runs it after an in-place BatchNorm with global statistics (net.py's fused
+    pair): the BatchNorm only computes its statistics, the Scale normalizes, scales and biases in one pass
+    and gives the BatchNorm's input gradient with its own."""
+    bn = getattr(scale, "case_batch_norm", None)
+    if bn is None:
+        bn = layer_from_prototxt('name: "bn" type: "BatchNorm" batch_norm_param { use_global_stats: true }',
+                                 dtype=dtype)
+        bn.setup(bottom, bottom)
+        rng = np.random.default_rng(3)
+        channels = bottom[0].shape[1]
+        bn.blobs[0].data[...] = 1.5 * rng.normal(size=channels)
+        bn.blobs[1].data[...] = 1.5 * rng.uniform(0.5, 2.0, size=channels)
+        bn.blobs[2].data[...] = 1.5
+        bn.scale_normalizes = bn.scale_propagates = True
+        scale.case_batch_norm = scale.normalizing = scale.propagating_for = bn
+    bn.run_forward(bottom, bottom)  # the statistics, on this pass's device
 
 
 WINOGRAD_ALWAYS = {(convolution, "WINOGRAD_CHOICE"): "always"}
@@ -356,6 +376,9 @@ CASES = {
     # Without dx the two parameter gradients come from reduce.cu's sum_and_product_partials instead.
     "scale_bias_term_no_dx": Case('type: "Scale" scale_param { bias_term: true filler { type: "gaussian" } }',
                                   [X], propagate=[False]),
+    "scale_after_batch_norm": Case('type: "Scale" scale_param { bias_term: true filler { type: "gaussian" } '
+                                   'bias_filler { type: "gaussian" } }', [(2, 3, 7, 9)], in_place=True,
+                                   before_forward=after_batch_norm),  # inner 63: 32-lane rows and a tail
     "scale_two_bottoms": Case('type: "Scale" scale_param { axis: 1 }', [X, (3, 5)]),
     "scale_in_place": Case('type: "Scale" scale_param { filler { type: "gaussian" } }', [X], in_place=True),
     "scale_trailing_axes": Case('type: "Scale" scale_param { axis: 2 num_axes: 2 '
@@ -526,6 +549,8 @@ def _run_case(case: Case, dtype, gpu: bool | tuple[bool, bool], cupy) -> dict[st
         layer.forward_index = index
         for blob, array in zip(bottom, arrays):
             blob.data[...] = array
+        if case.before_forward is not None:
+            case.before_forward(layer, bottom, dtype)
         layer.run_forward(bottom, top)
         if gpu:
             assert all(on_device(t.get_data()) for t in top)

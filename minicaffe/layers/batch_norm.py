@@ -21,6 +21,11 @@ KERNELS = KernelFile("batch_norm.cu")
 
 @register("BatchNorm")
 class BatchNormLayer(NeuronLayer):
+    # Set by the Net when the in-place Scale after this layer normalizes in its own pass or gives this
+    # layer's input gradient with its own (ScaleLayer.normalizing / propagating_for): then forward only
+    # computes the statistics, and backward does nothing.
+    scale_normalizes = False
+    scale_propagates = False
     def layer_setup(self, bottom, top):
         p = self.param.batch_norm_param
         self.use_global_stats = p.use_global_stats if p.HasField("use_global_stats") else self.phase == TEST
@@ -85,7 +90,9 @@ class BatchNormLayer(NeuronLayer):
             factor = 0.0 if weight == 0 else 1.0 / weight
             KERNELS.bn_channel_stats(channels, self.blobs[0].get_data(), self.blobs[1].get_data(), factor,
                                      self.eps, mean, inv_std, extents=channels)
-            KERNELS.bn_normalize(planes, spatial, channels, x, mean, inv_std, y, extents=(planes, spatial))
+            if not self.scale_normalizes:
+                KERNELS.bn_normalize(planes, spatial, channels, x, mean, inv_std, y,
+                                     extents=(planes, spatial))
             return
         batch_mean, batch_var = self._batch_statistics(x, (num, channels, spatial), inv_std)
         KERNELS.bn_normalize(planes, spatial, channels, x, batch_mean, inv_std, y, extents=(planes, spatial))
@@ -113,8 +120,12 @@ class BatchNormLayer(NeuronLayer):
                                   self.blobs[1].mutable_data(), self.blobs[2].mutable_data(),
                                   self.moving_average_fraction, correction, extents=self.channels)
 
+    def statistics(self):
+        """The per-channel mean and 1 / sqrt(var + eps) that the last global-statistics forward used."""
+        return self.buffers["mean"], self.buffers["inv_std"]
+
     def backward(self, top, propagate_down, bottom):
-        if not propagate_down[0]:
+        if not propagate_down[0] or self.scale_propagates:
             return
         dy = top[0].get_diff()
         dx = bottom[0].mutable_diff()  # may be dy (in place): both kernels are element-wise

@@ -20,6 +20,12 @@ from .reduce import paired_channel_sums
 class ScaleLayer(BroadcastLayer):
     operand = "scale"
     keeps = "input"  # the scale gradient needs x
+    # Set by the Net for an in-place BatchNorm (global statistics) right before this in-place Scale with a
+    # bias term, when one forward or backward runs both (Net._fuse_batch_norm_scales): the BatchNorm
+    # then only computes its statistics, and this layer normalizes in its own pass (`normalizing`), or
+    # gives the BatchNorm's input gradient with its own (`propagating_for`). The same bits as apart.
+    normalizing = None
+    propagating_for = None
 
     def axes_param(self):
         return self.param.scale_param
@@ -64,6 +70,14 @@ class ScaleLayer(BroadcastLayer):
     def forward(self, bottom, top):
         scale = self.operand_blob(bottom)
         bias = self.bias_layer
+        if self.normalizing is not None:  # x is the BatchNorm's bottom: normalized, scaled, biased here
+            x = bottom[0].get_data()
+            planes, inner = self.dims[0] * self.dims[1], self.dims[2]
+            KERNELS.normalize_mul_add_planes(planes, inner, self.dims[1], x, *self.normalizing.statistics(),
+                                             scale.get_data(), bias.blobs[0].get_data(),
+                                             top[0].mutable_data(), self.buffer("kept", x.shape, kept=True),
+                                             extents=(planes, inner))
+            return
         if self._bias_in_one_pass():  # the bias term, and in place the copy of x, in the same pass
             x = bottom[0].get_data()
             kept = self.buffer("kept", x.shape, kept=True) if top[0] is bottom[0] else None
@@ -82,9 +96,10 @@ class ScaleLayer(BroadcastLayer):
         scale_grad = (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1])
         bias = self.bias_layer
         bias_grad = bias is not None and self.param_propagate_down[self.bias_index]
+        factor = None if self.propagating_for is None else self.propagating_for.statistics()[1]
         if scale_grad and bias_grad and self._bias_in_one_pass():
             dx = bottom[0].mutable_diff() if propagate_down[0] else None
-            self._scale_and_bias_gradients(dy, self.kept_input(bottom), scale, learned, dx)
+            self._scale_and_bias_gradients(dy, self.kept_input(bottom), scale, learned, dx, factor)
             scale_grad = bias_grad = False
             if dx is not None:
                 return
@@ -95,18 +110,25 @@ class ScaleLayer(BroadcastLayer):
             self.reduce_to_operand(REDUCE.product_sum_partials, (dy, self.kept_input(bottom)),
                                    scale.mutable_diff(), accumulate=learned)
         if propagate_down[0]:
-            self.broadcast("mul", dy, scale.get_data(), bottom[0].mutable_diff())
+            dx = bottom[0].mutable_diff()
+            self.broadcast("mul", dy, scale.get_data(), dx)
+            if factor is not None:  # the fused BatchNorm's input gradient (bn_normalize's rounding)
+                self.broadcast("mul", dx, factor, dx)
 
-    def _scale_and_bias_gradients(self, dy, x, scale, learned: bool, dx=None) -> None:
+    def _scale_and_bias_gradients(self, dy, x, scale, learned: bool, dx=None, factor=None) -> None:
         """The bias gradient (dy summed over outer and inner) and the scale's (dy * x summed), both from
         one read of dy: reduce.cu's sum_and_product_partials, then one stage 2 over both. The same bits
-        as the two sums apart (Bias's and the one above). With dx, also dx = dy * scale in that pass
-        (broadcast.cu's scale_bias_backward_partials; dx may be dy)."""
+        as the two sums apart (Bias's and the one above). With dx, also dx = dy * scale (* factor, per
+        channel: a fused BatchNorm's 1 / std) in that pass (broadcast.cu's scale_bias_backward_partials;
+        dx may be dy)."""
         dim = self.dims[1]
         if dx is None:
             stage1, args = REDUCE.sum_and_product_partials, (dim, dy, x)
         else:
-            stage1, args = KERNELS.scale_bias_backward_partials, (dim, dy, x, scale.get_data(), dx)
+            if factor is None:
+                factor = self.buffer("ones", (dim,))
+                factor.fill(1)
+            stage1, args = KERNELS.scale_bias_backward_partials, (dim, dy, x, scale.get_data(), factor, dx)
         totals = paired_channel_sums(self, self.dims, stage1, args, "gradient_totals")
         bias_diff = self.bias_layer.blobs[0].mutable_diff().reshape(-1)
         bias_diff += totals[:dim]
