@@ -30,6 +30,7 @@ from ..blas import PARALLEL_MIN_FLOPS, gemm_accumulate, matmul
 from ..kernel import KernelFile, data_address, run_parts
 from ..layer import Layer, register
 from ..proto import caffe_pb2
+from .broadcast import KERNELS as BROADCAST
 from .concat import copy_block
 from .eltwise import KERNELS as ELTWISE
 from .reduce import channel_sums, channel_sums_of
@@ -197,6 +198,14 @@ def winograd_point_step(size: int) -> int:
         return size
     step = -(-size // 16) * 16
     return step + 16 if (step // 16) % 2 == 0 else step
+
+
+def _add_bias(out, bias) -> None:
+    """out (num, channels, positions) += bias[channel], in place, on the kernel threads (broadcast.cu's
+    broadcast_add_planes: numpy's broadcast add ran on one core)."""
+    num, channels, positions = out.shape
+    planes = num * channels
+    BROADCAST.broadcast_add_planes(planes, positions, channels, out, bias, out, extents=(planes, positions))
 
 
 @dataclass(frozen=True)
@@ -469,7 +478,7 @@ class ConvolutionLayer(Layer):
             matmul(weights, self._grouped(images, self.conv_in_channels),
                       out=self._grouped(out, self.conv_out_channels))
             if bias is not None:
-                out += bias[:, None]
+                _add_bias(out, bias)
             return
         rows = self._column_rows()
         parts = self._parts()
@@ -485,7 +494,7 @@ class ConvolutionLayer(Layer):
             if count == 1:  # out[start] (M, positions) is the GEMM's layout already
                 matmul(weights, col, out=chunk.reshape(self.group, -1, chunk.shape[2]))
                 if bias is not None:
-                    chunk += bias[:, None]
+                    _add_bias(chunk, bias)
                 return
             result = self._columns_of(results[part], count, self.conv_out_channels)
             matmul(weights, col, out=result)
