@@ -1,8 +1,9 @@
 """The GEMMs of the layers: matmul (out = a @ b) and gemm_accumulate (c += a @ b, with BLAS's beta = 1).
 
-On the CPU a large product is split over minicaffe's threads (kernel.run_parts), each part one BLAS
-call on a single-threaded BLAS: the cores work on one GEMM without BLAS's own thread pool, whose
-spinning workers thrash on a busy machine (see threads.py). The output is cut along its longer side:
+On the CPU a large product is split over minicaffe's threads (in C, kernels/shim.h's mc_gemm_parts,
+for numpy's OpenBLAS; else kernel.run_parts), each part one BLAS call on a single-threaded BLAS: the
+cores work on one GEMM without BLAS's own thread pool, whose spinning workers thrash on a busy machine
+(see threads.py). The output is cut along its longer side:
 a convolution's (32 x 288) @ (288 x 8192) cut into two column halves took 1.2 ms, into two row halves
 1.4-3.0 ms (each part packs all of b, and 16 rows leave BLAS's micro-kernel half idle), on one thread
 2.6 ms. Small products stay whole: a hand-off to another thread costs tens of microseconds. Each
@@ -34,13 +35,20 @@ PARALLEL_MIN_FLOPS = 4e6
 PARALLEL_MIN_ROWS = 8
 
 
-def _split(a, b, out, product: Callable[[object, object, object], None]) -> None:
-    """product(a, b, out) for out = a @ b (the last two axes), in parts along out's longer side."""
+def _parts(out, inner: int) -> tuple[int, bool]:
+    """How to cut the product `out` (..., rows, cols), each element a sum of `inner` products: the number
+    of parts, and whether along the rows (else the columns; the longer side)."""
     rows, cols = out.shape[-2:]
     by_rows = rows > cols
     length = rows if by_rows else cols
-    parts = max(1, min(threads.kernel_threads(), length // PARALLEL_MIN_ROWS,
-                       int(2.0 * out.size * a.shape[-1] // PARALLEL_MIN_FLOPS)))
+    return max(1, min(threads.kernel_threads(), length // PARALLEL_MIN_ROWS,
+                      int(2.0 * out.size * inner // PARALLEL_MIN_FLOPS))), by_rows
+
+
+def _split(a, b, out, product: Callable[[object, object, object], None]) -> None:
+    """product(a, b, out) for out = a @ b (the last two axes), in parts along out's longer side."""
+    rows, cols = out.shape[-2:]
+    parts, by_rows = _parts(out, a.shape[-1])
     if parts == 1:
         product(a, b, out)
     elif by_rows:
@@ -55,7 +63,18 @@ def matmul(a, b, out) -> None:
     if not isinstance(out, np.ndarray):
         backend.xp().matmul(a, b, out=out)
         return
+    cblas = numpy_cblas()
+    if out.ndim > 2 and out.size == out.shape[-2] * out.shape[-1]:  # a stack of one product (group 1)
+        a, b, out = (_matrix(x) for x in (a, b, out))
+    if cblas is not None and cblas.takes(a, b, out):  # a 2-d product: split in C (Cblas.gemm)
+        cblas.gemm(1.0, a, b, 0.0, out)
+        return
     _split(a, b, out, lambda a, b, out: np.matmul(a, b, out=out))
+
+
+def _matrix(x):
+    """x as a 2-d view when it is a stack of one matrix (its leading axes all 1), else x."""
+    return x.reshape(x.shape[-2:]) if x.ndim > 2 and x.size == x.shape[-2] * x.shape[-1] else x
 
 
 def gemm_accumulate(a, b, c) -> None:
@@ -94,7 +113,7 @@ def cpu_gemm(alpha: float, a, b, beta: float, c: np.ndarray) -> None:
     minicaffe's threads when large; else by scipy's BLAS wrappers, whole."""
     cblas = numpy_cblas()
     if cblas is not None and c.dtype in cblas.functions:
-        _split(a, b, c, lambda a, b, c: cblas.gemm(alpha, a, b, beta, c))
+        cblas.gemm(alpha, a, b, beta, c)
         return
     blas = load_cpu_blas()
     gemm = {np.dtype(np.float32): blas.sgemm, np.dtype(np.float64): blas.dgemm}[c.dtype]
@@ -118,14 +137,18 @@ def _fortran_operand(matrix) -> tuple[np.ndarray, int]:
 
 
 class Cblas:
-    """cblas_sgemm / cblas_dgemm of a loaded OpenBLAS, called through ctypes. ctypes lets go of the GIL
-    during the call, so the parts of one product run on several threads at once; scipy's wrappers hold
-    the GIL (two threads took as long as one doing both)."""
+    """cblas_sgemm / cblas_dgemm of a loaded OpenBLAS, called through ctypes, or for a product large
+    enough to split, by kernels/shim.h's mc_gemm_parts: its parts are BLAS calls on the kernels' threads
+    straight from C. (Parts handed out from Python, each taking the GIL to start and to return, cost
+    about 0.1 ms more per product: a 64x144 @ 144x3136 took 0.50 ms so, 0.34 ms from C, 0.67 ms on one
+    thread.) scipy's wrappers hold the GIL (two threads took as long as one doing both)."""
 
     ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 
     def __init__(self, library: ctypes.CDLL, names: tuple[str, str], index_type):
         self.index_type = index_type
+        self.index_bits = 8 * ctypes.sizeof(index_type)
+        self.addresses = {}  # dtype -> the C function's address, for mc_gemm_parts
         self.functions = {}
         for dtype, name, scalar in ((np.dtype(np.float32), names[0], ctypes.c_float),
                                     (np.dtype(np.float64), names[1], ctypes.c_double)):
@@ -135,6 +158,15 @@ class Cblas:
                 scalar, ctypes.c_void_p, index_type, ctypes.c_void_p, index_type, scalar, ctypes.c_void_p,
                 index_type]
             self.functions[dtype] = function
+            self.addresses[dtype] = ctypes.cast(function, ctypes.c_void_p).value
+
+    def takes(self, a, b, c) -> bool:
+        """Whether matmul should compute c = a @ b with gemm: 2-d numpy arrays of one dtype it has, c's
+        rows contiguous, and neither side of c 1 (numpy's matmul calls BLAS's matrix-vector product there,
+        faster than ?gemm: AlexNet's fc6 at batch 1 took 1.4x as long through gemm)."""
+        return (type(a) is type(b) is type(c) is np.ndarray and a.ndim == b.ndim == c.ndim == 2
+                and min(c.shape) > 1 and a.dtype == b.dtype == c.dtype and c.dtype in self.functions
+                and c.strides[1] == c.itemsize and c.strides[0] >= c.shape[1] * c.itemsize)
 
     @classmethod
     def operand(cls, matrix: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -162,6 +194,11 @@ class Cblas:
         a, trans_a, lda = self.operand(a)
         b, trans_b, ldb = self.operand(b)
         ldc = max(1, row_step // c.itemsize)
+        parts, by_rows = _parts(c, inner)
+        if parts > 1:
+            kernel.gemm_parts(parts, self.addresses[c.dtype], self.index_bits, by_rows, trans_a, trans_b,
+                              rows, cols, inner, alpha, a, lda, b, ldb, beta, c, ldc)
+            return
         self.functions[c.dtype](self.ROW_MAJOR, trans_a, trans_b, rows, cols, inner, alpha, data_address(a),
                                 lda, data_address(b), ldb, beta, data_address(c), ldc)
 

@@ -516,6 +516,28 @@ def run_parts(count: int, parts: int, task: Callable[[int, int], None]) -> None:
         raise errors[0]
 
 
+def gemm_parts(parts: int, gemm_address: int, index_bits: int, by_rows: bool, trans_a: int, trans_b: int,
+               m: int, n: int, k: int, alpha: float, a, lda: int, b, ldb: int, beta: float, c,
+               ldc: int) -> None:
+    """c = alpha op(a) op(b) + beta c by the row-major CBLAS ?gemm at gemm_address, cut into `parts`
+    ranges of c's rows (by_rows) or columns on the kernels' OpenMP threads (kernels/shim.h's
+    mc_gemm_parts; minicaffe.blas.Cblas.gemm). a, b and c are numpy arrays of c's dtype."""
+    function = _gemm_parts_function(c.dtype)
+    function(parts, gemm_address, index_bits, int(by_rows), trans_a, trans_b, m, n, k, alpha, data_address(a),
+             lda, data_address(b), ldb, beta, data_address(c), ldc)
+
+
+@functools.cache
+def _gemm_parts_function(dtype: np.dtype):
+    function = KernelFile(_PARTS_LIBRARY)._cpu_library(dtype).mc_gemm_parts
+    real = ctypes.c_float if dtype == np.float32 else ctypes.c_double
+    size = ctypes.c_longlong
+    function.argtypes = [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 4 + [size] * 3 + [
+        real, ctypes.c_void_p, size, ctypes.c_void_p, size, real, ctypes.c_void_p, size]
+    function.restype = None
+    return function
+
+
 @functools.cache
 def _parts_function():
     function = KernelFile(_PARTS_LIBRARY)._cpu_library(np.dtype(np.float32)).mc_run_parts

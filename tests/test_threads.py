@@ -145,13 +145,23 @@ def test_run_parts_runs_its_parts_at_once_on_the_kernel_threads(four_threads):
 
 
 def test_large_matmuls_are_split_along_the_longer_side_over_the_threads(four_threads, monkeypatch):
+    """2-d products through numpy's OpenBLAS are cut in C (kernel.gemm_parts), stacked ones through
+    kernel.run_parts; rows or columns, whichever side is longer, with operands transposed or strided."""
     from minicaffe import blas
 
     calls = []
-    run_parts = kernel.run_parts
-    monkeypatch.setattr(kernel, "run_parts", lambda count, parts, task: (calls.append((count, parts)),
-                                                                          run_parts(count, parts, task)))
+    run_parts, gemm_parts = kernel.run_parts, kernel.gemm_parts
+    monkeypatch.setattr(kernel, "run_parts", lambda count, parts, task: (
+        calls.append(("python", count, parts)), run_parts(count, parts, task)))
+
+    def recording_gemm_parts(parts, address, bits, by_rows, trans_a, trans_b, m, n, *rest):
+        calls.append(("C", m if by_rows else n, parts))
+        gemm_parts(parts, address, bits, by_rows, trans_a, trans_b, m, n, *rest)
+
+    monkeypatch.setattr(kernel, "gemm_parts", recording_gemm_parts)
     monkeypatch.setattr(blas, "PARALLEL_MIN_FLOPS", 1.0)
+    cblas = blas.numpy_cblas() is not None
+    two_d = "C" if cblas else "python"
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(40, 30)), rng.normal(size=(30, 20))
     out = np.empty((40, 20))
@@ -159,27 +169,50 @@ def test_large_matmuls_are_split_along_the_longer_side_over_the_threads(four_thr
     np.testing.assert_allclose(out, a @ b, rtol=1e-12)
     stacked = np.empty((3, 40, 20))
     blas.matmul(rng.normal(size=(3, 40, 30)), b, stacked)
-    expected = [(40, 4), (40, 4)]  # 40 rows: 4 parts of 10 rows
-    if blas.numpy_cblas() is not None:  # gemm_accumulate too, through numpy's OpenBLAS's CBLAS
+    expected = [(two_d, 40, 4), ("python", 40, 4)]  # 40 rows: 4 parts of 10 rows
+    at = rng.normal(size=(30, 40))
+    blas.matmul(at.T, b, out)  # rows of a transposed a: its columns
+    np.testing.assert_allclose(out, at.T @ b, rtol=1e-12)
+    expected.append((two_d, 40, 4))
+    if cblas:  # gemm_accumulate too, through numpy's OpenBLAS's CBLAS
         c = np.ones((40, 20))
         blas.gemm_accumulate(a, np.repeat(b, 2, axis=1)[:, ::2], c)  # b strided on both axes: copied
         np.testing.assert_allclose(c, a @ b + 1, rtol=1e-12)
-        expected.append((40, 4))
+        expected.append(("C", 40, 4))
     # A wide output is cut into column ranges (a convolution's (M, K) @ (K, positions)).
     wide, wide_out = rng.normal(size=(30, 48)), np.empty((3, 40, 48))
     blas.matmul(a, wide, wide_out[1])
     np.testing.assert_allclose(wide_out[1], a @ wide, rtol=1e-12)
     blas.matmul(rng.normal(size=(3, 40, 30)), wide, wide_out)  # stacked, columns of every matrix
-    expected += [(48, 4), (48, 4)]
-    if blas.numpy_cblas() is not None:  # c += a @ b.T into a column range of c, b a transposed view
+    expected += [(two_d, 48, 4), ("python", 48, 4)]
+    if cblas:  # c += a @ b.T into a column range of c, b a transposed view
         c, bt = np.ones((40, 48)), rng.normal(size=(48, 30))
         blas.gemm_accumulate(a, bt.T, c)
         np.testing.assert_allclose(c, a @ bt.T + 1, rtol=1e-12)
-        expected.append((48, 4))
+        expected.append(("C", 48, 4))
     assert calls == expected
     monkeypatch.setattr(blas, "PARALLEL_MIN_FLOPS", 1e12)
     blas.matmul(a, b, out)
     assert len(calls) == len(expected)  # small: one call on this thread
+
+
+def test_products_split_in_c_have_the_bits_of_the_parts_split_in_python(four_threads, monkeypatch):
+    """The parts cut in C (mc_gemm_parts) are the products numpy computes on the same ranges: the same
+    bits, in float32 and float64, by rows and by columns. (A split product's bits may differ from the
+    whole product's: BLAS's blocking follows the part's shape.)"""
+    from minicaffe import blas
+
+    if blas.numpy_cblas() is None:
+        pytest.skip("numpy's BLAS is not a known OpenBLAS build")
+    monkeypatch.setattr(blas, "PARALLEL_MIN_FLOPS", 1.0)
+    rng = np.random.default_rng(1)
+    for dtype in (np.float32, np.float64):
+        for shape_a, shape_b in (((64, 70), (70, 300)), ((300, 70), (70, 64))):
+            a, b = rng.normal(size=shape_a).astype(dtype), rng.normal(size=shape_b).astype(dtype)
+            in_c, in_python = (np.empty((a.shape[0], b.shape[1]), dtype) for _ in range(2))
+            blas.matmul(a, b, in_c)
+            blas._split(a, b, in_python, lambda a, b, out: np.matmul(a, b, out=out))
+            np.testing.assert_array_equal(in_c, in_python)
 
 
 LAYERS = {
