@@ -522,7 +522,8 @@ def test_winograd_is_chosen_where_it_was_measured_faster():
     """The measured rule (convolution.py): the kernel benchmark's 8x32x32x32 3x3 -> 32, ResNet-50's
     64- and 128-channel 3x3 layers and 256-channel 14x14 ones in a batch take Winograd; other geometries,
     fewer than 32 channels, 13x13 (1.51x the outputs computed), 7x7 (4 tiles per image), filter matrices
-    too large for the batch's tiles and engine CAFFE take im2col."""
+    more than twice the batch's tile matrices (SqueezeNet's 14x14 layers at batch 1) and engine CAFFE
+    take im2col."""
     def chosen(extra, shape, num_output=32):
         layer, _, _ = setup_layer(conv_text(num_output, extra), np.zeros(shape), np.float32)
         return layer._is_winograd()
@@ -532,6 +533,8 @@ def test_winograd_is_chosen_where_it_was_measured_faster():
     assert chosen("kernel_size: 3 pad: 1", (1, 128, 28, 28), 128)
     assert chosen("kernel_size: 3 pad: 1", (32, 256, 14, 14), 256)  # 16 tiles per image, 1.31x
     assert not chosen("kernel_size: 3 pad: 1", (1, 256, 14, 12), 256)  # filters 10.7x the tiles
+    assert not chosen("kernel_size: 3 pad: 1", (1, 64, 14, 14), 256)  # 3.2x (SqueezeNet's fire8/9)
+    assert not chosen("kernel_size: 3 pad: 1", (1, 48, 14, 14), 192)  # 2.4x (fire6/7)
     assert not chosen("kernel_size: 3 pad: 1", (1, 64, 13, 13), 256)  # 1.51x
     assert not chosen("kernel_size: 3 pad: 1", (4, 512, 7, 7), 512)  # 4 tiles per image
     assert not chosen("kernel_size: 3 pad: 1", (8, 16, 32, 32))  # 16 input channels
