@@ -415,34 +415,48 @@ class Net:
             layer.reshape(bottoms, tops)
 
     def forward_range(self, start: int, end: int) -> float:
-        for i, j in self._batch_norm_scales:  # a fused pair only when both run (_fusable_batch_norm_scales)
-            both = start <= i and j <= end
-            self.layers[i].scale_normalizes = both
-            self.layers[j].normalizing = self.layers[i] if both else None
+        self._fuse_forward(start, end)  # a fused pair only when both run (_fusable_batch_norm_scales)
         loss = 0.0
-        for i in range(start, end + 1):
-            layer = self.layers[i]
-            layer.forward_index = self.forward_count
-            try:
-                loss += layer.run_forward(self.bottom_vecs[i], self.top_vecs[i])
-            except LayerError as error:
-                raise NetError(str(error)) from error
+        try:
+            for i in range(start, end + 1):
+                layer = self.layers[i]
+                layer.forward_index = self.forward_count
+                try:
+                    loss += layer.run_forward(self.bottom_vecs[i], self.top_vecs[i])
+                except LayerError as error:
+                    raise NetError(str(error)) from error
+        finally:
+            self._fuse_forward(0, -1)  # no pair outlives the range: a layer run alone runs whole
         if end == len(self.layers) - 1:
             self.forward_count += 1
         return loss
 
     def backward_range(self, start: int, end: int) -> None:
+        self._fuse_backward(start, end)
+        try:
+            for i in range(start, end - 1, -1):
+                if self.layer_need_backward[i]:
+                    self.layers[i].run_backward(self.top_vecs[i], self.bottom_need_backward[i],
+                                                self.bottom_vecs[i])
+                for callback in self.on_layer_backward:
+                    callback(i)
+        finally:
+            self._fuse_backward(-1, 0)
+
+    def _fuse_forward(self, start: int, end: int) -> None:
+        """Fuse each BatchNorm + Scale pair whose two layers both lie in [start, end]; apart the others."""
+        for i, j in self._batch_norm_scales:
+            both = start <= i and j <= end
+            self.layers[i].scale_normalizes = both
+            self.layers[j].normalizing = self.layers[i] if both else None
+
+    def _fuse_backward(self, start: int, end: int) -> None:
+        """The same for a backward from start down to end, for the pairs whose input gradient is needed."""
         for i, j in self._batch_norm_scales:
             both = (end <= i and j <= start and self.layer_need_backward[i]
                     and self.bottom_need_backward[i][0] and self.bottom_need_backward[j][0])
             self.layers[i].scale_propagates = both
             self.layers[j].propagating_for = self.layers[i] if both else None
-        for i in range(start, end - 1, -1):
-            if self.layer_need_backward[i]:
-                self.layers[i].run_backward(self.top_vecs[i], self.bottom_need_backward[i],
-                                            self.bottom_vecs[i])
-            for callback in self.on_layer_backward:
-                callback(i)
 
     def forward(self, blobs: Iterable[str] | None = None, start: str | None = None,
                 end: str | None = None, **inputs) -> dict[str, np.ndarray]:

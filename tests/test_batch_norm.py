@@ -7,7 +7,7 @@ import pytest
 from conftest import backward_layer, run_layer
 
 import minicaffe
-from minicaffe import io
+from minicaffe import io, kernel
 from minicaffe.blob import Blob
 from minicaffe.layer import LayerError
 from minicaffe.net import Net
@@ -367,9 +367,13 @@ def test_batch_norm_and_scale_in_one_pass_give_the_bits_of_the_two_layers(dtype,
     dy = np.random.default_rng(6).normal(size=(3, 3))
     fused_net = fusable_net(True, dtype, monkeypatch=monkeypatch)
     assert fused_net._batch_norm_scales == [(2, 3)]
+    launched = []
+    launch = kernel.KernelFile.launch
+    monkeypatch.setattr(kernel.KernelFile, "launch", lambda self, name, *args, **kwargs: (
+        launched.append(name), launch(self, name, *args, **kwargs))[1])
     fused = run_all(fused_net, dy)
-    assert fused_net.layers[3].normalizing is fused_net.layers[2]  # the fused kernels ran
-    assert fused_net.layers[3].propagating_for is fused_net.layers[2]
+    assert "normalize_mul_add_planes" in launched and "bn_normalize" not in launched  # the fused kernels ran
+    assert fused_net.layers[3].normalizing is None and not fused_net.layers[2].scale_normalizes  # reset after
     apart_net = fusable_net(False, dtype, monkeypatch=monkeypatch)
     assert apart_net._batch_norm_scales == []
     apart = run_all(apart_net, dy)

@@ -26,6 +26,7 @@ class BatchNormLayer(NeuronLayer):
     # computes the statistics, and backward does nothing.
     scale_normalizes = False
     scale_propagates = False
+
     def layer_setup(self, bottom, top):
         p = self.param.batch_norm_param
         self.use_global_stats = p.use_global_stats if p.HasField("use_global_stats") else self.phase == TEST
