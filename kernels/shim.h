@@ -107,10 +107,10 @@ static thread_local int mc_threads = 1;
   for (int p = 0; p < (n); ++p)
 #define INNER_LOOP(j, n) _Pragma("omp simd") for (int j = 0; j < (n); ++j)
 // part(0), ..., part(parts - 1) at the same time, each on one thread of the team the plane loops use
-// (the caller's runs part 0): minicaffe.threads.run_parts hands its parts (a GEMM cut into row or column
+// (the caller's runs part 0): minicaffe.kernel.run_parts hands its parts (a GEMM cut into row or column
 // ranges, a batch of images) to these threads rather than to a second pool. Threads of one pool are
 // awake (spinning, GOMP_SPINCOUNT) for the kernel launches that follow a GEMM; a second pool's would
-// sleep while this one's fell asleep, and each hand-off woke one (4-8% of a zoo net's step). Every
+// sleep while this one's fell asleep, and each hand-off woke one (2-7% of a zoo net's step). Every
 // CPU library has it; minicaffe.kernel calls one. Without OpenMP the parts run one after the other.
 extern "C" void mc_run_parts(const int parts, void (*part)(int)) {
   _Pragma("omp parallel for schedule(static, 1) num_threads(parts)")

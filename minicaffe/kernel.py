@@ -487,7 +487,9 @@ class KernelFile:
 
 
 _PART = ctypes.CFUNCTYPE(None, ctypes.c_int)
-_PARTS_LIBRARY = "eltwise.cu"  # any CPU kernel library has mc_run_parts; this one nearly every net loads
+# Every CPU kernel library has shim.h's host functions (mc_run_parts, mc_gemm_parts); nearly every net
+# loads this one anyway.
+_PARTS_LIBRARY = "eltwise.cu"
 
 
 def run_parts(count: int, parts: int, task: Callable[[int, int], None]) -> None:
@@ -511,7 +513,7 @@ def run_parts(count: int, parts: int, task: Callable[[int, int], None]) -> None:
         except BaseException as error:  # noqa: BLE001 -- raised below, on the calling thread
             errors.append(error)
 
-    _parts_function()(parts, _PART(part))
+    _parts_library_function("mc_run_parts", np.dtype(np.float32))(parts, _PART(part))
     if errors:
         raise errors[0]
 
@@ -522,26 +524,23 @@ def gemm_parts(parts: int, gemm_address: int, index_bits: int, by_rows: bool, tr
     """c = alpha op(a) op(b) + beta c by the row-major CBLAS ?gemm at gemm_address, cut into `parts`
     ranges of c's rows (by_rows) or columns on the kernels' OpenMP threads (kernels/shim.h's
     mc_gemm_parts; minicaffe.blas.Cblas.gemm). a, b and c are numpy arrays of c's dtype."""
-    function = _gemm_parts_function(c.dtype)
+    function = _parts_library_function("mc_gemm_parts", c.dtype)
     function(parts, gemm_address, index_bits, int(by_rows), trans_a, trans_b, m, n, k, alpha, data_address(a),
              lda, data_address(b), ldb, beta, data_address(c), ldc)
 
 
 @functools.cache
-def _gemm_parts_function(dtype: np.dtype):
-    function = KernelFile(_PARTS_LIBRARY)._cpu_library(dtype).mc_gemm_parts
+def _parts_library_function(name: str, dtype: np.dtype):
+    """shim.h's host function `name` (mc_run_parts or mc_gemm_parts) in the CPU library of `dtype`, its
+    argument types set."""
+    function = getattr(KernelFile(_PARTS_LIBRARY)._cpu_library(dtype), name)
     real = ctypes.c_float if dtype == np.float32 else ctypes.c_double
-    size = ctypes.c_longlong
-    function.argtypes = [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 4 + [size] * 3 + [
-        real, ctypes.c_void_p, size, ctypes.c_void_p, size, real, ctypes.c_void_p, size]
-    function.restype = None
-    return function
-
-
-@functools.cache
-def _parts_function():
-    function = KernelFile(_PARTS_LIBRARY)._cpu_library(np.dtype(np.float32)).mc_run_parts
-    function.argtypes = [ctypes.c_int, _PART]
+    size, pointer = ctypes.c_longlong, ctypes.c_void_p
+    function.argtypes = {
+        "mc_run_parts": [ctypes.c_int, _PART],
+        "mc_gemm_parts": [ctypes.c_int, pointer, *[ctypes.c_int] * 4, size, size, size, real, pointer, size,
+                          pointer, size, real, pointer, size],
+    }[name]
     function.restype = None
     return function
 

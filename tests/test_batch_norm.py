@@ -331,8 +331,8 @@ layer { name: "ip" type: "InnerProduct" bottom: "%s" top: "out"
 """
 
 
-def fusable_net(fuse: bool, dtype=np.float32, bn_top="c", scale_top="c", bias_term="true",
-                monkeypatch=None) -> Net:
+def fusable_net(monkeypatch, fuse: bool, dtype=np.float32, bn_top="c", scale_top="c",
+                bias_term="true") -> Net:
     from minicaffe import net as net_module
 
     monkeypatch.setattr(net_module, "FUSE_BATCH_NORM_SCALE", fuse)
@@ -365,7 +365,7 @@ def test_batch_norm_and_scale_in_one_pass_give_the_bits_of_the_two_layers(dtype,
     after it as one pass each way: the output, the input gradient and every parameter gradient are the
     same bits as with the two layers run apart (and the gradients are not zero)."""
     dy = np.random.default_rng(6).normal(size=(3, 3))
-    fused_net = fusable_net(True, dtype, monkeypatch=monkeypatch)
+    fused_net = fusable_net(monkeypatch, True, dtype)
     assert fused_net._batch_norm_scales == [(2, 3)]
     launched = []
     launch = kernel.KernelFile.launch
@@ -374,7 +374,7 @@ def test_batch_norm_and_scale_in_one_pass_give_the_bits_of_the_two_layers(dtype,
     fused = run_all(fused_net, dy)
     assert "normalize_mul_add_planes" in launched and "bn_normalize" not in launched  # the fused kernels ran
     assert fused_net.layers[3].normalizing is None and not fused_net.layers[2].scale_normalizes  # reset after
-    apart_net = fusable_net(False, dtype, monkeypatch=monkeypatch)
+    apart_net = fusable_net(monkeypatch, False, dtype)
     assert apart_net._batch_norm_scales == []
     apart = run_all(apart_net, dy)
     assert fused.keys() == apart.keys()
@@ -386,8 +386,8 @@ def test_batch_norm_and_scale_in_one_pass_give_the_bits_of_the_two_layers(dtype,
 def test_batch_norm_and_scale_fuse_only_when_one_range_runs_both(monkeypatch):
     """net.forward(end="bn") must leave BatchNorm's own output in the blob, and a backward over the
     Scale alone must leave the BatchNorm's gradient to the BatchNorm: the pair is fused per range."""
-    net = fusable_net(True, monkeypatch=monkeypatch)
-    reference = fusable_net(False, monkeypatch=monkeypatch)
+    net = fusable_net(monkeypatch, True)
+    reference = fusable_net(monkeypatch, False)
     for n in (net, reference):
         n.forward(end="bn")
     np.testing.assert_array_equal(net.blobs["c"].data, reference.blobs["c"].data)

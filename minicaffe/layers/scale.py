@@ -21,7 +21,7 @@ class ScaleLayer(BroadcastLayer):
     operand = "scale"
     keeps = "input"  # the scale gradient needs x
     # Set by the Net for an in-place BatchNorm (global statistics) right before this in-place Scale with a
-    # bias term, when one forward or backward runs both (Net._fuse_batch_norm_scales): the BatchNorm
+    # bias term, when one forward or backward runs both (Net._fusable_batch_norm_scales): the BatchNorm
     # then only computes its statistics, and this layer normalizes in its own pass (`normalizing`), or
     # gives the BatchNorm's input gradient with its own (`propagating_for`). The same bits as apart.
     normalizing = None
