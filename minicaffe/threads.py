@@ -20,12 +20,12 @@ the thread that runs the net), and idle threads sleep rather than spin:
     BLAS threads against 5-13 s with one (and its GEMMs are small, so one thread loses little).
 So BLAS runs on the calling thread only, set through threadpoolctl (whatever OPENBLAS_NUM_THREADS
 says). A large product is still spread over the cores, by minicaffe: blas.matmul and blas.cpu_gemm cut
-its output into parts along its longer side (kernel.run_parts), each one single-threaded BLAS call on one of
-the kernels' OpenMP threads (one team for both, so the threads a GEMM used are still spinning when the
-next kernel launches, and sleep like them after). Work split over the threads at
-a coarser grain (kernel.run_parts over a convolution's images) runs its kernels and GEMMs on one thread per
-part (kernel_threads() is 1 there). Kernel results are the same bits for every thread count
-(kernels/shim.h's PLANE_LOOP); GEMM results for the same thread count.
+its output into parts along its longer side, each one single-threaded BLAS call on one of the kernels'
+OpenMP threads (kernels/shim.h's mc_gemm_parts, or kernel.run_parts; one team for both, so the threads
+a GEMM used are still spinning when the next kernel launches, and sleep like them after). Work split
+over the threads at a coarser grain (kernel.run_parts over a convolution's images) runs its kernels and
+GEMMs on one thread per part (kernel_threads() is 1 there). Kernel results are the same bits for every
+thread count (kernels/shim.h's PLANE_LOOP); GEMM results for the same thread count.
 """
 
 from __future__ import annotations
