@@ -250,6 +250,114 @@ KERNEL void depthwise_weight_partials(const int planes, const int inner, const i
   }
 }
 
+// -- depthwise, stride 1, output the input's size (2 pad == dilation (kernel - 1): MobileNet's 3x3 pad 1) --
+//
+// Then output o = oh * width + ow reads tap (ki, kj) at o + (ki dilation_h - pad_h) width + kj dilation_w
+// - pad_w of the unpadded plane itself, where that row and column lie inside the plane (the padding adds
+// tap * 0). So these kernels read the blobs as they are: no padded copy in (im2col into phases), no copy
+// out of a pitched output, no spread of the output gradient, the three kernels of the general path
+// above whose per-row work cost 5-10x a copy of 14x14 and 7x7 planes. The input gradient is the same
+// convolution of dy with the taps flipped (its padding, dilation (kernel - 1) - pad, is pad again).
+// column[o] = o % width (a buffer the caller fills once per layer): a load instead of a division.
+// Every inner loop of a plane runs over the same range and touches element j only: race-free on the GPU.
+
+// Whether a tap dj columns off reads inside the row from output column `column`.
+// (One unsigned comparison for both bounds: a negative column wraps to a large unsigned one.)
+DEVICE bool depthwise_column_inside(const int column, const int dj, const int width) {
+  return dj == 0 || unsigned(column + dj) < unsigned(width);
+}
+
+// Whether tap (di, dj)'s read for output o (column `column`) lies in the height x width plane. The row
+// test is skipped where test_rows is false (a block whose rows all read inside): loop-invariant tests
+// the compiler takes out of the loop (-funswitch-loops), leaving plain loops for most taps.
+DEVICE bool depthwise_same_inside(const int o, const int column, const int di, const int dj, const int height,
+                                  const int width, const bool test_rows) {
+  const int row_read = o + di * width;  // o's column with the tap's row: inside when 0 <= row < height
+  const bool row_inside = !test_rows || unsigned(row_read) < unsigned(height * width);
+  return row_inside && depthwise_column_inside(column, dj, width);
+}
+
+// y[n, c] = bias[c] (if bias_term) + the sum over taps (ki, kj), in order, of weights[c, ki, kj] * x[n, c]
+// at the tap's offset (zero outside the plane). Planes: num * channels; each runs blocks of rows.
+KERNEL void depthwise_same_forward(const int planes, const real* x, const real* weights, const real* bias,
+                                   const int bias_term, real* y, const int channels, const int height,
+                                   const int width, const int kernel_h, const int kernel_w, const int pad_h,
+                                   const int pad_w, const int dilation_h, const int dilation_w,
+                                   const int* column) {
+  // Output rows per block: as many as keep the block within ~16 KB (in the L1 cache while the taps pass
+  // over it).
+  const int block_rows = 4096 / width > 0 ? 4096 / width : 1;
+  const size_t size = (size_t)height * width;
+  PLANE_LOOP(p, planes) {
+    const int c = p % channels;
+    const real* filter = weights + (size_t)c * kernel_h * kernel_w;
+    const real start = bias_term ? bias[c] : real(0);
+    const real* src = x + p * size;
+    // Blocks: the pad_h rows at the top, those at the bottom, the rest block_rows at a time: only the
+    // first two read outside the rows, so the other blocks' taps test their columns only. Planes of
+    // fewer than 512 values are one block (MobileNet's 7x7 planes took twice as long in three blocks,
+    // its 14x14 ones no less in one).
+    const int top = pad_h < height && size >= 512 ? pad_h : 0;
+    const int bottom = top == 0 ? height : height - pad_h > top ? height - pad_h : top;  // first bottom row
+    for (int first_row = 0, rows = 0; first_row < height; first_row += rows) {
+      rows = first_row < top      ? top - first_row
+             : first_row < bottom ? (bottom - first_row < block_rows ? bottom - first_row : block_rows)
+                                  : height - first_row;
+      const int begin = first_row * width, length = rows * width;
+      real* dst = y + p * size + begin;
+      INNER_LOOP(j, length) { dst[j] = start; }
+      for (int ki = 0; ki < kernel_h; ++ki) {
+        for (int kj = 0; kj < kernel_w; ++kj) {
+          const real tap = filter[ki * kernel_w + kj];
+          const int di = ki * dilation_h - pad_h, dj = kj * dilation_w - pad_w;
+          // from[j]: the tap's read for dst[j] (a pointer, not an index, so that the read vectorizes as a
+          // masked load, not a gather; it points outside the plane only where `inside` is false)
+          const real* from = src + begin + di * width + dj;
+          const int* columns = column + begin;
+          const bool test_rows = begin + di * width < 0 || begin + length + di * width > height * width;
+          INNER_LOOP(j, length) {
+            const bool inside =
+                depthwise_same_inside(begin + j, columns[j], di, dj, height, width, test_rows);
+            dst[j] += tap * (inside ? from[j] : real(0));
+          }
+        }
+      }
+    }
+  }
+}
+
+// Weight gradient, stage 1 (reduce.h): plane p = ((n * channels + c) * kernel_h + ki) * kernel_w + kj sums
+// dy[n, c, o] * (tap (ki, kj)'s read of x[n, c] for output o) over the outputs o whose tap row lies inside
+// the plane (a range of whole rows, so only the column is tested), in order. The range leaves out the
+// first row's columns left of the tap's reach and the last row's right of it (terms that are 0), so every
+// read lies in the plane and is made unconditionally: a masked load there kept the compiler's
+// accumulators in memory, at half the speed.
+// Stage 2 (reduce.cu's channel_total) adds the images' partials per weight in a fixed order.
+KERNEL void depthwise_same_weight_partials(const int planes, const int inner, const int lanes, const real* dy,
+                                           const real* x, const int height, const int width,
+                                           const int kernel_h, const int kernel_w, const int pad_h,
+                                           const int pad_w, const int dilation_h, const int dilation_w,
+                                           const int* column, real* partial) {
+  PLANE_LOOP(p, planes) {
+    const int kj = p % kernel_w;
+    const int ki = (p / kernel_w) % kernel_h;
+    const size_t image_channel = p / (kernel_w * kernel_h);  // n * channels + c
+    const int di = ki * dilation_h - pad_h, dj = kj * dilation_w - pad_w;
+    const int first_row = di < 0 ? -di : 0, end_row = di > 0 ? height - di : height;
+    const int first = first_row * width + (dj < 0 ? -dj : 0);
+    const int end = end_row * width - (dj > 0 ? dj : 0);
+    const int count = end > first ? end - first : 0;
+    const real* grad = dy + image_channel * inner + first;
+    const real* from = x + image_channel * inner + first + di * width + dj;  // as in depthwise_same_forward
+    const int* columns = column + first;
+    const size_t base = (size_t)p * count;  // mc_plane_partials passes p * count + o
+    mc_plane_partials(p, count, lanes, [=](size_t j) {
+      const real value = from[j - base];
+      return grad[j - base] * (depthwise_column_inside(columns[j - base], dj, width) ? value : real(0));
+    }, partial);
+  }
+}
+
 // -- Winograd F(4x4, 3x3): 3x3 stride-1 convolutions with a quarter of the multiplications ------------
 //
 // Lavin & Gray's minimal filtering (arXiv:1509.09308), with the interpolation points 0, +-1, +-2: a 4x4

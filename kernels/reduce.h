@@ -16,6 +16,8 @@
 // planes * lanes values: count / (inner / 32) for big planes, but as many as the elements for inner < 32
 // (e.g. an (N, C) blob: one partial per element). A plain sum of an array skips stage 1 there (the
 // partials would be the array itself); a fused or product term (PReLU, Scale, BatchNorm) needs them.
+// A kernel may pass a plane fewer terms than the launch's lanes (e.g. the depthwise weight gradient's
+// tap rows that lie inside the image): the lanes past its terms hold 0.
 #pragma once
 #include "shim.h"
 
@@ -24,7 +26,7 @@
 template <class Term>
 DEVICE void mc_plane_partials(const int p, const int inner, const int lanes, const Term& term,
                               real* partial) {
-  if (inner == 1) {  // one term (lanes == 1), e.g. a plane per element of an (N, C) blob: the same sum,
+  if (inner == 1 && lanes == 1) {  // one term, e.g. a plane per element of an (N, C) blob: the same sum,
     INNER_LOOP(l, 1) { partial[p] = real(0) + term((size_t)p); }  // without the accumulators' loops
     return;
   }

@@ -122,6 +122,7 @@ DECONV_CASES = {
                   dict(stride=(2, 2), pad=(1, 1), group=3)),
     "depthwise dilation": ("kernel_h: 3 kernel_w: 2 stride: 2 dilation: 2 group: 2", (1, 2, 3, 3), 2,
                            dict(stride=(2, 2), dilation=(2, 2), group=2)),
+    "depthwise same": ("kernel_size: 3 pad: 1 group: 3", (2, 3, 4, 5), 3, dict(pad=(1, 1), group=3)),
     "1x1": ("kernel_size: 1", (2, 4, 3, 3), 2, {}),
     "1x1 group 2": ("kernel_size: 1 group: 2", (2, 4, 2, 3), 6, dict(group=2)),
     "no bias": ("kernel_size: 2 stride: 2 bias_term: false", (2, 2, 3, 3), 3, dict(stride=(2, 2))),
@@ -157,8 +158,8 @@ def test_deconvolution_is_the_transpose_of_convolution():
     assert np.isclose(np.sum(top[0].data * z), np.sum(x * conv_top[0].data), rtol=1e-11)
 
 
-@pytest.mark.parametrize("case", ["stride pad", "group 2", "depthwise", "depthwise dilation", "1x1 group 2",
-                                  "no bias", "rect hw fields"])
+@pytest.mark.parametrize("case", ["stride pad", "group 2", "depthwise", "depthwise dilation",
+                                  "depthwise same", "1x1 group 2", "no bias", "rect hw fields"])
 def test_deconvolution_gradients(case):
     extra, shape, num_output, _ = DECONV_CASES[case]
     x = np.random.default_rng(3).normal(size=shape)

@@ -114,6 +114,11 @@ CASES = {
                                       "group: 4", (2, 4, 7, 9), 4, dict(group=4, pad=(2, 2), stride=(2, 3),
                                                                         dilation=(2, 2))),
     "depthwise no bias": ("kernel_size: 2 group: 2 bias_term: false", (2, 2, 3, 4), 2, dict(group=2)),
+    # stride 1, output the input's size: the depthwise_same kernels (no padded copy)
+    "depthwise same": ("kernel_size: 3 pad: 1 group: 3", (2, 3, 6, 5), 3, dict(pad=(1, 1), group=3)),
+    # planes of >= 512 values: border rows in blocks of their own, the rest in blocks of 4096 // width rows
+    "depthwise same blocks rect dilation": ("kernel_h: 5 kernel_w: 3 pad_h: 4 pad_w: 2 dilation: 2 group: 2",
+                                            (1, 2, 70, 64), 2, dict(pad=(4, 2), dilation=(2, 2), group=2)),
     "dilation 2": ("kernel_size: 3 dilation: 2 pad: 1", (2, 2, 7, 8), 3, dict(dilation=(2, 2), pad=(1, 1))),
     "1x1": ("kernel_size: 1", (2, 5, 3, 4), 3, {}),
     "1x1 group 2 dilation 2": ("kernel_size: 1 group: 2 dilation: 2", (3, 4, 3, 2), 6, dict(group=2)),
@@ -208,6 +213,9 @@ GRADIENT_CASES = {
     "1x1": ("kernel_size: 1", (2, 3, 3, 3), 2),
     "1x1 group 2": ("kernel_size: 1 group: 2", (2, 4, 2, 3), 4),
     "depthwise": ("kernel_size: 3 pad: 1 group: 3", (2, 3, 4, 5), 3),
+    "depthwise same rect dilation": ("kernel_h: 3 kernel_w: 5 pad_h: 2 pad_w: 4 dilation: 2 group: 2",
+                                     (2, 2, 5, 6), 2),
+    "depthwise same border blocks": ("kernel_size: 3 pad: 1 group: 2", (1, 2, 23, 24), 2),
     "depthwise rect stride dilation": ("kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2 pad_w: 2 dilation: 2 "
                                        "group: 2", (2, 2, 5, 6), 2),
     "rect stride pad": ("kernel_h: 2 kernel_w: 3 stride_h: 2 stride_w: 1 pad_w: 2", (1, 2, 5, 4), 2),

@@ -339,6 +339,13 @@ CASES = {
     "convolution_depthwise": Case(f'type: "Convolution" convolution_param {{ num_output: 3 group: 3 '
                                   f'kernel_h: 3 kernel_w: 2 pad: 1 stride_h: 1 stride_w: 2 dilation: 2 '
                                   f'{FILL} }}', [X]),
+    "convolution_depthwise_same": Case(f'type: "Convolution" convolution_param {{ num_output: 3 group: 3 '
+                                       f'kernel_size: 3 pad: 1 {FILL} }}', [X]),
+    # >= 512 values a plane: the border rows in blocks of their own (small enough for the race check's
+    # thread per iteration; test_convolution.py covers several blocks of rows)
+    "convolution_depthwise_same_border_blocks": Case(
+        f'type: "Convolution" convolution_param {{ num_output: 2 group: 2 kernel_h: 5 kernel_w: 3 pad_h: 2 '
+        f'pad_w: 1 {FILL} }}', [(1, 2, 20, 30)]),
     "convolution_depthwise_no_bias": Case(f'type: "Convolution" convolution_param {{ num_output: 3 group: 3 '
                                           f'kernel_size: 2 bias_term: false {FILL} }}', [X]),
     # Winograd F(4x4, 3x3) at any size (WINOGRAD_CHOICE always): tiles cut by the output's edges

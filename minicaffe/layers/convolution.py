@@ -10,10 +10,11 @@ single-threaded; on the GPU a chunk is the whole batch (up to COL_BUFFER_LIMIT).
 docstring for why.
 A 1x1 stride-1 unpadded convolution skips im2col: the input is its own column matrix (as in Caffe),
 one GEMM per image and group. A depthwise convolution (group == channels == num_output) runs the direct
-depthwise_* kernels instead of one 1-row GEMM per channel. A 3x3 stride-1 convolution with wide enough
-GEMMs runs Winograd F(4x4, 3x3) (the winograd_* kernels, 36 GEMMs of a quarter of the multiplications;
-ConvolutionLayer._is_winograd), unless engine: CAFFE asks for Caffe's own im2col + GEMM. Its float32
-results differ from im2col's by rounding (a few 1e-6 of the largest output).
+depthwise_* kernels instead of one 1-row GEMM per channel (at stride 1 with the output the input's size,
+e.g. 3x3 pad 1, the depthwise_same_* ones, which read the blobs as they are). A 3x3 stride-1
+convolution with wide enough GEMMs runs Winograd F(4x4, 3x3) (the winograd_* kernels, 36 GEMMs of a
+quarter of the multiplications; ConvolutionLayer._is_winograd), unless engine: CAFFE asks for Caffe's
+own im2col + GEMM. Its float32 results differ from im2col's by rounding (a few 1e-6 of the largest output).
 
 The geometry helpers (conv_geometry, im2col, col2im) read a ConvolutionParameter the way Caffe does
 and are usable by other layers that take one (e.g. Deconvolution).
@@ -293,6 +294,8 @@ class ConvolutionLayer(Layer):
         self.conv_in_channels, self.conv_out_channels = self._conv_channels()
         # (bottom index, data address) whose Winograd input transform forward left in its buffer
         self._winograd_inputs_of: tuple[int, int] | None = None
+        # the depthwise_same kernels' column table and the (array module, height, width) it was made for
+        self._column_table_array, self._column_table_of = None, None
 
         # The top must fit before the weights are made and filled: a kernel larger than the padded input
         # fails here, so does a top too large for the memory (pad 4294967295 asks for 2^67 values).
@@ -430,6 +433,12 @@ class ConvolutionLayer(Layer):
         """One input and one output channel per group: the direct depthwise kernels, no GEMM."""
         return self.group == self.conv_in_channels == self.conv_out_channels
 
+    def _is_depthwise_same(self) -> bool:
+        """Depthwise, stride 1, and the output the input's size: the depthwise_same kernels, which read
+        the planes as they are (no padded copy, no pitched output)."""
+        return (self._is_depthwise() and self.geometry.stride == (1, 1)
+                and tuple(self.out_size) == (self.height, self.width))
+
     def _grouped(self, array, channels: int):
         """(num, channels, ...) data as (num, group, channels/group, positions), a view."""
         return array.reshape(self.num, self.group, channels // self.group, -1)
@@ -467,6 +476,9 @@ class ConvolutionLayer(Layer):
     def _forward_gemm(self, images, out, bias=None) -> None:
         """out = W * images (+ bias[m] per output channel), written: the convolution."""
         xp = backend.xp()
+        if self._is_depthwise_same():
+            self._depthwise_same(images, self.blobs[0].get_data(), bias, out)
+            return
         if self._is_depthwise():
             phases, phase_size = self._phases(images)
             weights, stride = self.blobs[0].get_data(), self.geometry.stride
@@ -511,6 +523,9 @@ class ConvolutionLayer(Layer):
 
     def _backward_gemm(self, out_diff, images_diff) -> None:
         """images_diff = W^T * out_diff, written: the adjoint of the convolution (col2im)."""
+        if self._is_depthwise_same():  # the same convolution with the taps flipped
+            self._depthwise_same(out_diff, self._flipped_depthwise_weights(), None, images_diff)
+            return
         if self._is_depthwise():
             # The adjoint is a stride-1 depthwise convolution with the taps flipped, over out_diff spread
             # onto the input's grid (zeros between the rows and columns of a stride > 1) and padded by the
@@ -521,11 +536,9 @@ class ConvolutionLayer(Layer):
             spread_size = (self.height + extent[0], self.width + extent[1])
             spread = self._spread("depthwise_spread_diff", out_diff, self.out_size, spread_size,
                                   (extent[0] - g.pad[0], extent[1] - g.pad[1]), g.stride)
-            weights = self.blobs[0].get_data().reshape(self.conv_in_channels, *g.kernel)
-            flipped = self.buffer("depthwise_flipped", weights.shape)
-            flipped[...] = weights[:, ::-1, ::-1]
             image_size = (self.height, self.width)
-            self._depthwise("diff", spread, spread_size, flipped, None, (1, 1), image_size, images_diff)
+            self._depthwise("diff", spread, spread_size, self._flipped_depthwise_weights(), None, (1, 1),
+                            image_size, images_diff)
             return
         if self._is_winograd():  # the forward of out_diff padded by 2 - pad, filters flipped, sides swapped
             pad = tuple(2 - p for p in self.geometry.pad)
@@ -555,6 +568,14 @@ class ConvolutionLayer(Layer):
         the fixed-order depthwise sums): no weight-sized temporary. winograd_inputs_kept: the Winograd
         input transform of these images is still in its buffer from the forward pass."""
         weight_diff = self.blobs[0].mutable_diff()
+        if self._is_depthwise_same():  # as below, reading the planes as they are
+            g = self.geometry
+            taps = self.conv_in_channels * g.kernel[0] * g.kernel[1]
+            channel_sums(self, (self.num, taps, self.height * self.width),
+                         KERNELS.depthwise_same_weight_partials,
+                         (out_diff, images, self.height, self.width, *g.kernel, *g.pad, *g.dilation,
+                          self._column_table()), weight_diff.reshape(-1))
+            return
         if self._is_depthwise():  # per-plane partial sums, then one fixed-order sum per weight (reduce.py)
             g = self.geometry
             phases, phase_size = self._phases(images)
@@ -745,6 +766,37 @@ class ConvolutionLayer(Layer):
         KERNELS.depthwise_spread(planes, source, *source_size, buffer, *size, *offset, *step,
                                  extents=(planes, size[1]), work=buffer.size)
         return buffer
+
+    def _flipped_depthwise_weights(self):
+        """The depthwise filters turned by 180 degrees (buffer "depthwise_flipped"): the input gradient's."""
+        weights = self.blobs[0].get_data().reshape(self.conv_in_channels, *self.geometry.kernel)
+        flipped = self.buffer("depthwise_flipped", weights.shape)
+        flipped[...] = weights[:, ::-1, ::-1]
+        return flipped
+
+    def _column_table(self):
+        """column[o] = o % width for o < height * width (int32): the depthwise_same kernels' column of an
+        output, a load where a division per element would not vectorize. Made once per plane size."""
+        xp = backend.xp()
+        key = (xp, self.height, self.width)
+        if self._column_table_of != key:
+            positions = xp.arange(self.height * self.width, dtype=xp.int32)
+            self._column_table_array = positions % xp.int32(self.width)
+            self._column_table_of = key
+        return self._column_table_array
+
+    def _depthwise_same(self, x, weights, bias, y) -> None:
+        """y (num, C, H, W) = the stride-1 depthwise convolution of x (num, C, H, W) of the same size
+        (+ bias), written (kernels/convolution.cu's depthwise_same_forward)."""
+        g, planes = self.geometry, self.num * self.conv_in_channels
+        size = self.height * self.width
+        block_rows = max(1, 4096 // self.width)  # as in the kernel
+        bias_or_unread = weights if bias is None else bias
+        KERNELS.depthwise_same_forward(planes, x, weights, bias_or_unread, int(bias is not None), y,
+                                       self.conv_in_channels, self.height, self.width, *g.kernel, *g.pad,
+                                       *g.dilation, self._column_table(),
+                                       extents=(planes, min(block_rows, self.height) * self.width),
+                                       work=planes * size * g.kernel[0] * g.kernel[1])
 
     def _depthwise(self, name: str, phases, phase_size, weights, bias, stride, out_size, out) -> None:
         """out (num, C, *out_size) = the depthwise convolution with `stride` of the planes' phases (+ bias),
