@@ -54,6 +54,7 @@ import numpy as np
 
 from . import backend, hdf5, io, log, rng
 from .blob import Blob, proto_shape, proto_values
+from .kernel import KernelFile
 from .net import Net, NetError
 from .proto import caffe_pb2
 
@@ -673,13 +674,17 @@ class Solver:
             log.info(f"Iteration {self.iter}, lr = {log.fmt(rate)}", "sgd_solver.cpp:107")
         self.clip_gradients()
         for index in range(len(self.net.learnable_params)):
-            self.normalize(index)
-            self.regularize(index)
-            self.compute_update(index, rate)
-        for learnable in self.net.learnable_params:
-            blob = learnable.blob
-            data = blob.mutable_data()
-            data -= blob.get_diff()
+            self.update_parameter(index, rate)
+
+    def update_parameter(self, index: int, rate: float) -> None:
+        """Parameter `index`'s step: normalize, regularize, compute the update value, data -= diff (each
+        parameter's step depends on no other's, so doing them one parameter at a time is Caffe's)."""
+        self.normalize(index)
+        self.regularize(index)
+        self.compute_update(index, rate)
+        blob = self.net.learnable_params[index].blob
+        data = blob.mutable_data()
+        data -= blob.get_diff()
 
     def clip_gradients(self) -> None:
         clip = self.param.clip_gradients
@@ -811,6 +816,9 @@ class Solver:
         self.iter = state.iter
         self.current_step = state.current_step
         log.info("SGDSolver: restoring history", "sgd_solver.cpp:335")
+
+
+KERNELS = KernelFile("solver.cu")
 
 
 def _all_finite(array) -> bool:
@@ -948,6 +956,21 @@ def solver_class(param: SolverParameter, source: str = "<solver>") -> type[Solve
 @register_solver("SGD")
 class SGDSolver(Solver):
     """Momentum SGD: history = momentum * history + local_rate * diff; the step is the history."""
+
+    def update_parameter(self, index: int, rate: float) -> None:
+        """Plain SGD: the whole step in one kernel pass (kernels/solver.cu's sgd_update); a rule that
+        derives from SGD with its own compute_update (Nesterov, AdaGrad, ...) takes the steps apart."""
+        if type(self).compute_update is not SGDSolver.compute_update:
+            super().update_parameter(index, rate)
+            return
+        learnable = self.net.learnable_params[index]
+        blob, p = learnable.blob, self.param
+        (history,) = self.histories(index)
+        data, diff = blob.mutable_data(), blob.mutable_diff()
+        decay = p.weight_decay * learnable.decay_mult
+        KERNELS.sgd_update(data.size, data, diff, history, 1.0 / p.iter_size, decay,
+                           int(p.regularization_type == "L1"), p.momentum, rate * learnable.lr_mult,
+                           extents=data.size)
 
     def compute_update(self, index: int, rate: float) -> None:
         learnable = self.net.learnable_params[index]

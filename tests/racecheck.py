@@ -39,8 +39,32 @@ def main() -> int:
     for name, case in sorted(test_gpu_paths.CASES.items()):
         test_gpu_paths.run_case(case, np.float32, gpu=False, cupy=no_gpu)
         print("race-free:", name, flush=True)
+    sgd_steps()  # the solver's kernels
+    print("race-free: SGD steps", flush=True)
     print(" ".join(sorted(launched)))
     return 0
+
+
+SGD_SOLVER = """
+type: "SGD" base_lr: 0.1 momentum: 0.9 weight_decay: 0.01 lr_policy: "fixed" snapshot_after_train: false
+net_param {
+  layer { name: "x" type: "DummyData" top: "x" top: "t"
+          dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 2 }
+                             data_filler { type: "gaussian" } data_filler { type: "gaussian" } } }
+  layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y"
+          inner_product_param { num_output: 2 weight_filler { type: "gaussian" } } }
+  layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }
+}
+"""
+
+
+def sgd_steps() -> None:
+    """Two SGD steps of a tiny net (kernels/solver.cu)."""
+    from minicaffe.io import parse_text
+    from minicaffe.proto import caffe_pb2
+    from minicaffe.solver import get_solver
+
+    get_solver(parse_text(SGD_SOLVER, caffe_pb2.SolverParameter())).step(2)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from minicaffe.io import parse_text
 from minicaffe.layer import Layer, register
 from minicaffe.proto import caffe_pb2
 from minicaffe.solver import (
+    KERNELS,
     SOLVER_TYPES,
     AdaDeltaSolver,
     AdaGradSolver,
@@ -269,6 +270,46 @@ def test_sgd_literal_values():
     solver.step(1)
     assert solver.net.params["ip"][0].data[0, 0] == pytest.approx(0.36, abs=1e-8)
     assert solver.net.params["ip"][1].data[0] == 0  # lr_mult 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("fields", ['weight_decay: 0.1', 'weight_decay: 0.1 regularization_type: "L1"',
+                                    'weight_decay: 0', 'weight_decay: 0.1 iter_size: 2'])
+def test_sgd_update_in_one_pass_equals_caffes_steps_apart(fields, dtype):
+    """SGD's fused step (kernels/solver.cu's sgd_update) against Caffe's steps one by one (the generic
+    Solver.update_parameter: normalize, regularize, the SGD rule, data -= diff), on hand-picked values:
+    a zero weight (L1's sign 0), a zero history, lr_mult 2 and 0."""
+    param = make_param(f'type: "SGD" base_lr: 0.1 momentum: 0.9 lr_policy: "fixed" {fields}', w_lr=2.0,
+                       b_lr=0.0)
+    fused, apart = (SGDSolver(param, dtype=dtype) for _ in range(2))
+    for solver in (fused, apart):
+        for index, learnable in enumerate(solver.net.learnable_params):
+            shape = learnable.blob.shape
+            learnable.blob.data[...] = np.random.default_rng(index).normal(size=shape)
+            learnable.blob.data.reshape(-1)[0] = 0
+            learnable.blob.diff[...] = np.random.default_rng(10 + index).normal(size=shape)
+            solver.histories(index)[0][...] = np.random.default_rng(20 + index).normal(size=shape)
+            solver.histories(index)[0].reshape(-1)[-1] = 0
+    for index in range(len(fused.net.learnable_params)):
+        fused.update_parameter(index, 0.05)
+        Solver.update_parameter(apart, index, 0.05)
+    tolerance = dict(rtol=1e-6, atol=1e-7) if dtype == np.float32 else dict(rtol=1e-14, atol=1e-15)
+    for mine, theirs in zip(fused.net.learnable_params, apart.net.learnable_params):
+        np.testing.assert_allclose(mine.blob.data, theirs.blob.data, **tolerance)
+        np.testing.assert_allclose(mine.blob.diff, theirs.blob.diff, **tolerance)  # the step, as Caffe
+    for mine, theirs in zip(fused.history, apart.history):
+        np.testing.assert_allclose(mine.data, theirs.data, **tolerance)
+
+
+def test_sgd_update_hand_checked():
+    """w = 1, -2, 0; diff 0.5; history 0.1, 0, 0; L2 decay 0.1, momentum 0.9, rate 0.01:
+    g = 0.6, 0.3, 0.5; h = 0.09 + 0.006, 0.003, 0.005; w - h."""
+    data = np.array([1.0, -2.0, 0.0])
+    diff, history = np.full(3, 0.5), np.array([0.1, 0.0, 0.0])
+    KERNELS.sgd_update(3, data, diff, history, 1.0, 0.1, 0, 0.9, 0.01, extents=3)
+    np.testing.assert_allclose(history, [0.096, 0.003, 0.005], rtol=1e-14)
+    np.testing.assert_allclose(diff, history, rtol=0)
+    np.testing.assert_allclose(data, [1 - 0.096, -2.003, -0.005], rtol=1e-14)
 
 
 POLICIES = {
