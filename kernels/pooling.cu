@@ -161,6 +161,46 @@ KERNEL void pool_max_backward(const int planes, const int class_rows, const int 
   }
 }
 
+// Max-pool backward for windows two columns wide that tile the image (kernel_w == stride_w == 2,
+// kernel_h == stride_h, no padding: 2x2 / 2), as a gather: dx[h, w] = dy of the cell (h / stride_h,
+// w / 2) if (h, w) is its argmax, else 0 (also for pixels no window holds: past the last window under
+// FLOOR rounding). One write of dx, no zeroing pass and no scatter: 2-2.4x faster on rows of 16 or more
+// cells; the caller keeps the scatter for shorter rows, where this took as long or twice as long
+// (LeNet's 12 and 4), and for other windows (3x3 / 3 took twice as long). Each cell writes its two
+// pixels of the row, a loop the compiler vectorizes across cells, the pixel after the last whole window
+// (an odd width) in a second loop. The term is 0 + dy, as the scatter adds it to a zeroed dx.
+// Planes: num * channels * height (input rows); inner: the row's cells.
+KERNEL void pool_max_backward_2x2(const int planes, const int pooled_h, const int pooled_w, const int height,
+                                  const int width, const int stride_h, const real* dy, const int* mask,
+                                  real* dx) {
+  PLANE_LOOP(p, planes) {
+    const int h = p % height;
+    const size_t image = p / height;  // n * channels + c
+    const int ph = h / stride_h;
+    const int cells = ph < pooled_h ? pooled_w : 0;  // a row past the last window: zeros
+    const size_t first_cell = (image * pooled_h + (ph < pooled_h ? ph : 0)) * pooled_w;
+    const real* dyp = dy + first_cell;
+    const int* mp = mask + first_cell;
+    real* dxp = dx + (size_t)p * width;
+    const int first_index = h * width;  // the mask's index of (h, 0)
+    const int whole = cells < width / 2 ? cells : width / 2;  // windows inside the row
+    INNER_LOOP(pw, whole) {
+      const int argmax = mp[pw];
+      const real term = real(0) + dyp[pw];
+      dxp[2 * pw] = argmax == first_index + 2 * pw ? term : real(0);
+      dxp[2 * pw + 1] = argmax == first_index + 2 * pw + 1 ? term : real(0);
+    }
+    // The rest of the row: in the last (clipped) window if there is one, else in none.
+    const bool clipped = whole < cells;
+    const int last_argmax = clipped ? mp[whole] : -1;
+    const real last_term = clipped ? real(0) + dyp[whole] : real(0);
+    INNER_LOOP(j, width - 2 * whole) {
+      const int w = 2 * whole + j;
+      dxp[w] = last_argmax == first_index + w ? last_term : real(0);
+    }
+  }
+}
+
 // Average pooling as Caffe: the divisor is the window clipped to the PADDED image (so padding cells
 // count), computed before the window is clipped to the real image, whose cells alone are summed.
 // Output columns [lo, hi) of one output row whose windows lie inside the image (pool size kernel_h *

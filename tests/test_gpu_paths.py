@@ -363,6 +363,9 @@ CASES = {
     "pooling_max_two_tops": Case('type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 }', [X],
                                  num_top=2),
     "pooling_max_disjoint": Case('type: "Pooling" pooling_param { pool: MAX kernel_size: 2 stride: 2 }', [X]),
+    # rows of >= 16 cells: the backward's gather (pool_max_backward_2x2); odd sizes, a clipped last window
+    "pooling_max_2x2_wide": Case('type: "Pooling" pooling_param { pool: MAX kernel_size: 2 stride: 2 }',
+                                 [(1, 2, 5, 33)]),
     # padded: clipped windows left, right, top and bottom around full ones (pool_max_forward's ranges)
     "pooling_max_pad": Case('type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 }',
                             [(1, 2, 9, 11)]),

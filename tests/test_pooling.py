@@ -101,6 +101,9 @@ CASES = {
     "mtcnn_k3s2_ceil_matters": (46, 60, 3, 3, 2, 2, 0, 0, False),
     "k2s2_odd": (47, 61, 2, 2, 2, 2, 0, 0, False),
     "k2s2_odd_floor": (47, 61, 2, 2, 2, 2, 0, 0, True),
+    # 2 wide, 3 tall, rows of >= 16 cells: MAX backward's gather (pool_max_backward_2x2), the last
+    # window clipped at the bottom and at the right
+    "k3x2_s3x2_wide": (10, 41, 3, 2, 3, 2, 0, 0, False),
     "k3s2_floor": (46, 60, 3, 3, 2, 2, 0, 0, True),
     "pad_last_window_dropped": (3, 7, 2, 2, 2, 2, 1, 1, False),
     "pad_k3s2": (9, 10, 3, 3, 2, 2, 1, 1, False),

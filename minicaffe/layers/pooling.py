@@ -23,6 +23,9 @@ MAX = caffe_pb2.PoolingParameter.MAX
 AVE = caffe_pb2.PoolingParameter.AVE
 STOCHASTIC = caffe_pb2.PoolingParameter.STOCHASTIC
 FLOOR = caffe_pb2.PoolingParameter.FLOOR
+# MAX backward of 2x2 / 2 windows gathers (pool_max_backward_2x2) on rows of at least this many output
+# cells, a vector's worth; shorter rows scatter (kernels/pooling.cu says what was measured).
+GATHER_2X2_MIN_CELLS = 16
 
 
 def pooled_size(size: int, kernel: int, stride: int, pad: int, floor: bool) -> int:
@@ -131,6 +134,12 @@ class PoolingLayer(Layer):
                      for kernel, stride, pooled in ((self.kernel_h, self.stride_h, self.pooled_h),
                                                     (self.kernel_w, self.stride_w, self.pooled_w)))
 
+    def _gathers_2x2(self) -> bool:
+        """MAX backward by pool_max_backward_2x2: windows two columns wide that tile the image (kernel ==
+        stride, 2 along the rows, no padding), on rows of at least GATHER_2X2_MIN_CELLS output cells."""
+        return (self.kernel_w == self.stride_w == 2 and self.kernel_h == self.stride_h
+                and self.pad_h == 0 and self.pad_w == 0 and self.pooled_w >= GATHER_2X2_MIN_CELLS)
+
     def _argmax(self, shape):
         """MAX: each window's argmax (forward writes it, backward reads it)."""
         return self.buffer("argmax", shape, np.int32)
@@ -167,9 +176,13 @@ class PoolingLayer(Layer):
                                       self.pad_w, cover, col_start, col_end, dy, dx, extents=(planes, w),
                                       work=work)
             return
+        argmax = self._argmax(dy.shape)
+        if self._gathers_2x2():  # a gather writes dx in one pass
+            KERNELS.pool_max_backward_2x2(n * c * h, self.pooled_h, self.pooled_w, h, w, self.stride_h, dy,
+                                          argmax, dx, extents=(n * c * h, self.pooled_w))
+            return
         # MAX: a scatter through the argmax, one launch per class of windows that share no pixel.
         dx.fill(0)
-        argmax = self._argmax(dy.shape)
         steps = self._disjoint_steps()
         for first_ph in range(min(steps[0], self.pooled_h)):
             for first_pw in range(min(steps[1], self.pooled_w)):
