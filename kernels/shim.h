@@ -118,9 +118,11 @@ extern "C" void mc_run_parts(const int parts, void (*part)(int)) {
 }
 // One product c = alpha op(a) op(b) + beta c, cut into `parts` ranges of c's rows (by_rows) or columns,
 // one BLAS call per range on the same threads, all in C: no Python and no GIL between the parts, which
-// through mc_run_parts cost ~0.1 ms per product (minicaffe.blas.Cblas.gemm). `gemm` is numpy's OpenBLAS
-// cblas_sgemm or cblas_dgemm (this build's real), row-major, with 32- or 64-bit indices (index_bits).
-// Each element of c is computed by one call, as in the whole product.
+// through mc_run_parts cost ~0.1 ms per product (minicaffe.blas.Cblas.gemm). Or a stack of `count` > 1
+// such products (a_i = a + i stride_a, likewise b_i and c_i: a Winograd convolution's 36), cut into
+// ranges of whole products. `gemm` is numpy's OpenBLAS cblas_sgemm or cblas_dgemm (this build's real),
+// row-major, with 32- or 64-bit indices (index_bits). Each element of c is computed by one call, as in
+// the whole product.
 #define MC_CBLAS_NO_TRANS 111
 template <class Index>
 static void mc_gemm_call(void* gemm, const int ta, const int tb, const long long m, const long long n,
@@ -131,25 +133,39 @@ static void mc_gemm_call(void* gemm, const int ta, const int tb, const long long
   ((Gemm)gemm)(101, ta, tb, Index(m), Index(n), Index(k), alpha, a, Index(lda), b, Index(ldb), beta, c,
                Index(ldc));  // 101: CblasRowMajor
 }
+static void mc_gemm_call(void* gemm, const int index_bits, const int ta, const int tb, const long long m,
+                         const long long n, const long long k, const real alpha, const real* a,
+                         const long long lda, const real* b, const long long ldb, const real beta, real* c,
+                         const long long ldc) {
+  if (index_bits == 64) {
+    mc_gemm_call<long long>(gemm, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else {
+    mc_gemm_call<int>(gemm, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
 extern "C" void mc_gemm_parts(const int parts, void* gemm, const int index_bits, const int by_rows,
-                              const int ta, const int tb, const long long m, const long long n,
-                              const long long k, const real alpha, const real* a, const long long lda,
-                              const real* b, const long long ldb, const real beta, real* c,
-                              const long long ldc) {
+                              const int count, const long long stride_a, const long long stride_b,
+                              const long long stride_c, const int ta, const int tb, const long long m,
+                              const long long n, const long long k, const real alpha, const real* a,
+                              const long long lda, const real* b, const long long ldb, const real beta,
+                              real* c, const long long ldc) {
   _Pragma("omp parallel for schedule(static, 1) num_threads(parts)")
   for (int p = 0; p < parts; ++p) {
-    const long long length = by_rows ? m : n;
-    const long long lo = length * p / parts, hi = length * (p + 1) / parts;
-    // rows lo.. of op(a) and c, or columns lo.. of op(b) and c (row-major: a transposed a's rows are
-    // its columns)
-    const real* ap = by_rows ? a + lo * (ta == MC_CBLAS_NO_TRANS ? lda : 1) : a;
-    const real* bp = by_rows ? b : b + lo * (tb == MC_CBLAS_NO_TRANS ? 1 : ldb);
-    real* cp = by_rows ? c + lo * ldc : c + lo;
-    const long long rows = by_rows ? hi - lo : m, cols = by_rows ? n : hi - lo;
-    if (index_bits == 64) {
-      mc_gemm_call<long long>(gemm, ta, tb, rows, cols, k, alpha, ap, lda, bp, ldb, beta, cp, ldc);
+    if (count > 1) {  // products count * p / parts .. count * (p + 1) / parts, each whole
+      for (long long i = (long long)count * p / parts; i < (long long)count * (p + 1) / parts; ++i) {
+        mc_gemm_call(gemm, index_bits, ta, tb, m, n, k, alpha, a + i * stride_a, lda, b + i * stride_b, ldb,
+                     beta, c + i * stride_c, ldc);
+      }
     } else {
-      mc_gemm_call<int>(gemm, ta, tb, rows, cols, k, alpha, ap, lda, bp, ldb, beta, cp, ldc);
+      const long long length = by_rows ? m : n;
+      const long long lo = length * p / parts, hi = length * (p + 1) / parts;
+      // rows lo.. of op(a) and c, or columns lo.. of op(b) and c (row-major: a transposed a's rows are
+      // its columns)
+      const real* ap = by_rows ? a + lo * (ta == MC_CBLAS_NO_TRANS ? lda : 1) : a;
+      const real* bp = by_rows ? b : b + lo * (tb == MC_CBLAS_NO_TRANS ? 1 : ldb);
+      real* cp = by_rows ? c + lo * ldc : c + lo;
+      const long long rows = by_rows ? hi - lo : m, cols = by_rows ? n : hi - lo;
+      mc_gemm_call(gemm, index_bits, ta, tb, rows, cols, k, alpha, ap, lda, bp, ldb, beta, cp, ldc);
     }
   }
 }

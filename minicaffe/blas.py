@@ -6,8 +6,9 @@ cores work on one GEMM without BLAS's own thread pool, whose spinning workers th
 (see threads.py). The output is cut along its longer side:
 a convolution's (32 x 288) @ (288 x 8192) cut into two column halves took 1.2 ms, into two row halves
 1.4-3.0 ms (each part packs all of b, and 16 rows leave BLAS's micro-kernel half idle), on one thread
-2.6 ms. Small products stay whole: a hand-off to another thread costs tens of microseconds. Each
-output element is computed by one BLAS call either way.
+2.6 ms. A stack of as many matrices on both sides (Winograd's 36 products) is cut into ranges of whole
+products instead. Small products stay whole: a hand-off to another thread costs tens of microseconds.
+Each output element is computed by one BLAS call either way.
 
 Parameter gradients add into the parameter's diff (``diff += dy.T @ x``). Written with numpy, that first
 makes a temporary the size of the parameter (150 MB for AlexNet's fc6) on every step and pays its page
@@ -161,12 +162,29 @@ class Cblas:
             self.addresses[dtype] = ctypes.cast(function, ctypes.c_void_p).value
 
     def takes(self, a, b, c) -> bool:
-        """Whether matmul should compute c = a @ b with gemm: 2-d numpy arrays of one dtype it has, c's
-        rows contiguous, and neither side of c 1 (numpy's matmul calls BLAS's matrix-vector product there,
-        faster than ?gemm: AlexNet's fc6 at batch 1 took 1.4x as long through gemm)."""
-        return (type(a) is type(b) is type(c) is np.ndarray and a.ndim == b.ndim == c.ndim == 2
-                and min(c.shape) > 1 and a.dtype == b.dtype == c.dtype and c.dtype in self.functions
-                and c.strides[1] == c.itemsize and c.strides[0] >= c.shape[1] * c.itemsize)
+        """Whether matmul should compute c = a @ b with gemm: numpy arrays of one dtype it has, c's rows
+        contiguous, and neither side of c 1 (numpy's matmul calls BLAS's matrix-vector product there,
+        faster than ?gemm: AlexNet's fc6 at batch 1 took 1.4x as long through gemm); 2-d, or stacks of
+        as many matrices at even steps that BLAS takes as they are, large enough to split (Winograd's 36
+        products: cut in C into ranges of whole products, 0.27-0.34 ms where Python parts took
+        0.40-0.46; a stack on one thread stays with numpy's matmul, 56 against 75 us for 36 small ones)."""
+        if not (type(a) is type(b) is type(c) is np.ndarray and a.ndim == b.ndim == c.ndim
+                and a.dtype == b.dtype == c.dtype and c.dtype in self.functions):
+            return False
+        matrix_c = c if c.ndim == 2 else c[0] if c.ndim == 3 and c.shape[0] == a.shape[0] == b.shape[0] > 0 \
+            else None
+        if matrix_c is None or min(matrix_c.shape) <= 1 or matrix_c.strides[1] != c.itemsize \
+                or matrix_c.strides[0] < matrix_c.shape[1] * c.itemsize:
+            return False
+        if c.ndim == 2:
+            return True
+        return (min(_parts(c, a.shape[-1])[0], c.shape[0]) > 1
+                and all(x.strides[0] % x.itemsize == 0 and self._as_is(x[0]) for x in (a, b, c)))
+
+    @classmethod
+    def _as_is(cls, matrix: np.ndarray) -> bool:
+        """Whether BLAS takes the 2-d view as it is (operand would not copy it)."""
+        return cls.operand(matrix)[0] is matrix
 
     @classmethod
     def operand(cls, matrix: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -181,7 +199,11 @@ class Cblas:
         return matrix, cls.NO_TRANS, max(1, cols)
 
     def gemm(self, alpha: float, a: np.ndarray, b: np.ndarray, beta: float, c: np.ndarray) -> None:
-        """c = alpha * a @ b + beta * c; c's rows must be contiguous (it is written in place)."""
+        """c = alpha * a @ b + beta * c; c's rows must be contiguous (it is written in place). a, b and c
+        2-d, or stacks (3-d) that `takes` accepts."""
+        if c.ndim == 3:
+            self._gemm_stack(alpha, a, b, beta, c)
+            return
         (rows, inner), cols = a.shape, c.shape[1]
         row_step = c.strides[0]
         if c.strides[1] != c.itemsize or row_step % c.itemsize or (rows > 1 and row_step < cols * c.itemsize):
@@ -201,6 +223,19 @@ class Cblas:
             return
         self.functions[c.dtype](self.ROW_MAJOR, trans_a, trans_b, rows, cols, inner, alpha, data_address(a),
                                 lda, data_address(b), ldb, beta, data_address(c), ldc)
+
+    def _gemm_stack(self, alpha: float, a: np.ndarray, b: np.ndarray, beta: float, c: np.ndarray) -> None:
+        """c[i] = alpha * a[i] @ b[i] + beta * c[i] for a stack that `takes` accepts: in C, the products
+        cut into ranges of whole ones over the threads (mc_gemm_parts)."""
+        (count, rows, inner), cols = a.shape, c.shape[2]
+        if inner == 0:
+            c *= beta
+            return
+        (_, trans_a, lda), (_, trans_b, ldb), (_, _, ldc) = (self.operand(x[0]) for x in (a, b, c))
+        strides = tuple(x.strides[0] // x.itemsize for x in (a, b, c))
+        parts = min(_parts(c, inner)[0], count)
+        kernel.gemm_parts(parts, self.addresses[c.dtype], self.index_bits, False, trans_a, trans_b, rows,
+                          cols, inner, alpha, a, lda, b, ldb, beta, c, ldc, count=count, strides=strides)
 
 
 # CBLAS entry points of the OpenBLAS builds numpy's wheels ship (scipy-openblas): ILP64 with the

@@ -520,13 +520,15 @@ def run_parts(count: int, parts: int, task: Callable[[int, int], None]) -> None:
 
 def gemm_parts(parts: int, gemm_address: int, index_bits: int, by_rows: bool, trans_a: int, trans_b: int,
                m: int, n: int, k: int, alpha: float, a, lda: int, b, ldb: int, beta: float, c,
-               ldc: int) -> None:
+               ldc: int, count: int = 1, strides: tuple[int, int, int] = (0, 0, 0)) -> None:
     """c = alpha op(a) op(b) + beta c by the row-major CBLAS ?gemm at gemm_address, cut into `parts`
     ranges of c's rows (by_rows) or columns on the kernels' OpenMP threads (kernels/shim.h's
-    mc_gemm_parts; minicaffe.blas.Cblas.gemm). a, b and c are numpy arrays of c's dtype."""
+    mc_gemm_parts; minicaffe.blas.Cblas.gemm); or, with count > 1, the stack of `count` such products
+    `strides` (elements) apart in a, b and c, cut into ranges of whole products. a, b and c are numpy
+    arrays of c's dtype."""
     function = _parts_library_function("mc_gemm_parts", c.dtype)
-    function(parts, gemm_address, index_bits, int(by_rows), trans_a, trans_b, m, n, k, alpha, data_address(a),
-             lda, data_address(b), ldb, beta, data_address(c), ldc)
+    function(parts, gemm_address, index_bits, int(by_rows), count, *strides, trans_a, trans_b, m, n, k, alpha,
+             data_address(a), lda, data_address(b), ldb, beta, data_address(c), ldc)
 
 
 @functools.cache
@@ -538,8 +540,8 @@ def _parts_library_function(name: str, dtype: np.dtype):
     size, pointer = ctypes.c_longlong, ctypes.c_void_p
     function.argtypes = {
         "mc_run_parts": [ctypes.c_int, _PART],
-        "mc_gemm_parts": [ctypes.c_int, pointer, *[ctypes.c_int] * 4, size, size, size, real, pointer, size,
-                          pointer, size, real, pointer, size],
+        "mc_gemm_parts": [ctypes.c_int, pointer, *[ctypes.c_int] * 3, size, size, size, *[ctypes.c_int] * 2,
+                          size, size, size, real, pointer, size, pointer, size, real, pointer, size],
     }[name]
     function.restype = None
     return function

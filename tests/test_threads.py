@@ -145,8 +145,9 @@ def test_run_parts_runs_its_parts_at_once_on_the_kernel_threads(four_threads):
 
 
 def test_large_matmuls_are_split_along_the_longer_side_over_the_threads(four_threads, monkeypatch):
-    """2-d products through numpy's OpenBLAS are cut in C (kernel.gemm_parts), stacked ones through
-    kernel.run_parts; rows or columns, whichever side is longer, with operands transposed or strided."""
+    """2-d products through numpy's OpenBLAS are cut in C (kernel.gemm_parts), rows or columns, whichever
+    side is longer, with operands transposed or strided; stacks of matrices on both sides too, into ranges
+    of whole products; a stack times one matrix through kernel.run_parts."""
     from minicaffe import blas
 
     calls = []
@@ -154,9 +155,9 @@ def test_large_matmuls_are_split_along_the_longer_side_over_the_threads(four_thr
     monkeypatch.setattr(kernel, "run_parts", lambda count, parts, task: (
         calls.append(("python", count, parts)), run_parts(count, parts, task)))
 
-    def recording_gemm_parts(parts, address, bits, by_rows, trans_a, trans_b, m, n, *rest):
-        calls.append(("C", m if by_rows else n, parts))
-        gemm_parts(parts, address, bits, by_rows, trans_a, trans_b, m, n, *rest)
+    def recording_gemm_parts(parts, address, bits, by_rows, trans_a, trans_b, m, n, *rest, count=1, **more):
+        calls.append(("C", m if by_rows else n, parts) if count == 1 else ("C stack", count, parts))
+        gemm_parts(parts, address, bits, by_rows, trans_a, trans_b, m, n, *rest, count=count, **more)
 
     monkeypatch.setattr(kernel, "gemm_parts", recording_gemm_parts)
     monkeypatch.setattr(blas, "PARALLEL_MIN_FLOPS", 1.0)
@@ -190,6 +191,12 @@ def test_large_matmuls_are_split_along_the_longer_side_over_the_threads(four_thr
         blas.gemm_accumulate(a, bt.T, c)
         np.testing.assert_allclose(c, a @ bt.T + 1, rtol=1e-12)
         expected.append(("C", 48, 4))
+    if cblas:  # a stack times a stack (Winograd's 36 products), a transposed: 6 products over 4 threads
+        a_stack, b_stack = rng.normal(size=(6, 30, 40)), rng.normal(size=(6, 30, 20))
+        c_stack = np.empty((6, 40, 20))
+        blas.matmul(a_stack.transpose(0, 2, 1), b_stack, c_stack)
+        np.testing.assert_allclose(c_stack, a_stack.transpose(0, 2, 1) @ b_stack, rtol=1e-12)
+        expected.append(("C stack", 6, 4))
     assert calls == expected
     monkeypatch.setattr(blas, "PARALLEL_MIN_FLOPS", 1e12)
     blas.matmul(a, b, out)
@@ -198,8 +205,8 @@ def test_large_matmuls_are_split_along_the_longer_side_over_the_threads(four_thr
 
 def test_products_split_in_c_have_the_bits_of_the_parts_split_in_python(four_threads, monkeypatch):
     """The parts cut in C (mc_gemm_parts) are the products numpy computes on the same ranges: the same
-    bits, in float32 and float64, by rows and by columns. (A split product's bits may differ from the
-    whole product's: BLAS's blocking follows the part's shape.)"""
+    bits, in float32 and float64, by rows, by columns and by whole products of a stack. (A split
+    product's bits may differ from the whole product's: BLAS's blocking follows the part's shape.)"""
     from minicaffe import blas
 
     if blas.numpy_cblas() is None:
@@ -213,6 +220,12 @@ def test_products_split_in_c_have_the_bits_of_the_parts_split_in_python(four_thr
             blas.matmul(a, b, in_c)
             blas._split(a, b, in_python, lambda a, b, out: np.matmul(a, b, out=out))
             np.testing.assert_array_equal(in_c, in_python)
+        # a stack cut in C into whole products: each product numpy's, whole
+        a, b = rng.normal(size=(5, 33, 70)).astype(dtype), rng.normal(size=(5, 70, 41)).astype(dtype)
+        in_c = np.empty((5, 33, 41), dtype)
+        blas.matmul(a, b, in_c)
+        for i in range(5):
+            np.testing.assert_array_equal(in_c[i], np.matmul(a[i], b[i]))
 
 
 LAYERS = {
