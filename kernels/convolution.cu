@@ -475,7 +475,7 @@ KERNEL void winograd_input(const int planes, const real* padded, real* v, const 
     real* dst = v + (size_t)c * tiles + ((size_t)n * tiles_h + th) * tiles_w;
 #define INPUT_ROW(r) const real* const row##r = image + r * padded_w;
     EACH6(INPUT_ROW)
-    INNER_LOOP(tw, tiles_w) {
+    INNER_LOOP_8(tw, tiles_w) {
 #define LOAD(r, j) const real d##r##j = row##r[tw * 4 + j];
 #define COLUMN(j) LOAD(0, j) LOAD(1, j) LOAD(2, j) LOAD(3, j) LOAD(4, j) LOAD(5, j) \
                   WINOGRAD_BT(c##j##_, d0##j, d1##j, d2##j, d3##j, d4##j, d5##j)  // column j of B^T d
