@@ -58,6 +58,8 @@ from .kernel import KernelFile
 from .net import Net, NetError
 from .proto import caffe_pb2
 
+KERNELS = KernelFile("solver.cu")  # plain SGD's step in one pass (SGDSolver.update_parameter)
+
 SolverParameter = caffe_pb2.SolverParameter
 
 LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
@@ -818,9 +820,6 @@ class Solver:
         log.info("SGDSolver: restoring history", "sgd_solver.cpp:335")
 
 
-KERNELS = KernelFile("solver.cu")
-
-
 def _all_finite(array) -> bool:
     """No NaN or inf in `array` (numpy or cupy)."""
     return bool(backend.xp().isfinite(array).all())
@@ -959,8 +958,11 @@ class SGDSolver(Solver):
 
     def update_parameter(self, index: int, rate: float) -> None:
         """Plain SGD: the whole step in one kernel pass (kernels/solver.cu's sgd_update); a rule that
-        derives from SGD with its own compute_update (Nesterov, AdaGrad, ...) takes the steps apart."""
-        if type(self).compute_update is not SGDSolver.compute_update:
+        derives from SGD with its own compute_update (Nesterov, AdaGrad, ...), normalize or regularize
+        takes the steps apart."""
+        own = type(self)
+        if (own.compute_update is not SGDSolver.compute_update or own.normalize is not Solver.normalize
+                or own.regularize is not Solver.regularize):
             super().update_parameter(index, rate)
             return
         learnable = self.net.learnable_params[index]

@@ -301,6 +301,21 @@ def test_sgd_update_in_one_pass_equals_caffes_steps_apart(fields, dtype):
         np.testing.assert_allclose(mine.data, theirs.data, **tolerance)
 
 
+def test_an_sgd_subclass_with_its_own_regularize_keeps_it():
+    """The fused step is plain SGD's only: a subclass's own regularize (here: none) is honoured."""
+    class NoDecay(SGDSolver):
+        def regularize(self, index: int) -> None:
+            pass
+
+    text = 'type: "SGD" base_lr: 0.1 momentum: 0.9 lr_policy: "fixed" weight_decay: '
+    no_decay = NoDecay(make_param(text + "10"), dtype=np.float64)
+    zero_decay = SGDSolver(make_param(text + "0"), dtype=np.float64)
+    for solver in (no_decay, zero_decay):
+        solver.step(2)
+    for mine, theirs in zip(params_of(no_decay), params_of(zero_decay)):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-14)
+
+
 def test_sgd_update_hand_checked():
     """w = 1, -2, 0; diff 0.5; history 0.1, 0, 0; L2 decay 0.1, momentum 0.9, rate 0.01:
     g = 0.6, 0.3, 0.5; h = 0.09 + 0.006, 0.003, 0.005; w - h."""
