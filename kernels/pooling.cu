@@ -3,12 +3,13 @@
 // Forward: one plane per (n, c, output row); the inner index is the output column, and the window is
 // looped inside. Windows that lie inside the image (all but the edges') skip the clipping, and at 2x2 / 2
 // and 3x3 / 2 have a fixed size that the compiler unrolls and vectorizes across the row: 3-8x faster
-// than clipping each window, the same results. Average backward is a gather (as Caffe's GPU AvePoolBackward): one plane per (n, c,
-// input row), the inner index the input column, summing over the output cells whose windows cover that
-// pixel, so every iteration writes only its own dx and nothing races on the GPU. The range of output
-// columns covering input column w needs a division by the stride; it is precomputed per column on the
-// host (col_start[w], col_end[w]) so the inner loop has none. Max backward scatters through the argmax
-// (pool_max_backward).
+// than clipping each window, the same results. Average backward is a gather (as Caffe's GPU
+// AvePoolBackward): one plane per (n, c, input row), the inner index the input column, summing over the
+// output cells whose windows cover that pixel, so every iteration writes only its own dx and nothing
+// races on the GPU. The range of output columns covering input column w needs a division by the stride;
+// it is precomputed per column on the host (col_start[w], col_end[w]) so the inner loop has none. Max
+// backward scatters through the argmax (pool_max_backward), or for 2x2 / 2 on wide rows gathers
+// (pool_max_backward_2x2).
 #include "shim.h"
 
 #define MC_NEG_FLT_MAX real(-3.402823466e+38f)  // -FLT_MAX, where Caffe starts (also for double)
@@ -21,9 +22,6 @@ DEVICE void pool_covering_rows(const int hp, const int kernel, const int stride,
   *end = last < pooled ? last : pooled;
 }
 
-// Max pooling. mask gets the argmax's index h * width + w within its (n, c) plane, -1 for an empty
-// window; the first maximum in row-major window order wins (strict >), and padding is never a
-// candidate because the window is clipped to the image first.
 // The max of window rows [hstart, hend) x columns [wstart, wend) of plane xp, first maximum in
 // row-major order (strict >), written to *y, and its index h * width + w to *index (-1 for an empty
 // window). The running maximum stays in registers (through the pointers it did not: 4x slower).
@@ -46,9 +44,9 @@ DEVICE void pool_max_window(const real* xp, const int width, const int hstart, c
 
 // Output columns [lo, hi) of one output row whose windows lie inside the image: rows hs.. hs +
 // kernel_h - 1 and kernel_w columns from pw * stride - pad_w each, with no clipping. KH, KW, STRIDE > 0:
-// the window and the stride as compile-time constants (the common 2x2 / 2 and 3x3 / 2), a straight-line
-// body that the compiler vectorizes across pw, loads by shuffles; 0: the run-time values, one column
-// at a time.
+// the window and the stride as compile-time constants (the common 2x2 / 2 and 3x3 / 2), a window loop
+// of fixed trips that the compiler unrolls and vectorizes across pw, loads by shuffles; 0: the run-time
+// values, one column at a time.
 template <int KH, int KW, int STRIDE>
 DEVICE void pool_max_full_windows(const real* xp, real* yp, int* mp, const int lo, const int hi,
                                   const int width, const int hs, const int kernel_h, const int kernel_w,
@@ -57,20 +55,7 @@ DEVICE void pool_max_full_windows(const real* xp, real* yp, int* mp, const int l
   const int stride = STRIDE > 0 ? STRIDE : stride_w;
   INNER_LOOP(j, hi - lo) {
     const int ws = (lo + j) * stride - pad_w;
-    real best = MC_NEG_FLT_MAX;
-    int best_index = -1;
-    for (int kh = 0; kh < rows; ++kh) {
-      for (int kw = 0; kw < columns; ++kw) {
-        const int index = (hs + kh) * width + ws + kw;
-        const real v = xp[index];
-        if (v > best) {
-          best = v;
-          best_index = index;
-        }
-      }
-    }
-    yp[lo + j] = best;
-    mp[lo + j] = best_index;
+    pool_max_window(xp, width, hs, hs + rows, ws, ws + columns, yp + lo + j, mp + lo + j);
   }
 }
 
@@ -98,6 +83,9 @@ DEVICE void pool_whole_columns(const int width, const int kernel_w, const int st
   *hi = end > *lo ? end : *lo;
 }
 
+// Max pooling. mask gets the argmax's index h * width + w within its (n, c) plane, -1 for an empty
+// window; the first maximum in row-major window order wins (strict >), and padding is never a
+// candidate because the window is clipped to the image first.
 KERNEL void pool_max_forward(const int planes, const int pooled_h, const int pooled_w,
                              const int height, const int width, const int kernel_h,
                              const int kernel_w, const int stride_h, const int stride_w,
@@ -203,6 +191,16 @@ KERNEL void pool_max_backward_2x2(const int planes, const int pooled_h, const in
 
 // Average pooling as Caffe: the divisor is the window clipped to the PADDED image (so padding cells
 // count), computed before the window is clipped to the real image, whose cells alone are summed.
+// The sum of window rows [hstart, hend) x columns [wstart, wend) of plane xp, in row-major order.
+DEVICE real pool_window_sum(const real* xp, const int width, const int hstart, const int hend,
+                            const int wstart, const int wend) {
+  real sum = real(0);
+  for (int h = hstart; h < hend; ++h) {
+    for (int w = wstart; w < wend; ++w) sum += xp[h * width + w];
+  }
+  return sum;
+}
+
 // Output columns [lo, hi) of one output row whose windows lie inside the image (pool size kernel_h *
 // kernel_w), as pool_max_full_windows: KH, KW, STRIDE > 0 compile-time constants, 0 the run-time values.
 template <int KH, int KW, int STRIDE>
@@ -214,11 +212,7 @@ DEVICE void pool_ave_full_windows(const real* xp, real* yp, const int lo, const 
   const real pool_size = real(rows * columns);
   INNER_LOOP(j, hi - lo) {
     const int ws = (lo + j) * stride - pad_w;
-    real sum = real(0);
-    for (int kh = 0; kh < rows; ++kh) {
-      for (int kw = 0; kw < columns; ++kw) sum += xp[(hs + kh) * width + ws + kw];
-    }
-    yp[lo + j] = sum / pool_size;
+    yp[lo + j] = pool_window_sum(xp, width, hs, hs + rows, ws, ws + columns) / pool_size;
   }
 }
 
@@ -233,11 +227,7 @@ DEVICE void pool_ave_clipped_columns(const real* xp, real* yp, const int lo, con
     const int pool_size = (hpad_end - hs) * (wpad_end - ws);
     const int wstart = ws > 0 ? ws : 0;
     const int wend = wpad_end < width ? wpad_end : width;
-    real sum = real(0);
-    for (int h = hstart; h < hend; ++h) {
-      for (int w = wstart; w < wend; ++w) sum += xp[h * width + w];
-    }
-    yp[lo + j] = sum / real(pool_size);
+    yp[lo + j] = pool_window_sum(xp, width, hstart, hend, wstart, wend) / real(pool_size);
   }
 }
 
