@@ -67,7 +67,7 @@ def matmul(a, b, out) -> None:
     cblas = numpy_cblas()
     if out.ndim > 2 and out.size == out.shape[-2] * out.shape[-1] > 0:  # a stack of one product (group 1)
         a, b, out = (_matrix(x) for x in (a, b, out))
-    if cblas is not None and cblas.takes(a, b, out):  # a 2-d product: split in C (Cblas.gemm)
+    if cblas is not None and cblas.takes(a, b, out):  # a 2-d product or a stack of them: split in C
         cblas.gemm(1.0, a, b, 0.0, out)
         return
     _split(a, b, out, lambda a, b, out: np.matmul(a, b, out=out))

@@ -957,31 +957,31 @@ class SGDSolver(Solver):
     """Momentum SGD: history = momentum * history + local_rate * diff; the step is the history."""
 
     def update_parameter(self, index: int, rate: float) -> None:
-        """Plain SGD: the whole step in one kernel pass (kernels/solver.cu's sgd_update); a rule that
-        derives from SGD with its own compute_update (Nesterov, AdaGrad, ...), normalize or regularize
+        """Plain SGD: the whole step in one kernel pass (kernels/solver.cu's sgd_update), where normalize
+        and regularize are Solver's own; else they run first and the kernel computes the update value
+        (compute_update). A rule that derives from SGD with its own compute_update (Nesterov, AdaGrad, ...)
         takes the steps apart."""
         own = type(self)
         if (own.compute_update is not SGDSolver.compute_update or own.normalize is not Solver.normalize
                 or own.regularize is not Solver.regularize):
             super().update_parameter(index, rate)
             return
+        p = self.param
+        decay = p.weight_decay * self.net.learnable_params[index].decay_mult
+        self._sgd_update(index, rate, 1.0 / p.iter_size, decay, update_data=True)
+
+    def compute_update(self, index: int, rate: float) -> None:
+        self._sgd_update(index, rate, 1.0, 0.0, update_data=False)
+
+    def _sgd_update(self, index: int, rate: float, scale: float, decay: float, update_data: bool) -> None:
+        """kernels/solver.cu's sgd_update on parameter `index`: history = momentum * history + rate *
+        lr_mult * (diff * scale + the decay term), diff = history, and with update_data data -= history."""
         learnable = self.net.learnable_params[index]
         blob, p = learnable.blob, self.param
         (history,) = self.histories(index)
         data, diff = blob.mutable_data(), blob.mutable_diff()
-        decay = p.weight_decay * learnable.decay_mult
-        KERNELS.sgd_update(data.size, data, diff, history, 1.0 / p.iter_size, decay,
-                           int(p.regularization_type == "L1"), p.momentum, rate * learnable.lr_mult,
-                           extents=data.size)
-
-    def compute_update(self, index: int, rate: float) -> None:
-        learnable = self.net.learnable_params[index]
-        diff = learnable.blob.mutable_diff()
-        (history,) = self.histories(index)
-        history *= self.param.momentum
-        diff *= rate * learnable.lr_mult  # in place: the same bits as history += (rate * lr_mult) * diff
-        history += diff
-        diff[...] = history
+        KERNELS.sgd_update(data.size, data, diff, history, scale, decay, int(p.regularization_type == "L1"),
+                           p.momentum, rate * learnable.lr_mult, int(update_data), extents=data.size)
 
 
 @register_solver("Nesterov")

@@ -318,13 +318,20 @@ def test_an_sgd_subclass_with_its_own_regularize_keeps_it():
 
 def test_sgd_update_hand_checked():
     """w = 1, -2, 0; diff 0.5; history 0.1, 0, 0; L2 decay 0.1, momentum 0.9, rate 0.01:
-    g = 0.6, 0.3, 0.5; h = 0.09 + 0.006, 0.003, 0.005; w - h."""
+    g = 0.6, 0.3, 0.5; h = 0.09 + 0.006, 0.003, 0.005; w - h. Without decay and without the data update:
+    h = 0.09 + 0.005, 0.005."""
     data = np.array([1.0, -2.0, 0.0])
     diff, history = np.full(3, 0.5), np.array([0.1, 0.0, 0.0])
-    KERNELS.sgd_update(3, data, diff, history, 1.0, 0.1, 0, 0.9, 0.01, extents=3)
+    KERNELS.sgd_update(3, data, diff, history, 1.0, 0.1, 0, 0.9, 0.01, 1, extents=3)
     np.testing.assert_allclose(history, [0.096, 0.003, 0.005], rtol=1e-14)
     np.testing.assert_allclose(diff, history, rtol=0)
     np.testing.assert_allclose(data, [1 - 0.096, -2.003, -0.005], rtol=1e-14)
+    # the update value alone (SGDSolver.compute_update): data stays, diff and history take the step
+    data, diff, history = np.array([1.0, -2.0]), np.full(2, 0.5), np.array([0.1, 0.0])
+    KERNELS.sgd_update(2, data, diff, history, 1.0, 0.0, 0, 0.9, 0.01, 0, extents=2)
+    np.testing.assert_allclose(history, [0.095, 0.005], rtol=1e-14)
+    np.testing.assert_allclose(diff, history, rtol=0)
+    np.testing.assert_array_equal(data, [1.0, -2.0])
 
 
 POLICIES = {
