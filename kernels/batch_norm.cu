@@ -4,6 +4,15 @@
 // deterministic two-stage sums: reduce.cu's kernels, and the *_partials kernels here.
 #include "reduce.h"
 
+// Where plane p = n * group + g of a channel group starts in a (num, channels, spatial) blob: image n,
+// channel first + g. The batch-statistics forward goes through a big blob a group at a time (layers/
+// batch_norm.py's STATS_CACHE_LIMIT), so that its second read of x (to normalize) hits the caches; with
+// first 0 and group = channels, plane p starts at p * spatial.
+DEVICE size_t bn_group_offset(const int p, const int spatial, const int channels, const int first,
+                              const int group) {
+  return ((size_t)(p / group) * channels + first + p % group) * spatial;
+}
+
 // Stage-1 partial sums (reduce.h) of (x - mean[c])^2: a variance from a known mean (MVN's rows).
 KERNEL void bn_variance_partials(const int planes, const int spatial, const int lanes, const int channels,
                                  const real* x, const real* mean, real* partial) {
@@ -21,15 +30,19 @@ KERNEL void bn_variance_partials(const int planes, const int spatial, const int 
 // (bn_batch_stats): mean = shift + m1, var = m2 - m1^2. The shift is a value of the channel, so m1 is
 // within the channel's spread and the difference keeps its precision (the one-pass formula without a
 // shift loses it when the mean is large against the standard deviation).
-// Both in the (num, 2 channels, lanes) layout of mc_plane_partials_pair (reduce.h): the sums, then the
-// squares, totalled by one stage-2 launch.
+// Over the channels first .. first + group - 1 of each image (a channel group, see bn_group_offset): the
+// planes are (n, g) pairs, p = n * group + g, and both sums go in the (num, 2 group, lanes) layout of
+// mc_plane_partials_pair (reduce.h): the sums, then the squares, totalled by one stage-2 launch.
 KERNEL void bn_moment_partials(const int planes, const int spatial, const int lanes, const int channels,
-                               const real* x, const real* shift, real* partial) {
+                               const int first, const int group, const real* x, const real* shift,
+                               real* partial) {
   PLANE_LOOP(p, planes) {
-    const real k = shift[p % channels];
-    mc_plane_partials_pair(p, spatial, lanes, channels, [=](size_t j) { return x[j] - k; },
+    const real k = shift[first + p % group];
+    // x_p[j] for j in plane p's range p * spatial + [0, spatial): mc_plane_partials's indices
+    const real* x_p = x + bn_group_offset(p, spatial, channels, first, group) - (size_t)p * spatial;
+    mc_plane_partials_pair(p, spatial, lanes, group, [=](size_t j) { return x_p[j] - k; },
                            [=](size_t j) {
-                             const real v = x[j] - k;
+                             const real v = x_p[j] - k;
                              return v * v;
                            }, partial);
   }
@@ -50,13 +63,16 @@ KERNEL void bn_batch_stats(const int channels, const real* shift, const real* sh
   }
 }
 
-// y = (x - mean[c]) * inv_std[c]; with mean all zero this scales a gradient by inv_std. y may be x.
-KERNEL void bn_normalize(const int planes, const int spatial, const int channels, const real* x,
-                         const real* mean, const real* inv_std, real* y) {
+// y = (x - mean[c]) * inv_std[c] over the planes (n, g) of the channel group first .. first + group - 1
+// (bn_group_offset; all of it with first 0, group = channels); with mean all zero this scales a gradient
+// by inv_std. y may be x.
+KERNEL void bn_normalize(const int planes, const int spatial, const int channels, const int first,
+                         const int group, const real* x, const real* mean, const real* inv_std, real* y) {
   PLANE_LOOP(p, planes) {
-    const real m = mean[p % channels];
-    const real s = inv_std[p % channels];
-    const size_t offset = (size_t)p * spatial;
+    const int c = first + p % group;
+    const real m = mean[c];
+    const real s = inv_std[c];
+    const size_t offset = bn_group_offset(p, spatial, channels, first, group);
     INNER_LOOP(j, spatial) { y[offset + j] = (x[offset + j] - m) * s; }
   }
 }

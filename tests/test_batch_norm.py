@@ -222,6 +222,49 @@ def test_in_place_matches_not_in_place(phase):
         np.testing.assert_array_equal(b1, b0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_big_blob_in_channel_groups_gives_the_same_bits(monkeypatch, dtype):
+    """A blob over STATS_CACHE_LIMIT goes through a group of channels at a time (statistics, then
+    normalization); each channel's sums are those of the whole-blob pass, so every result is the same,
+    in place too, and the groups cover every channel once."""
+    from minicaffe.layers import batch_norm
+
+    rng = np.random.default_rng(11)
+    x, dy = rng.normal(1.5, 2.0, size=(3, 6, 5, 7)), rng.normal(size=(3, 6, 5, 7))
+    channel_bytes = 3 * 5 * 7 * np.dtype(dtype).itemsize
+    results = {}
+    # (room for how many channels, in place, channels per group): 6 fit; 4 fit, 3 divides 6; 2 fit
+    for room, in_place, group in [(6, False, 6), (4, False, 3), (2, True, 2)]:
+        monkeypatch.setattr(batch_norm, "STATS_CACHE_LIMIT", room * channel_bytes)
+        layer, bottom, top = run_layer(BN, x, dtype=dtype, phase=TRAIN, in_place=in_place)
+        assert layer._group_channels((3, 6, 35)) == group
+        y = np.array(top[0].data)
+        (dx,) = backward_layer(layer, bottom, top, [dy])
+        results[group] = (y, dx, [np.array(b.data) for b in layer.blobs])
+    expected, _, _ = reference_batch(x.astype(dtype))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    whole = results.pop(6)
+    np.testing.assert_allclose(whole[0], expected, rtol=tol, atol=tol)
+    for y, dx, blobs in results.values():
+        np.testing.assert_array_equal(y, whole[0])
+        np.testing.assert_array_equal(dx, whole[1])
+        for got, want in zip(blobs, whole[2]):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_channel_groups_divide_the_channels(monkeypatch):
+    from minicaffe.layers import batch_norm
+
+    layer = layer_from_prototxt(BN, phase=TRAIN, dtype=np.float32)
+    layer.setup([Blob((2, 7, 4), np.float32)], [Blob((), np.float32)])
+    monkeypatch.setattr(batch_norm, "STATS_CACHE_LIMIT", 2 * 4 * 4 * 3)  # room for 3 channels of 32 bytes
+    assert layer._group_channels((2, 7, 4)) == 1  # 7 is prime: no group of 2 or 3 divides it
+    assert layer._group_channels((2, 6, 4)) == 3
+    assert layer._group_channels((2, 8, 4)) == 2
+    assert layer._group_channels((2, 3, 4)) == 3  # the whole blob fits
+    assert layer._group_channels((64, 8, 4)) == 1  # one channel is over the limit: one at a time
+
+
 def test_backward_survives_top_overwritten_by_later_in_place_layer():
     rng = np.random.default_rng(8)
     x, dy = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 3, 4))

@@ -17,6 +17,10 @@ from .reduce import KERNELS as REDUCE
 from .reduce import channel_sums, channel_sums_of, paired_channel_sums
 
 KERNELS = KernelFile("batch_norm.cu")
+# The batch-statistics forward reads x twice: its channel statistics, then the normalization. On the CPU a
+# blob bigger than this many bytes goes through in groups of channels of at most this size, statistics
+# then normalization for each group, so that the second read finds the group still in the caches.
+STATS_CACHE_LIMIT = 1 << 22
 
 
 @register("BatchNorm")
@@ -92,28 +96,48 @@ class BatchNormLayer(NeuronLayer):
             KERNELS.bn_channel_stats(channels, self.blobs[0].get_data(), self.blobs[1].get_data(), factor,
                                      self.eps, mean, inv_std, extents=channels)
             if not self.scale_normalizes:
-                KERNELS.bn_normalize(planes, spatial, channels, x, mean, inv_std, y,
+                KERNELS.bn_normalize(planes, spatial, channels, 0, channels, x, mean, inv_std, y,
                                      extents=(planes, spatial))
             return
-        batch_mean, batch_var = self._batch_statistics(x, (num, channels, spatial), inv_std)
-        KERNELS.bn_normalize(planes, spatial, channels, x, batch_mean, inv_std, y, extents=(planes, spatial))
-        self._update_running_stats(batch_mean, batch_var, num * spatial)
-
-    def _batch_statistics(self, x, dims: tuple[int, int, int], inv_std):
-        """The buffers "batch_mean" and "batch_var" (per channel, the mean and the biased variance over num
-        and spatial) and inv_std = 1 / sqrt(var + eps), from one read of x (bn_moment_partials: sums of
-        x - shift and of its square, shifted by the channel's first value, then both totalled in one
-        deterministic stage 2: layers/reduce.py)."""
-        num, channels, spatial = dims
+        dims = (num, channels, spatial)
+        batch_mean, batch_var = self.buffer("batch_mean", (channels,)), self.buffer("batch_var", (channels,))
         shift = self.buffer("shift", (channels,))
         if x.size:
             shift[...] = x.reshape(dims)[0, :, 0]
-        means = paired_channel_sums(self, dims, KERNELS.bn_moment_partials, (channels, x, shift),
-                                    "moment_means", divisor=num * spatial)  # of x - shift, then its square
-        batch_mean, batch_var = self.buffer("batch_mean", (channels,)), self.buffer("batch_var", (channels,))
-        KERNELS.bn_batch_stats(channels, shift, means[:channels], means[channels:], self.eps, batch_mean,
-                               batch_var, inv_std, extents=channels)
-        return batch_mean, batch_var
+        group = self._group_channels(dims)
+        for first in range(0, channels, group):  # y may be x: a group writes only its own channels
+            self._batch_statistics(x, dims, first, group, shift, batch_mean, batch_var, inv_std)
+            KERNELS.bn_normalize(num * group, spatial, channels, first, group, x, batch_mean, inv_std, y,
+                                 extents=(num * group, spatial))
+        self._update_running_stats(batch_mean, batch_var, num * spatial)
+
+    def _group_channels(self, dims: tuple[int, int, int]) -> int:
+        """Channels per group for the batch-statistics forward: all of them on the GPU and for a blob of
+        at most STATS_CACHE_LIMIT bytes, else the most that fit in it and divide the channels (equal
+        groups, so the scratch buffers keep their size)."""
+        num, channels, spatial = dims
+        channel_bytes = num * spatial * self.dtype.itemsize
+        if backend.on_gpu() or channel_bytes * channels <= STATS_CACHE_LIMIT:
+            return channels
+        group = max(1, min(channels, STATS_CACHE_LIMIT // max(channel_bytes, 1)))
+        while channels % group:
+            group -= 1
+        return group
+
+    def _batch_statistics(self, x, dims: tuple[int, int, int], first: int, group: int, shift, batch_mean,
+                          batch_var, inv_std) -> None:
+        """For the channels first .. first + group - 1: batch_mean and batch_var (the mean and the biased
+        variance over num and spatial) and inv_std = 1 / sqrt(var + eps), from one read of x
+        (bn_moment_partials: sums of x - shift and of its square, shift a value of the channel, then both
+        totalled in one deterministic stage 2: layers/reduce.py). A channel's sums have the same bits
+        in any group."""
+        num, channels, spatial = dims
+        means = paired_channel_sums(self, (num, group, spatial), KERNELS.bn_moment_partials,
+                                    (channels, first, group, x, shift), "moment_means",
+                                    divisor=num * spatial)  # of x - shift, then its square
+        part = slice(first, first + group)
+        KERNELS.bn_batch_stats(group, shift[part], means[:group], means[group:], self.eps, batch_mean[part],
+                               batch_var[part], inv_std[part], extents=group)
 
     def _update_running_stats(self, batch_mean, batch_var, m: int) -> None:
         correction = m / (m - 1) if m > 1 else 1.0  # the stored variance is the unbiased estimate
@@ -137,7 +161,8 @@ class BatchNormLayer(NeuronLayer):
             # The statistics are constants here: dx = dy / sqrt(var + eps).
             zero = self.buffer("zero", (channels,))
             zero.fill(0)
-            KERNELS.bn_normalize(planes, spatial, channels, dy, zero, inv_std, dx, extents=(planes, spatial))
+            KERNELS.bn_normalize(planes, spatial, channels, 0, channels, dy, zero, inv_std, dx,
+                                 extents=(planes, spatial))
             return
         y = self.kept_output(top)
         mean_dy = self._channel_mean(bottom[0], "mean_dy", values=dy)

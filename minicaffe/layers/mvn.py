@@ -71,7 +71,7 @@ class MVNLayer(NeuronLayer):
         else:
             inv_std = self._ones()
         # y may be x (in place): element-wise, after both statistics were taken.
-        BATCH_NORM.bn_normalize(rows, dim, rows, x, mean, inv_std, top[0].mutable_data(),
+        BATCH_NORM.bn_normalize(rows, dim, rows, 0, rows, x, mean, inv_std, top[0].mutable_data(),
                                 extents=(rows, dim))
 
     def backward(self, top, propagate_down, bottom):
@@ -86,4 +86,5 @@ class MVNLayer(NeuronLayer):
             BATCH_NORM.bn_backward(rows, dim, rows, dy, y, mean_dy, mean_dy_y, self.buffers["inv_std"], dx,
                                    extents=(rows, dim))
         else:
-            BATCH_NORM.bn_normalize(rows, dim, rows, dy, mean_dy, self._ones(), dx, extents=(rows, dim))
+            BATCH_NORM.bn_normalize(rows, dim, rows, 0, rows, dy, mean_dy, self._ones(), dx,
+                                    extents=(rows, dim))
