@@ -344,7 +344,7 @@ def gpu_name() -> str:
 
 def bound_notes(result: dict) -> list[str]:
     """What keeps some element-wise rows under the copy bandwidth whatever their kernels do: the cost of
-    an exponential (the Exp row: one per element and nothing else), and BatchNorm TRAIN's second read."""
+    an exponential (the Exp row: one per element and nothing else), and what Dropout computes per element."""
     rows = {row["name"]: row for row in result["rows"]}
     if rows.get("Exp", {}).get("fwd_copy") is None:
         return []
@@ -358,8 +358,9 @@ def bound_notes(result: dict) -> list[str]:
             f"the arithmetic at this size, not by memory; at {result['copy_large_mb']:.3g} MB, where "
             "memory is the limit, they run at "
             f"{at('Sigmoid', 'big_fwd_copy')} and {at('TanH', 'big_fwd_copy')}. BatchNorm in TRAIN reads "
-            "its bottom twice (the statistics, then the normalization), 1.5x the bytes counted, so its "
-            "forward can reach at most 67% of copy when memory-bound. Dropout draws a 32-bit hash (two "
+            "its bottom twice (the statistics, then the normalization): a blob over 4 MiB goes through in "
+            "groups of channels (layers/batch_norm.py's STATS_CACHE_LIMIT), so that the second read "
+            "comes from the caches. Dropout draws a 32-bit hash (two "
             "murmur3 finalizers, four multiplies) per element and writes its one-byte mask.", ""]
 
 

@@ -113,16 +113,18 @@ static thread_local int mc_threads = 1;
 #define INNER_LOOP_8(j, n) _Pragma("omp simd simdlen(8)") for (int j = 0; j < (n); ++j)
 // part(0), ..., part(parts - 1) at the same time, each on one thread of the team the plane loops use
 // (the caller's runs part 0): minicaffe.kernel.run_parts hands its parts (a GEMM cut into row or column
-// ranges, a batch of images) to these threads rather than to a second pool. Threads of one pool are
+// ranges, a batch of images) to these threads rather than to a second pool. Fewer `workers` than parts
+// (threads.working_threads(), while other processes keep cores busy) take the parts in turn: the same
+// parts, so the same results. Threads of one pool are
 // awake (spinning, GOMP_SPINCOUNT) for the kernel launches that follow a GEMM; a second pool's would
 // sleep while this one's fell asleep, and each hand-off woke one (2-7% of a zoo net's step). Every
 // CPU library has it; minicaffe.kernel calls one. Without OpenMP the parts run one after the other.
-extern "C" void mc_run_parts(const int parts, void (*part)(int)) {
-  _Pragma("omp parallel for schedule(static, 1) num_threads(parts)")
+extern "C" void mc_run_parts(const int parts, const int workers, void (*part)(int)) {
+  _Pragma("omp parallel for schedule(static, 1) num_threads(workers)")
   for (int p = 0; p < parts; ++p) part(p);
 }
 // One product c = alpha op(a) op(b) + beta c, cut into `parts` ranges of c's rows (by_rows) or columns,
-// one BLAS call per range on the same threads, all in C: no Python and no GIL between the parts, which
+// one BLAS call per range on `workers` of the same threads, all in C: no Python and no GIL between the parts, which
 // through mc_run_parts cost ~0.1 ms per product (minicaffe.blas.Cblas.gemm). Or a stack of `count` > 1
 // such products (a_i = a + i stride_a, likewise b_i and c_i: a Winograd convolution's 36), cut into
 // ranges of whole products. `gemm` is numpy's OpenBLAS cblas_sgemm or cblas_dgemm (this build's real),
@@ -148,13 +150,13 @@ static void mc_gemm_call(void* gemm, const int index_bits, const int ta, const i
     mc_gemm_call<int>(gemm, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
 }
-extern "C" void mc_gemm_parts(const int parts, void* gemm, const int index_bits, const int by_rows,
-                              const int count, const long long stride_a, const long long stride_b,
-                              const long long stride_c, const int ta, const int tb, const long long m,
-                              const long long n, const long long k, const real alpha, const real* a,
-                              const long long lda, const real* b, const long long ldb, const real beta,
-                              real* c, const long long ldc) {
-  _Pragma("omp parallel for schedule(static, 1) num_threads(parts)")
+extern "C" void mc_gemm_parts(const int parts, const int workers, void* gemm, const int index_bits,
+                              const int by_rows, const int count, const long long stride_a,
+                              const long long stride_b, const long long stride_c, const int ta,
+                              const int tb, const long long m, const long long n, const long long k,
+                              const real alpha, const real* a, const long long lda, const real* b,
+                              const long long ldb, const real beta, real* c, const long long ldc) {
+  _Pragma("omp parallel for schedule(static, 1) num_threads(workers)")
   for (int p = 0; p < parts; ++p) {
     if (count > 1) {  // products count * p / parts .. count * (p + 1) / parts, each whole
       for (long long i = (long long)count * p / parts; i < (long long)count * (p + 1) / parts; ++i) {

@@ -369,7 +369,7 @@ class KernelFile:
             planes, inner = extents
             splits = planes > 1 or name in self.element_wise
             work = planes * inner if work is None else work
-            count = threads.kernel_threads() if splits and work >= PARALLEL_MIN_WORK else 1
+            count = threads.working_threads() if splits and work >= PARALLEL_MIN_WORK else 1
             self._cpu_function(real, "mc_cpu_" + name, plan.kinds, 1)(count, *values)
         elif min(extents) > 0:
             grid, block = launch_geometry(extents, RACE_BLOCKS, *caps)
@@ -495,10 +495,12 @@ _PARTS_LIBRARY = "eltwise.cu"
 def run_parts(count: int, parts: int, task: Callable[[int, int], None]) -> None:
     """task(start, stop) over [0, count) cut into `parts` contiguous ranges (at most
     threads.kernel_threads()), run at the same time on the kernels' OpenMP threads (kernels/shim.h's
-    mc_run_parts; the calling thread runs the first range). ctypes lets go of the GIL for that call and
-    each range takes it back while it runs Python, so ranges overlap where they release it (BLAS, kernel
-    launches). Exceptions from any range are raised here, after all ranges have finished (one cannot
-    cross the C frames). Within a range, threads.kernel_threads() is 1."""
+    mc_run_parts; the calling thread runs the first range), or as many at a time as
+    threads.working_threads() while other processes keep cores busy (the same ranges: the same bits).
+    ctypes lets go of the GIL for that call and each range takes it back while it runs Python, so ranges
+    overlap where they release it (BLAS, kernel launches). Exceptions from any range are raised here,
+    after all ranges have finished (one cannot cross the C frames). Within a range,
+    threads.kernel_threads() is 1."""
     parts = max(1, min(parts, threads.kernel_threads(), count))
     if parts == 1:
         task(0, count)
@@ -513,7 +515,8 @@ def run_parts(count: int, parts: int, task: Callable[[int, int], None]) -> None:
         except BaseException as error:  # noqa: BLE001 -- raised below, on the calling thread
             errors.append(error)
 
-    _parts_library_function("mc_run_parts", np.dtype(np.float32))(parts, _PART(part))
+    workers = min(parts, threads.working_threads())
+    _parts_library_function("mc_run_parts", np.dtype(np.float32))(parts, workers, _PART(part))
     if errors:
         raise errors[0]
 
@@ -523,12 +526,13 @@ def gemm_parts(parts: int, gemm_address: int, index_bits: int, by_rows: bool, tr
                ldc: int, count: int = 1, strides: tuple[int, int, int] = (0, 0, 0)) -> None:
     """c = alpha op(a) op(b) + beta c by the row-major CBLAS ?gemm at gemm_address, cut into `parts`
     ranges of c's rows (by_rows) or columns on the kernels' OpenMP threads (kernels/shim.h's
-    mc_gemm_parts; minicaffe.blas.Cblas.gemm); or, with count > 1, the stack of `count` such products
-    `strides` (elements) apart in a, b and c, cut into ranges of whole products. a, b and c are numpy
-    arrays of c's dtype."""
+    mc_gemm_parts; minicaffe.blas.Cblas.gemm), at most threads.working_threads() at a time; or, with
+    count > 1, the stack of `count` such products `strides` (elements) apart in a, b and c, cut into
+    ranges of whole products. a, b and c are numpy arrays of c's dtype."""
     function = _parts_library_function("mc_gemm_parts", c.dtype)
-    function(parts, gemm_address, index_bits, int(by_rows), count, *strides, trans_a, trans_b, m, n, k, alpha,
-             data_address(a), lda, data_address(b), ldb, beta, data_address(c), ldc)
+    workers = min(parts, threads.working_threads())
+    function(parts, workers, gemm_address, index_bits, int(by_rows), count, *strides, trans_a, trans_b, m, n,
+             k, alpha, data_address(a), lda, data_address(b), ldb, beta, data_address(c), ldc)
 
 
 @functools.cache
@@ -539,9 +543,10 @@ def _parts_library_function(name: str, dtype: np.dtype):
     real = ctypes.c_float if dtype == np.float32 else ctypes.c_double
     size, pointer = ctypes.c_longlong, ctypes.c_void_p
     function.argtypes = {
-        "mc_run_parts": [ctypes.c_int, _PART],
-        "mc_gemm_parts": [ctypes.c_int, pointer, *[ctypes.c_int] * 3, size, size, size, *[ctypes.c_int] * 2,
-                          size, size, size, real, pointer, size, pointer, size, real, pointer, size],
+        "mc_run_parts": [ctypes.c_int, ctypes.c_int, _PART],
+        "mc_gemm_parts": [ctypes.c_int, ctypes.c_int, pointer, *[ctypes.c_int] * 3, size, size, size,
+                          *[ctypes.c_int] * 2, size, size, size, real, pointer, size, pointer, size, real,
+                          pointer, size],
     }[name]
     function.restype = None
     return function

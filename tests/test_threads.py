@@ -37,8 +37,11 @@ KERNEL void element_threads(const int count, real* out) {
 @pytest.fixture
 def four_threads(monkeypatch):
     """Kernels on 4 threads whatever this machine has (more threads than cores is only slower), and
-    every launch of more than one plane large enough for them. The thread count is restored after."""
+    every launch of more than one plane large enough for them, all of them working whatever else runs
+    on this machine (no look at its load). The thread count is restored after."""
     monkeypatch.setattr(threads, "_threads", None)
+    monkeypatch.setattr(threads, "_next_look", float("inf"))
+    monkeypatch.setattr(threads, "_free_cores", 4)
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
     monkeypatch.setattr(kernel, "PARALLEL_MIN_WORK", 0)
     threads.configure(4)
@@ -269,6 +272,96 @@ def test_results_are_the_same_bits_on_one_and_on_four_threads(name, four_threads
     serial = forward_backward(text, shape)
     for a, b in zip(parallel, serial):
         assert a.tobytes() == b.tobytes()
+
+
+def test_busy_cores_elsewhere_leave_fewer_threads_working_on_the_same_parts(four_threads, probe):
+    """With 2 of the 4 cores busy in other processes, 2 threads take the planes and the 4 parts of a
+    split in turn (the caller's thread parts 0 and 2): the parts are cut as for 4 threads."""
+    import threading
+
+    threads._free_cores = 2
+    assert threads.kernel_threads() == 4 and threads.working_threads() == 2
+    assert plane_threads(probe, 8) == [0] * 4 + [1] * 4
+    ran = {}
+    kernel.run_parts(8, 4, lambda start, stop: ran.__setitem__(start, (stop, threading.get_native_id())))
+    assert sorted(ran) == [0, 2, 4, 6] and [ran[s][0] for s in sorted(ran)] == [2, 4, 6, 8]
+    assert ran[0][1] == ran[4][1] == threading.get_native_id() and ran[2][1] == ran[6][1] != ran[0][1]
+    threads._free_cores = 1
+    assert threads.working_threads() == 1 and plane_threads(probe, 8) == [0] * 8
+
+
+def test_one_working_thread_gives_the_bits_of_four(four_threads, monkeypatch):
+    """A convolution's ranges of images (whose weight gradients add up in their order) and its products'
+    ranges are cut by kernel_threads(), whatever runs them: one working thread (the other cores busy
+    elsewhere) gives the same bits as four. (Ranges cut by the working threads would not.)"""
+    from minicaffe import blas
+    from minicaffe.layers import convolution
+
+    monkeypatch.setattr(blas, "PARALLEL_MIN_FLOPS", 1.0)
+    monkeypatch.setattr(convolution, "PARALLEL_MIN_FLOPS", 1.0)  # the 3 images in 3 ranges
+    text, shape = LAYERS["convolution"]
+    parallel = forward_backward(text, shape)
+    threads._free_cores = 1
+    assert threads.working_threads() == 1
+    serial = forward_backward(text, shape)
+    for a, b in zip(parallel, serial):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_a_look_at_the_load_counts_the_busy_time_of_other_processes(monkeypatch):
+    """Busy seconds of the usable cores less this process's CPU seconds, per wall second; the usable
+    cores less those, to the nearest core, work (at least one)."""
+    readings = iter([(100.0, 10.0), (101.5, 10.5), (103.6, 11.0), (104.0, 11.9), (109.0, 12.0)])
+    current = {}
+
+    def busy():
+        current["busy"], current["own"] = next(readings)  # (busy, own) at each look
+        return current["busy"]
+
+    monkeypatch.setattr(threads, "busy_core_seconds", busy)
+    monkeypatch.setattr(threads.time, "process_time", lambda: current["own"])
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    for name, value in [("_last_look", None), ("_busy_elsewhere", 0.0), ("_free_cores", 4)]:
+        monkeypatch.setattr(threads, name, value)
+    looks = []
+    for now in (50.0, 51.0, 52.0, 53.0, 54.0):
+        threads._look_at_the_load(now)
+        looks.append((threads._busy_elsewhere, threads._free_cores))
+        assert threads._next_look == now + threads.LOAD_SAMPLE_SECONDS
+    assert looks == [(0.0, 4),  # the first look: nothing to compare with
+                     (1.0, 3),  # 1.5 busy seconds in 1 s, 0.5 of them this process's
+                     (pytest.approx(1.6), 2),  # 2.1 - 0.5: 2.4 cores free, to the nearest
+                     (0.0, 4),  # 0.4 busy seconds, 0.9 this process's (the clocks' ticks disagree)
+                     (4.9, 1)]  # all 4 and more: one thread still works
+    monkeypatch.setattr(threads, "busy_core_seconds", lambda: None)  # no /proc/stat: no load seen
+    threads._look_at_the_load(55.0)
+    assert (threads._busy_elsewhere, threads._free_cores, threads._last_look) == (0.0, 4, None)
+
+
+@pytest.mark.skipif(threads.usable_cores() < 2 or threads.busy_core_seconds() is None,
+                    reason="needs 2 usable cores and /proc/stat")
+def test_a_process_spinning_on_a_core_takes_a_working_thread_away(monkeypatch):
+    import time
+
+    monkeypatch.setattr(threads, "_threads", None)
+    threads.configure()
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)  # started
+        threads._look_at_the_load(time.monotonic())
+        time.sleep(0.5)
+        threads._look_at_the_load(time.monotonic())
+        assert threads._busy_elsewhere >= 0.75
+        assert threads.working_threads() <= threads.usable_cores() - 1
+        result = subprocess.run([sys.executable, "-m", "minicaffe.cli", "device_query"], capture_output=True,
+                                text=True, timeout=120)
+        fields = dict(line.split(":", 1) for line in result.stdout.splitlines())
+        assert int(fields["Kernel threads"]) == threads.usable_cores()
+        assert int(fields["Kernel threads working now"].split()[0]) <= threads.usable_cores() - 1
+    finally:
+        spinner.kill()
+        spinner.wait()
+        threads._next_look = 0.0  # the next launch looks again
 
 
 # -- the thread owner --------------------------------------------------------------------------------

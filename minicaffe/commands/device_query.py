@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 
 import numpy as np
 
@@ -83,6 +84,14 @@ def gpu_status() -> str:
     return f"CuPy {cupy.__version__}, {count} device(s); query one with --gpu N"
 
 
+def working_threads_now() -> str:
+    """threads.working_threads() after two looks at the load LOAD_SAMPLE_SECONDS apart."""
+    threads.working_threads()
+    time.sleep(threads.LOAD_SAMPLE_SECONDS)
+    working = threads.working_threads()
+    return f"{working} (other processes kept {threads.busy_elsewhere():.1f} of the usable cores busy)"
+
+
 def cpu_fields() -> list[tuple[str, object]]:
     compiler, version = compiler_info()
     try:
@@ -96,6 +105,7 @@ def cpu_fields() -> list[tuple[str, object]]:
         ("Cores (logical)", os.cpu_count()),
         ("Cores usable by this process", threads.usable_cores()),
         ("Kernel threads", threads.kernel_threads()),
+        ("Kernel threads working now", working_threads_now()),
         ("BLAS threads", threads.blas_pool_threads()),
         ("numpy", np.__version__),
         ("BLAS (GEMM)", blas_info()),
