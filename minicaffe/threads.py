@@ -31,9 +31,13 @@ Two counts, so that a busy machine changes speed and not bits: kernel_threads() 
 parts, a convolution's ranges of images: what the results depend on), working_threads() is how many OS
 threads run it now. That is kernel_threads(), fewer while other processes keep some of the usable cores
 busy: a part or a plane then waits for a thread that is running rather than for one that shares its core
-with another process. Each look at /proc/stat (every LOAD_SAMPLE_SECONDS) counts the cores busy outside
-this process. LeNet's training step on the 2-core VM with another process spinning on one core: 26.7 ms
-on 2 threads (1.84x its quiet 14.5 ms), 20.3 ms on one.
+with another process. Every LOAD_SAMPLE_SECONDS a look at /proc counts the cores busy outside this
+process (/proc/stat) and the time this process's threads waited for a core (their run-queue time,
+/proc/self/task/*/schedstat). Threads are taken away only while they wait (another process that runs
+while this one is idle, e.g. a benchmark's peer taking turns with it, competes with nothing), and given
+back when the other processes leave cores free. LeNet's training step on the 2-core VM with another
+process spinning on one core: 22.8 ms on 2 threads (its threads waited 0.62 s per second; quiet, under
+0.04), 20.3-20.9 ms on one; quiet 12.4-16 ms.
 """
 
 from __future__ import annotations
@@ -47,15 +51,24 @@ from collections.abc import Iterator
 ENV = "MINICAFFE_THREADS"
 
 _threads: int | None = None  # the configured count, None until configure() runs
-# Seconds between two looks at how busy the usable cores are (one read of /proc/stat, ~30 us).
+# Seconds between two looks at the load (~50 us: /proc/stat and a schedstat file per thread).
 LOAD_SAMPLE_SECONDS = 0.25
-# The next look's time, the last look (monotonic time, busy seconds of the usable cores, this process's
-# CPU seconds), the cores other processes kept busy between the two looks before, and the usable cores
-# less those, rounded (at least 1).
+# Run-queue seconds of this process's threads per second from which they compete for cores: 0.62 on 2
+# threads with another process spinning on one of the 2 cores; quiet, under 0.04; up to 0.17 while a
+# process with spinning OpenMP threads takes turns with this one (benchmarks/nets.py's PyTorch peer).
+CONTENTION_WAIT = 0.3
+# Looks without waiting after which a thread taken away is given back to try (taken again at the next
+# look if its threads wait): the other processes' load cannot tell whether cores are free while they
+# run when this one is idle, e.g. taking turns with it.
+PROBE_LOOKS = 8
+# The next look's time; the last look (monotonic time, busy seconds of the usable cores, this process's
+# CPU seconds, its threads' run-queue seconds); the cores other processes kept busy between the two looks
+# before; and the cores the kernels may work on (working_threads()).
 _next_look = 0.0
-_last_look: tuple[float, float, float] | None = None
+_last_look: tuple[float, float, float, float] | None = None
 _busy_elsewhere = 0.0
 _free_cores = 1 << 30
+_calm_looks = 0  # looks without waiting since the last with it
 _part = threading.local()  # .running: True on a thread while it runs one part of kernel.run_parts
 
 # libgomp reads its wait policy once, when the first kernel library loads it; set before that. (What the
@@ -116,8 +129,9 @@ def kernel_threads() -> int:
 
 
 def working_threads() -> int:
-    """OS threads that run a kernel launch's planes or a split's parts now: kernel_threads(), less the
-    cores other processes kept busy since the last look (rounded to the nearest core; at least 1)."""
+    """OS threads that run a kernel launch's planes or a split's parts now: kernel_threads(), or fewer
+    after a look at the load found this process's threads waiting for cores that other processes keep
+    busy (at least 1)."""
     count = kernel_threads()
     if count == 1:
         return 1
@@ -133,19 +147,50 @@ def busy_elsewhere() -> float:
 
 
 def _look_at_the_load(now: float) -> None:
-    """Updates _busy_elsewhere: the usable cores' busy time since the last look, less this process's own
-    CPU time, per second of wall time; 0 where /proc/stat cannot be read (not Linux)."""
-    global _next_look, _last_look, _busy_elsewhere, _free_cores
+    """Updates _busy_elsewhere (the usable cores' busy time since the last look less this process's own
+    CPU time, per second) and _free_cores: down to the usable cores less _busy_elsewhere (to the nearest
+    core, at least 1) when this process's threads waited for a core CONTENTION_WAIT of the time; when
+    they did not, up to it, or one up after PROBE_LOOKS such looks. All cores where /proc cannot be
+    read (not Linux), and after a pause of more than two periods without a launch (this look only
+    starts the next period)."""
+    global _next_look, _last_look, _busy_elsewhere, _free_cores, _calm_looks
     _next_look = now + LOAD_SAMPLE_SECONDS
-    busy, own = busy_core_seconds(), time.process_time()
-    if busy is None:
-        _last_look, _busy_elsewhere = None, 0.0
-    else:
-        if _last_look is not None and now > _last_look[0]:
-            then, busy_then, own_then = _last_look
-            _busy_elsewhere = max(0.0, (busy - busy_then) - (own - own_then)) / (now - then)
-        _last_look = (now, busy, own)
-    _free_cores = max(1, int(usable_cores() - _busy_elsewhere + 0.5))
+    busy, own, waited = busy_core_seconds(), time.process_time(), run_queue_seconds()
+    cores = usable_cores()
+    if busy is None or waited is None:
+        _last_look, _busy_elsewhere, _free_cores = None, 0.0, cores
+        return
+    last, _last_look = _last_look, (now, busy, own, waited)
+    if last is None or not 0 < now - last[0] <= 2 * LOAD_SAMPLE_SECONDS:
+        _busy_elsewhere, _free_cores = 0.0, cores
+        return
+    seconds = now - last[0]
+    _busy_elsewhere = max(0.0, (busy - last[1]) - (own - last[2])) / seconds
+    free = max(1, int(cores - _busy_elsewhere + 0.5))
+    if (waited - last[3]) / seconds >= CONTENTION_WAIT:
+        _free_cores, _calm_looks = min(_free_cores, free), 0
+        return
+    _calm_looks += 1
+    if _calm_looks >= PROBE_LOOKS:
+        free, _calm_looks = max(free, _free_cores + 1), 0
+    _free_cores = min(cores, max(_free_cores, free))
+
+
+def run_queue_seconds() -> float | None:
+    """Seconds this process's threads have waited on a run queue for a core (the second field of each
+    /proc/self/task/*/schedstat), or None where that cannot be read."""
+    total = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as stat:
+                total += int(stat.read().split()[1])
+        except (OSError, IndexError, ValueError):  # a thread that ended since the listing
+            continue
+    return total / 1e9
 
 
 def busy_core_seconds() -> float | None:

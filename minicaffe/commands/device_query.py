@@ -84,12 +84,12 @@ def gpu_status() -> str:
     return f"CuPy {cupy.__version__}, {count} device(s); query one with --gpu N"
 
 
-def working_threads_now() -> str:
-    """threads.working_threads() after two looks at the load LOAD_SAMPLE_SECONDS apart."""
+def busy_elsewhere_now() -> str:
+    """The cores other processes keep busy: two looks at the load, LOAD_SAMPLE_SECONDS apart."""
     threads.working_threads()
     time.sleep(threads.LOAD_SAMPLE_SECONDS)
-    working = threads.working_threads()
-    return f"{working} (other processes kept {threads.busy_elsewhere():.1f} of the usable cores busy)"
+    threads.working_threads()
+    return f"{threads.busy_elsewhere():.1f}"
 
 
 def cpu_fields() -> list[tuple[str, object]]:
@@ -105,7 +105,7 @@ def cpu_fields() -> list[tuple[str, object]]:
         ("Cores (logical)", os.cpu_count()),
         ("Cores usable by this process", threads.usable_cores()),
         ("Kernel threads", threads.kernel_threads()),
-        ("Kernel threads working now", working_threads_now()),
+        ("Cores busy in other processes", busy_elsewhere_now()),
         ("BLAS threads", threads.blas_pool_threads()),
         ("numpy", np.__version__),
         ("BLAS (GEMM)", blas_info()),
