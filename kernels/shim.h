@@ -28,13 +28,14 @@ typedef MC_REAL real;
 #else
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
+#include <cstring>
 // glibc's vector math library (libmvec, accurate to a few ulp) has SIMD versions of exp/log/pow
 // (and tanh from glibc 2.35); declaring them `omp declare simd` lets loops that call them vectorize.
-// The loader links -lmvec where it exists and otherwise builds with MC_NO_MVEC.
+// The loader links -lmvec where it exists and otherwise builds with MC_NO_MVEC. (exp and tanh of a
+// float are minicaffe's own: below.)
 #if defined(__GLIBC__) && defined(__x86_64__) && !defined(MC_NO_MVEC)
 extern "C" {
-#pragma omp declare simd notinbranch
-float expf(float);
 #pragma omp declare simd notinbranch
 double exp(double);
 #pragma omp declare simd notinbranch
@@ -47,20 +48,67 @@ float powf(float, float);
 double pow(double, double);
 #if __GLIBC_PREREQ(2, 35)
 #pragma omp declare simd notinbranch
-float tanhf(float);
-#pragma omp declare simd notinbranch
 double tanh(double);
 #endif
 }
 #endif
-using std::exp;
 using std::fabs;
 using std::fmax;
 using std::fmin;
 using std::log;
 using std::pow;
 using std::sqrt;
-using std::tanh;
+
+// exp and tanh of a float, written here rather than taken from libm/libmvec: plain arithmetic that
+// vectorizes, faster than libmvec's (8 MB on 2 threads, A/B in one process: exp 0.41 -> 0.34 ms,
+// Sigmoid 0.49 -> 0.41, TanH 0.47 -> 0.36) and at least as accurate for exp (at most 1.5 ulp over all
+// floats; libmvec's expf 2.6). A double's exp and tanh stay libm's (libmvec's vectors). On the GPU,
+// CUDA's own.
+static inline uint32_t mc_float_bits(const float v) {
+  uint32_t bits;
+  memcpy(&bits, &v, sizeof bits);
+  return bits;
+}
+static inline float mc_bits_float(const uint32_t bits) {
+  float v;
+  memcpy(&v, &bits, sizeof v);
+  return v;
+}
+// e^r - 1 for x = k ln 2 + r, |r| <= ln2 / 2, with the integer k (two's complement in `k`). x / ln 2 +
+// 1.5 * 2^23 rounds x / ln 2 to k in the low bits of the sum (no float-to-int conversion, which is
+// undefined for NaN; a NaN x gives a NaN result); ln 2 in two parts, the first exact times any k here.
+// e^r - 1 = r + r^2 p(r), p a minimax polynomial of degree 4 (1.2e-7 relative error).
+static inline float mc_expm1_reduced(const float x, uint32_t& k) {
+  const float shifter = 12582912.0f;
+  const float shifted = fmaf(x, 1.44269504088896341f, shifter);
+  const float whole = shifted - shifter;
+  float r = fmaf(whole, -0.693145751953125f, x);
+  r = fmaf(whole, -1.42860682030941723212e-6f, r);
+  float p = 0.001390128512866795f;
+  p = fmaf(p, r, 0.008363140746951103f);
+  p = fmaf(p, r, 0.04166685417294502f);
+  p = fmaf(p, r, 0.16666577756404877f);
+  p = fmaf(p, r, 0.5f);
+  k = mc_float_bits(shifted) - mc_float_bits(shifter);
+  return fmaf(p * r, r, r);
+}
+// e^x: beyond [-104, 89] it is 0 or inf anyway; 2^k goes in as two powers of 2 that are normal floats,
+// so that the product rounds to inf or to a subnormal exactly where e^x does.
+static inline float exp(const float x) {
+  uint32_t k;
+  const float q = mc_expm1_reduced(x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x), k);  // NaN passes
+  const uint32_t half = (uint32_t)((int32_t)k >> 1);
+  return (1.0f + q) * mc_bits_float((half + 127u) << 23) * mc_bits_float((k - half + 127u) << 23);
+}
+// tanh x = sign(x) e / (e + 2), e = e^(2|x|) - 1 (no cancellation near 0); |x| >= 9 gives 1.
+static inline float tanh(const float x) {
+  const float a = fabsf(x) > 9.0f ? 9.0f : fabsf(x);  // NaN passes
+  uint32_t k;
+  const float q = mc_expm1_reduced(2.0f * a, k);
+  const float two_k = mc_bits_float((k + 127u) << 23);
+  const float e = fmaf(two_k, q, two_k - 1.0f);
+  return copysignf(e / (e + 2.0f), x);
+}
 #define KERNEL extern "C"
 #define DEVICE static inline
 #ifdef MC_RACECHECK

@@ -75,6 +75,53 @@ def test_saturation_is_finite(dtype):
     np.testing.assert_array_equal(top[0].data, [-1.0, -1.0, 1.0, 1.0])
 
 
+def float32_sweep(low: float, high: float, step: int = 1009) -> np.ndarray:
+    """Every `step`-th float32 in [low, high] (by bit pattern: as dense near 0 as far from it), with 0."""
+    def magnitudes(top):
+        return np.arange(0, np.float32(top).view(np.int32), step, dtype=np.int32).view(np.float32)
+    return np.concatenate([-magnitudes(-low), magnitudes(high)])
+
+
+def ulps(got, want):
+    """|got - want| in units of the float32 spacing at want (at least the smallest subnormal)."""
+    with np.errstate(over="ignore"):
+        spacing = np.maximum(np.spacing(np.abs(want.astype(np.float32))).astype(np.float64), 2.0 ** -149)
+    return np.abs(got.astype(np.float64) - want) / spacing
+
+
+# float32 exp and tanh on the CPU are kernels/shim.h's own (faster than libmvec's); checked over about two
+# million values each against float64, and at the edges: overflow to inf, subnormal results, NaN, -0.
+@pytest.mark.parametrize("kind, low, high, bound", [
+    ("Exp", -104.0, 88.7, 1.5),  # up to the largest float's exponent; subnormals below -87.3
+    ("TanH", -20.0, 20.0, 3.0),
+    ("Sigmoid", -87.0, 100.0, 3.0),  # results normal floats (below -87.3 they are subnormal)
+])
+def test_float32_exponentials_within_a_few_ulp_of_float64(kind, low, high, bound):
+    x = float32_sweep(low, high)
+    _, _, top = run_layer(f'type: "{kind}"', x, dtype=np.float32)
+    x64 = x.astype(np.float64)
+    want = {"Exp": np.exp, "TanH": np.tanh, "Sigmoid": lambda v: 1 / (1 + np.exp(-v))}[kind](x64)
+    errors = ulps(top[0].data, want)
+    assert errors.max() <= bound, (kind, x[np.argmax(errors)], errors.max())
+
+
+def test_float32_exponentials_at_the_edges():
+    edges = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 88.72283, 88.7229, 1000.0, -87.3365, -103.97,
+                      -104.0, -1000.0, 1e-30, -1e-30], np.float32)
+    _, _, top = run_layer('type: "Exp"', edges, dtype=np.float32)
+    y = top[0].data
+    assert np.isnan(y[0]) and y[1] == np.inf and y[2] == 0.0 and y[3] == y[4] == 1.0
+    assert y[5] == np.float32(3.4027985e38) and y[6] == y[7] == np.inf  # the largest float, then inf
+    assert y[8] == np.float32(1.1755445e-38) and y[9] == np.float32(1.4e-45)  # near FLT_MIN; a subnormal
+    assert y[10] == y[11] == 0.0 and y[12] == y[13] == 1.0
+    _, _, top = run_layer('type: "TanH"', edges, dtype=np.float32)
+    y = top[0].data
+    assert np.isnan(y[0]) and y[1] == 1.0 and y[2] == -1.0
+    assert y[3] == 0.0 and np.signbit(y[4]) and y[4] == 0.0  # tanh(-0) = -0
+    assert (y[5:8] == 1.0).all() and (y[8:12] == -1.0).all()
+    assert y[12] == np.float32(1e-30) and y[13] == np.float32(-1e-30)
+
+
 @pytest.mark.parametrize("kind", ["Sigmoid", "TanH"])
 def test_gradient(kind):
     x = np.random.default_rng(1).normal(scale=2, size=(2, 3, 2, 2))
