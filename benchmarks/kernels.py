@@ -353,8 +353,8 @@ def bound_notes(result: dict) -> list[str]:
         return _percent(rows.get(name, {}).get(key))
 
     return [f"Bounds at {result['copy_small_mb']:.3g} MB: the Exp row, one exp per element and nothing "
-            f"else (kernels/shim.h's float exp, ~20 instructions per 16 values), runs at "
-            f"{at('Exp', 'fwd_copy')} of copy here, so Sigmoid (an exp and a division: "
+            f"else, runs at {at('Exp', 'fwd_copy')} of copy here (kernels/shim.h's float exp: ~20 vector "
+            f"instructions per 16 values), so Sigmoid (an exp and a division: "
             f"{at('Sigmoid', 'fwd_copy')}) and TanH (an expm1 and a division: {at('TanH', 'fwd_copy')}) are "
             f"bound by the arithmetic at this size, not by memory; at {result['copy_large_mb']:.3g} MB, "
             "where memory is the limit, they run at "
