@@ -33,6 +33,7 @@ import numpy as np
 from minicaffe import backend, threads, timing
 from minicaffe.blob import Blob
 from minicaffe.layer import TEST, TRAIN
+from minicaffe.layers import batch_norm
 from minicaffe.testing import layer_from_prototxt
 from minicaffe.timing import copy_bandwidth, forward_bytes, synchronize
 
@@ -359,10 +360,11 @@ def bound_notes(result: dict) -> list[str]:
             f"bound by the arithmetic at this size, not by memory; at {result['copy_large_mb']:.3g} MB, "
             "where memory is the limit, they run at "
             f"{at('Sigmoid', 'big_fwd_copy')} and {at('TanH', 'big_fwd_copy')}. BatchNorm in TRAIN reads "
-            "its bottom twice (the statistics, then the normalization): a blob over 4 MiB goes through in "
-            "groups of channels (layers/batch_norm.py's STATS_CACHE_LIMIT), so that the second read "
-            "comes from the caches. Dropout draws a 32-bit hash (two "
-            "murmur3 finalizers, four multiplies) per element and writes its one-byte mask.", ""]
+            "its bottom twice (the statistics, then the normalization): a blob over "
+            f"{batch_norm.STATS_CACHE_LIMIT >> 20} MiB goes through in groups of channels "
+            "(layers/batch_norm.py's STATS_CACHE_LIMIT), so that the second read comes from the caches. "
+            "Dropout draws a 32-bit hash (two murmur3 finalizers, four multiplies) per element and writes "
+            "its one-byte mask.", ""]
 
 
 def markdown(results: list[dict], command: str) -> str:

@@ -20,7 +20,7 @@ KERNELS = KernelFile("batch_norm.cu")
 # The batch-statistics forward reads x twice: its channel statistics, then the normalization. On the CPU a
 # blob bigger than this many bytes goes through in groups of channels of at most this size, statistics
 # then normalization for each group, so that the second read finds the group still in the caches.
-STATS_CACHE_LIMIT = 1 << 22
+STATS_CACHE_LIMIT = 1 << 23
 
 
 @register("BatchNorm")
