@@ -68,7 +68,8 @@ def channel_sums_of(layer: Layer, dims: tuple[int, int, int], values, out, accum
 def channel_total(dims: tuple[int, int, int], lanes: int, partial, out, accumulate: bool,
                   divisor: float) -> None:
     """Stage 2: out[c] (+)= channel c's partials (outer planes of `lanes`) summed in order / divisor
-    (reduce.cu's channel_total: blocks of LANES channels)."""
+    (reduce.cu's channel_total: blocks of LANES channels, on threads of their own when the partials
+    are many: its work is all of them, not one row of a block)."""
     outer, dim, _ = dims
     KERNELS.channel_total(outer, dim, lanes, partial, out, int(accumulate), divisor,
-                          extents=(-(-dim // LANES), min(dim, LANES)))
+                          extents=(-(-dim // LANES), min(dim, LANES)), work=outer * dim * lanes)
