@@ -51,7 +51,7 @@ from collections.abc import Iterator
 ENV = "MINICAFFE_THREADS"
 
 _threads: int | None = None  # the configured count, None until configure() runs
-# Seconds between two looks at the load (~50 us: /proc/stat and a schedstat file per thread).
+# Seconds between two looks at the load (~70 us each: /proc/stat and a schedstat file per thread).
 LOAD_SAMPLE_SECONDS = 0.25
 # Run-queue seconds of this process's threads per second from which they compete for cores: 0.62 on 2
 # threads with another process spinning on one of the 2 cores; quiet, under 0.04; up to 0.17 while a
