@@ -141,8 +141,13 @@ def working_threads() -> int:
     return min(count, _free_cores)
 
 
-def busy_elsewhere() -> float:
-    """The cores other processes kept busy between the last two looks at the load."""
+def busy_elsewhere_now() -> float:
+    """The cores other processes keep busy: two looks at the load, LOAD_SAMPLE_SECONDS apart (what
+    `minicaffe device_query` shows; at any thread count, where working_threads() looks only when it
+    has threads to take away)."""
+    _look_at_the_load(time.monotonic())
+    time.sleep(LOAD_SAMPLE_SECONDS)
+    _look_at_the_load(time.monotonic())
     return _busy_elsewhere
 
 

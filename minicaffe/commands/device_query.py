@@ -12,7 +12,6 @@ import os
 import platform
 import shutil
 import subprocess
-import time
 
 import numpy as np
 
@@ -84,14 +83,6 @@ def gpu_status() -> str:
     return f"CuPy {cupy.__version__}, {count} device(s); query one with --gpu N"
 
 
-def busy_elsewhere_now() -> str:
-    """The cores other processes keep busy: two looks at the load, LOAD_SAMPLE_SECONDS apart."""
-    threads.working_threads()
-    time.sleep(threads.LOAD_SAMPLE_SECONDS)
-    threads.working_threads()
-    return f"{threads.busy_elsewhere():.1f}"
-
-
 def cpu_fields() -> list[tuple[str, object]]:
     compiler, version = compiler_info()
     try:
@@ -105,7 +96,7 @@ def cpu_fields() -> list[tuple[str, object]]:
         ("Cores (logical)", os.cpu_count()),
         ("Cores usable by this process", threads.usable_cores()),
         ("Kernel threads", threads.kernel_threads()),
-        ("Cores busy in other processes", busy_elsewhere_now()),
+        ("Cores busy in other processes", f"{threads.busy_elsewhere_now():.1f}"),
         ("BLAS threads", threads.blas_pool_threads()),
         ("numpy", np.__version__),
         ("BLAS (GEMM)", blas_info()),
