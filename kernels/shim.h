@@ -163,19 +163,19 @@ static thread_local int mc_threads = 1;
 // (the caller's runs part 0): minicaffe.kernel.run_parts hands its parts (a GEMM cut into row or column
 // ranges, a batch of images) to these threads rather than to a second pool. Fewer `workers` than parts
 // (threads.working_threads(), while other processes keep cores busy) take the parts in turn: the same
-// parts, so the same results. Threads of one pool are
-// awake (spinning, GOMP_SPINCOUNT) for the kernel launches that follow a GEMM; a second pool's would
-// sleep while this one's fell asleep, and each hand-off woke one (2-7% of a zoo net's step). Every
-// CPU library has it; minicaffe.kernel calls one. Without OpenMP the parts run one after the other.
+// parts, so the same results. Threads of one pool are awake (spinning, GOMP_SPINCOUNT) for the kernel
+// launches that follow a GEMM; a second pool's would sleep while this one's fell asleep, and each
+// hand-off woke one (2-7% of a zoo net's step). Every CPU library has it; minicaffe.kernel calls one.
+// Without OpenMP the parts run one after the other.
 extern "C" void mc_run_parts(const int parts, const int workers, void (*part)(int)) {
   _Pragma("omp parallel for schedule(static, 1) num_threads(workers)")
   for (int p = 0; p < parts; ++p) part(p);
 }
 // One product c = alpha op(a) op(b) + beta c, cut into `parts` ranges of c's rows (by_rows) or columns,
-// one BLAS call per range on `workers` of the same threads, all in C: no Python and no GIL between the parts, which
-// through mc_run_parts cost ~0.1 ms per product (minicaffe.blas.Cblas.gemm). Or a stack of `count` > 1
-// such products (a_i = a + i stride_a, likewise b_i and c_i: a Winograd convolution's 36), cut into
-// ranges of whole products. `gemm` is numpy's OpenBLAS cblas_sgemm or cblas_dgemm (this build's real),
+// one BLAS call per range on `workers` of the same threads, all in C: no Python and no GIL between the
+// parts, which through mc_run_parts cost ~0.1 ms per product (minicaffe.blas.Cblas.gemm). Or a stack of
+// `count` > 1 such products (a_i = a + i stride_a, likewise b_i and c_i: a Winograd convolution's 36), cut
+// into ranges of whole products. `gemm` is numpy's OpenBLAS cblas_sgemm or cblas_dgemm (this build's real),
 // row-major, with 32- or 64-bit indices (index_bits). Each element of c is computed by one call, as in
 // the whole product.
 #define MC_CBLAS_NO_TRANS 111

@@ -119,7 +119,7 @@ class BatchNormLayer(NeuronLayer):
         channel_bytes = num * spatial * self.dtype.itemsize
         if backend.on_gpu() or channel_bytes * channels <= STATS_CACHE_LIMIT:
             return channels
-        group = max(1, min(channels, STATS_CACHE_LIMIT // max(channel_bytes, 1)))
+        group = max(1, STATS_CACHE_LIMIT // channel_bytes)  # < channels: the blob is over the limit
         while channels % group:
             group -= 1
         return group
